@@ -1,0 +1,37 @@
+# The two commands: `make demo` runs the main job on the embedded defaults, `make test` runs the tests.
+# Both create (or reuse) a local virtual environment and install exactly what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: demo test test-slow test-all bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -U pip
+
+# torch is pinned to the CPU build for the parity tests; it is installed first so that nothing pulls a CUDA build.
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PIP) install "torch==2.13.0"
+	$(PIP) install -e ".[test]"
+	touch $@ $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install -e .
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m retool_jax.demo
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m slow
+
+test-all: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m ""
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

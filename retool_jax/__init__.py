@@ -1,0 +1,3 @@
+"""retool_jax: JAX-native SFT -> RL for tool-using language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,216 @@
+"""Qwen3 building blocks: RMSNorm, rotary embedding, attention, SwiGLU MLP and the top-k MoE block."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from retool_jax.models.qwen3_config import Qwen3Config
+from retool_jax.sharding import constrain
+
+_NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std: float = 0.02) -> jax.Array:
+  return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32; the result is cast back before the weight, as in Hugging Face."""
+
+  def __init__(self, dim: int, eps: float, *, param_dtype, axes=("norm",)):
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=axes)
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+class Rope(NamedTuple):
+  cos: jax.Array  # [B, T, H]
+  sin: jax.Array
+
+
+def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float, dtype) -> Rope:
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return Rope(jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype))
+
+
+def apply_rope(x_BTNH: jax.Array, rope: Rope) -> jax.Array:
+  half = x_BTNH.shape[-1] // 2
+  rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
+  return x_BTNH * rope.cos[:, :, None, :] + rotated * rope.sin[:, :, None, :]
+
+
+class LayerCache(NamedTuple):
+  """One layer's slice of the KV cache plus where this call writes into it."""
+  k_BSKH: jax.Array
+  v_BSKH: jax.Array
+  index: jax.Array
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with per-head q/k RMSNorm before RoPE."""
+
+  def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
+    d, n, k, h, pd = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                      cfg.jnp_param_dtype)
+    self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
+    self.attention_impl = cfg.attention_impl
+    self.q_proj = nnx.Param(_normal(rngs, (d, n, h), pd), axes=("embed", "q_heads", "head_dim"))
+    self.k_proj = nnx.Param(_normal(rngs, (d, k, h), pd), axes=("embed", "kv_heads", "head_dim"))
+    self.v_proj = nnx.Param(_normal(rngs, (d, k, h), pd), axes=("embed", "kv_heads", "head_dim"))
+    self.o_proj = nnx.Param(_normal(rngs, (n, h, d), pd), axes=("q_heads", "head_dim", "embed"))
+    if cfg.attention_bias:
+      self.q_bias = nnx.Param(jnp.zeros((n, h), pd), axes=("q_heads", "head_dim"))
+      self.k_bias = nnx.Param(jnp.zeros((k, h), pd), axes=("kv_heads", "head_dim"))
+      self.v_bias = nnx.Param(jnp.zeros((k, h), pd), axes=("kv_heads", "head_dim"))
+      self.o_bias = nnx.Param(jnp.zeros((d,), pd), axes=("embed",))
+    else:
+      self.q_bias = self.k_bias = self.v_bias = self.o_bias = None
+    self.q_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=pd, axes=("head_dim",))
+    self.k_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=pd, axes=("head_dim",))
+
+  def _project(self, x, w, b):
+    y = jnp.einsum("btd,dnh->btnh", x, w[...].astype(x.dtype))
+    return y if b is None else y + b[...].astype(x.dtype)
+
+  def __call__(self, x_BTD: jax.Array, rope: Rope, mask_BTS: jax.Array | None,
+               cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+    q = self.q_norm(self._project(x_BTD, self.q_proj, self.q_bias))
+    k = self.k_norm(self._project(x_BTD, self.k_proj, self.k_bias))
+    v = self._project(x_BTD, self.v_proj, self.v_bias)
+    q, k = apply_rope(q, rope), apply_rope(k, rope)
+    q = constrain(q, ("batch", "length", "act_heads", None))
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(cache.k_BSKH, k.astype(cache.k_BSKH.dtype), cache.index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache.v_BSKH, v.astype(cache.v_BSKH.dtype), cache.index, axis=1)
+      cache = LayerCache(k, v, cache.index)
+      k, v = k.astype(x_BTD.dtype), v.astype(x_BTD.dtype)
+    if self.attention_impl == "cudnn" and mask_BTS is None:
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    else:
+      out = self._attend(q, k, v, mask_BTS)
+    out = constrain(out, ("batch", "length", "act_heads", None))
+    y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(x_BTD.dtype))
+    if self.o_bias is not None:
+      y = y + self.o_bias[...].astype(y.dtype)
+    return y, cache
+
+  def _attend(self, q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+    b, t, n, h = q_BTNH.shape
+    kv = self.num_kv_heads
+    q = q_BTNH.reshape(b, t, kv, n // kv, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k_BSKH, preferred_element_type=jnp.float32)
+    logits = logits * (1.0 / math.sqrt(h))
+    if mask_BTS is None:
+      s = k_BSKH.shape[1]
+      mask_BTS = (jnp.arange(t)[:, None] >= jnp.arange(s)[None, :])[None]
+    logits = jnp.where(mask_BTS[:, None, None, :, :], logits, _NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
+    return out.reshape(b, t, n, h)
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward."""
+
+  def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
+    d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.jnp_param_dtype
+    self.gate_proj = nnx.Param(_normal(rngs, (d, f), pd), axes=("embed", "mlp"))
+    self.up_proj = nnx.Param(_normal(rngs, (d, f), pd), axes=("embed", "mlp"))
+    self.down_proj = nnx.Param(_normal(rngs, (f, d), pd), axes=("mlp", "embed"))
+
+  def __call__(self, x_BTD: jax.Array, valid_BT: jax.Array | None = None):
+    dt = x_BTD.dtype
+    g = x_BTD @ self.gate_proj[...].astype(dt)
+    u = x_BTD @ self.up_proj[...].astype(dt)
+    h = constrain(jax.nn.silu(g) * u, ("batch", "length", "act_mlp"))
+    return h @ self.down_proj[...].astype(dt), None
+
+
+class RouterStats(NamedTuple):
+  """What the load-balancing loss needs from one MoE layer (sums over valid tokens)."""
+  expert_counts_E: jax.Array   # top-k selections per expert
+  prob_sums_E: jax.Array       # router probabilities per expert
+  num_tokens: jax.Array
+
+
+class MoE(nnx.Module):
+  """Softmax top-k routed experts (no shared experts), dropless."""
+
+  def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
+    d, e, f, pd = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.jnp_param_dtype
+    self.num_experts, self.top_k, self.norm_topk_prob = e, cfg.num_experts_per_tok, cfg.norm_topk_prob
+    self.impl = cfg.moe_impl
+    self.router = nnx.Param(_normal(rngs, (d, e), pd), axes=("embed", "router_expert"))
+    self.gate_proj = nnx.Param(_normal(rngs, (e, d, f), pd), axes=("expert", "embed", "expert_mlp"))
+    self.up_proj = nnx.Param(_normal(rngs, (e, d, f), pd), axes=("expert", "embed", "expert_mlp"))
+    self.down_proj = nnx.Param(_normal(rngs, (e, f, d), pd), axes=("expert", "expert_mlp", "embed"))
+
+  def __call__(self, x_BTD: jax.Array, valid_BT: jax.Array | None = None):
+    b, t, d = x_BTD.shape
+    dt = x_BTD.dtype
+    x = x_BTD.reshape(b * t, d)
+    router_logits = x @ self.router[...].astype(dt)
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    top_p, top_i = jax.lax.top_k(probs, self.top_k)
+    if self.norm_topk_prob:
+      top_p = top_p / top_p.sum(axis=-1, keepdims=True)
+    top_w = top_p.astype(dt)
+    wg, wu, wd = (p[...].astype(dt) for p in (self.gate_proj, self.up_proj, self.down_proj))
+    if self.impl == "dense":
+      y = self._dense(x, top_i, top_w, wg, wu, wd)
+    else:
+      y = self._ragged(x, top_i, top_w, wg, wu, wd)
+    valid = jnp.ones((b * t,), jnp.float32) if valid_BT is None else valid_BT.reshape(-1).astype(jnp.float32)
+    counts = jnp.zeros((self.num_experts,), jnp.float32).at[top_i.reshape(-1)].add(
+        jnp.repeat(valid, self.top_k))
+    stats = RouterStats(counts, (probs * valid[:, None]).sum(0), valid.sum())
+    return y.reshape(b, t, d), stats
+
+  def _dense(self, x, top_i, top_w, wg, wu, wd):
+    combine_TE = jnp.zeros((x.shape[0], self.num_experts), x.dtype).at[
+        jnp.arange(x.shape[0])[:, None], top_i].add(top_w)
+    h = jax.nn.silu(jnp.einsum("td,edf->tef", x, wg)) * jnp.einsum("td,edf->tef", x, wu)
+    y_TED = jnp.einsum("tef,efd->ted", h, wd)
+    return jnp.einsum("ted,te->td", y_TED, combine_TE)
+
+  def _ragged(self, x, top_i, top_w, wg, wu, wd):
+    t = x.shape[0]
+    flat_e = top_i.reshape(-1)
+    order = jnp.argsort(flat_e, stable=True)
+    token = order // self.top_k
+    xs = x[token]
+    group_sizes = jnp.bincount(flat_e, length=self.num_experts).astype(jnp.int32)
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, wg, group_sizes)) * jax.lax.ragged_dot(xs, wu, group_sizes)
+    ys = jax.lax.ragged_dot(h, wd, group_sizes) * top_w.reshape(-1)[order][:, None]
+    return jnp.zeros((t, x.shape[1]), x.dtype).at[token].add(ys)
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm attention and MLP (dense or MoE) with residuals."""
+
+  def __init__(self, cfg: Qwen3Config, kind: str, *, rngs: nnx.Rngs):
+    pd = cfg.jnp_param_dtype
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd, axes=("embed",))
+    self.self_attn = Attention(cfg, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd, axes=("embed",))
+    self.mlp = MoE(cfg, rngs=rngs) if kind == "moe" else MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_BTD, rope, mask_BTS, valid_BT, cache: LayerCache | None = None):
+    h, cache = self.self_attn(self.input_layernorm(x_BTD), rope, mask_BTS, cache)
+    h = checkpoint_name(h, "attn_out")
+    x_BTD = x_BTD + h
+    y, stats = self.mlp(self.post_attention_layernorm(x_BTD), valid_BT)
+    x_BTD = constrain(x_BTD + y, ("batch", "length", "act_embed"))
+    return x_BTD, cache, stats

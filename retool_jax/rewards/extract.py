@@ -31,8 +31,9 @@ _ANSWER_LINE = re.compile(
     r"^[ \t>#*_]*(?:final[ \t]+)?answer[ \t*_]*:[ \t*_]*(.*?)[ \t]*$",
     flags=re.IGNORECASE | re.MULTILINE,
 )
-# Tags whose opening and closing counts must match for a well-formed response.
-_PAIRED_TAGS = ("code", "interpreter", "tool_call", "tool_response")
+# Tags that must open and close in turn in a well-formed response.
+_PAIRED_TAGS = (*_NON_PROSE_TAGS, "answer")
+_TAG = re.compile(r"<(/?)(" + "|".join(_PAIRED_TAGS) + r")>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +107,11 @@ def _unwrap(content: str) -> tuple[str, bool]:
     inner = last_boxed(content)
     if inner is not None:
         return inner, True
-    content = content.strip()
-    if len(content) >= 2 and content[0] == content[-1] == "$":
-        content = content.strip("$").strip()
+    content = content.strip().rstrip(".").strip()
+    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if len(content) >= len(left) + len(right) and content.startswith(left) and content.endswith(right):
+            content = content[len(left) : -len(right)].strip()
+            break
     return content.rstrip(".").strip(), False
 
 
@@ -137,11 +140,12 @@ def extract_answer(response: str) -> Extraction | None:
 
 
 def tags_balanced(response: str) -> bool:
-    """Whether every code / interpreter / tool tag closes, and answer tags close or end the text."""
-    for tag in _PAIRED_TAGS:
-        if response.count(f"<{tag}>") != response.count(f"</{tag}>"):
+    """Whether code, interpreter, tool and answer tags open and close in turn, never nested in
+    themselves; only a final answer tag may be left open (generation stopped on ``</answer>``)."""
+    open_tags: dict[str, bool] = dict.fromkeys(_PAIRED_TAGS, False)
+    for match in _TAG.finditer(response):
+        closing, tag = bool(match.group(1)), match.group(2)
+        if open_tags[tag] is not closing:
             return False
-    opened, closed = response.count("<answer>"), response.count("</answer>")
-    if opened == closed:
-        return True
-    return opened == closed + 1 and response.rfind("<answer>") > response.rfind("</answer>")
+        open_tags[tag] = not closing
+    return not any(is_open for tag, is_open in open_tags.items() if tag != "answer")

@@ -82,8 +82,38 @@ def grade(
     return Graded(extraction, verdict, info, format_ok(response, extraction, info, answer_format))
 
 
+class _GradingReward:
+    """A reward computed from a graded response: ``score`` maps the grading to a number."""
+
+    mode: verify.Mode
+    answer_format: AnswerFormat
+    verifier: verify.Verifier | None
+
+    def __post_init__(self):
+        check_options(self.mode, self.answer_format)
+
+    def __call__(
+        self,
+        response: str,
+        ground_truth: str,
+        info: TrajectoryInfo | Mapping[str, Any] | None = None,
+    ) -> RewardResult:
+        graded = grade(
+            response,
+            ground_truth,
+            info,
+            mode=self.mode,
+            answer_format=self.answer_format,
+            verifier=self.verifier,
+        )
+        return graded.result(self.score(graded))
+
+    def score(self, graded: Graded) -> float:
+        raise NotImplementedError
+
+
 @dataclasses.dataclass(frozen=True)
-class MathReward:
+class MathReward(_GradingReward):
     """``correct_reward`` for a verified-correct answer, ``wrong_reward`` otherwise.
 
     With ``tool_shaping`` (ReTool), a wrong answer after ``k`` tool calls scores
@@ -101,33 +131,17 @@ class MathReward:
     answer_format: AnswerFormat = "any"
     verifier: verify.Verifier | None = None
 
-    def __post_init__(self):
-        check_options(self.mode, self.answer_format)
-
-    def __call__(
-        self,
-        response: str,
-        ground_truth: str,
-        info: TrajectoryInfo | Mapping[str, Any] | None = None,
-    ) -> RewardResult:
-        graded = grade(
-            response,
-            ground_truth,
-            info,
-            mode=self.mode,
-            answer_format=self.answer_format,
-            verifier=self.verifier,
-        )
+    def score(self, graded: Graded) -> float:
         if graded.verdict.correct:
-            return graded.result(self.correct_reward)
-        reward = self.wrong_reward
+            return self.correct_reward
         if self.tool_shaping:
-            reward = min(self.shaped_wrong_cap, reward + self.tool_call_bonus * graded.info.num_tool_calls)
-        return graded.result(reward)
+            shaped = self.wrong_reward + self.tool_call_bonus * graded.info.num_tool_calls
+            return min(self.shaped_wrong_cap, shaped)
+        return self.wrong_reward
 
 
 @dataclasses.dataclass(frozen=True)
-class FormatReward:
+class FormatReward(_GradingReward):
     """``ok_reward`` if the response is well formed (see :func:`format_ok`), else ``bad_reward``.
 
     Its ``correct`` field is still the verified correctness of the answer.
@@ -139,24 +153,8 @@ class FormatReward:
     mode: verify.Mode = "lenient"
     verifier: verify.Verifier | None = None
 
-    def __post_init__(self):
-        check_options(self.mode, self.answer_format)
-
-    def __call__(
-        self,
-        response: str,
-        ground_truth: str,
-        info: TrajectoryInfo | Mapping[str, Any] | None = None,
-    ) -> RewardResult:
-        graded = grade(
-            response,
-            ground_truth,
-            info,
-            mode=self.mode,
-            answer_format=self.answer_format,
-            verifier=self.verifier,
-        )
-        return graded.result(self.ok_reward if graded.format_ok else self.bad_reward)
+    def score(self, graded: Graded) -> float:
+        return self.ok_reward if graded.format_ok else self.bad_reward
 
 
 def retool_reward(**overrides: Any) -> MathReward:

@@ -56,7 +56,9 @@ class PluginReward:
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return math_rewards.grade(response, ground_truth, info, mode=self.mode).result(float(value))
         name = getattr(self.fn, "__qualname__", repr(self.fn))
-        raise TypeError(f"reward function {name} returned {type(value).__name__}; expected RewardResult or a number")
+        raise TypeError(
+            f"reward function {name} returned {type(value).__name__}; expected RewardResult or a number"
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,8 @@ class TrajectoryInfo:
 
     Attributes:
       num_tool_calls: tool calls the model made (code cells run, for ReTool).
-      truncated: whether generation hit the length limit before the model finished.
+      truncated: whether generation hit the length limit before the model finished; implied by
+        ``finish_reason == "length"``.
       finish_reason: the engine's reason for stopping (e.g. ``"stop"``, ``"length"``), if known.
     """
 
@@ -24,6 +25,8 @@ class TrajectoryInfo:
     def __post_init__(self):
         if self.num_tool_calls < 0:
             raise ValueError(f"num_tool_calls must be >= 0, got {self.num_tool_calls}")
+        if self.finish_reason == "length":
+            object.__setattr__(self, "truncated", True)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> TrajectoryInfo:

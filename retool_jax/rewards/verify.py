@@ -171,6 +171,10 @@ class Verifier:
             self._idle.put(worker)
         return Verdict(False, timed_out=True) if result is None else Verdict(result)
 
+    def clear_cache(self) -> None:
+        """Forgets every cached verdict."""
+        self._cached.cache_clear()
+
     def close(self) -> None:
         """Stops the worker processes (they restart if the verifier is used again)."""
         for worker in self._workers:

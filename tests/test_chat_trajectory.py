@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from retool_jax.chat import Trajectory, load_tokenizer, render_ids, render_text, tool_observation
 
@@ -199,3 +201,21 @@ def test_retool_inline_observation(tok):
     assert tool_observation(["a", "b"], "retool").count("<interpreter>") == 2
     with pytest.raises(ValueError, match="unknown observation format"):
         tool_observation("x", "xml")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(max_size=40).filter(lambda s: "<|im_" not in s), min_size=1, max_size=3))
+def test_any_tool_output_assembles_like_the_template(tok, outputs):
+    calls = [call_msg(f"print({k})") for k in range(len(outputs))]
+    msgs = [
+        {"role": "user", "content": "Run them."},
+        {"role": "assistant", "content": "<think>\nRun.\n</think>\n\n", "tool_calls": calls},
+        *({"role": "tool", "content": o} for o in outputs),
+        {"role": "assistant", "content": "<think>\nOk.\n</think>\n\nDone."},
+    ]
+    turn = "<think>\nRun.\n</think>\n\n" + "\n".join(CALL.replace("2**10", str(k)) for k in range(len(outputs)))
+    traj = Trajectory(tok, render_ids(tok, msgs[:1], tools=TOOLS))
+    traj.add_generated(generated(tok, turn))
+    traj.add_tool_results(outputs)
+    traj.add_generated(generated(tok, "<think>\nOk.\n</think>\n\nDone."))
+    assert traj.ids == render_ids(tok, msgs, tools=TOOLS, add_generation_prompt=False)[:-1]

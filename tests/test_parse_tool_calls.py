@@ -179,3 +179,21 @@ def test_rendered_calls_round_trip(calls, prefix):
     result = parse_tool_calls(text, formats=("tool_call",))
     assert result.errors == []
     assert [(c.name, c.arguments) for c in result.calls] == calls
+
+
+def test_call_outputs_keep_text_order():
+    import asyncio
+    from types import SimpleNamespace
+
+    from retool_jax.chat import call_outputs
+
+    class AsyncRegistry(FakeRegistry):
+        async def call(self, name, arguments):
+            await asyncio.sleep(0.01 if name == "search" else 0)
+            return SimpleNamespace(output=f"{name}:{json.dumps(arguments, sort_keys=True)}", ok=True)
+
+    text = block({"name": "search", "arguments": {"query": "a"}}) + "<tool_call>{bad</tool_call>"
+    text += block({"name": "code_interpreter", "arguments": {"code": "1"}})
+    outputs = asyncio.run(call_outputs(parse_tool_calls(text, AsyncRegistry()), AsyncRegistry()))
+    assert outputs[0] == 'search:{"query": "a"}' and outputs[2] == 'code_interpreter:{"code": "1"}'
+    assert outputs[1].startswith("Error: tool call 2 is not valid JSON")

@@ -1,5 +1,6 @@
 """Chat format: rendering, tool-call parsing and token-exact trajectory / SFT assembly."""
 
+from retool_jax.chat.calls import call_outputs
 from retool_jax.chat.observation import (
     OBSERVATION_FORMATS,
     assistant_header,
@@ -21,6 +22,7 @@ __all__ = [
     "ToolCall",
     "Trajectory",
     "assistant_header",
+    "call_outputs",
     "check_messages",
     "encode_sft",
     "encode_text",

@@ -21,7 +21,7 @@ import numpy as np
 
 from retool_jax.chat.observation import EMPTY_THINK, INTERPRETER_CLOSE, INTERPRETER_OPEN
 from retool_jax.chat.render import render_text
-from retool_jax.chat.tokenizer import IM_END, IM_START, encode_text
+from retool_jax.chat.tokenizer import IM_END, IM_START
 
 ASSISTANT_HEADER = f"{IM_START}assistant\n"
 _INLINE_OBSERVATION = re.compile(
@@ -54,15 +54,15 @@ def trained_spans(
 
 def encode_spans(tokenizer: Any, text: str, spans: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
     """Tokenises `text` piece by piece at span boundaries; tokens inside `spans` get mask 1."""
-    ids: list[int] = []
-    mask: list[int] = []
+    pieces: list[tuple[str, int]] = []
     cursor = 0
     for begin, end in [*spans, (len(text), len(text))]:
-        for piece, bit in ((text[cursor:begin], 0), (text[begin:end], 1)):
-            piece_ids = encode_text(tokenizer, piece)
-            ids += piece_ids
-            mask += [bit] * len(piece_ids)
+        pieces += [(text[cursor:begin], 0), (text[begin:end], 1)]
         cursor = end
+    pieces = [(piece, bit) for piece, bit in pieces if piece]
+    encoded = tokenizer([piece for piece, _ in pieces], add_special_tokens=False)["input_ids"] if pieces else []
+    ids = [i for piece_ids in encoded for i in piece_ids]
+    mask = [bit for piece_ids, (_, bit) in zip(encoded, pieces) for _ in piece_ids]
     return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
 

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from retool_jax.sandbox.backends import TOKEN_VAR, resolve_backend, worker_env
 from retool_jax.sandbox.limits import ExecResult, Limits
 from retool_jax.sandbox.policy import DEFAULT_POLICY, ModulePolicy
+from retool_jax.sandbox.worker import descendants, process_table
 
 T = TypeVar("T")
 
@@ -27,7 +28,11 @@ _REPLY_GRACE_S = 10.0
 
 
 class WorkerDied(Exception):
-    """The worker process exited or stopped answering."""
+    """The worker process exited or stopped answering; ``started`` says whether it had the call."""
+
+    def __init__(self, message: str, started: bool = True):
+        super().__init__(message)
+        self.started = started
 
 
 class _Worker:
@@ -68,10 +73,13 @@ class _Worker:
 
     async def request(self, message: dict, timeout_s: float) -> dict:
         if self.proc.returncode is not None:
-            raise WorkerDied(f"worker exited with {self.proc.returncode}")
+            raise WorkerDied(f"worker exited with {self.proc.returncode}", started=False)
         try:
             self.proc.stdin.write((json.dumps(message) + "\n").encode())
             await self.proc.stdin.drain()
+        except (ConnectionError, OSError) as e:
+            raise WorkerDied(f"worker pipe broke: {e}", started=False) from None
+        try:
             line = await asyncio.wait_for(self.proc.stdout.readline(), timeout_s)
         except asyncio.TimeoutError:
             raise WorkerDied("worker did not answer in time") from None
@@ -150,12 +158,14 @@ class Sandbox:
       warm_workers: workers kept started and ready; defaults to ``max_workers``.
       preload: modules imported by each worker before it takes calls.
       max_sessions: the number of stateful sessions open at once.
+      reply_grace_s: how long past its time limit a call may go unanswered before its worker is
+        declared hung, killed and replaced.
     """
 
     def __init__(self, backend: str = "auto", *, limits: Limits | None = None,
                  policy: ModulePolicy | None = DEFAULT_POLICY, max_workers: int | None = None,
                  warm_workers: int | None = None, preload: tuple[str, ...] = DEFAULT_PRELOAD,
-                 max_sessions: int = 64):
+                 max_sessions: int = 64, reply_grace_s: float = _REPLY_GRACE_S):
         self.backend = resolve_backend(backend)
         self.limits = limits or Limits()
         self.policy = policy
@@ -164,6 +174,7 @@ class Sandbox:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
         self.warm_workers = self.max_workers if warm_workers is None else min(warm_workers, self.max_workers)
         self.preload = tuple(preload)
+        self.reply_grace_s = reply_grace_s
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="retool-sandbox", daemon=True)
         self._thread.start()
@@ -247,19 +258,23 @@ class Sandbox:
 
     async def _run(self, message: dict, limits: Limits) -> ExecResult:
         async with self._sem:
-            worker = await self._acquire()
-            try:
-                reply = await worker.request(message, limits.timeout_s + _REPLY_GRACE_S)
-            except (WorkerDied, asyncio.CancelledError) as e:
-                self._alive -= 1
-                await self._discard(worker)
-                if isinstance(e, asyncio.CancelledError):
-                    raise
-                self._loop.create_task(self._top_up())
-                return ExecResult("killed", f"Killed: the sandbox worker died during the call ({e})",
-                                  backend=self.backend_name)
-            self._idle.put_nowait(worker)
-        return _to_result(reply, self.backend_name)
+            for attempt in range(3):
+                worker = await self._acquire()
+                try:
+                    reply = await worker.request(message, limits.timeout_s + self.reply_grace_s)
+                except (WorkerDied, asyncio.CancelledError) as e:
+                    self._alive -= 1
+                    await self._discard(worker)
+                    if isinstance(e, asyncio.CancelledError):
+                        raise
+                    self._loop.create_task(self._top_up())
+                    if not e.started and attempt < 2:
+                        continue  # the call never reached the worker: run it on another one
+                    return ExecResult("killed", f"Killed: the sandbox worker died during the call ({e})",
+                                      backend=self.backend_name)
+                self._idle.put_nowait(worker)
+                return _to_result(reply, self.backend_name)
+        raise AssertionError("unreachable")
 
     # -- public API --------------------------------------------------------------------
 
@@ -324,6 +339,15 @@ class Sandbox:
         """Process ids of the live workers (the outer process for bwrap)."""
         return [w.proc.pid for w in list(self._workers) if w.proc.returncode is None]
 
+    def stray_processes(self) -> list[int]:
+        """Live processes below the workers other than the workers themselves; empty between calls."""
+        table = process_table()
+        found = []
+        for worker in list(self._workers):
+            alive = [p for p in descendants(worker.proc.pid, table) if table[p][1] != "Z"]
+            found += alive[1:] if self.backend_name == "bwrap" else alive  # bwrap -> worker is expected
+        return found
+
     def close(self) -> None:
         """Stops every worker and session; leaves no process or file behind."""
         if self._closed:
@@ -378,7 +402,7 @@ class Session:
                     raise
             message["restarted"] = self._restarted
             try:
-                reply = await self._worker.request(message, lim.timeout_s + _REPLY_GRACE_S)
+                reply = await self._worker.request(message, lim.timeout_s + sb.reply_grace_s)
             except WorkerDied as e:
                 await self._drop_worker()
                 self._restarted = True

@@ -104,7 +104,7 @@ class Interpreter:
             real_import = builtins.__import__
 
             def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
-                if globals is self.ns:
+                if (globals if globals is not None else sys._getframe(1).f_globals) is self.ns:
                     root = name.partition(".")[0]
                     if level or root not in self.allowed:
                         shown = ("." * level + name) or "."

@@ -80,7 +80,7 @@ class Output:
 # Process bookkeeping.
 
 
-def _process_table() -> dict[int, tuple[int, str]]:
+def process_table() -> dict[int, tuple[int, str]]:
     """pid -> (ppid, state) for every process visible in /proc."""
     table = {}
     for name in os.listdir("/proc"):
@@ -96,7 +96,7 @@ def _process_table() -> dict[int, tuple[int, str]]:
     return table
 
 
-def _descendants(root: int, table: dict[int, tuple[int, str]]) -> list[int]:
+def descendants(root: int, table: dict[int, tuple[int, str]]) -> list[int]:
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)
@@ -125,8 +125,8 @@ def kill_strays(keep: int | None = None) -> int:
         return 0
     me, killed = os.getpid(), 0
     for _ in range(200):
-        table = _process_table()
-        victims = [p for p in _descendants(me, table) if p != keep and table[p][1] != "Z"]
+        table = process_table()
+        victims = [p for p in descendants(me, table) if p != keep and table[p][1] != "Z"]
         if not victims:
             break
         for pid in victims:

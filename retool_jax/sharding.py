@@ -127,12 +127,13 @@ def _variable_spec(var: nnx.Variable, mesh) -> PartitionSpec:
 
 def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
   """A NamedSharding for each variable of an (abstract) nnx state, from its `axes` metadata."""
-  return jax.tree.map(lambda v: NamedSharding(mesh, _variable_spec(v, mesh)), state,
+  return jax.tree.map(lambda v: v.replace(NamedSharding(mesh, _variable_spec(v, mesh))), state,
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def state_specs(state: nnx.State, mesh: jax.sharding.Mesh | None = None) -> nnx.State:
-  return jax.tree.map(lambda v: _variable_spec(v, mesh), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree.map(lambda v: v.replace(_variable_spec(v, mesh)), state,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def create_sharded(constructor: Callable[[], nnx.Module], mesh: jax.sharding.Mesh | None) -> nnx.Module:
@@ -156,7 +157,7 @@ def shard_module(module: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
   """Moves an existing module's variables onto `mesh` following the logical-axis table."""
   graphdef, state = nnx.split(module)
   shardings = state_shardings(state, mesh)
-  state = jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings)
+  state = jax.device_put(state, shardings)
   return nnx.merge(graphdef, state)
 
 

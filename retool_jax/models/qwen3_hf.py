@@ -170,7 +170,8 @@ def load_tensors(tensors, cfg: Qwen3Config, mesh: jax.sharding.Mesh | None = Non
   if strict:
     _check_keys(tensors, sources.values(), cfg)
   shardings = sharding_lib.state_shardings(abstract, mesh) if mesh is not None else None
-  flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+  flat_shardings = ({p: v.get_value() for p, v in nnx.to_flat_state(shardings)}
+                    if shardings is not None else {})
   values = {}
   for path, var in flat.items():
     src = sources[path]

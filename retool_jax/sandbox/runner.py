@@ -59,6 +59,7 @@ def _install_guard(scratch: str) -> None:
     readable += [p for p in sys.path if p and os.path.isabs(p)]
     readable = tuple(os.path.realpath(p) for p in readable)
     scratch = os.path.realpath(scratch)
+    writable = (scratch, "/dev/null")
 
     def inside(path, roots) -> bool:
         try:
@@ -73,7 +74,7 @@ def _install_guard(scratch: str) -> None:
             if isinstance(path, int):
                 return
             writes = (mode and any(c in mode for c in "wax+")) or (flags or 0) & _WRITE_FLAGS
-            if not inside(path, (scratch,) if writes else readable):
+            if not inside(path, writable if writes else readable):
                 verb = "writing" if writes else "reading"
                 raise PermissionError(f"[sandbox] {verb} {os.fsdecode(path)!r} is not allowed outside the "
                                       f"working directory")

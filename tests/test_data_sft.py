@@ -84,6 +84,17 @@ def test_retool_sft_as_tool_calls(tok):
     assert "<tools>" in render_text(tok, example.messages, tools=example.tools)
 
 
+def test_retool_sft_tool_calls_use_the_registry_schema(tmp_path):
+    from retool_jax.tools import default_registry
+
+    (example,) = load_retool_sft(write_jsonl(tmp_path / "retool.jsonl", [RETOOL_RECORD]), style="tool_calls")
+    code_schema = [s for s in default_registry().schemas() if s["function"]["name"] == "code_interpreter"]
+    assert example.tools == code_schema
+    for message in example.messages:
+        for call in message.get("tool_calls", []):
+            assert default_registry().get("code_interpreter").validate(call["function"]["arguments"]) is None
+
+
 def test_split_keeps_unexecuted_code_as_text():
     text = "Think.\n<code>\n```python\nprint(1)\n```\n</code>\nNo output here. <answer>1</answer>"
     assert split_retool_turn(text) == [{"role": "assistant", "content": text}]

@@ -197,3 +197,17 @@ def test_call_outputs_keep_text_order():
     outputs = asyncio.run(call_outputs(parse_tool_calls(text, AsyncRegistry()), AsyncRegistry()))
     assert outputs[0] == 'search:{"query": "a"}' and outputs[2] == 'code_interpreter:{"code": "1"}'
     assert outputs[1].startswith("Error: tool call 2 is not valid JSON")
+
+
+def test_with_the_real_registry():
+    from retool_jax.tools import default_registry
+
+    registry = default_registry()
+    text = block({"name": "code_interpreter", "arguments": {"code": "print(1)"}})
+    text += block({"name": "calculator", "arguments": {"expr": "1+1"}}) + block({"name": "browser", "arguments": {}})
+    result = parse_tool_calls(text, registry)
+    assert [c.name for c in result.calls] == ["code_interpreter"]
+    assert len(result.errors) == 2
+    assert result.errors[0].startswith("Error: bad arguments for tool 'calculator': ")
+    assert result.errors[1].startswith("Error: unknown tool 'browser'. Available tools: ")
+    assert "code_interpreter" in result.errors[1]

@@ -1,0 +1,294 @@
+"""Checkpoint conversion: Hugging Face or Megatron-Core -> Orbax, and Orbax -> Hugging Face.
+
+Every direction goes through the one HF <-> retool_jax mapping (`models.qwen3_hf.param_sources`), one tensor
+at a time: sources are validated up front (names, shapes, file integrity), then each tensor is read, converted
+and written before the next is touched. Destinations appear only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import time
+import uuid
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from retool_jax.checkpoint import layout
+from retool_jax.checkpoint.safetensors_stream import write_planned
+from retool_jax.checkpoint.streaming import StreamedArray
+from retool_jax.models.qwen3_config import Qwen3Config
+from retool_jax.models.qwen3_hf import IGNORED_SUFFIXES, ParamSource, abstract_model, hf_tensors, param_sources
+from retool_jax.models.safetensors_io import SafetensorsDir
+
+GENERATION_CONFIG = "generation_config.json"
+_NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".index.json")
+
+
+class ConversionError(ValueError):
+  """A source checkpoint that does not fit its config or is damaged."""
+
+
+@dataclasses.dataclass
+class ConversionSummary:
+  source: str
+  destination: str
+  fmt: str
+  dtype: str
+  num_tensors: int
+  num_params: int
+  num_bytes: int
+  seconds: float
+  files: list[str]
+
+  def __str__(self) -> str:
+    gb = self.num_bytes / 1e9
+    rate = self.num_bytes / 1e6 / max(self.seconds, 1e-9)
+    return (f"wrote {self.fmt} checkpoint {self.destination}\n"
+            f"  from {self.source}\n"
+            f"  {self.num_tensors} tensors, {self.num_params:,} parameters, {gb:.3f} GB as {self.dtype}, "
+            f"{self.seconds:.1f} s ({rate:.0f} MB/s)\n"
+            f"  files: {', '.join(self.files)}")
+
+
+# ---- shapes the config implies -------------------------------------------------------------------
+
+def _shape_after(fn: Callable, shape: tuple[int, ...], cfg: Qwen3Config) -> tuple[int, ...]:
+  # A zero-strided stand-in: the layout functions only reshape and transpose, so nothing is allocated.
+  return tuple(fn(np.broadcast_to(np.zeros((), np.uint8), shape), cfg).shape)
+
+
+def _our_shapes(cfg: Qwen3Config) -> dict[tuple[str, ...], tuple[int, ...]]:
+  _, abstract = abstract_model(cfg)
+  return {path: tuple(v.get_value().shape) for path, v in nnx.to_flat_state(abstract)}
+
+
+def _per_tensor_shape(src: ParamSource, shape: tuple[int, ...]) -> tuple[int, ...]:
+  return shape if src.hf_key is not None else shape[2:] if src.num_experts else shape[1:]
+
+
+def hf_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
+  """Every hub key of `cfg` with its `[out, in]` shape, in the order `hf_tensors` yields them."""
+  ours = _our_shapes(cfg)
+  out = {}
+  for src in param_sources(cfg):
+    shape = _shape_after(src.layout.to_hf, _per_tensor_shape(src, ours[src.path]), cfg)
+    out.update({key: shape for key in src.hf_keys()})
+  return out
+
+
+def _where(tensors, key: str) -> str:
+  return tensors.file_of(key) if hasattr(tensors, "file_of") else getattr(tensors, "dir", "checkpoint")
+
+
+def check_source(tensors, cfg: Qwen3Config, config_path: str) -> dict[str, tuple[int, ...]]:
+  """Checks names and shapes of a `get`/`keys` tensor source against `cfg` before anything is converted."""
+  expected = hf_shapes(cfg)
+  have = set(tensors.keys())
+  if cfg.tie_word_embeddings:
+    have.discard("lm_head.weight")  # tied checkpoints may still carry a copy
+  where = getattr(tensors, "dir", "checkpoint")
+  missing = sorted(set(expected) - have)
+  if missing:
+    raise ConversionError(f"{where}: {len(missing)} tensor(s) that {config_path} needs are missing, "
+                          f"e.g. {missing[:3]}")
+  unknown = sorted(k for k in have - set(expected) if not k.endswith(IGNORED_SUFFIXES))
+  if unknown:
+    raise ConversionError(f"{_where(tensors, unknown[0])}: unknown tensor {unknown[0]!r} for the model in "
+                          f"{config_path} ({len(unknown)} unknown in all)")
+  for key, shape in expected.items():
+    got = tuple(tensors.shape(key) if hasattr(tensors, "shape") else tensors.get(key).shape)
+    if got != shape:
+      raise ConversionError(f"{_where(tensors, key)}: tensor {key!r} has shape {got}, but {config_path} "
+                            f"implies {shape}; the config does not match the checkpoint")
+  return expected
+
+
+# ---- to Orbax --------------------------------------------------------------------------------------
+
+def _blocks(tensors, src: ParamSource, cfg: Qwen3Config, dtype: np.dtype, bar) -> Iterator[tuple[int, np.ndarray]]:
+  def one(key):
+    value = np.asarray(src.layout.to_ours(tensors.get(key), cfg)).astype(dtype, copy=False)
+    bar.update(1)
+    return value
+
+  if src.hf_key is not None:
+    yield 0, one(src.hf_key)
+    return
+  for li, key in enumerate(src.layer_keys):
+    if src.num_experts:
+      yield li, np.stack([one(key.format(e=e)) for e in range(src.num_experts)])[None]
+    else:
+      yield li, one(key)[None]
+
+
+def _streamed_tree(tensors, cfg: Qwen3Config, dtype: np.dtype, bar) -> dict:
+  ours = _our_shapes(cfg)
+  tree: dict = {}
+  for src in param_sources(cfg):
+    shape = ours[src.path]
+    node = tree
+    for name in src.path[:-1]:
+      node = node.setdefault(name, {})
+    node[src.path[-1]] = StreamedArray(shape, dtype, shape[0] if src.hf_key is not None else 1,
+                                       functools.partial(_blocks, tensors, src, cfg, dtype, bar))
+  return tree
+
+
+def _source_dtype(tensors) -> np.dtype:
+  return np.dtype(tensors.dtype("model.embed_tokens.weight") if hasattr(tensors, "dtype")
+                  else tensors.get("model.embed_tokens.weight").dtype)
+
+
+def tensors_to_orbax(tensors, hf_config: Mapping[str, Any], config_path: str, dst, *, dtype=None,
+                     generation_config: Mapping[str, Any] | None = None, progress: bool = True,
+                     source: str | None = None) -> ConversionSummary:
+  """Converts any HF-keyed tensor source (`keys`, `get`, optionally `shape`/`dtype`/`file_of`) to Orbax."""
+  start = time.perf_counter()
+  cfg = Qwen3Config.from_hf(hf_config)
+  expected = check_source(tensors, cfg, config_path)
+  target = np.dtype(dtype) if dtype is not None else _source_dtype(tensors)
+  cfg = cfg.replace(param_dtype=target.name, dtype=target.name)
+  with tqdm(total=len(expected), desc="convert", unit="tensor", disable=not progress) as bar:
+    tree = _streamed_tree(tensors, cfg, target, bar)
+    layout.save_streamed(dst, tree, layout.config_record(cfg, hf_config, generation_config))
+  n = sum(int(np.prod(s)) for s in _our_shapes(cfg).values())
+  return ConversionSummary(source or getattr(tensors, "dir", "?"), os.fspath(dst), "Orbax", target.name,
+                           len(expected), n, n * target.itemsize, time.perf_counter() - start,
+                           [layout.PARAMS_ITEM, layout.CONFIG_ITEM])
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{path}: no such file") from None
+  except json.JSONDecodeError as e:
+    raise ConversionError(f"{path}: not valid JSON ({e})") from None
+
+
+def _optional_json(path: str) -> dict | None:
+  return _read_json(path) if os.path.isfile(path) else None
+
+
+def hf_to_orbax(src, dst, *, dtype=None, progress: bool = True) -> ConversionSummary:
+  """A Hugging Face `save_pretrained` folder -> an Orbax checkpoint (by default in the source's dtype)."""
+  src = os.fspath(src)
+  config_path = os.path.join(src, "config.json")
+  return tensors_to_orbax(SafetensorsDir(src), _read_json(config_path), config_path, dst, dtype=dtype,
+                          generation_config=_optional_json(os.path.join(src, GENERATION_CONFIG)),
+                          progress=progress, source=src)
+
+
+def megatron_to_orbax(src, hf_config, dst, *, dtype=None, progress: bool = True) -> ConversionSummary:
+  """A Megatron-Core `torch_dist` checkpoint plus the model's HF `config.json` -> an Orbax checkpoint."""
+  from retool_jax.checkpoint.megatron import MegatronTensors
+  config_path = os.fspath(hf_config)
+  if os.path.isdir(config_path):
+    config_path = os.path.join(config_path, "config.json")
+  hf = _read_json(config_path)
+  tensors = MegatronTensors(src, Qwen3Config.from_hf(hf))
+  generation = _optional_json(os.path.join(os.path.dirname(config_path), GENERATION_CONFIG))
+  return tensors_to_orbax(tensors, hf, config_path, dst, dtype=dtype, generation_config=generation,
+                          progress=progress, source=tensors.dir)
+
+
+# ---- to Hugging Face --------------------------------------------------------------------------------
+
+class _StoredParam:
+  """One stored parameter, read a layer at a time (`[i]`) or whole (`np.asarray`)."""
+
+  def __init__(self, reader: layout.ParamReader, path: tuple[str, ...]):
+    self._store = reader.open(path)
+
+  def __getitem__(self, index) -> np.ndarray:
+    return self._store[index].read().result()
+
+  def __array__(self, dtype=None, copy=None):
+    value = self._store.read().result()
+    return value if dtype is None else value.astype(dtype)
+
+
+def _hf_config_json(record: Mapping[str, Any], cfg: Qwen3Config, dtype: np.dtype) -> dict:
+  out = {**cfg.to_hf(), **(record.get("hf_config") or {})}
+  out["torch_dtype"] = dtype.name
+  if "dtype" in out:
+    out["dtype"] = dtype.name
+  return out
+
+
+def _generation_config(record: Mapping[str, Any], cfg: Qwen3Config) -> dict:
+  if record.get("generation_config"):
+    return dict(record["generation_config"])
+  out = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+  if cfg.pad_token_id is not None:
+    out["pad_token_id"] = cfg.pad_token_id
+  return out
+
+
+def _copy_tokenizer(tokenizer_dir: str, out_dir: str) -> list[str]:
+  if not os.path.isdir(tokenizer_dir):
+    raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} does not exist")
+  copied = []
+  for name in sorted(os.listdir(tokenizer_dir)):
+    path = os.path.join(tokenizer_dir, name)
+    if (os.path.isfile(path) and not name.endswith(_NOT_TOKENIZER)
+        and name not in ("config.json", GENERATION_CONFIG)):
+      shutil.copy2(path, os.path.join(out_dir, name))
+      copied.append(name)
+  if not copied:
+    raise FileNotFoundError(f"no tokenizer files in {tokenizer_dir}")
+  return copied
+
+
+def _staging(dst: str) -> str:
+  if os.path.exists(dst):
+    raise FileExistsError(f"{dst} already exists; choose a new destination or remove it")
+  parent = os.path.dirname(os.path.abspath(dst))
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(dst))}.partial-{uuid.uuid4().hex[:8]}")
+  os.makedirs(tmp)
+  return tmp
+
+
+def orbax_to_hf(src, dst, *, dtype=None, tokenizer=None, max_shard_bytes: int = 4 << 30,
+                progress: bool = True) -> ConversionSummary:
+  """An Orbax checkpoint -> a Hugging Face folder (config, generation config, sharded safetensors, index)."""
+  start = time.perf_counter()
+  reader = layout.ParamReader(src)
+  record = layout.read_config(reader.step)
+  cfg = layout.config_from_record(record, where=os.fspath(reader.step / layout.CONFIG_ITEM))
+  out_dtype = np.dtype(dtype if dtype is not None else cfg.param_dtype)
+  layout.check_matches(reader.step, reader.stored, _our_shapes(cfg))
+  specs = [(key, shape, out_dtype) for key, shape in hf_shapes(cfg).items()]
+  state = nnx.from_flat_state({src_.path: _StoredParam(reader, src_.path) for src_ in param_sources(cfg)})
+  dst = os.fspath(dst)
+  tmp = _staging(dst)
+  try:
+    with tqdm(total=len(specs), desc="export", unit="tensor", disable=not progress) as bar:
+      def tensors():
+        for item in hf_tensors(state, cfg, dtype=out_dtype):
+          bar.update(1)
+          yield item
+      files = write_planned(tmp, specs, tensors(), max_shard_bytes)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(_hf_config_json(record, cfg, out_dtype), f, indent=2)
+    with open(os.path.join(tmp, GENERATION_CONFIG), "w") as f:
+      json.dump(_generation_config(record, cfg), f, indent=2)
+    files += ["config.json", GENERATION_CONFIG]
+    if tokenizer is not None:
+      files += _copy_tokenizer(os.fspath(tokenizer), tmp)
+    os.rename(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  n = sum(int(np.prod(s)) for _, s, _ in specs)
+  return ConversionSummary(os.fspath(reader.step), dst, "Hugging Face", out_dtype.name, len(specs), n,
+                           n * out_dtype.itemsize, time.perf_counter() - start, files)

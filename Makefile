@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test test-slow test-all bench clean
+.PHONY: demo test test-slow test-all sysdeps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,18 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install -e .
 	touch $@
 
-demo: $(VENV)/.installed
+# bubblewrap gives the sandbox OS-level isolation; without it (no root, no apt) the process backend is used.
+sysdeps:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null 2>&1 \
+	      || echo "note: could not install bubblewrap; the sandbox falls back to its process backend"; \
+	  else echo "note: bubblewrap not installed; the sandbox uses its process backend (see README)"; fi; }
+
+demo: sysdeps $(VENV)/.installed
 	$(PY) -m retool_jax.demo
 
-test: $(VENV)/.installed-test
+test: sysdeps $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
 test-slow: $(VENV)/.installed-test

@@ -1,0 +1,189 @@
+"""The SGLang double answers like SGLang's documented HTTP API (checked with plain `requests`)."""
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from sglang_double import SGLangDouble, detokenize, encode
+
+
+@pytest.fixture
+def server():
+  with SGLangDouble() as s:
+    yield s
+
+
+def post(s, path, body=None, timeout=10):
+  return requests.post(s.url + path, json=body, timeout=timeout)
+
+
+def greedy(max_new=8, **extra):
+  return {"temperature": 0, "max_new_tokens": max_new, **extra}
+
+
+def test_input_ids_single_answers_one_object_with_logprob_triples(server):
+  r = post(server, "/generate", {"input_ids": [5, 6, 7], "sampling_params": greedy(6, ignore_eos=True),
+                                 "return_logprob": True})
+  assert r.status_code == 200
+  out = r.json()
+  assert isinstance(out, dict) and set(out) == {"text", "output_ids", "meta_info"}
+  meta = out["meta_info"]
+  triples = meta["output_token_logprobs"]
+  assert [t[1] for t in triples] == out["output_ids"] and len(triples) == 6
+  assert all(t[0] <= 0 and t[2] is None for t in triples)
+  assert meta["finish_reason"] == {"type": "length", "length": 6}
+  assert meta["prompt_tokens"] == 3 and meta["completion_tokens"] == 6 and meta["weight_version"] == "default"
+  assert out["text"] == detokenize(out["output_ids"], skip_special_tokens=True)
+
+
+def test_no_logprobs_unless_asked(server):
+  out = post(server, "/generate", {"input_ids": [5, 6], "sampling_params": greedy(3)}).json()
+  assert "output_token_logprobs" not in out["meta_info"]
+
+
+def test_greedy_logprob_is_log_softmax_of_the_logits(server):
+  out = post(server, "/generate", {"input_ids": [9, 10], "sampling_params": greedy(3, ignore_eos=True),
+                                   "return_logprob": True}).json()
+  ids = [9, 10]
+  for lp, tok, _ in out["meta_info"]["output_token_logprobs"]:
+    logits = server.model.logits(ids)
+    assert tok == int(np.argmax(logits))
+    assert lp == pytest.approx(float(logits[tok] - np.log(np.exp(logits - logits.max()).sum()) - logits.max()))
+    ids.append(tok)
+
+
+def test_text_and_batches_answer_lists_in_prompt_major_order(server):
+  single = post(server, "/generate", {"text": "hello", "sampling_params": greedy(4, ignore_eos=True)}).json()
+  assert isinstance(single, dict) and single["meta_info"]["prompt_tokens"] == len(encode("hello"))
+  batch = post(server, "/generate", {"text": ["hello", "hi"], "sampling_params": greedy(4, ignore_eos=True)}).json()
+  assert isinstance(batch, list) and len(batch) == 2
+  assert batch[0]["output_ids"] == single["output_ids"]
+  prompts = [[5, 6, 7], [8]]
+  alone = [post(server, "/generate", {"input_ids": p, "sampling_params": greedy(4, ignore_eos=True)}).json()
+           for p in prompts]
+  outs = post(server, "/generate", {"input_ids": prompts, "sampling_params": greedy(4, ignore_eos=True, n=2)}).json()
+  assert len(outs) == 4
+  assert [o["meta_info"]["prompt_tokens"] for o in outs] == [3, 3, 1, 1]
+  assert [o["output_ids"] for o in outs] == [alone[0]["output_ids"]] * 2 + [alone[1]["output_ids"]] * 2
+  one_prompt_n = post(server, "/generate", {"input_ids": [5], "sampling_params": greedy(2, n=3)}).json()
+  assert isinstance(one_prompt_n, list) and len(one_prompt_n) == 3
+
+
+def test_sampling_seed_repeats_and_n_samples_differ(server):
+  body = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 12, "temperature": 1.0, "sampling_seed": 3,
+                                                   "ignore_eos": True, "n": 2}, "return_logprob": True}
+  a, b = post(server, "/generate", body).json(), post(server, "/generate", body).json()
+  assert [o["output_ids"] for o in a] == [o["output_ids"] for o in b]
+  assert a[0]["output_ids"] != a[1]["output_ids"]
+
+
+def test_stop_string_trims_text_but_not_ids_or_logprobs(server):
+  free = post(server, "/generate", {"input_ids": [5, 6, 7], "sampling_params": greedy(20, ignore_eos=True),
+                                    "return_logprob": True}).json()
+  text = detokenize(free["output_ids"], skip_special_tokens=False)
+  stop = text[3:5]
+  trimmed = post(server, "/generate", {"input_ids": [5, 6, 7], "return_logprob": True,
+                                       "sampling_params": greedy(20, ignore_eos=True, stop=[stop])}).json()
+  kept = post(server, "/generate", {"input_ids": [5, 6, 7], "return_logprob": True,
+                                    "sampling_params": greedy(20, ignore_eos=True, stop=[stop],
+                                                              no_stop_trim=True)}).json()
+  assert trimmed["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+  assert trimmed["output_ids"] == kept["output_ids"] == free["output_ids"][:len(trimmed["output_ids"])]
+  assert stop in detokenize(trimmed["output_ids"], skip_special_tokens=False)
+  assert kept["text"] == detokenize(kept["output_ids"], skip_special_tokens=True) and stop in kept["text"]
+  assert trimmed["text"] == kept["text"][:kept["text"].find(stop)]
+  assert len(trimmed["meta_info"]["output_token_logprobs"]) == len(trimmed["output_ids"])
+
+
+def test_stop_token_id_is_matched_as_int_and_kept(server):
+  free = post(server, "/generate", {"input_ids": [11], "sampling_params": greedy(6, ignore_eos=True)}).json()
+  stop_tok = free["output_ids"][2]
+  out = post(server, "/generate", {"input_ids": [11], "sampling_params": greedy(6, ignore_eos=True,
+                                                                                stop_token_ids=[stop_tok])}).json()
+  first = free["output_ids"].index(stop_tok)
+  assert out["output_ids"] == free["output_ids"][:first + 1]
+  assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_tok}
+
+
+def test_too_long_requests_are_400_with_an_error_message(server):
+  r = post(server, "/generate", {"input_ids": [5] * 60, "sampling_params": greedy(4)})
+  assert r.status_code == 400 and "maximum context length of 64 tokens" in r.json()["error"]["message"]
+  r = post(server, "/generate", {"input_ids": [5] * 64, "sampling_params": greedy(1)})
+  assert r.status_code == 400 and "is longer than the model's context length" in r.json()["error"]["message"]
+  assert post(server, "/generate", {"input_ids": [5] * 59, "sampling_params": greedy(4)}).status_code == 200
+
+
+def test_an_abort_is_http_200_with_partial_tokens(server):
+  server.abort_next, server.abort_after_tokens = 1, 2
+  r = post(server, "/generate", {"input_ids": [5], "sampling_params": greedy(8, ignore_eos=True),
+                                 "return_logprob": True})
+  assert r.status_code == 200
+  meta = r.json()["meta_info"]
+  assert meta["finish_reason"]["type"] == "abort" and "message" in meta["finish_reason"]
+  assert len(r.json()["output_ids"]) == 2 == len(meta["output_token_logprobs"])
+
+
+def test_health_is_503_until_ready():
+  with SGLangDouble(ready=False) as s:
+    assert requests.get(s.url + "/health_generate", timeout=5).status_code == 503
+    s.ready = True
+    assert requests.get(s.url + "/health_generate", timeout=5).status_code == 200
+    info = requests.get(s.url + "/get_model_info", timeout=5).json()
+    assert info["is_generation"] is True and info["weight_version"] == "default"
+
+
+def _in_thread(fn):
+  box = {}
+  t = threading.Thread(target=lambda: box.setdefault("r", fn()))
+  t.start()
+  return t, box
+
+
+def test_pause_aborts_running_requests_and_holds_new_ones_until_continue():
+  with SGLangDouble(token_delay_s=0.01) as s:
+    body = {"input_ids": [5], "sampling_params": greedy(40, ignore_eos=True), "return_logprob": True}
+    t1, running = _in_thread(lambda: post(s, "/generate", body).json())
+    while not s.running:
+      time.sleep(0.005)
+    assert post(s, "/pause_generation", {"mode": "abort"}).json()["status"] == "ok"
+    t1.join(5)
+    assert running["r"]["meta_info"]["finish_reason"]["type"] == "abort"
+    assert 0 < len(running["r"]["output_ids"]) < 40
+    t2, held = _in_thread(lambda: post(s, "/generate", {**body, "sampling_params": greedy(2)}).json())
+    time.sleep(0.2)
+    assert t2.is_alive() and "r" not in held
+    assert post(s, "/continue_generation", {}).status_code == 200
+    t2.join(5)
+    assert held["r"]["meta_info"]["finish_reason"]["type"] in ("length", "stop")
+
+
+def test_flush_cache_is_400_while_busy():
+  with SGLangDouble(token_delay_s=0.01) as s:
+    assert post(s, "/flush_cache").status_code == 200
+    t, _ = _in_thread(lambda: post(s, "/generate", {"input_ids": [5], "sampling_params": greedy(20,
+                                                                                                ignore_eos=True)}))
+    while not s.running:
+      time.sleep(0.005)
+    assert post(s, "/flush_cache").status_code == 400
+    t.join(5)
+    assert post(s, "/flush_cache").status_code == 200
+
+
+def test_update_weights_from_disk_answers_success_and_message(server, tmp_path):
+  bad = post(server, "/update_weights_from_disk", {"model_path": str(tmp_path / "missing"), "weight_version": "3"})
+  assert bad.status_code == 400 and bad.json()["success"] is False and "missing" in bad.json()["message"]
+  ckpt = tmp_path / "weight_v3"
+  ckpt.mkdir()
+  (ckpt / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+  (ckpt / "model.safetensors").write_bytes(b"new weights")
+  before = post(server, "/generate", {"input_ids": [5], "sampling_params": greedy(6, ignore_eos=True)}).json()
+  ok = post(server, "/update_weights_from_disk", {"model_path": str(ckpt), "weight_version": "3"})
+  assert ok.status_code == 200 and ok.json()["success"] is True and set(ok.json()) >= {"message"}
+  after = post(server, "/generate", {"input_ids": [5], "sampling_params": greedy(6, ignore_eos=True)}).json()
+  assert after["meta_info"]["weight_version"] == "3" and after["output_ids"] != before["output_ids"]
+  info = requests.get(server.url + "/get_model_info", timeout=5).json()
+  assert info["weight_version"] == "3" and info["model_path"] == str(ckpt)

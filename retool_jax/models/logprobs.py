@@ -32,7 +32,6 @@ def chunked_logprobs(hidden_BTD: jax.Array, weight_DV: jax.Array, targets_BT: ja
   y = jnp.pad(targets_BT, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
   w = weight_DV.astype(hidden_BTD.dtype)
 
-  @jax.checkpoint
   def one_chunk(h_BCD, y_BC):
     logits = jnp.einsum("bcd,dv->bcv", h_BCD, w, preferred_element_type=jnp.float32) / temperature
     logz = jax.nn.logsumexp(logits, axis=-1)
@@ -41,6 +40,9 @@ def chunked_logprobs(hidden_BTD: jax.Array, weight_DV: jax.Array, targets_BT: ja
       return picked - logz, jnp.zeros_like(logz)
     p = jax.nn.softmax(logits, axis=-1)
     return picked - logz, logz - jnp.sum(p * logits, axis=-1)
+
+  if n > 1:  # one chunk's logits are all that is kept; the backward pass recomputes each chunk
+    one_chunk = jax.checkpoint(one_chunk)
 
   def body(_, xs):
     return None, one_chunk(*xs)

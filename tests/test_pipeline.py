@@ -114,7 +114,8 @@ def test_resume_from_saved_position(remainder):
     assert global_steps(first, 9) == reference[:9]
     saved = json.loads(json.dumps(first[0].state()))  # what goes into the checkpoint
     assert all(p.state() == saved for p in first)  # the same on every host
-    resumed = hosts(list(range(n)), count, global_batch_size=g, seed=0, remainder=remainder)  # seed comes from the state
+    # The seed comes from the saved state.
+    resumed = hosts(list(range(n)), count, global_batch_size=g, seed=0, remainder=remainder)
     for p in resumed:
         p.restore(saved)
     assert global_steps(resumed, 16) == reference[9:]

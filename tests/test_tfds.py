@@ -163,7 +163,8 @@ def test_errors_name_what_is_wrong(data_dir, tmp_path):
 
 
 def test_codec_round_trips_or_refuses():
-    example = Example([{"role": "user", "content": "1 + 1 = ? 🙂\x00"}], " 2 ", {"index": 3, "level": None, "n": [1.5]})
+    prompt = [{"role": "user", "content": "1 + 1 = ? 🙂\x00"}]
+    example = Example(prompt, " 2 ", {"index": 3, "level": None, "n": [1.5]})
     features = rtfds.encode(example)
     assert features["ground_truth"] == " 2 " and rtfds.decode(
         {k: v.encode() for k, v in features.items()}, Example) == example
@@ -173,3 +174,18 @@ def test_codec_round_trips_or_refuses():
         rtfds.encode(Example([], "1", {"x": float("nan")}))
     with pytest.raises(ValueError, match="field 'ground_truth' must be a string"):
         rtfds.encode(Example([], 1))
+
+
+def test_command_line_prepares_without_tensorflow(tmp_path, capsys):
+    from retool_jax.data.tfds.__main__ import main
+
+    args = ["aime2025", "--data_dir", str(tmp_path), "--manual_dir", str(FIXTURES / "retool_eval"),
+            "--config", "eval", "--file", "test=AIME25.jsonl", "--prompt_style", "problem"]
+    assert main(args) == 0
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert out == f"{tmp_path}/aime2025/eval/1.0.0 (test: 30)"
+    want = load_aime(FIXTURES / "retool_eval" / "AIME25.jsonl", prompt_style="problem")
+    assert list(rtfds.load_records(tmp_path / "aime2025" / "eval" / "1.0.0", "test")) == want
+    with pytest.raises(SystemExit):
+        main(["aime2025", "--data_dir", str(tmp_path), "--config", "raw", "--file", "test=x.jsonl"])
+    assert "needs a new --config name" in capsys.readouterr().err

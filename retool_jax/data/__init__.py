@@ -12,6 +12,7 @@ from retool_jax.data.math_datasets import (
     load_math500,
 )
 from retool_jax.data.packing import PackedRows, pack_sequences
+from retool_jax.data.pipeline import Batch, InputPipeline, global_batch
 from retool_jax.data.prompts import PROMPT_STYLES, build_prompt, retool_template
 from retool_jax.data.records import ChatExample, Example, PreferencePair
 from retool_jax.data.retool_sft import convert_retool_record, load_retool_sft, split_retool_turn
@@ -20,8 +21,10 @@ from retool_jax.data.toolbench import convert_toolbench_record, load_toolbench
 __all__ = [
     "PROMPT_STYLES",
     "SCHEMAS",
+    "Batch",
     "ChatExample",
     "Example",
+    "InputPipeline",
     "PackedRows",
     "PreferencePair",
     "build_prompt",
@@ -29,6 +32,7 @@ __all__ = [
     "convert_toolbench_record",
     "detect_schema",
     "dumps_example",
+    "global_batch",
     "load_aime",
     "load_chat_sft",
     "load_dapo_math",

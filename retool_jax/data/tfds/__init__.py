@@ -24,10 +24,11 @@ from retool_jax.data.tfds.builders import (
     PreferencePairs,
     ReToolSftConfig,
     RetoolSft,
+    prepare,
     record_features,
 )
 from retool_jax.data.tfds.codec import decode, encode
-from retool_jax.data.tfds.reader import RecordSource, load_records, prepare
+from retool_jax.data.tfds.reader import RecordSource, load_records
 
 __all__ = [
     "BUILDERS",

@@ -10,6 +10,7 @@ manual directory. Nothing is downloaded.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,8 @@ class LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     )
     HOMEPAGE = ""
 
-    def __init__(self, *, file_format: str = "array_record", **kwargs: Any):
-        super().__init__(file_format=file_format, **kwargs)
+    def __init__(self, *, file_format: str | None = None, **kwargs: Any):
+        super().__init__(file_format=file_format or "array_record", **kwargs)
 
     def load(self, path: Path) -> list[Any]:
         """The records of one file (the loader's output)."""
@@ -226,3 +227,22 @@ class PreferencePairs(LocalFilesBuilder):
 BUILDERS: dict[str, type[LocalFilesBuilder]] = {
     b.name: b for b in (DapoMath17k, Aime2024, Aime2025, Math500, Gsm8k, RetoolSft, ChatSft, PreferencePairs)
 }
+
+
+def prepare(
+    name: str,
+    *,
+    data_dir: str | os.PathLike,
+    manual_dir: str | os.PathLike | None = None,
+    config: str | tfds.core.BuilderConfig | None = None,
+) -> tfds.core.DatasetBuilder:
+    """Builds the dataset `name` (a key of `BUILDERS`) from local files under `data_dir`, once; returns the builder.
+
+    `manual_dir` holds the files (default `<data_dir>/downloads/manual`); `config` is a config name or object.
+    """
+    if name not in BUILDERS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(BUILDERS)}")
+    builder = BUILDERS[name](data_dir=os.fspath(data_dir), config=config)
+    download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir else None)
+    builder.download_and_prepare(download_config=download_config)
+    return builder

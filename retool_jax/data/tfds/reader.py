@@ -32,9 +32,7 @@ class RecordSource(Sequence):
         return f"RecordSource({self.record_type.__name__}, {len(self)} records, {self.source!r})"
 
 
-def load_records(
-    builder_or_dir: tfds.core.DatasetBuilder | str | os.PathLike, split: str
-) -> RecordSource:
+def load_records(builder_or_dir: tfds.core.DatasetBuilder | str | os.PathLike, split: str) -> RecordSource:
     """The records of `split` from a builder or a prepared dataset directory (`<data_dir>/<name>/<config>/<version>`).
 
     Reading a directory needs none of the generation code, so any host can read what one host prepared.
@@ -44,24 +42,8 @@ def load_records(
     else:
         builder = tfds.builder_from_directory(os.fspath(builder_or_dir))
     if split not in builder.info.splits:
-        raise ValueError(f"{builder.name}: no split {split!r} in {builder.data_dir} (splits: {list(builder.info.splits)})")
+        splits = list(builder.info.splits)
+        raise ValueError(f"{builder.name}: no split {split!r} in {builder.data_dir} (splits: {splits})")
     record_type = codec.record_type_of(builder.info.features.keys())
     return RecordSource(builder.as_data_source(split=split), record_type)
 
-
-def prepare(
-    name: str,
-    *,
-    data_dir: str | os.PathLike,
-    manual_dir: str | os.PathLike | None = None,
-    config: str | tfds.core.BuilderConfig | None = None,
-) -> tfds.core.DatasetBuilder:
-    """Builds (once) the dataset `name` (a key of `BUILDERS`) under `data_dir` from local files and returns its builder."""
-    from retool_jax.data.tfds.builders import BUILDERS
-
-    if name not in BUILDERS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(BUILDERS)}")
-    builder = BUILDERS[name](data_dir=os.fspath(data_dir), config=config)
-    download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir else None)
-    builder.download_and_prepare(download_config=download_config)
-    return builder

@@ -34,8 +34,9 @@ def _loss_and_grads(model, ids, mesh=None):
 @pytest.mark.parametrize("cfg,mesh_shape", [
     (DENSE, dict(data=2, fsdp=2, tensor=2)),
     (MOE, dict(data=2, fsdp=1, tensor=1, expert=4)),
+    (MOE, dict(data=1, fsdp=1, tensor=2, expert=4)),
     (MOE.replace(moe_impl="dense", scan_layers=True), dict(data=1, fsdp=2, tensor=1, expert=4)),
-], ids=["dense-d2f2t2", "moe-d2e4", "moe-dense-f2e4-scan"])
+], ids=["dense-d2f2t2", "moe-d2e4", "moe-t2e4", "moe-dense-f2e4-scan"])
 def test_mesh_matches_single_device(cfg, mesh_shape):
   assert len(jax.devices()) == 8
   model = qwen3.Qwen3(cfg, rngs=nnx.Rngs(0))
@@ -76,3 +77,16 @@ def test_indivisible_dimensions_are_replicated():
   assert spec == P("fsdp", None, None)
   with pytest.raises(ValueError, match="devices"):
     sharding.make_mesh(data=3, fsdp=1, tensor=1)
+
+
+def test_expert_mesh_runs_experts_locally():
+  """On a mesh with an expert axis, the ragged MoE path is a shard_map over experts, not a gathered matmul."""
+  model = qwen3.Qwen3(MOE, rngs=nnx.Rngs(0))
+  mesh = sharding.make_mesh(data=2, fsdp=1, tensor=1, expert=4)
+  ids = jnp.zeros((4, 8), jnp.int32)
+  graphdef, params = nnx.split(sharding.shard_module(model, mesh))
+  with jax.set_mesh(mesh):
+    jaxpr = str(jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(ids))(params))
+  assert "shard_map" in jaxpr
+  jaxpr_single = str(jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(ids))(nnx.state(model)))
+  assert "shard_map" not in jaxpr_single

@@ -170,8 +170,10 @@ class MoE(nnx.Module):
     wg, wu, wd = (p[...].astype(dt) for p in (self.gate_proj, self.up_proj, self.down_proj))
     if self.impl == "dense":
       y = self._dense(x, top_i, top_w, wg, wu, wd)
+    elif (mesh := _expert_parallel_mesh(self.num_experts, x.shape[0])) is not None:
+      y = _expert_parallel(mesh, self.top_k, x, top_i, top_w, wg, wu, wd)
     else:
-      y = self._ragged(x, top_i, top_w, wg, wu, wd)
+      y = _ragged_experts(x, top_i, top_w, wg, wu, wd, self.top_k, self.num_experts)
     valid = jnp.ones((b * t,), jnp.float32) if valid_BT is None else valid_BT.reshape(-1).astype(jnp.float32)
     counts = jnp.zeros((self.num_experts,), jnp.float32).at[top_i.reshape(-1)].add(
         jnp.repeat(valid, self.top_k))
@@ -185,16 +187,56 @@ class MoE(nnx.Module):
     y_TED = jnp.einsum("tef,efd->ted", h, wd)
     return jnp.einsum("ted,te->td", y_TED, combine_TE)
 
-  def _ragged(self, x, top_i, top_w, wg, wu, wd):
-    t = x.shape[0]
-    flat_e = top_i.reshape(-1)
-    order = jnp.argsort(flat_e, stable=True)
-    token = order // self.top_k
-    xs = x[token]
-    group_sizes = jnp.bincount(flat_e, length=self.num_experts).astype(jnp.int32)
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, wg, group_sizes)) * jax.lax.ragged_dot(xs, wu, group_sizes)
-    ys = jax.lax.ragged_dot(h, wd, group_sizes) * top_w.reshape(-1)[order][:, None]
-    return jnp.zeros((t, x.shape[1]), x.dtype).at[token].add(ys)
+
+
+def _ragged_experts(x_TD, top_i, top_w, wg, wu, wd, top_k: int, num_experts: int):
+  """Dropless experts: (token, expert) pairs sorted by expert, one grouped matmul per projection.
+
+  Pairs whose expert id is >= `num_experts` (experts held elsewhere) fall past the last group, where
+  `ragged_dot` yields zeros.
+  """
+  flat_e = top_i.reshape(-1)
+  order = jnp.argsort(flat_e, stable=True)
+  token = order // top_k
+  xs = x_TD[token]
+  group_sizes = jnp.bincount(flat_e, length=num_experts).astype(jnp.int32)
+  h = jax.nn.silu(jax.lax.ragged_dot(xs, wg, group_sizes)) * jax.lax.ragged_dot(xs, wu, group_sizes)
+  ys = jax.lax.ragged_dot(h, wd, group_sizes) * top_w.reshape(-1)[order][:, None]
+  return jnp.zeros_like(x_TD).at[token].add(ys)
+
+
+def _expert_parallel_mesh(num_experts: int, num_tokens: int):
+  """The current mesh if it has an expert axis that can split the experts, else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or mesh.shape.get("expert", 1) == 1 or num_experts % mesh.shape["expert"]:
+    return None
+  batch = math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp"))
+  return mesh if num_tokens % batch == 0 else None
+
+
+def _expert_parallel(mesh, top_k, x_TD, top_i, top_w, wg, wu, wd):
+  """Expert parallelism: each expert shard runs only its own experts on the tokens routed to them.
+
+  Tokens stay sharded over (data, fsdp) and replicated over `expert` and `tensor`; expert weights are split
+  over `expert` (and their hidden width over `tensor`), so the partial outputs are summed over both axes.
+  """
+  from jax.sharding import PartitionSpec as P
+  batch = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
+  tensor = "tensor" if "tensor" in mesh.shape and wg.shape[-1] % mesh.shape["tensor"] == 0 else None
+  n_local = wg.shape[0] // mesh.shape["expert"]
+
+  def local(x, idx, w, g, u, d):
+    first = jax.lax.axis_index("expert") * n_local
+    mine = (idx >= first) & (idx < first + n_local)
+    local_idx = jnp.where(mine, idx - first, n_local)
+    y = _ragged_experts(x, local_idx, jnp.where(mine, w, 0), g, u, d, top_k, n_local)
+    return jax.lax.psum(y, ("expert",) + ((tensor,) if tensor else ()))
+
+  tok = P(batch, None)
+  return jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(tok, tok, tok, P("expert", None, tensor), P("expert", None, tensor), P("expert", tensor, None)),
+      out_specs=tok, check_vma=False)(x_TD, top_i, top_w, wg, wu, wd)
 
 
 class DecoderLayer(nnx.Module):

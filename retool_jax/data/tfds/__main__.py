@@ -22,7 +22,7 @@ def _file(value: str) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m retool_jax.data.tfds", description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=sorted(BUILDERS))
-    parser.add_argument("--data_dir", required=True, help="where the prepared dataset is written (a local or gcsfuse-mounted directory)")
+    parser.add_argument("--data_dir", required=True, help="where to write the dataset (local or gcsfuse-mounted)")
     parser.add_argument("--manual_dir", help="the directory holding <split>.jsonl|.json|.parquet")
     parser.add_argument("--config", help="a config name of the builder (default: its default config)")
     parser.add_argument("--file", type=_file, action="append", default=[], metavar="SPLIT=PATH",

@@ -162,12 +162,10 @@ class Aime2024(MathBuilder):
     LOADER = load_aime
 
 
-class Aime2025(MathBuilder):
+class Aime2025(Aime2024):
     """AIME 2025 (Qwen2.5-Math or ReTool evaluation files) as `Example` records."""
 
     name = "aime2025"
-    SPLITS = ("test",)
-    LOADER = load_aime
 
 
 class Math500(MathBuilder):

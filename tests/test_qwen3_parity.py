@@ -148,3 +148,18 @@ def test_scan_layers_same_function(pair):
   nnx.update(scanned, state)
   np.testing.assert_allclose(np.asarray(scanned(jnp.asarray(ids))), np.asarray(model(jnp.asarray(ids))),
                              atol=1e-5, rtol=0)
+
+
+def test_sharded_checkpoint_loads_onto_a_mesh(tmp_path):
+  """A multi-file checkpoint (index + shards) loads straight into a sharded model with the same logits."""
+  from retool_jax import sharding
+  hf = save_hf_model("moe_8x2", tmp_path, max_shard_size="40KB")
+  assert (tmp_path / "model.safetensors.index.json").exists()
+  mesh = sharding.make_mesh(data=1, fsdp=2, tensor=2, expert=2)
+  model = qwen3.load_hf(tmp_path, mesh=mesh)
+  experts = nnx.state(model)["moe_layers"]["mlp"]["gate_proj"][...]
+  assert experts.sharding.spec == jax.sharding.PartitionSpec(None, "expert", "fsdp", "tensor")
+  ids = _random_ids(model.config.vocab_size, (2, 7), seed=9)
+  with jax.set_mesh(mesh):
+    ours = np.asarray(jax.jit(lambda m, x: m(x))(model, jnp.asarray(ids)))
+  np.testing.assert_allclose(ours, _hf_logits(hf, ids), atol=ATOL, rtol=0)

@@ -14,7 +14,7 @@ $(PY):
 # torch is pinned to the CPU build for the parity tests; it is installed first so that nothing pulls a CUDA build.
 $(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PIP) install "torch==2.13.0"
-	$(PIP) install -e ".[test]"
+	$(PIP) install -e ".[test,tfds]"
 	touch $@ $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml | $(PY)
@@ -33,7 +33,7 @@ demo: sysdeps $(VENV)/.installed
 	$(PY) -m retool_jax.demo
 
 test: sysdeps $(VENV)/.installed-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 test-slow: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m slow

@@ -1,0 +1,438 @@
+"""A generation engine backed by an SGLang server, or an `sglang-router` in front of several.
+
+    engine = SGLangEngine("http://127.0.0.1:30000", model_config=cfg,
+                          options=SGLangOptions(sync_dir="/ckpt/sync"))
+    await engine.start()                       # waits for /health_generate, checks /get_model_info
+    results = await engine.generate(requests)  # token ids + log-probs straight from the server
+    await engine.update_weights(model, version=step)
+
+Tokens and log-probs are read from `meta_info.output_token_logprobs`, never re-tokenised from text. An aborted
+request (HTTP 200, `finish_reason.type == "abort"`) is retried or returned marked as dropped, and counted in
+`engine.stats`. Every result is checked against the weight version the engine last pushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import weakref
+from typing import Any, AsyncIterator, Mapping, Sequence
+
+from retool_jax.models.qwen3_config import Qwen3Config
+from retool_jax.rollout.types import FinishReason, GenerateRequest, GenerateResult, SamplingParams
+from retool_jax.rollout.weight_sync import prune_versions, version_dir, write_hf_checkpoint
+
+ON_ABORT = ("retry", "drop")
+PAUSE_MODES = ("abort", "retract", "in_place")
+# Fields of the served config.json that must match the policy's architecture.
+ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "num_experts",
+               "num_experts_per_tok", "moe_intermediate_size")
+
+
+class SGLangError(RuntimeError):
+  """A request the server refused or a server that could not be reached; names the endpoint."""
+
+  def __init__(self, message: str, *, status: int | None = None, endpoint: str | None = None):
+    super().__init__(message)
+    self.status = status
+    self.endpoint = endpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class SGLangOptions:
+  """Client policy: concurrency, timeouts, retries, abort handling and weight sync."""
+
+  max_concurrency: int = 256          # /generate calls in flight at once
+  request_timeout_s: float = 3600.0   # one /generate, including time parked behind a weight update
+  connect_timeout_s: float = 10.0
+  max_retries: int = 6                # per call, on connection errors, timeouts and 5xx
+  backoff_s: float = 0.5              # first retry delay; doubles up to max_backoff_s, with jitter
+  max_backoff_s: float = 16.0
+  on_abort: str = "retry"             # "retry": resubmit an aborted request; "drop": return it marked dropped
+  max_abort_retries: int = 3
+  seed_field: str | None = "sampling_seed"  # where SamplingParams.seed goes; None never sends it
+  startup_timeout_s: float = 1800.0
+  poll_s: float = 1.0                 # /health_generate and /flush_cache polling period
+  flush_timeout_s: float = 300.0
+  pause_mode: str = "abort"           # /pause_generation mode: in-flight requests come back aborted
+  sync_dir: str | None = None         # weight checkpoints go to <sync_dir>/weight_v<N>
+  sync_dtype: str | None = "bfloat16"  # dtype of the written checkpoint (None: the policy's param dtype)
+  keep_versions: int = 2              # weight_v<N> folders kept after a sync
+
+  def __post_init__(self):
+    if self.on_abort not in ON_ABORT:
+      raise ValueError(f"on_abort={self.on_abort!r} must be one of {ON_ABORT}")
+    if self.pause_mode not in PAUSE_MODES:
+      raise ValueError(f"pause_mode={self.pause_mode!r} must be one of {PAUSE_MODES}")
+    for name in ("max_concurrency", "keep_versions"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+    for name in ("max_retries", "max_abort_retries"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+
+
+@dataclasses.dataclass
+class EngineStats:
+  """Counters over the engine's life; nothing is lost without being counted here."""
+
+  requests: int = 0        # /generate calls sent (retries included)
+  completed: int = 0       # results returned that were not aborted
+  transport_retries: int = 0  # connection errors, timeouts and 5xx retried
+  aborts: int = 0          # responses with finish_reason "abort"
+  abort_retries: int = 0   # of those, resubmitted
+  dropped: int = 0         # of those, returned marked dropped
+  off_policy: int = 0      # results whose weight_version is not the engine's current one
+  weight_syncs: int = 0
+  flush_retries: int = 0   # /flush_cache answered 400 (requests still in flight) and was retried
+
+  def as_dict(self) -> dict[str, int]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class _LoopState:
+  semaphore: asyncio.Semaphore
+  open_gate: asyncio.Event   # cleared while weights are being swapped
+
+
+class _Retryable(Exception):
+  pass
+
+
+def generate_payload(request: GenerateRequest, seed_field: str | None = "sampling_seed") -> dict[str, Any]:
+  """The `/generate` body for one request: input ids in, log-probs out, nothing trimmed or skipped."""
+  s: SamplingParams = request.sampling
+  params: dict[str, Any] = {
+      "max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+      "no_stop_trim": True, "skip_special_tokens": False,
+  }
+  if s.stop:
+    params["stop"] = list(s.stop)
+  if s.stop_token_ids:
+    params["stop_token_ids"] = list(s.stop_token_ids)
+  if s.seed is not None and seed_field:
+    params[seed_field] = s.seed
+  body: dict[str, Any] = {"input_ids": list(request.prompt_ids), "sampling_params": params, "return_logprob": True}
+  if request.request_id is not None:
+    body["rid"] = request.request_id
+  return body
+
+
+def parse_generate_output(out: Mapping[str, Any], where: str = "/generate") -> GenerateResult:
+  """One `/generate` output -> a `GenerateResult` (ids and log-probs from `output_token_logprobs`)."""
+  meta = out.get("meta_info") if isinstance(out, Mapping) else None
+  if not isinstance(meta, Mapping):
+    raise SGLangError(f"{where}: response has no meta_info object: {str(out)[:200]}", endpoint=where)
+  fr = meta.get("finish_reason")
+  if not isinstance(fr, Mapping) or fr.get("type") not in ("stop", "length", "abort"):
+    raise SGLangError(f"{where}: meta_info.finish_reason={fr!r} is not a finished request", endpoint=where)
+  finish = FinishReason(type=fr["type"], matched=fr.get("matched"), message=fr.get("message"))
+  triples = meta.get("output_token_logprobs")
+  if triples is None:
+    if finish.type != "abort":
+      raise SGLangError(f"{where}: meta_info.output_token_logprobs is missing (was return_logprob sent?)",
+                        endpoint=where)
+    triples = []
+  ids, logprobs = [], []
+  for i, t in enumerate(triples):
+    if not isinstance(t, (list, tuple)) or len(t) < 2 or t[0] is None:
+      raise SGLangError(f"{where}: meta_info.output_token_logprobs[{i}]={t!r} is not [logprob, token_id, text]",
+                        endpoint=where)
+    logprobs.append(float(t[0]))
+    ids.append(int(t[1]))
+  if "output_ids" in out and out["output_ids"] is not None and list(out["output_ids"]) != ids:
+    raise SGLangError(f"{where}: output_ids and output_token_logprobs disagree for request {meta.get('id')}",
+                      endpoint=where)
+  extra = {k: meta[k] for k in ("id", "prompt_tokens", "completion_tokens", "cached_tokens", "e2e_latency")
+           if k in meta}
+  if "text" in out:
+    extra["text"] = out["text"]
+  return GenerateResult(output_ids=ids, output_logprobs=logprobs, finish_reason=finish,
+                        weight_version=meta.get("weight_version"), meta=extra)
+
+
+def _error_message(body: str) -> str:
+  with contextlib.suppress(ValueError, TypeError, AttributeError):
+    data = json.loads(body)
+    if isinstance(data.get("error"), Mapping):
+      return str(data["error"].get("message"))
+    if "message" in data:
+      return str(data["message"])
+  return body.strip()[:500]
+
+
+def check_served_model(info: Mapping[str, Any], policy: Qwen3Config | None, where: str) -> None:
+  """Checks `/get_model_info` against the policy: a generation model of the same architecture."""
+  if info.get("is_generation") is False:
+    raise SGLangError(f"{where}: the server's model {info.get('model_path')!r} is not a generation model",
+                      endpoint=where)
+  if policy is None:
+    return
+  want = policy.to_hf()
+  served: Mapping[str, Any] = {}
+  path = info.get("model_path")
+  if isinstance(path, str) and os.path.isfile(os.path.join(path, "config.json")):
+    with open(os.path.join(path, "config.json")) as f:
+      served = json.load(f)
+  elif info.get("model_type") is not None:
+    served = {"model_type": info["model_type"]}
+  wrong = [f"{k}: served {served[k]!r}, policy {want.get(k)!r}" for k in ARCH_FIELDS
+           if k in served and want.get(k) is not None and served[k] != want[k]]
+  if wrong:
+    raise SGLangError(f"{where}: the server's model {path!r} does not match the policy ({'; '.join(wrong)})",
+                      endpoint=where)
+
+
+class SGLangEngine:
+  """`Engine` over HTTP: an SGLang server, or an sglang-router with its workers listed in `worker_urls`.
+
+  Generation goes to `url`. Control calls (pause, flush, weight update, continue) go to every worker in
+  `worker_urls` (default: `url` itself). `model_config` is the policy's config; it is checked against the
+  served model at `start()` and used to write checkpoints when `update_weights` gets bare parameters.
+  """
+
+  def __init__(self, url: str, *, worker_urls: Sequence[str] | None = None,
+               model_config: Qwen3Config | None = None, options: SGLangOptions | None = None):
+    if not url.startswith(("http://", "https://")):
+      raise ValueError(f"SGLang url {url!r} must start with http:// or https://")
+    self.url = url.rstrip("/")
+    self.worker_urls = tuple(u.rstrip("/") for u in (worker_urls or (url,)))
+    self.model_config = model_config
+    self.options = options or SGLangOptions()
+    self.stats = EngineStats()
+    self.weight_version: str | None = None  # the version the server should be serving
+    self.model_info: dict[str, Any] = {}
+    self._session = None
+    self._session_loop = None
+    self._loops: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+  # ---- connection plumbing ----------------------------------------------------------------------
+
+  def _state(self) -> _LoopState:
+    loop = asyncio.get_running_loop()
+    state = self._loops.get(loop)
+    if state is None:
+      state = _LoopState(asyncio.Semaphore(self.options.max_concurrency), asyncio.Event())
+      state.open_gate.set()
+      self._loops[loop] = state
+    return state
+
+  async def __aenter__(self) -> "SGLangEngine":
+    import aiohttp
+    await self.close()
+    self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.options.max_concurrency))
+    self._session_loop = asyncio.get_running_loop()
+    return self
+
+  async def __aexit__(self, *exc) -> None:
+    await self.close()
+
+  async def close(self) -> None:
+    """Closes the session opened by `async with`; calls outside one use a session of their own."""
+    if self._session is not None and self._session_loop is asyncio.get_running_loop():
+      await self._session.close()
+    self._session, self._session_loop = None, None
+
+  @contextlib.asynccontextmanager
+  async def _client(self) -> AsyncIterator[Any]:
+    if self._session is not None and not self._session.closed and self._session_loop is asyncio.get_running_loop():
+      yield self._session
+      return
+    import aiohttp
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=self.options.max_concurrency)) as session:
+      yield session
+
+  async def _call(self, session, method: str, base: str, path: str, payload: Any = None,
+                  timeout_s: float | None = None) -> tuple[int, str]:
+    """One HTTP call, retried with backoff on connection errors, timeouts and 5xx; returns (status, body)."""
+    import aiohttp
+    opts = self.options
+    timeout = aiohttp.ClientTimeout(total=timeout_s or opts.request_timeout_s, sock_connect=opts.connect_timeout_s)
+    endpoint = base + path
+    for attempt in range(opts.max_retries + 1):
+      try:
+        async with session.request(method, endpoint, json=payload, timeout=timeout) as resp:
+          body = await resp.text()
+          if resp.status >= 500:
+            raise _Retryable(f"HTTP {resp.status}: {_error_message(body)}")
+          return resp.status, body
+      except (aiohttp.ClientError, asyncio.TimeoutError, _Retryable) as e:
+        if attempt == opts.max_retries:
+          raise SGLangError(f"{method} {endpoint} failed after {attempt + 1} attempts: {e!r}",
+                            endpoint=endpoint) from e
+        self.stats.transport_retries += 1
+        delay = min(opts.max_backoff_s, opts.backoff_s * 2 ** attempt)
+        await asyncio.sleep(delay * (0.5 + 0.5 * random.random()))
+    raise AssertionError("unreachable")
+
+  async def _control(self, session, path: str, payload: Any = None) -> list[dict[str, Any]]:
+    """POSTs a control call to every worker; raises on any non-200 or `success: false`."""
+    async def one(base: str) -> dict[str, Any]:
+      status, body = await self._call(session, "POST", base, path, payload)
+      data: dict[str, Any] = {}
+      with contextlib.suppress(ValueError):
+        loaded = json.loads(body)
+        data = loaded if isinstance(loaded, dict) else {}
+      if status != 200 or data.get("success") is False:
+        raise SGLangError(f"POST {base}{path}: HTTP {status}: {_error_message(body)}", status=status,
+                          endpoint=base + path)
+      return data
+    return list(await asyncio.gather(*(one(u) for u in self.worker_urls)))
+
+  # ---- start-up and health ----------------------------------------------------------------------
+
+  async def start(self, timeout_s: float | None = None) -> dict[str, Any]:
+    """Waits until every worker answers `/health_generate` 200, then checks `/get_model_info`."""
+    deadline = asyncio.get_running_loop().time() + (timeout_s or self.options.startup_timeout_s)
+    async with self._client() as session:
+      for base in dict.fromkeys((self.url, *self.worker_urls)):
+        while not await self._healthy(session, base):
+          if asyncio.get_running_loop().time() > deadline:
+            raise SGLangError(f"{base}/health_generate did not answer 200 within the start-up timeout",
+                              endpoint=base + "/health_generate")
+          await asyncio.sleep(self.options.poll_s)
+      versions = set()
+      for base in self.worker_urls:
+        status, body = await self._call(session, "GET", base, "/get_model_info")
+        if status != 200:
+          raise SGLangError(f"GET {base}/get_model_info: HTTP {status}: {_error_message(body)}", status=status,
+                            endpoint=base + "/get_model_info")
+        info = json.loads(body)
+        check_served_model(info, self.model_config, f"{base}/get_model_info")
+        versions.add(info.get("weight_version"))
+        self.model_info = info
+    if len(versions) > 1:
+      raise SGLangError(f"workers serve different weight versions {sorted(map(str, versions))}")
+    self.weight_version = None if versions == {None} else str(versions.pop())
+    return self.model_info
+
+  async def _healthy(self, session, base: str) -> bool:
+    import aiohttp
+    timeout = aiohttp.ClientTimeout(total=max(30.0, self.options.connect_timeout_s),
+                                    sock_connect=self.options.connect_timeout_s)
+    try:
+      async with session.get(base + "/health_generate", timeout=timeout) as resp:
+        await resp.read()
+        return resp.status == 200
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+      return False
+
+  async def health(self) -> bool:
+    async with self._client() as session:
+      return all(await asyncio.gather(*(self._healthy(session, u) for u in dict.fromkeys(
+          (self.url, *self.worker_urls)))))
+
+  # ---- generation -------------------------------------------------------------------------------
+
+  async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+    state = self._state()
+    async with self._client() as session:
+      return list(await asyncio.gather(*(self._generate_one(session, state, r) for r in requests)))
+
+  async def _generate_one(self, session, state: _LoopState, request: GenerateRequest) -> GenerateResult:
+    opts = self.options
+    payload = generate_payload(request, opts.seed_field)
+    where = f"/generate (request {request.request_id or '<unnamed>'})"
+    attempt = 0
+    while True:
+      await state.open_gate.wait()
+      sent_version = self.weight_version
+      if attempt and request.request_id is not None:
+        payload["rid"] = f"{request.request_id}-retry{attempt}"
+      async with state.semaphore:
+        self.stats.requests += 1
+        status, body = await self._call(session, "POST", self.url, "/generate", payload)
+      if status != 200:
+        raise SGLangError(f"{where}: HTTP {status}: {_error_message(body)}", status=status, endpoint=self.url)
+      try:
+        out = json.loads(body)
+      except ValueError as e:
+        raise SGLangError(f"{where}: response is not JSON: {body[:200]!r}", endpoint=self.url) from e
+      if isinstance(out, list) and len(out) == 1:
+        out = out[0]
+      result = parse_generate_output(out, where)
+      if result.finish_reason.type == "abort":
+        self.stats.aborts += 1
+        if opts.on_abort == "retry" and attempt < opts.max_abort_retries:
+          attempt += 1
+          self.stats.abort_retries += 1
+          await asyncio.sleep(min(opts.max_backoff_s, opts.backoff_s * 2 ** (attempt - 1)) * random.random())
+          continue
+        self.stats.dropped += 1
+        result.meta["dropped"] = True
+        result.meta["abort_retries"] = attempt
+        return result
+      self.stats.completed += 1
+      result.meta["abort_retries"] = attempt
+      self._check_version(result, sent_version)
+      return result
+
+  def _check_version(self, result: GenerateResult, sent_version: str | None) -> None:
+    expected = self.weight_version
+    if expected is None:
+      return
+    served = None if result.weight_version is None else str(result.weight_version)
+    if served != expected or sent_version != expected:
+      self.stats.off_policy += 1
+      result.meta["off_policy"] = True
+      result.meta["expected_weight_version"] = expected
+
+  # ---- weight sync ------------------------------------------------------------------------------
+
+  async def update_weights(self, params: Any, version: int) -> None:
+    """Writes `params` (a `Qwen3` or its `nnx.State`) to `<sync_dir>/weight_v<version>` and loads it."""
+    if self.options.sync_dir is None:
+      raise ValueError("SGLangEngine.update_weights needs SGLangOptions.sync_dir, a folder every SGLang worker "
+                       "can read")
+    cfg = self.model_config if self.model_config is not None else getattr(params, "config", None)
+    if cfg is None:
+      raise ValueError("SGLangEngine.update_weights got bare parameters; pass model_config= to the engine")
+    path = version_dir(self.options.sync_dir, version)
+    await asyncio.to_thread(write_hf_checkpoint, params, cfg, path, dtype=self.options.sync_dtype)
+    await self.load_weights_from_disk(path, version)
+    await asyncio.to_thread(prune_versions, self.options.sync_dir, self.options.keep_versions)
+
+  async def load_weights_from_disk(self, path: str, version: int | str) -> None:
+    """Pause -> flush the cache -> `/update_weights_from_disk` -> continue, on every worker.
+
+    New requests from this engine wait until the swap is done; in-flight ones come back aborted (with the
+    default `pause_mode`) and are retried under the new weights.
+    """
+    state = self._state()
+    state.open_gate.clear()
+    try:
+      async with self._client() as session:
+        try:
+          await self._control(session, "/pause_generation", {"mode": self.options.pause_mode})
+          await self._flush(session)
+          await self._control(session, "/update_weights_from_disk",
+                              {"model_path": os.fspath(path), "weight_version": str(version)})
+          self.weight_version = str(version)
+          self.stats.weight_syncs += 1
+        finally:
+          await self._control(session, "/continue_generation", {})
+    finally:
+      state.open_gate.set()
+
+  async def _flush(self, session) -> None:
+    """`/flush_cache` answers 400 while requests are still running or waiting; poll until it succeeds."""
+    deadline = asyncio.get_running_loop().time() + self.options.flush_timeout_s
+
+    async def one(base: str) -> None:
+      while True:
+        status, body = await self._call(session, "POST", base, "/flush_cache")
+        if status == 200:
+          return
+        if status != 400 or asyncio.get_running_loop().time() > deadline:
+          raise SGLangError(f"POST {base}/flush_cache: HTTP {status}: {_error_message(body)}", status=status,
+                            endpoint=base + "/flush_cache")
+        self.stats.flush_retries += 1
+        await asyncio.sleep(self.options.poll_s)
+    await asyncio.gather(*(one(u) for u in self.worker_urls))

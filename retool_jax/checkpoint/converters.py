@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -28,7 +29,8 @@ from retool_jax.models.qwen3_hf import IGNORED_SUFFIXES, ParamSource, abstract_m
 from retool_jax.models.safetensors_io import SafetensorsDir
 
 GENERATION_CONFIG = "generation_config.json"
-_NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".index.json")
+_TOKENIZER_FILES = re.compile(r"^(tokenizer.*|vocab\..*|merges\.txt|special_tokens_map\.json|added_tokens\.json"
+                              r"|chat_template.*|.*\.tiktoken|.*\.model)$")
 
 
 class ConversionError(ValueError):
@@ -239,8 +241,7 @@ def _copy_tokenizer(tokenizer_dir: str, out_dir: str) -> list[str]:
   copied = []
   for name in sorted(os.listdir(tokenizer_dir)):
     path = os.path.join(tokenizer_dir, name)
-    if (os.path.isfile(path) and not name.endswith(_NOT_TOKENIZER)
-        and name not in ("config.json", GENERATION_CONFIG)):
+    if os.path.isfile(path) and _TOKENIZER_FILES.match(name):
       shutil.copy2(path, os.path.join(out_dir, name))
       copied.append(name)
   if not copied:

@@ -63,7 +63,7 @@ def write_planned(out_dir: str | os.PathLike, specs: Sequence[TensorSpec],
         if got_key != key or tuple(value.shape) != shape or value.dtype != dtype:
           raise SafetensorsError(f"{name}: expected tensor {key!r} {shape} {dtype}, got {got_key!r} "
                                  f"{tuple(value.shape)} {value.dtype}")
-        f.write(np.ascontiguousarray(value).data)
+        f.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8).data)
         total += value.nbytes
   if next(it, None) is not None:
     raise SafetensorsError("more tensors than planned")

@@ -7,6 +7,9 @@
 # updates reach every worker. Anything after `--` is passed to sglang_router.launch_router unchanged.
 set -euo pipefail
 
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
 usage() {
   cat <<'USAGE'
 usage: sglang_router.sh --worker-urls URL [URL ...] [options] [-- extra sglang_router.launch_router flags]
@@ -27,13 +30,6 @@ python=python3
 dry_run=0
 extra=()
 
-need() {
-  if [[ $# -lt 2 || -z "$2" ]]; then
-    echo "sglang_router.sh: $1 needs a value" >&2
-    exit 2
-  fi
-}
-
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --worker-urls)
@@ -50,24 +46,21 @@ while [[ $# -gt 0 ]]; do
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; extra=("$@"); break ;;
-    *) echo "sglang_router.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
+    *) fail "unknown argument '$1'" ;;
   esac
 done
 
 if [[ ${#workers[@]} -eq 0 ]]; then
-  echo "sglang_router.sh: --worker-urls needs at least one URL" >&2
-  usage >&2
-  exit 2
+  fail "--worker-urls needs at least one URL"
 fi
 for url in "${workers[@]}"; do
   if ! [[ "$url" =~ ^https?:// ]]; then
-    echo "sglang_router.sh: worker URL '$url' must start with http:// or https://" >&2
-    exit 2
+    die "worker URL '$url' must start with http:// or https://"
   fi
 done
 case "$policy" in
   cache_aware|round_robin|random|power_of_two) ;;
-  *) echo "sglang_router.sh: unknown --policy '$policy'" >&2; exit 2 ;;
+  *) die "unknown --policy '$policy'" ;;
 esac
 
 cmd=("$python" -m sglang_router.launch_router
@@ -77,9 +70,4 @@ cmd=("$python" -m sglang_router.launch_router
   --port "$port")
 cmd+=("${extra[@]}")
 
-if [[ "$dry_run" == 1 ]]; then
-  printf '%q ' "${cmd[@]}"
-  echo
-  exit 0
-fi
-exec "${cmd[@]}"
+run_or_print "$dry_run" "${cmd[@]}"

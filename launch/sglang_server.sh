@@ -6,6 +6,9 @@
 # Anything after `--` is passed to sglang.launch_server unchanged.
 set -euo pipefail
 
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
 usage() {
   cat <<'USAGE'
 usage: sglang_server.sh --model-path PATH [options] [-- extra sglang.launch_server flags]
@@ -35,13 +38,6 @@ python=python3
 dry_run=0
 extra=()
 
-need() {
-  if [[ $# -lt 2 || -z "$2" ]]; then
-    echo "sglang_server.sh: $1 needs a value" >&2
-    exit 2
-  fi
-}
-
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --model-path) need "$@"; model_path="$2"; shift 2 ;;
@@ -56,19 +52,16 @@ while [[ $# -gt 0 ]]; do
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; extra=("$@"); break ;;
-    *) echo "sglang_server.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
+    *) fail "unknown argument '$1'" ;;
   esac
 done
 
 if [[ -z "$model_path" ]]; then
-  echo "sglang_server.sh: --model-path is required" >&2
-  usage >&2
-  exit 2
+  fail "--model-path is required"
 fi
 for pair in "tp:$tp" "port:$port" "random-seed:$seed"; do
   if ! [[ "${pair#*:}" =~ ^[0-9]+$ ]]; then
-    echo "sglang_server.sh: --${pair%%:*} must be a non-negative integer, got '${pair#*:}'" >&2
-    exit 2
+    die "--${pair%%:*} must be a non-negative integer, got '${pair#*:}'"
   fi
 done
 
@@ -87,9 +80,4 @@ if [[ "$deterministic" == 1 ]]; then
 fi
 cmd+=("${extra[@]}")
 
-if [[ "$dry_run" == 1 ]]; then
-  printf '%q ' "${cmd[@]}"
-  echo
-  exit 0
-fi
-exec "${cmd[@]}"
+run_or_print "$dry_run" "${cmd[@]}"

@@ -1,0 +1,37 @@
+# shellcheck shell=bash
+# Helpers shared by the launch scripts (sourced, not run).
+
+script="$(basename "$0")"
+
+# need FLAG VALUE...: fails unless FLAG was given a non-empty value.
+need() {
+  if [[ $# -lt 2 || -z "$2" ]]; then
+    echo "$script: $1 needs a value" >&2
+    exit 2
+  fi
+}
+
+# die MESSAGE: prints the message and exits 2.
+die() {
+  echo "$script: $1" >&2
+  exit 2
+}
+
+# fail MESSAGE: prints the message and the caller's usage, then exits 2.
+fail() {
+  echo "$script: $1" >&2
+  usage >&2
+  exit 2
+}
+
+# run_or_print DRY_RUN CMD...: prints the shell-quoted command when DRY_RUN is 1, else replaces the shell with it.
+run_or_print() {
+  local dry_run="$1"
+  shift
+  if [[ "$dry_run" == 1 ]]; then
+    printf '%q ' "$@"
+    echo
+    exit 0
+  fi
+  exec "$@"
+}

@@ -23,7 +23,6 @@ The "model" is either a seeded hash (`FakeModel`) or a real retool_jax Qwen3 rea
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import threading
 import time

@@ -307,3 +307,17 @@ def test_fake_model_changes_with_the_checkpoint_bytes(tmp_path):
   (tmp_path / "model.safetensors").write_bytes(b"b")
   m.load(str(tmp_path))
   assert not np.array_equal(a, m.logits([1, 2]))
+
+
+def test_a_session_opened_with_async_with_is_reused_and_closed():
+  with SGLangDouble(eos_token_id=-1) as s:
+    async def scenario():
+      async with SGLangEngine(s.url, options=SGLangOptions(**FAST)) as engine:
+        session = engine._session
+        first = await engine.generate([req([5], 3, temperature=0.0)])
+        second = await engine.generate([req([5], 3, temperature=0.0)])
+        assert engine._session is session and not session.closed
+      assert session.closed and engine._session is None
+      return first, second
+    first, second = run(scenario())
+    assert first[0].output_ids == second[0].output_ids

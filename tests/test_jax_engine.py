@@ -1,0 +1,191 @@
+"""The embedded engine: HF-greedy parity, trainer log-prob parity, sampling, stops, batching and weight swaps."""
+
+import asyncio
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from hf_models import save_hf_model
+from retool_jax.assets import QWEN3_TOKENIZER_DIR
+from retool_jax.chat import load_tokenizer
+from retool_jax.models import qwen3
+from retool_jax.models.logprobs import token_logprobs
+from retool_jax.rollout import Engine, GenerateRequest, JaxEngine, SamplingParams
+from retool_jax.rollout.sampling import filter_logits, find_stop_string
+
+TINY = qwen3.Qwen3Config(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, eos_token_id=None)
+
+
+def run(coro):
+  return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+  return qwen3.Qwen3(TINY, rngs=nnx.Rngs(0))
+
+
+def trainer_logprobs(model, prompt, output, temperature):
+  ids = jnp.asarray([list(prompt) + list(output)], jnp.int32)
+  lp = token_logprobs(model, ids[:, :-1], ids[:, 1:], temperature=temperature).logprobs_BT
+  return np.asarray(lp[0, len(prompt) - 1:])
+
+
+def test_engine_implements_protocol(tiny_model):
+  assert isinstance(JaxEngine(tiny_model), Engine)
+
+
+def test_greedy_matches_hf_generate_with_concurrent_ragged_requests(tmp_path):
+  hf = save_hf_model("dense_untied_gqa2", tmp_path, seed=7)
+  engine = JaxEngine(qwen3.load_hf(tmp_path), eos_token_ids=())
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(1, 128, n).tolist() for n in (9, 4, 17)]
+  budgets = (12, 7, 20)
+
+  async def main():  # separate calls, batched together by the engine
+    calls = [engine.generate([GenerateRequest(tuple(p), SamplingParams(temperature=0.0, max_new_tokens=m))])
+             for p, m in zip(prompts, budgets)]
+    return [r for rs in await asyncio.gather(*calls) for r in rs]
+
+  results = run(main())
+  assert engine.stats["batches"] == 1
+  for prompt, budget, res in zip(prompts, budgets, results):
+    with torch.no_grad():
+      ref = hf.generate(torch.tensor([prompt]), max_new_tokens=budget, do_sample=False, eos_token_id=None,
+                        pad_token_id=0)[0, len(prompt):].tolist()
+    assert res.output_ids == ref
+    assert res.finish_reason.type == "length"
+    assert len(res.output_logprobs) == len(ref)
+
+
+@pytest.mark.parametrize("sampling", [
+    SamplingParams(temperature=0.0, max_new_tokens=24),
+    SamplingParams(temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=24, seed=3),
+    SamplingParams(temperature=1.3, max_new_tokens=24, seed=4),
+], ids=["greedy", "t0.7_p0.9_k20", "t1.3"])
+def test_logprobs_equal_trainer_logprobs(tiny_model, sampling):
+  engine = JaxEngine(tiny_model)
+  prompts = [[3, 9, 27, 81, 115], [7] * 11]
+  results = run(engine.generate([GenerateRequest(tuple(p), sampling) for p in prompts]))
+  temperature = sampling.temperature or 1.0
+  for prompt, res in zip(prompts, results):
+    assert len(res.output_ids) == sampling.max_new_tokens
+    ref = trainer_logprobs(tiny_model, prompt, res.output_ids, temperature)
+    np.testing.assert_allclose(res.output_logprobs, ref, atol=1e-5, rtol=0)
+
+
+def test_seeded_sampling_is_reproducible_across_batches(tiny_model):
+  engine = JaxEngine(tiny_model)
+  req = GenerateRequest((5, 6, 7), SamplingParams(temperature=1.0, max_new_tokens=20, seed=11))
+  alone = run(engine.generate([req]))[0]
+  other = GenerateRequest((1, 2, 3, 4, 5, 6, 7, 8, 9), SamplingParams(temperature=1.0, max_new_tokens=30))
+  batched = run(engine.generate([other, req, other]))[1]
+  assert batched.output_ids == alone.output_ids
+  different = run(engine.generate([GenerateRequest(req.prompt_ids, SamplingParams(
+      temperature=1.0, max_new_tokens=20, seed=12))]))[0]
+  assert different.output_ids != alone.output_ids
+
+
+def test_filter_logits_top_k_and_top_p():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]))
+  out = filter_logits(logits, jnp.asarray([1.0, 0.7, 0.5]), jnp.asarray([2, -1, 3]))
+  kept = np.isfinite(np.asarray(out))
+  # row 0: top-2; row 1: nucleus 0.7 needs the two largest; row 2: top-3 renormalised (.2,.3,.4)/.9, 0.5 -> 2
+  np.testing.assert_array_equal(kept, [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1]])
+
+
+def test_top_k_1_sampling_is_greedy(tiny_model):
+  engine = JaxEngine(tiny_model)
+  prompt = (4, 8, 15, 16, 23, 42)
+  greedy = run(engine.generate([GenerateRequest(prompt, SamplingParams(temperature=0.0, max_new_tokens=20))]))[0]
+  topk1 = run(engine.generate([GenerateRequest(prompt, SamplingParams(temperature=0.9, top_k=1,
+                                                                       max_new_tokens=20))]))[0]
+  assert topk1.output_ids == greedy.output_ids
+
+
+def test_stop_token_ends_row_and_is_kept(tiny_model):
+  engine = JaxEngine(tiny_model)
+  prompt = (10, 20, 30)
+  free = run(engine.generate([GenerateRequest(prompt, SamplingParams(temperature=0.0, max_new_tokens=20))]))[0]
+  stop = free.output_ids[6]
+  res = run(engine.generate([GenerateRequest(prompt, SamplingParams(
+      temperature=0.0, max_new_tokens=20, stop_token_ids=(stop,)))]))[0]
+  first = free.output_ids.index(stop)
+  assert res.output_ids == free.output_ids[:first + 1]
+  assert res.finish_reason.type == "stop" and res.finish_reason.matched == stop
+  np.testing.assert_allclose(res.output_logprobs, free.output_logprobs[:first + 1], atol=1e-6)
+
+
+def test_stop_string_with_real_tokenizer():
+  tok = load_tokenizer(QWEN3_TOKENIZER_DIR)
+  cfg = TINY.replace(vocab_size=len(tok))
+  model = qwen3.Qwen3(cfg, rngs=nnx.Rngs(1))
+  engine = JaxEngine(model, tokenizer=tok, decode_chunk=4)
+  prompt = tuple(tok.encode("Compute 2+2 with code."))
+  free = run(engine.generate([GenerateRequest(prompt, SamplingParams(temperature=0.0, max_new_tokens=12))]))[0]
+  text = tok.decode(free.output_ids[:8])
+  stop = text[-3:] if len(text.strip()) >= 3 else text
+  res = run(engine.generate([GenerateRequest(prompt, SamplingParams(temperature=0.0, max_new_tokens=12,
+                                                                     stop=(stop, "never-matches")))]))[0]
+  assert res.finish_reason.type == "stop" and res.finish_reason.matched == stop
+  assert stop in tok.decode(res.output_ids)
+  assert stop not in tok.decode(res.output_ids[:-1])
+  assert res.output_ids == free.output_ids[:len(res.output_ids)]
+
+
+def test_find_stop_string_reports_completing_token():
+  vocab = {1: "ab", 2: "</co", 3: "de>", 4: "x", 5: "</code>y"}
+  decode = lambda ids: "".join(vocab[i] for i in ids)
+  assert find_stop_string([1, 2, 3, 4], 0, ["</code>"], decode) == (2, "</code>")
+  assert find_stop_string([1, 2, 3, 4], 3, ["</code>"], decode) is None  # matched before `checked`
+  assert find_stop_string([1, 2], 0, ["</code>"], decode) is None
+  assert find_stop_string([4, 5, 1], 1, ["</code>", "ab"], decode) == (1, "</code>")
+
+
+def test_budget_and_bad_requests(tiny_model):
+  engine = JaxEngine(tiny_model, max_length=40)
+  res = run(engine.generate([GenerateRequest(tuple(range(1, 13)), SamplingParams(temperature=0.0,
+                                                                                  max_new_tokens=50))]))[0]
+  assert len(res.output_ids) == 28 and res.finish_reason.type == "length"
+  res = run(engine.generate([GenerateRequest(tuple(range(1, 41)), SamplingParams(max_new_tokens=5))]))[0]
+  assert res.finish_reason.type == "abort" and "max_length=40" in res.finish_reason.message
+  with pytest.raises(ValueError, match=r"requests\[0\].prompt_ids is empty"):
+    run(engine.generate([GenerateRequest(())]))
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    run(engine.generate([GenerateRequest((1, 500))]))
+  with pytest.raises(ValueError, match="needs a tokenizer"):
+    run(engine.generate([GenerateRequest((1, 2), SamplingParams(stop=("x",)))]))
+
+
+def test_update_weights_swaps_params_without_recompiling(tiny_model):
+  engine = JaxEngine(tiny_model)
+  other = qwen3.Qwen3(TINY, rngs=nnx.Rngs(5))
+  req = GenerateRequest((1, 2, 3, 4), SamplingParams(temperature=0.0, max_new_tokens=20))
+  before = run(engine.generate([req]))[0]
+  assert before.weight_version == 0
+  compiled = _cache_sizes()
+  run(engine.update_weights(nnx.state(other), version=7))
+  after = run(engine.generate([req]))[0]
+  assert after.weight_version == 7
+  assert _cache_sizes() == compiled
+  expected = JaxEngine(other)
+  assert after.output_ids == run(expected.generate([req]))[0].output_ids
+  assert after.output_ids != before.output_ids
+  run(engine.update_weights(tiny_model, version="back"))   # a module works too
+  assert run(engine.generate([req]))[0].output_ids == before.output_ids
+  with pytest.raises(ValueError, match=r"shape \(3, 3\), the model expects \(128, 32\)"):
+    run(engine.update_weights({"embed_tokens": jnp.zeros((3, 3))}, version=8))
+  with pytest.raises(ValueError, match="does not match"):
+    run(engine.update_weights(nnx.state(qwen3.Qwen3(TINY.replace(tie_word_embeddings=True), rngs=nnx.Rngs(0))), 9))
+  assert engine.weight_version == "back"
+  assert run(engine.health())
+
+
+def _cache_sizes():
+  from retool_jax.rollout import jax_engine
+  return jax_engine._prefill._cache_size(), jax_engine._decode_chunk._cache_size()

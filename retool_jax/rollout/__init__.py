@@ -1,7 +1,9 @@
 """Generation engines and the multi-turn tool loop."""
 
+from retool_jax.rollout.jax_engine import JaxEngine
+from retool_jax.rollout.multiturn import MultiTurnConfig, Rollout, TurnStats, generate_multiturn
 from retool_jax.rollout.sglang_engine import SGLangEngine, SGLangError, SGLangOptions
 from retool_jax.rollout.types import Engine, FinishReason, GenerateRequest, GenerateResult, SamplingParams
 
-__all__ = ["Engine", "FinishReason", "GenerateRequest", "GenerateResult", "SamplingParams",
+__all__ = ["JaxEngine", "MultiTurnConfig", "Rollout", "TurnStats", "generate_multiturn", "Engine", "FinishReason", "GenerateRequest", "GenerateResult", "SamplingParams",
            "SGLangEngine", "SGLangError", "SGLangOptions"]

@@ -7,9 +7,11 @@ and written before the next is touched. Destinations appear only when complete.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import json
+import mmap
 import os
 import re
 import shutil
@@ -114,20 +116,48 @@ def check_source(tensors, cfg: Qwen3Config, config_path: str) -> dict[str, tuple
 
 # ---- to Orbax --------------------------------------------------------------------------------------
 
-def _blocks(tensors, src: ParamSource, cfg: Qwen3Config, dtype: np.dtype, bar) -> Iterator[tuple[int, np.ndarray]]:
-  def one(key):
-    value = np.asarray(src.layout.to_ours(tensors.get(key), cfg)).astype(dtype, copy=False)
-    bar.update(1)
-    return value
+_BLOCK_BYTES = 64 << 20  # rows of a top-level tensor written per block
 
+
+def _release(array: np.ndarray) -> None:
+  """Drops a memory-mapped source array's pages from this process (they stay in the page cache)."""
+  base = array
+  while base is not None and not isinstance(base, np.memmap):
+    base = getattr(base, "base", None)
+  if base is None or not array.nbytes:
+    return
+  page = mmap.PAGESIZE
+  start = array.ctypes.data // page * page
+  end = array.ctypes.data + array.nbytes
+  _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+
+
+@functools.cache
+def _libc():
+  libc = ctypes.CDLL(None, use_errno=True)
+  libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+  return libc
+
+
+def _blocks(tensors, src: ParamSource, cfg: Qwen3Config, dtype: np.dtype, block_rows: int,
+            bar) -> Iterator[tuple[int, np.ndarray]]:
+  """Our parameter in blocks along axis 0: row blocks of a top-level tensor, or one layer at a time."""
   if src.hf_key is not None:
-    yield 0, one(src.hf_key)
+    raw = tensors.get(src.hf_key)
+    value = src.layout.to_ours(raw, cfg)
+    for start in range(0, value.shape[0], block_rows):
+      yield start, np.asarray(value[start:start + block_rows]).astype(dtype)
+      _release(raw)
+    bar.update(1)
     return
   for li, key in enumerate(src.layer_keys):
-    if src.num_experts:
-      yield li, np.stack([one(key.format(e=e)) for e in range(src.num_experts)])[None]
-    else:
-      yield li, one(key)[None]
+    keys = [key.format(e=e) for e in range(src.num_experts)] if src.num_experts else [key]
+    raws = [tensors.get(k) for k in keys]
+    parts = [np.asarray(src.layout.to_ours(raw, cfg)).astype(dtype, copy=False) for raw in raws]
+    yield li, (np.stack(parts) if src.num_experts else parts[0])[None]
+    for raw in raws:
+      _release(raw)
+    bar.update(len(keys))
 
 
 def _streamed_tree(tensors, cfg: Qwen3Config, dtype: np.dtype, bar) -> dict:
@@ -135,11 +165,15 @@ def _streamed_tree(tensors, cfg: Qwen3Config, dtype: np.dtype, bar) -> dict:
   tree: dict = {}
   for src in param_sources(cfg):
     shape = ours[src.path]
+    rows = 1
+    if src.hf_key is not None:
+      row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+      rows = int(min(shape[0], max(1, _BLOCK_BYTES // max(row_bytes, 1))))
     node = tree
     for name in src.path[:-1]:
       node = node.setdefault(name, {})
-    node[src.path[-1]] = StreamedArray(shape, dtype, shape[0] if src.hf_key is not None else 1,
-                                       functools.partial(_blocks, tensors, src, cfg, dtype, bar))
+    node[src.path[-1]] = StreamedArray(shape, dtype, rows,
+                                       functools.partial(_blocks, tensors, src, cfg, dtype, rows, bar))
   return tree
 
 

@@ -1,7 +1,7 @@
 """A scripted `Engine` for loop-logic tests: it plays back fixed turn texts, honouring the request exactly.
 
 Each script is a list of turn texts for one conversation, recognised by its prompt ids. A request continues the
-conversation whose prompt it starts with and gets the next text, tokenised and cut the way a real engine cuts:
+conversation whose prompt it starts with (the longest such) and gets the next text, tokenised and cut the way a real engine cuts:
 at a stop token id (kept), at the token that completes a stop string (kept), or at `max_new_tokens`; a text cut
 by `max_new_tokens` is continued by the next request, as a model would continue it. Log-probs are deterministic (`-(position + 1) / 100`), so tests can check they are carried.
 """
@@ -40,7 +40,7 @@ class ScriptedEngine:
   async def _one(self, r: GenerateRequest) -> GenerateResult:
     self.requests.append(r)
     start = time.perf_counter()
-    key = next((k for k in self.scripts if tuple(r.prompt_ids[:len(k)]) == k), None)
+    key = max((k for k in self.scripts if tuple(r.prompt_ids[:len(k)]) == k), key=len, default=None)
     if key is None or self.cursor[key][0] >= len(self.scripts[key]):
       return GenerateResult([], [], FinishReason("abort", message="no scripted turn left"), self.weight_version)
     text, offset = self.cursor[key]

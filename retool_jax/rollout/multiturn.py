@@ -23,8 +23,8 @@ from retool_jax.chat.parse import CallError, FORMATS
 from retool_jax.chat.tokenizer import encode_text
 from retool_jax.rollout.types import Engine, GenerateRequest, SamplingParams
 
-__all__ = ["MultiTurnConfig", "Rollout", "TurnStats", "generate_multiturn", "run_tool_calls", "session_tools",
-           "stop_criteria"]
+__all__ = ["MultiTurnConfig", "Rollout", "TurnStats", "generate_multiturn", "open_tools", "run_tool_calls",
+           "session_tools", "stop_criteria", "truncate_outputs"]
 
 STATUSES = ("completed", "truncated", "aborted")
 # auto: `<interpreter>` inline after a `<code>` call (ReTool), a `<tool_response>` turn after `<tool_call>`.
@@ -86,6 +86,13 @@ class MultiTurnConfig:
       if key in values:
         values[key] = tuple(values[key])
     return cls(**values)
+
+  @classmethod
+  def from_any(cls, config: Any) -> MultiTurnConfig:
+    """None (the defaults), a `MultiTurnConfig`, or what `from_config` takes."""
+    if config is None:
+      return cls()
+    return config if isinstance(config, cls) else cls.from_config(config)
 
 
 @dataclasses.dataclass
@@ -183,21 +190,23 @@ async def generate_multiturn(engine: Engine, prompts: Sequence[Any], tools: Any,
     config: a `MultiTurnConfig`, a `ConfigDict` / mapping of its fields, or None for the defaults.
     tokenizer: the policy's tokenizer (default: the engine's, else the bundled Qwen3 tokenizer).
   """
-  if config is None:
-    config = MultiTurnConfig()
-  elif not isinstance(config, MultiTurnConfig):
-    config = MultiTurnConfig.from_config(config)
-  if tokenizer is None:
-    tokenizer = getattr(engine, "tokenizer", None)
-  if tokenizer is None:
-    from retool_jax.assets import QWEN3_TOKENIZER_DIR  # noqa: PLC0415
-    tokenizer = load_tokenizer(QWEN3_TOKENIZER_DIR)
+  config = MultiTurnConfig.from_any(config)
+  tokenizer = tokenizer or default_tokenizer(engine)
   return list(await asyncio.gather(*(
       _one_trajectory(engine, prompt, tools, config, tokenizer, i) for i, prompt in enumerate(prompts))))
 
 
+def default_tokenizer(engine: Any) -> Any:
+  """The engine's tokenizer when it has one, else the bundled Qwen3 tokenizer."""
+  tokenizer = getattr(engine, "tokenizer", None)
+  if tokenizer is not None:
+    return tokenizer
+  from retool_jax.assets import QWEN3_TOKENIZER_DIR  # noqa: PLC0415
+  return load_tokenizer(QWEN3_TOKENIZER_DIR)
+
+
 async def _one_trajectory(engine, prompt, tools, config: MultiTurnConfig, tokenizer, index: int) -> Rollout:
-  async with _tools_for_trajectory(tools) as registry:
+  async with open_tools(tools) as registry:
     prompt_ids = _prompt_ids(prompt, registry, config, tokenizer, index)
     traj = Trajectory(tokenizer, prompt_ids, enable_thinking=config.enable_thinking)
     turns: list[TurnStats] = []
@@ -249,7 +258,7 @@ async def _loop(engine, registry, config: MultiTurnConfig, tokenizer, traj: Traj
     outputs, errors = await run_tool_calls(parsed, registry)
     turn.tool_time_s = time.perf_counter() - start
     turn.tool_calls, turn.tool_errors = len(parsed.items), errors
-    outputs, turn.observation_truncated = _truncate(outputs, tokenizer, config.max_observation_tokens)
+    outputs, turn.observation_truncated = truncate_outputs(outputs, tokenizer, config.max_observation_tokens)
     added = traj.add_tool_results(outputs, fmt=_observation_format(config, parsed, traj))
     turn.observation_tokens = len(added)
     segment = len(traj)
@@ -269,7 +278,8 @@ def _im_end(tokenizer) -> int:
   return tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
-def _truncate(outputs: list[str], tokenizer, limit: int) -> tuple[list[str], bool]:
+def truncate_outputs(outputs: list[str], tokenizer, limit: int) -> tuple[list[str], bool]:
+  """Cuts every output to `limit` tokens (with a note saying so); also says whether any was cut."""
   cut = False
   kept = []
   for text in outputs:
@@ -295,7 +305,8 @@ def _prompt_ids(prompt: Any, registry: Any, config: MultiTurnConfig, tokenizer, 
 
 
 @contextlib.asynccontextmanager
-async def _tools_for_trajectory(tools: Any):
+async def open_tools(tools: Any):
+  """The registry one trajectory uses: `tools` itself, or what a per-trajectory factory makes (and closes)."""
   if tools is None or hasattr(tools, "call"):
     yield tools
     return

@@ -1,0 +1,239 @@
+"""Agentic rollouts: an agent written against chat messages, recorded token by token.
+
+    async def my_agent(client, prompt, tools):
+        messages = [{"role": "user", "content": prompt}]
+        reply = await client.chat(messages, tools=tools.schemas())       # {"role": "assistant", ...}
+        ...
+    rollouts = await run_agent(engine, "my_pkg.agents:my_agent", prompts, tools, config)
+
+`ChatClient.chat` renders only what is new: when `messages` extends the conversation of the previous call (its
+messages plus the reply it returned), the previous ids are reused as they are and only the new environment
+messages (tool results, user turns) are tokenised, exactly as the Qwen3 template renders them. The ids used for
+training are therefore the ids the engine saw and produced; re-rendering the history through the template (which
+drops earlier `<think>` blocks, for one) never happens. A call whose messages do not extend the last
+conversation starts a new recorded segment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import importlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from retool_jax.chat import check_messages, parse_tool_calls, render_ids, tool_schemas
+from retool_jax.chat.observation import assistant_header
+from retool_jax.chat.parse import ToolCall
+from retool_jax.chat.tokenizer import IM_END, IM_START, TOOL_RESPONSE_CLOSE, TOOL_RESPONSE_OPEN, encode_text
+from retool_jax.rollout.multiturn import MultiTurnConfig, Rollout, TurnStats, default_tokenizer, open_tools
+from retool_jax.rollout.types import Engine, GenerateRequest, SamplingParams
+
+__all__ = ["AgentRollout", "ChatClient", "environment_text", "load_agent", "run_agent"]
+
+Agent = Callable[..., Any]
+
+
+def environment_text(messages: Sequence[Mapping[str, Any]], *, after_im_end: bool, enable_thinking: bool) -> str:
+  """Tool / user / system messages after an assistant turn, as the Qwen3 template renders them, ending with
+  the next assistant header. Consecutive tool messages share one user turn."""
+  parts = ["\n" if after_im_end else f"{IM_END}\n"]
+  for i, m in enumerate(messages):
+    role, content = m.get("role"), m.get("content") or ""
+    if role == "tool":
+      opens = i == 0 or messages[i - 1].get("role") != "tool"
+      closes = i == len(messages) - 1 or messages[i + 1].get("role") != "tool"
+      parts.append((f"{IM_START}user" if opens else "") + f"\n{TOOL_RESPONSE_OPEN}\n{content}\n{TOOL_RESPONSE_CLOSE}"
+                   + (f"{IM_END}\n" if closes else ""))
+    elif role in ("user", "system"):
+      parts.append(f"{IM_START}{role}\n{content}{IM_END}\n")
+    else:
+      raise ValueError(f"messages after an assistant reply must be tool, user or system messages; got {role!r}")
+  return "".join(parts) + assistant_header(enable_thinking)
+
+
+@dataclasses.dataclass
+class _Segment:
+  messages: list[dict]
+  tools: Any
+  ids: list[int]
+  loss_mask: list[int]
+  logprobs: list[float]
+  num_prompt_tokens: int
+  turns: list[TurnStats] = dataclasses.field(default_factory=list)
+  versions: list[Any] = dataclasses.field(default_factory=list)
+  truncated: bool = False
+
+
+class ChatClient:
+  """The chat interface an agent calls; records every call token-exactly (see the module docstring)."""
+
+  def __init__(self, engine: Engine, tokenizer: Any, config: MultiTurnConfig, *, seed: int | None = None):
+    self.engine = engine
+    self.tokenizer = tokenizer
+    self.config = config
+    self.seed = seed
+    self.segments: list[_Segment] = []
+    self.last_finish_reason: str | None = None
+    self._stop_ids = tuple(dict.fromkeys(
+        [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id, *config.stop_token_ids]))
+    self._calls = 0
+
+  async def chat(self, messages: Sequence[Mapping[str, Any]], tools: Any = None, *, temperature: float | None = None,
+                 top_p: float | None = None, top_k: int | None = None, max_tokens: int | None = None,
+                 stop: Sequence[str] = ()) -> dict:
+    """The assistant's reply: `{"role": "assistant", "content": str, "tool_calls": [...]}`.
+
+    `tool_calls` follow the OpenAI shape (`{"id", "type": "function", "function": {"name", "arguments": JSON}}`)
+    plus `index`, the call's position in the text; calls that could not be parsed come back in
+    `invalid_tool_calls` as `{"index", "error"}` so the agent can answer them. `last_finish_reason` tells why
+    generation ended (`stop` or `length`).
+    """
+    check_messages(messages)
+    seg = self._segment_for(messages, tool_schemas(tools))
+    room = self.config.max_context - len(seg.ids)
+    if room <= 0:
+      seg.truncated, self.last_finish_reason = True, "length"
+      return self._remember(seg, messages, {"role": "assistant", "content": ""})
+    cfg = self.config
+    cap = max_tokens or cfg.max_new_tokens or room
+    sampling = SamplingParams(
+        temperature=cfg.temperature if temperature is None else temperature,
+        top_p=cfg.top_p if top_p is None else top_p, top_k=cfg.top_k if top_k is None else top_k,
+        max_new_tokens=min(room, cap), stop=tuple(cfg.stop) + tuple(stop), stop_token_ids=self._stop_ids,
+        seed=None if self.seed is None else self.seed + self._calls)
+    self._calls += 1
+    [result] = await self.engine.generate([GenerateRequest(tuple(seg.ids), sampling)])
+    if result.finish_reason.type == "abort":
+      raise RuntimeError(f"the engine aborted the request: {result.finish_reason.message}")
+    seg.ids += result.output_ids
+    seg.loss_mask += [1] * len(result.output_ids)
+    seg.logprobs += list(result.output_logprobs)
+    seg.turns.append(TurnStats(len(result.output_ids), result.finish_reason.type))
+    seg.versions.append(result.weight_version)
+    self.last_finish_reason = result.finish_reason.type
+    if result.finish_reason.type == "length" and len(seg.ids) >= cfg.max_context:
+      seg.truncated = True
+    return self._remember(seg, messages, self._reply(result.output_ids, seg.turns[-1]))
+
+  def record_tool_stats(self, calls: int, errors: int, seconds: float) -> None:
+    """Lets the agent attach tool statistics to the last turn (shown in the rollout's per-turn stats)."""
+    if self.segments and self.segments[-1].turns:
+      turn = self.segments[-1].turns[-1]
+      turn.tool_calls += calls
+      turn.tool_errors += errors
+      turn.tool_time_s += seconds
+
+  # ---- internals ---------------------------------------------------------------------------------
+
+  def _segment_for(self, messages: Sequence[Mapping[str, Any]], tools: Any) -> _Segment:
+    seg = self.segments[-1] if self.segments else None
+    n = len(seg.messages) if seg else 0
+    if (seg is not None and seg.tools == tools and len(messages) > n
+        and [dict(m) for m in messages[:n]] == seg.messages
+        and all(m.get("role") != "assistant" for m in messages[n:])):
+      text = environment_text(messages[n:], after_im_end=seg.ids[-1] in self._stop_ids,
+                              enable_thinking=self.config.enable_thinking)
+      ids = encode_text(self.tokenizer, text)
+      seg.ids += ids
+      seg.loss_mask += [0] * len(ids)
+      seg.logprobs += [0.0] * len(ids)
+      if seg.turns:
+        seg.turns[-1].observation_tokens += len(ids)
+      return seg
+    ids = render_ids(self.tokenizer, messages, tools=tools, enable_thinking=self.config.enable_thinking)
+    seg = _Segment([], tools, ids, [0] * len(ids), [0.0] * len(ids), len(ids))
+    self.segments.append(seg)
+    return seg
+
+  def _remember(self, seg: _Segment, messages, reply: dict) -> dict:
+    seg.messages = [copy.deepcopy(dict(m)) for m in messages] + [copy.deepcopy(reply)]
+    return reply
+
+  def _reply(self, output_ids: list[int], turn: TurnStats) -> dict:
+    text = self.tokenizer.decode(output_ids)
+    for marker in (IM_END, self.tokenizer.eos_token):
+      if marker and text.endswith(marker):
+        text = text[:-len(marker)]
+    parsed = parse_tool_calls(text, None, formats=self.config.call_formats)
+    reply: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+    calls, invalid = [], []
+    for i, item in enumerate(parsed.items):
+      if isinstance(item, ToolCall):
+        calls.append({"id": f"call_{self._calls}_{i}", "type": "function", "index": i,
+                      "function": {"name": item.name, "arguments": json.dumps(item.arguments, ensure_ascii=False)}})
+      else:
+        invalid.append({"index": i, "error": item.message})
+    if calls:
+      reply["tool_calls"] = calls
+    if invalid:
+      reply["invalid_tool_calls"] = invalid
+    return reply
+
+
+@dataclasses.dataclass
+class AgentRollout:
+  """Everything one agent run produced: its recorded segments (usually one) and what the agent returned."""
+  segments: list[Rollout]
+  output: Any
+  status: str                 # completed | truncated | aborted
+  error: str | None = None
+
+  @property
+  def rollout(self) -> Rollout:
+    """The last segment (the whole conversation when the agent only ever extended it)."""
+    return self.segments[-1]
+
+
+def load_agent(spec: str | Agent) -> Agent:
+  """An agent function from `module:function` (or the function itself)."""
+  if callable(spec):
+    return spec
+  if not isinstance(spec, str) or spec.count(":") != 1:
+    raise ValueError(f"agent {spec!r} must be a callable or 'module:function'")
+  module_name, name = spec.split(":")
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise ValueError(f"agent {spec!r}: cannot import module {module_name!r} ({e})") from None
+  fn = getattr(module, name, None)
+  if not callable(fn):
+    raise ValueError(f"agent {spec!r}: module {module_name!r} has no function {name!r}")
+  return fn
+
+
+async def run_agent(engine: Engine, agent: str | Agent, prompts: Sequence[Any], tools: Any = None,
+                    config: MultiTurnConfig | Any = None, *, tokenizer: Any = None) -> list[AgentRollout]:
+  """Runs `agent(client, prompt, tools)` once per prompt, concurrently; results are in prompt order.
+
+  `tools` is what `generate_multiturn` takes (a registry, None, or a per-trajectory factory); the agent gets
+  the registry. The config supplies sampling defaults, `max_context` and the limits the agent may read from
+  `client.config`.
+  """
+  fn = load_agent(agent)
+  config = MultiTurnConfig.from_any(config)
+  tokenizer = tokenizer or default_tokenizer(engine)
+
+  async def one(i: int, prompt: Any) -> AgentRollout:
+    client = ChatClient(engine, tokenizer, config, seed=None if config.seed is None else config.seed + 1000 * i)
+    error, output = None, None
+    async with open_tools(tools) as registry:
+      try:
+        output = await fn(client, prompt, registry)
+      except Exception as e:  # noqa: BLE001  (one failing agent aborts its own rollout only)
+        error = f"{type(e).__name__}: {e}"
+    segments = [_as_rollout(s, tokenizer, config) for s in client.segments]
+    status = "aborted" if error else "truncated" if any(s.truncated for s in client.segments) else "completed"
+    return AgentRollout(segments, output, status, error)
+
+  return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+
+def _as_rollout(seg: _Segment, tokenizer, config: MultiTurnConfig) -> Rollout:
+  n = min(len(seg.ids), config.max_context)
+  status = "truncated" if seg.truncated or len(seg.ids) > config.max_context else "completed"
+  return Rollout(seg.ids[:n], seg.loss_mask[:n], seg.logprobs[:n], seg.num_prompt_tokens, status,
+                 "max_context" if status == "truncated" else "agent", seg.turns,
+                 tokenizer.decode(seg.ids[seg.num_prompt_tokens:n]), seg.versions)

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 from typing import Callable
 
 import ml_dtypes
@@ -117,7 +118,9 @@ class TorchDistReader:
     meta = self._meta[key]
     out = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
     try:
-      self._dcp.load({key: out}, storage_reader=self._reader, no_dist=True)
+      with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        self._dcp.load({key: out}, storage_reader=self._reader, no_dist=True)
     except Exception as e:
       raise MegatronCheckpointError(f"{', '.join(self.files_of(key))}: cannot read tensor {key!r} ({e})") from None
     if out.dtype == torch.bfloat16:

@@ -41,8 +41,8 @@ def write_random_checkpoint(path: str, layers: int) -> tuple[int, int]:
   """A random bf16 Qwen3 checkpoint, generated and written one tensor at a time; (bytes, largest tensor)."""
   import ml_dtypes
 
-  from retool_jax.checkpoint.converters import hf_shapes
-  from retool_jax.checkpoint.safetensors_stream import write_planned
+  from retool_jax.models.qwen3_hf import hf_shapes
+  from retool_jax.models.safetensors_io import write_sharded
   from retool_jax.models.qwen3_config import Qwen3Config
   os.makedirs(path)
   hf = {**CONFIG, "num_hidden_layers": layers}
@@ -54,7 +54,7 @@ def write_random_checkpoint(path: str, layers: int) -> tuple[int, int]:
     for key, shape in shapes.items():
       yield key, (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
 
-  write_planned(path, [(k, s, dtype) for k, s in shapes.items()], tensors(), max_shard_bytes=1 << 30)
+  write_sharded(path, [(k, s, dtype) for k, s in shapes.items()], tensors(), max_shard_bytes=1 << 30)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(hf, f)
   sizes = [int(np.prod(s)) * dtype.itemsize for s in shapes.values()]

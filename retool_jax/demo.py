@@ -5,13 +5,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app
 from flax import nnx
 from ml_collections import config_flags
@@ -19,20 +17,12 @@ from ml_collections import config_flags
 from retool_jax import sharding
 from retool_jax.assets import QWEN3_TOKENIZER_DIR
 from retool_jax.chat import load_tokenizer, render_ids
+from retool_jax.checkpoint.hf_export import write_hf
 from retool_jax.models import qwen3
 from retool_jax.models.generate import greedy_generate
-from retool_jax.models.qwen3_hf import hf_tensors
-from retool_jax.models.safetensors_io import write_sharded
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"), "Demo configuration.")
-
-
-def save_hf(model: qwen3.Qwen3, out_dir: str) -> None:
-  os.makedirs(out_dir, exist_ok=True)
-  write_sharded(out_dir, hf_tensors(model, model.config))
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(model.config.to_hf(), f, indent=2)
 
 
 def main(_):
@@ -45,7 +35,7 @@ def main(_):
   model = sharding.create_sharded(lambda: qwen3.Qwen3(model_cfg, rngs=nnx.Rngs(cfg.seed)), mesh)
 
   hf_dir = os.path.join(cfg.workdir, "hf")
-  save_hf(model, hf_dir)
+  write_hf(model, None, hf_dir, tokenizer=QWEN3_TOKENIZER_DIR, overwrite=True)
   loaded = qwen3.load_hf(hf_dir, mesh=mesh)
   probe = jnp.asarray([tokenizer.encode("round trip")])
   diff = float(jnp.abs(loaded(probe) - model(probe)).max())

@@ -13,26 +13,21 @@ import functools
 import json
 import mmap
 import os
-import re
-import shutil
 import time
-import uuid
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
 from retool_jax.checkpoint import layout
-from retool_jax.checkpoint.safetensors_stream import write_planned
+from retool_jax.checkpoint.hf_export import GENERATION_CONFIG, write_hf
 from retool_jax.checkpoint.streaming import StreamedArray
 from retool_jax.models.qwen3_config import Qwen3Config
-from retool_jax.models.qwen3_hf import IGNORED_SUFFIXES, ParamSource, abstract_model, hf_tensors, param_sources
-from retool_jax.models.safetensors_io import SafetensorsDir
+from retool_jax.models.qwen3_hf import (ParamSource, abstract_model, check_tensors, hf_shapes,
+                                       param_sources)
+from retool_jax.models.safetensors_io import SafetensorsDir, SafetensorsError
 
-GENERATION_CONFIG = "generation_config.json"
-_TOKENIZER_FILES = re.compile(r"^(tokenizer.*|vocab\..*|merges\.txt|special_tokens_map\.json|added_tokens\.json"
-                              r"|chat_template.*|.*\.tiktoken|.*\.model)$")
 
 
 class ConversionError(ValueError):
@@ -63,55 +58,17 @@ class ConversionSummary:
 
 # ---- shapes the config implies -------------------------------------------------------------------
 
-def _shape_after(fn: Callable, shape: tuple[int, ...], cfg: Qwen3Config) -> tuple[int, ...]:
-  # A zero-strided stand-in: the layout functions only reshape and transpose, so nothing is allocated.
-  return tuple(fn(np.broadcast_to(np.zeros((), np.uint8), shape), cfg).shape)
-
-
 def _our_shapes(cfg: Qwen3Config) -> dict[tuple[str, ...], tuple[int, ...]]:
   _, abstract = abstract_model(cfg)
   return {path: tuple(v.get_value().shape) for path, v in nnx.to_flat_state(abstract)}
 
 
-def _per_tensor_shape(src: ParamSource, shape: tuple[int, ...]) -> tuple[int, ...]:
-  return shape if src.hf_key is not None else shape[2:] if src.num_experts else shape[1:]
-
-
-def hf_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
-  """Every hub key of `cfg` with its `[out, in]` shape, in the order `hf_tensors` yields them."""
-  ours = _our_shapes(cfg)
-  out = {}
-  for src in param_sources(cfg):
-    shape = _shape_after(src.layout.to_hf, _per_tensor_shape(src, ours[src.path]), cfg)
-    out.update({key: shape for key in src.hf_keys()})
-  return out
-
-
-def _where(tensors, key: str) -> str:
-  return tensors.file_of(key) if hasattr(tensors, "file_of") else getattr(tensors, "dir", "checkpoint")
-
-
 def check_source(tensors, cfg: Qwen3Config, config_path: str) -> dict[str, tuple[int, ...]]:
   """Checks names and shapes of a `get`/`keys` tensor source against `cfg` before anything is converted."""
-  expected = hf_shapes(cfg)
-  have = set(tensors.keys())
-  if cfg.tie_word_embeddings:
-    have.discard("lm_head.weight")  # tied checkpoints may still carry a copy
-  where = getattr(tensors, "dir", "checkpoint")
-  missing = sorted(set(expected) - have)
-  if missing:
-    raise ConversionError(f"{where}: {len(missing)} tensor(s) that {config_path} needs are missing, "
-                          f"e.g. {missing[:3]}")
-  unknown = sorted(k for k in have - set(expected) if not k.endswith(IGNORED_SUFFIXES))
-  if unknown:
-    raise ConversionError(f"{_where(tensors, unknown[0])}: unknown tensor {unknown[0]!r} for the model in "
-                          f"{config_path} ({len(unknown)} unknown in all)")
-  for key, shape in expected.items():
-    got = tuple(tensors.shape(key) if hasattr(tensors, "shape") else tensors.get(key).shape)
-    if got != shape:
-      raise ConversionError(f"{_where(tensors, key)}: tensor {key!r} has shape {got}, but {config_path} "
-                            f"implies {shape}; the config does not match the checkpoint")
-  return expected
+  try:
+    return check_tensors(tensors, cfg, config_path)
+  except SafetensorsError as e:
+    raise ConversionError(str(e)) from None
 
 
 # ---- to Orbax --------------------------------------------------------------------------------------
@@ -252,47 +209,6 @@ class _StoredParam:
     return value if dtype is None else value.astype(dtype)
 
 
-def _hf_config_json(record: Mapping[str, Any], cfg: Qwen3Config, dtype: np.dtype) -> dict:
-  out = {**cfg.to_hf(), **(record.get("hf_config") or {})}
-  out["torch_dtype"] = dtype.name
-  if "dtype" in out:
-    out["dtype"] = dtype.name
-  return out
-
-
-def _generation_config(record: Mapping[str, Any], cfg: Qwen3Config) -> dict:
-  if record.get("generation_config"):
-    return dict(record["generation_config"])
-  out = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
-  if cfg.pad_token_id is not None:
-    out["pad_token_id"] = cfg.pad_token_id
-  return out
-
-
-def _copy_tokenizer(tokenizer_dir: str, out_dir: str) -> list[str]:
-  if not os.path.isdir(tokenizer_dir):
-    raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} does not exist")
-  copied = []
-  for name in sorted(os.listdir(tokenizer_dir)):
-    path = os.path.join(tokenizer_dir, name)
-    if os.path.isfile(path) and _TOKENIZER_FILES.match(name):
-      shutil.copy2(path, os.path.join(out_dir, name))
-      copied.append(name)
-  if not copied:
-    raise FileNotFoundError(f"no tokenizer files in {tokenizer_dir}")
-  return copied
-
-
-def _staging(dst: str) -> str:
-  if os.path.exists(dst):
-    raise FileExistsError(f"{dst} already exists; choose a new destination or remove it")
-  parent = os.path.dirname(os.path.abspath(dst))
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(dst))}.partial-{uuid.uuid4().hex[:8]}")
-  os.makedirs(tmp)
-  return tmp
-
-
 def orbax_to_hf(src, dst, *, dtype=None, tokenizer=None, max_shard_bytes: int = 4 << 30,
                 progress: bool = True) -> ConversionSummary:
   """An Orbax checkpoint -> a Hugging Face folder (config, generation config, sharded safetensors, index)."""
@@ -304,26 +220,10 @@ def orbax_to_hf(src, dst, *, dtype=None, tokenizer=None, max_shard_bytes: int = 
   layout.check_matches(reader.step, reader.stored, _our_shapes(cfg))
   specs = [(key, shape, out_dtype) for key, shape in hf_shapes(cfg).items()]
   state = nnx.from_flat_state({src_.path: _StoredParam(reader, src_.path) for src_ in param_sources(cfg)})
-  dst = os.fspath(dst)
-  tmp = _staging(dst)
-  try:
-    with tqdm(total=len(specs), desc="export", unit="tensor", disable=not progress) as bar:
-      def tensors():
-        for item in hf_tensors(state, cfg, dtype=out_dtype):
-          bar.update(1)
-          yield item
-      files = write_planned(tmp, specs, tensors(), max_shard_bytes)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(_hf_config_json(record, cfg, out_dtype), f, indent=2)
-    with open(os.path.join(tmp, GENERATION_CONFIG), "w") as f:
-      json.dump(_generation_config(record, cfg), f, indent=2)
-    files += ["config.json", GENERATION_CONFIG]
-    if tokenizer is not None:
-      files += _copy_tokenizer(os.fspath(tokenizer), tmp)
-    os.rename(tmp, dst)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  with tqdm(total=len(specs), desc="export", unit="tensor", disable=not progress) as bar:
+    files = write_hf(state, cfg, dst, dtype=out_dtype, hf_config=record.get("hf_config"),
+                     generation_config=record.get("generation_config"), tokenizer=tokenizer,
+                     max_shard_bytes=max_shard_bytes, on_tensor=lambda _: bar.update(1))
   n = sum(int(np.prod(s)) for _, s, _ in specs)
   return ConversionSummary(os.fspath(reader.step), dst, "Hugging Face", out_dtype.name, len(specs), n,
                            n * out_dtype.itemsize, time.perf_counter() - start, files)

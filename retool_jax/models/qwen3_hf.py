@@ -156,11 +156,11 @@ def load_hf(hf_dir, *, dtype=None, mesh: jax.sharding.Mesh | None = None, **conf
     hf_config = json.load(f)
   dtype_name = jnp.dtype(dtype).name if dtype is not None else _checkpoint_dtype(hf_config)
   cfg = Qwen3Config.from_hf(hf_config, **{"param_dtype": dtype_name, "dtype": dtype_name, **config_overrides})
-  return load_tensors(SafetensorsDir(hf_dir), cfg, mesh=mesh)
+  return load_tensors(SafetensorsDir(hf_dir), cfg, mesh=mesh, config_path=config_path)
 
 
 def load_tensors(tensors, cfg: Qwen3Config, mesh: jax.sharding.Mesh | None = None,
-                 strict: bool = True) -> Qwen3:
+                 strict: bool = True, config_path: str = "the config") -> Qwen3:
   """Builds a model from any `get(key) -> np.ndarray` tensor source holding HF keys."""
   graphdef, abstract = abstract_model(cfg)
   sources = {s.path: s for s in param_sources(cfg)}
@@ -168,7 +168,7 @@ def load_tensors(tensors, cfg: Qwen3Config, mesh: jax.sharding.Mesh | None = Non
   if set(flat) != set(sources):
     raise AssertionError(f"parameter table out of date: {set(flat) ^ set(sources)}")
   if strict:
-    _check_keys(tensors, sources.values(), cfg)
+    check_tensors(tensors, cfg, config_path)
   shardings = sharding_lib.state_shardings(abstract, mesh) if mesh is not None else None
   flat_shardings = ({p: v.get_value() for p, v in nnx.to_flat_state(shardings)}
                     if shardings is not None else {})
@@ -223,18 +223,48 @@ def _convert(tensors, key, src: ParamSource, cfg, want_shape, dtype) -> np.ndarr
   return np.asarray(y).astype(dtype)
 
 
-def _check_keys(tensors, sources, cfg):
-  expected = {k for s in sources for k in s.hf_keys()}
+def _shape_after(fn: Callable, shape: tuple[int, ...], cfg: Qwen3Config) -> tuple[int, ...]:
+  # A zero-strided stand-in: the layout functions only reshape and transpose, so nothing is allocated.
+  return tuple(fn(np.broadcast_to(np.zeros((), np.uint8), shape), cfg).shape)
+
+
+def hf_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
+  """Every hub key of `cfg` with its `[out, in]` shape, in the order `hf_tensors` yields them."""
+  _, abstract = abstract_model(cfg)
+  ours = {path: tuple(v.get_value().shape) for path, v in nnx.to_flat_state(abstract)}
+  out = {}
+  for src in param_sources(cfg):
+    shape = ours[src.path]
+    per_tensor = shape if src.hf_key is not None else shape[2:] if src.num_experts else shape[1:]
+    out.update({key: _shape_after(src.layout.to_hf, per_tensor, cfg) for key in src.hf_keys()})
+  return out
+
+
+def _where(tensors, key: str) -> str:
+  return tensors.file_of(key) if hasattr(tensors, "file_of") else getattr(tensors, "dir", "checkpoint")
+
+
+def check_tensors(tensors, cfg: Qwen3Config, config_path: str = "the config") -> dict[str, tuple[int, ...]]:
+  """Checks the names and shapes of a `get`/`keys` tensor source against `cfg`; returns the expected shapes."""
+  expected = hf_shapes(cfg)
   have = set(tensors.keys())
-  where = getattr(tensors, "dir", "checkpoint")
   if cfg.tie_word_embeddings:
-    have.discard("lm_head.weight")  # some tied checkpoints still carry a copy
-  missing = sorted(expected - have)
-  unknown = sorted(k for k in have - expected if not k.endswith(IGNORED_SUFFIXES))
+    have.discard("lm_head.weight")  # tied checkpoints may still carry a copy
+  where = getattr(tensors, "dir", "checkpoint")
+  missing = sorted(set(expected) - have)
   if missing:
-    raise SafetensorsError(f"{where}: missing {len(missing)} tensor(s) the config needs, e.g. {missing[:3]}")
+    raise SafetensorsError(f"{where}: {len(missing)} tensor(s) that {config_path} needs are missing, "
+                           f"e.g. {missing[:3]}")
+  unknown = sorted(k for k in have - set(expected) if not k.endswith(IGNORED_SUFFIXES))
   if unknown:
-    raise SafetensorsError(f"{where}: {len(unknown)} unknown tensor(s) for this config, e.g. {unknown[:3]}")
+    raise SafetensorsError(f"{_where(tensors, unknown[0])}: unknown tensor {unknown[0]!r} for the model in "
+                           f"{config_path} ({len(unknown)} unknown in all)")
+  for key, shape in expected.items():
+    got = tuple(tensors.shape(key) if hasattr(tensors, "shape") else tensors.get(key).shape)
+    if got != shape:
+      raise SafetensorsError(f"{_where(tensors, key)}: tensor {key!r} has shape {got}, but {config_path} "
+                             f"implies {shape}; the config does not match the checkpoint")
+  return expected
 
 
 def hf_tensors(state: nnx.State | Qwen3, cfg: Qwen3Config, dtype=None) -> Iterator[tuple[str, np.ndarray]]:

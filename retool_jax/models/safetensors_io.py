@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -15,7 +15,7 @@ _DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
 }
-_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}  # numpy dtype -> safetensors dtype name
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -117,6 +117,9 @@ class SafetensorsDir:
   def __contains__(self, key: str) -> bool:
     return key in self._key_to_file
 
+  def shape(self, key: str) -> tuple[int, ...]:
+    return self._open(self._key_to_file[key]).shape(key)
+
   def file_of(self, key: str) -> str:
     return os.path.join(self.dir, self._key_to_file[key])
 
@@ -136,9 +139,9 @@ def write_file(path: str | os.PathLike, tensors: Iterable[tuple[str, np.ndarray]
   header: dict = {"__metadata__": metadata or {"format": "pt"}}
   offset = 0
   for k, v in items:
-    if v.dtype not in _NAMES:
+    if v.dtype not in DTYPE_NAMES:
       raise SafetensorsError(f"tensor {k!r}: dtype {v.dtype} cannot be written to safetensors")
-    header[k] = {"dtype": _NAMES[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + v.nbytes]}
+    header[k] = {"dtype": DTYPE_NAMES[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + v.nbytes]}
     offset += v.nbytes
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)
@@ -150,43 +153,66 @@ def write_file(path: str | os.PathLike, tensors: Iterable[tuple[str, np.ndarray]
   return 8 + len(raw) + offset
 
 
-def write_sharded(out_dir: str | os.PathLike, tensors: Iterator[tuple[str, np.ndarray]],
-                  max_shard_bytes: int = 4 << 30) -> dict[str, str]:
-  """Streams tensors into `model-XXXXX-of-YYYYY.safetensors` shards plus the index; returns the weight map.
+TensorSpec = tuple[str, tuple[int, ...], np.dtype]
 
-  Holds at most one shard's tensors in memory.
+
+def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+  """Groups tensors, in order, into shards of at most `max_shard_bytes` (a larger tensor gets its own)."""
+  shards: list[list[TensorSpec]] = [[]]
+  size = 0
+  for key, shape, dtype in specs:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append((key, tuple(shape), np.dtype(dtype)))
+    size += nbytes
+  return shards
+
+
+def _header(shard: list[TensorSpec]) -> bytes:
+  header: dict = {"__metadata__": {"format": "pt"}}
+  offset = 0
+  for key, shape, dtype in shard:
+    if dtype not in DTYPE_NAMES:
+      raise SafetensorsError(f"tensor {key!r}: dtype {dtype} cannot be written to safetensors")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  return raw + b" " * (-len(raw) % 8)
+
+
+def write_sharded(out_dir: str | os.PathLike, specs: Sequence[TensorSpec],
+                  tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int = 4 << 30) -> list[str]:
+  """Writes `tensors` (arriving in `specs` order, with those shapes and dtypes) as HF shards plus the index.
+
+  The shard layout is planned from `specs` up front, so each tensor is written as it arrives and only one
+  is held in memory. Returns the file names written.
   """
   out_dir = os.fspath(out_dir)
-  shards: list[list[str]] = []
-  pending: list[tuple[str, np.ndarray]] = []
-  pending_bytes = 0
+  shards = plan_shards(specs, max_shard_bytes)
+  n = len(shards)
+  names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+  it: Iterator[tuple[str, np.ndarray]] = iter(tensors)
   total = 0
-  tmp_names: list[str] = []
-
-  def flush():
-    nonlocal pending, pending_bytes
-    if not pending:
-      return
-    name = f"shard-{len(tmp_names):05d}.tmp"
-    write_file(os.path.join(out_dir, name), pending)
-    tmp_names.append(name)
-    shards.append([k for k, _ in pending])
-    pending, pending_bytes = [], 0
-
-  for key, value in tensors:
-    if pending and pending_bytes + value.nbytes > max_shard_bytes:
-      flush()
-    pending.append((key, value))
-    pending_bytes += value.nbytes
-    total += value.nbytes
-  flush()
-  n = len(tmp_names)
-  weight_map: dict[str, str] = {}
-  for i, (tmp, keys) in enumerate(zip(tmp_names, shards)):
-    final = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-    os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, final))
-    weight_map.update({k: final for k in keys})
+  for name, shard in zip(names, shards):
+    header = _header(shard)
+    with open(os.path.join(out_dir, name), "wb") as f:
+      f.write(struct.pack("<Q", len(header)))
+      f.write(header)
+      for key, shape, dtype in shard:
+        got_key, value = next(it)
+        if got_key != key or tuple(value.shape) != shape or value.dtype != dtype:
+          raise SafetensorsError(f"{name}: expected tensor {key!r} {shape} {dtype}, got {got_key!r} "
+                                 f"{tuple(value.shape)} {value.dtype}")
+        f.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8).data)
+        total += value.nbytes
+  if next(it, None) is not None:
+    raise SafetensorsError("more tensors than planned")
   if n > 1:
+    weight_map = {key: name for name, shard in zip(names, shards) for key, _, _ in shard}
     with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
-  return weight_map
+    names.append(INDEX_FILE)
+  return names

@@ -353,6 +353,11 @@ class Sandbox:
         if self._closed:
             return
         async def shutdown():
+            self._closed = True  # no new workers from here on
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:  # warm-up and stderr readers; their workers are stopped below
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
             await asyncio.gather(*(w.stop() for w in list(self._workers)), return_exceptions=True)
             self._workers.clear()
         try:
@@ -361,6 +366,8 @@ class Sandbox:
             self._closed = True
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
+            if not self._thread.is_alive():
+                self._loop.close()
             atexit.unregister(self.close)
 
     def __enter__(self) -> Sandbox:

@@ -132,13 +132,15 @@ class JaxEngine:
     max_batch_size: rows per batch; larger bursts run as several batches.
     decode_chunk: decode steps per jitted call (stop strings are checked between calls).
     batch_window_s: how long the batcher waits for more requests before launching a batch.
-    min_prompt_bucket / min_new_bucket: smallest padded prompt length / new-token budget.
+    min_batch_bucket / min_prompt_bucket / min_new_bucket: smallest padded batch / prompt length / new-token
+      budget (larger minimums: fewer programs to compile, more padding).
     seed: draws the keys of requests without a seed.
   """
 
   def __init__(self, model: Qwen3, *, tokenizer: Any = None, eos_token_ids: Sequence[int] | None = None,
                max_length: int | None = None, max_batch_size: int = 64, decode_chunk: int = 16,
-               batch_window_s: float = 0.005, min_prompt_bucket: int = 16, min_new_bucket: int = 16,
+               batch_window_s: float = 0.005, min_batch_bucket: int = 1, min_prompt_bucket: int = 16,
+               min_new_bucket: int = 16,
                pad_id: int = 0, seed: int = 0, weight_version: int | str | None = 0):
     if max_batch_size < 1 or decode_chunk < 1:
       raise ValueError(f"max_batch_size={max_batch_size} and decode_chunk={decode_chunk} must be >= 1")
@@ -154,6 +156,7 @@ class JaxEngine:
     self.max_batch_size = max_batch_size
     self.decode_chunk = decode_chunk
     self.batch_window_s = batch_window_s
+    self.min_batch_bucket = min(min_batch_bucket, max_batch_size)
     self.min_prompt_bucket = min_prompt_bucket
     self.min_new_bucket = min_new_bucket
     self.pad_id = pad_id
@@ -266,7 +269,7 @@ class JaxEngine:
 
   def _decode(self, graphdef, params, rows: list[tuple[GenerateRequest, int]]) -> list[GenerateResult]:
     n = len(rows)
-    b = _bucket(n, 1)
+    b = _bucket(n, self.min_batch_bucket)
     t = _bucket(max(len(r.prompt_ids) for r, _ in rows), self.min_prompt_bucket)
     new_len = _bucket(max(m for _, m in rows), self.min_new_bucket)
     ids = np.full((b, t), self.pad_id, np.int32)

@@ -27,6 +27,8 @@ _START_TIMEOUT_S = 120.0
 _REPLY_GRACE_S = 10.0
 
 
+_HAVE_PROC = os.path.exists("/proc/self/stat")
+
 class WorkerDied(Exception):
     """The worker process exited or stopped answering; ``started`` says whether it had the call."""
 
@@ -70,6 +72,19 @@ class _Worker:
     async def _read_stderr(self) -> None:
         while chunk := await self.proc.stderr.read(4096):
             self.stderr_tail.append(chunk)
+
+    def healthy(self) -> bool:
+        """False for a worker that has exited, or is a zombie or stopped (seen in /proc where there is one)."""
+        if self.proc.returncode is not None:
+            return False
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return not _HAVE_PROC
+        except (OSError, IndexError):
+            return True
+        return state not in ("Z", "X", "T", "t")
 
     async def request(self, message: dict, timeout_s: float) -> dict:
         if self.proc.returncode is not None:
@@ -239,7 +254,12 @@ class Sandbox:
     async def _acquire(self) -> _Worker:
         while True:
             if not self._idle.empty():
-                return self._idle.get_nowait()
+                worker = self._idle.get_nowait()
+                if worker.healthy():
+                    return worker
+                self._alive -= 1  # killed or stopped while idle: replace it before anyone calls it
+                await self._discard(worker)
+                continue
             if self._alive < self.max_workers:
                 self._alive += 1
                 try:

@@ -386,8 +386,6 @@ class Sandbox:
             self._closed = True
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
-            if not self._thread.is_alive():
-                self._loop.close()
             atexit.unregister(self.close)
 
     def __enter__(self) -> Sandbox:

@@ -1,0 +1,84 @@
+"""Training curves: `python -m retool_jax.plot RUN_DIR [--out FILE] [--keys loss,eval_loss]` -> a PNG.
+
+Reads `RUN_DIR/metrics.jsonl` and draws one panel per metric against the step (default: every numeric
+metric; wall-clock `perf/` figures last). Writes `RUN_DIR/curves.png` unless `--out` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from retool_jax.train.metrics import METRICS_FILE, PERF_PREFIX, read_metrics
+
+
+def series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+  """`{metric: (steps, values)}` for every numeric metric."""
+  out: dict[str, tuple[list[int], list[float]]] = {}
+  for r in records:
+    for k, v in r.items():
+      if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+        steps, values = out.setdefault(k, ([], []))
+        steps.append(r["step"])
+        values.append(float(v))
+  return out
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None, keys: Sequence[str] | None = None) -> Path:
+  """Renders the curves of a run folder into a PNG and returns its path."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  run_dir = Path(run_dir)
+  if not (run_dir / METRICS_FILE).exists():
+    raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}")
+  data = series(read_metrics(run_dir))
+  if keys:
+    missing = [k for k in keys if k not in data]
+    if missing:
+      raise ValueError(f"{run_dir / METRICS_FILE}: no metric {missing}; have {sorted(data)}")
+    names = list(keys)
+  else:
+    names = sorted(data, key=lambda k: (k.startswith(PERF_PREFIX), k))
+  if not names:
+    raise ValueError(f"{run_dir / METRICS_FILE}: no numeric metrics to plot")
+  cols = min(3, len(names))
+  rows = math.ceil(len(names) / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+  for ax, name in zip(axes.flat, names):
+    steps, values = data[name]
+    ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3)
+    ax.set_title(name)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  for ax in list(axes.flat)[len(names):]:
+    ax.axis("off")
+  fig.suptitle(run_dir.name)
+  fig.tight_layout()
+  out = Path(out) if out else run_dir / "curves.png"
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m retool_jax.plot", description=__doc__.split("\n\n")[0])
+  p.add_argument("run_dir", help="a training run folder (holding metrics.jsonl)")
+  p.add_argument("--out", help="PNG path (default: RUN_DIR/curves.png)")
+  p.add_argument("--keys", help="comma-separated metrics to draw (default: all)")
+  args = p.parse_args(argv)
+  try:
+    path = plot_run(args.run_dir, args.out, [k for k in args.keys.split(",") if k] if args.keys else None)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(path)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

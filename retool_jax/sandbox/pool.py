@@ -63,6 +63,9 @@ class _Worker:
             line = await asyncio.wait_for(proc.stdout.readline(), _START_TIMEOUT_S)
             if not json.loads(line or b"{}").get("ready"):
                 raise WorkerDied("no ready message")
+        except asyncio.CancelledError:  # e.g. the sandbox closed while this worker was starting
+            await worker.kill()
+            raise
         except (asyncio.TimeoutError, ValueError, WorkerDied) as e:
             await worker.kill()
             detail = b"".join(worker.stderr_tail).decode(errors="replace").strip()
@@ -119,6 +122,9 @@ class _Worker:
         if self.scratch:
             shutil.rmtree(self.scratch, ignore_errors=True)
         self._stderr_task.cancel()
+        transport = getattr(self.proc, "_transport", None)
+        if transport is not None:  # close the pipes on this loop, not in a finaliser at interpreter exit
+            transport.close()
 
     async def stop(self) -> None:
         """Asks the worker to exit (it cleans up its calls), then kills what is left."""

@@ -22,11 +22,10 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from retool_jax.checkpoint.layout import CONFIG_ITEM, PARAMS_ITEM, config_record
 from retool_jax.models.qwen3_config import Qwen3Config
-from retool_jax.train.state import TrainState
+from retool_jax.train.state import TrainState, abstract_with_shardings
 
 OPT_ITEM, LORA_ITEM, TRAIN_ITEM = "opt_state", "lora", "train"
 
@@ -34,10 +33,6 @@ OPT_ITEM, LORA_ITEM, TRAIN_ITEM = "opt_state", "lora", "train"
 def _restore_args(shardings: Any, abstract: Any) -> Any:
   return jax.tree.map(lambda a, s: ocp.ArrayRestoreArgs(sharding=s, dtype=a.dtype, global_shape=a.shape),
                       abstract, shardings)
-
-
-def _with_shardings(abstract: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 class Checkpointer:
@@ -88,10 +83,10 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     abstract = jax.eval_shape(lambda s: s, state)
-    items = {OPT_ITEM: ocp.args.StandardRestore(_with_shardings(abstract.opt_state, shardings.opt_state)),
+    items = {OPT_ITEM: ocp.args.StandardRestore(abstract_with_shardings(abstract.opt_state, shardings.opt_state)),
              TRAIN_ITEM: ocp.args.JsonRestore()}
     if state.lora is not None:
-      items[LORA_ITEM] = ocp.args.StandardRestore(_with_shardings(abstract.lora, shardings.lora))
+      items[LORA_ITEM] = ocp.args.StandardRestore(abstract_with_shardings(abstract.lora, shardings.lora))
     else:
       items[PARAMS_ITEM] = ocp.args.PyTreeRestore(
           item=abstract.params, restore_args=_restore_args(shardings.params, abstract.params))
@@ -112,8 +107,3 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-def export_model(state: TrainState) -> nnx.Module:
-  """The trained model as a plain NNX module (LoRA adapters merged), e.g. for `checkpoint.save`."""
-  return state.model()

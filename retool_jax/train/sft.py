@@ -28,6 +28,7 @@ from retool_jax.models.logprobs import token_logprobs
 from retool_jax.models.qwen3 import Qwen3
 from retool_jax.models.qwen3_config import Qwen3Config, preset
 from retool_jax.train import lora as lora_lib
+from retool_jax.train import losses
 from retool_jax.train import state as state_lib
 from retool_jax.train.checkpointing import Checkpointer
 from retool_jax.train.metrics import MetricsWriter
@@ -192,6 +193,9 @@ def model_config(m: ml_collections.ConfigDict) -> Qwen3Config | None:
   unknown = set(overrides) - set(Qwen3Config.__dataclass_fields__)
   if unknown:
     raise ValueError(f"model.overrides: unknown Qwen3Config field(s) {sorted(unknown)}")
+  if not (m.checkpoint or m.preset or overrides):
+    raise ValueError("model: set model.checkpoint (a Qwen3 Hugging Face or Orbax folder), or model.preset / "
+                     "model.overrides for a randomly initialised model")
   if m.checkpoint:
     arch = set(overrides) - set(EXECUTION_FIELDS)
     if arch:
@@ -233,15 +237,13 @@ def lora_config(c: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
 
 def sft_loss(model: Qwen3, batch: dict[str, jax.Array], normaliser: jax.Array, *, chunk_size: int,
              router_aux_coef: float = 0.0, aux_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """`sum(nll * loss_mask) / normaliser` (+ the weighted router loss); also returns the nll sum."""
+  """`sum(nll * loss_mask) / normaliser` plus the weighted router loss; metrics hold the first term alone."""
   out = token_logprobs(model, batch["input_ids"], batch["targets"], positions=batch["positions"],
                        segment_ids=batch["segment_ids"], chunk_size=chunk_size)
-  nll = jnp.sum(jnp.where(batch["loss_mask"] > 0, -out.logprobs_BT, 0.0))
-  loss = nll / normaliser
+  nll, _ = losses.sft_loss(out.logprobs_BT, batch["loss_mask"], num_tokens=normaliser)
   aux = out.router_aux_loss if out.router_aux_loss is not None else jnp.zeros((), jnp.float32)
-  if router_aux_coef:
-    loss = loss + router_aux_coef * aux_weight * aux
-  return loss, {"nll_sum": nll, "router_aux_loss": aux}
+  loss = nll + router_aux_coef * aux_weight * aux if router_aux_coef else nll
+  return loss, {"nll": nll, "router_aux_loss": aux}
 
 
 def _microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
@@ -272,11 +274,11 @@ def make_train_step(schedule: optax.Schedule, *, grad_accum_steps: int, chunk_si
         mb = jax.tree.map(lambda x: sharding_lib.constrain(x, ("batch", "length")), mb)
         g, a = grads_of(state.trainable, mb)
         return jax.tree.map(jnp.add, carry, (g, a)), None
-      zeros = jax.tree.map(jnp.zeros_like, (state.trainable, {"nll_sum": jnp.zeros(()),
+      zeros = jax.tree.map(jnp.zeros_like, (state.trainable, {"nll": jnp.zeros(()),
                                                               "router_aux_loss": jnp.zeros(())}))
       (grads, aux), _ = jax.lax.scan(body, zeros, _microbatches(batch, grad_accum_steps))
       aux = {**aux, "router_aux_loss": aux["router_aux_loss"] / grad_accum_steps}
-    metrics = {"loss": aux["nll_sum"] / normaliser, "grad_norm": optax.tree.norm(grads),
+    metrics = {"loss": aux["nll"], "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state.step), "loss_tokens": normaliser,
                "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)}
     if is_moe:
@@ -290,7 +292,7 @@ def make_eval_step(*, chunk_size: int):
   """`(state, batch) -> (nll_sum, loss_tokens)` for one eval batch."""
   def step(state: state_lib.TrainState, batch):
     _, aux = sft_loss(state.model(), batch, jnp.ones(()), chunk_size=chunk_size)
-    return aux["nll_sum"], jnp.sum(batch["loss_mask"] > 0).astype(jnp.float32)
+    return aux["nll"], jnp.sum(batch["loss_mask"] > 0).astype(jnp.float32)
   return step
 
 
@@ -324,12 +326,13 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   workdir = Path(config.workdir)
   mesh = sharding_lib.make_mesh(**config.mesh)
   data = config.data
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if data.global_batch_size % (config.grad_accum_steps * batch_shards):
+    raise ValueError(f"data.global_batch_size={data.global_batch_size} must be a multiple of grad_accum_steps="
+                     f"{config.grad_accum_steps} x {batch_shards} batch shards (mesh data x fsdp)")
   rows, eval_rows = build_datasets(data, config.seed)
   pipeline = InputPipeline(rows, global_batch_size=data.global_batch_size, seed=config.seed, shuffle=data.shuffle)
   num_steps = config.num_steps or data.num_epochs * pipeline.steps_per_epoch()
-  if data.global_batch_size % config.grad_accum_steps:
-    raise ValueError(f"data.global_batch_size={data.global_batch_size} is not a multiple of "
-                     f"grad_accum_steps={config.grad_accum_steps}")
 
   model = build_model(config.model, mesh, config.seed)
   cfg = model.config

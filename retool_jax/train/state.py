@@ -169,7 +169,7 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, rng:
   return state, shardings
 
 
-def abstract_with_shardings(shardings: Any, abstract: Any) -> Any:
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying shardings (restore targets)."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 

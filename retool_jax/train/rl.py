@@ -1,0 +1,385 @@
+"""Reinforcement learning with tool-using rollouts: GRPO, Dr. GRPO, RLOO and DAPO (and PPO with a critic).
+
+One step: roll out `num_prompts x group_size` trajectories with the configured engine (tools run in the
+sandbox while the model decodes) -> score them (verified correctness kept apart from the shaped reward) ->
+advantages -> `num_epochs x num_minibatches` clipped policy-gradient updates, with the old log-probs
+recomputed by the trainer -> weight sync to the engine (in memory for the embedded engine, the disk protocol
+for SGLang).
+
+    trainer = RLTrainer(RLConfig.from_config(config.rl), state, engine=engine, tokenizer=tokenizer,
+                        tools=tools, multiturn=MultiTurnConfig(...), reward_fn=get_reward("retool"),
+                        prompts=batches)
+    for _ in range(steps):
+      metrics = trainer.step()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from retool_jax.models.logprobs import token_logprobs
+from retool_jax.rewards import score_batch
+from retool_jax.rollout import MultiTurnConfig, generate_multiturn
+from retool_jax.train import advantages as adv_lib
+from retool_jax.train import dapo
+from retool_jax.train.losses import PolicyLossConfig, policy_loss
+from retool_jax.train.rl_batch import TokenBatch, minibatch_indices, pack_rollouts
+from retool_jax.train.state import TrainState
+
+ALGORITHMS = ("grpo", "dr_grpo", "rloo", "ppo")
+
+
+def _fields_from(cls, values: Mapping[str, Any], where: str) -> dict[str, Any]:
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise ValueError(f"unknown {where} field(s) {unknown}; expected some of {sorted(names)}")
+  return dict(values)
+
+
+@dataclasses.dataclass(frozen=True)
+class OverlongConfig:
+  """DAPO's soft overlong punishment on the number of response tokens (disabled when `cache_len` is 0)."""
+  max_len: int = 0
+  cache_len: int = 0
+  penalty: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  """What one RL step does.
+
+  Attributes:
+    algorithm: `grpo` (group mean/std advantages), `dr_grpo` (group mean only), `rloo` (leave-one-out) or
+      `ppo` (a critic and GAE; see `retool_jax.train.value_head`).
+    num_prompts / group_size: prompts per step and samples per prompt.
+    num_minibatches / num_epochs: optimizer updates per rollout batch are `num_minibatches * num_epochs`.
+    loss: the clipped policy-gradient objective (`PolicyLossConfig`: clip_low / clip_high, dual_clip,
+      aggregation, kl_coef / kl_estimator (KL to the reference as a loss), entropy_coef, tis_cap).
+    kl_reward_coef: PPO's KL-to-reference penalty folded into the per-token rewards (k1), or 0.
+    dynamic_sampling: DAPO: drop groups whose rewards are all equal and sample more prompts until
+      `num_prompts` informative groups are found or `max_sampling_rounds` rounds have run.
+    overlong: DAPO's soft overlong punishment.
+    gamma / lam: GAE discount and trace decay (PPO).
+    logprob_chunk: time chunk of the log-prob computation (bounds the logits memory).
+    length_multiple: padded lengths are bucketed to multiples of this.
+    seed: sampling seeds and minibatch shuffling.
+  """
+  algorithm: str = "grpo"
+  num_prompts: int = 32
+  group_size: int = 8
+  num_minibatches: int = 1
+  num_epochs: int = 1
+  loss: PolicyLossConfig = PolicyLossConfig()
+  kl_reward_coef: float = 0.0
+  dynamic_sampling: bool = False
+  max_sampling_rounds: int = 4
+  overlong: OverlongConfig = OverlongConfig()
+  gamma: float = 1.0
+  lam: float = 1.0
+  logprob_chunk: int = 256
+  length_multiple: int = 64
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.algorithm not in ALGORITHMS:
+      raise ValueError(f"rl.algorithm={self.algorithm!r}; expected one of {ALGORITHMS}")
+    for name in ("num_prompts", "group_size", "num_minibatches", "num_epochs", "max_sampling_rounds",
+                 "logprob_chunk", "length_multiple"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"rl.{name}={getattr(self, name)} must be >= 1")
+    if self.algorithm == "rloo" and self.group_size < 2:
+      raise ValueError("rl.algorithm='rloo' needs rl.group_size >= 2")
+    if (self.num_prompts * self.group_size) % self.num_minibatches:
+      raise ValueError(f"rl.num_prompts * rl.group_size = {self.num_prompts * self.group_size} does not split "
+                       f"into rl.num_minibatches={self.num_minibatches}")
+    if self.kl_reward_coef < 0:
+      raise ValueError(f"rl.kl_reward_coef={self.kl_reward_coef} must be >= 0")
+    if self.kl_reward_coef > 0 and self.algorithm != "ppo":
+      raise ValueError("rl.kl_reward_coef (KL as a reward penalty) needs rl.algorithm='ppo'; "
+                       "use rl.loss.kl_coef for a KL loss")
+
+  @property
+  def batch_size(self) -> int:
+    return self.num_prompts * self.group_size
+
+  @property
+  def needs_reference(self) -> bool:
+    return self.loss.kl_coef > 0 or self.kl_reward_coef > 0
+
+  @classmethod
+  def from_config(cls, config: Any) -> "RLConfig":
+    """From a `ConfigDict` / mapping; unknown keys (at any level) are errors naming the field."""
+    values = _fields_from(cls, config.to_dict() if hasattr(config, "to_dict") else config, "rl")
+    if "loss" in values and not isinstance(values["loss"], PolicyLossConfig):
+      values["loss"] = PolicyLossConfig(**_fields_from(PolicyLossConfig, values["loss"], "rl.loss"))
+    if "overlong" in values and not isinstance(values["overlong"], OverlongConfig):
+      values["overlong"] = OverlongConfig(**_fields_from(OverlongConfig, values["overlong"], "rl.overlong"))
+    return cls(**values)
+
+
+# ---- scoring and rollout statistics ---------------------------------------------------------------
+
+def reward_info(rollout: Any) -> dict[str, Any]:
+  """What the reward function is told about how a response was produced."""
+  finish = rollout.turns[-1].finish_reason if rollout.turns else None
+  return {"num_tool_calls": rollout.tool_calls, "truncated": rollout.status == "truncated", "finish_reason": finish}
+
+
+def score_rollouts(reward_fn: Any, rollouts: Sequence[Any], answers: Sequence[str]) -> list[Any]:
+  return score_batch(reward_fn, [r.text for r in rollouts], list(answers), [reward_info(r) for r in rollouts])
+
+
+def rollout_metrics(rollouts: Sequence[Any], results: Sequence[Any]) -> dict[str, float]:
+  """Batch means of the rollouts and their scores (`accuracy` is verified correctness, never the reward)."""
+  rewards = np.asarray([r.reward for r in results], np.float64)
+  calls = np.asarray([r.tool_calls for r in rollouts], np.float64)
+  errors = float(sum(r.tool_errors for r in rollouts))
+  policy_tokens = np.asarray([sum(r.loss_mask) for r in rollouts], np.float64)
+  return {
+      "reward_mean": float(rewards.mean()),
+      "reward_std": float(rewards.std()),
+      "accuracy": float(np.mean([r.correct for r in results])),
+      "format_ok": float(np.mean([r.format_ok for r in results])),
+      "tool_calls_per_traj": float(calls.mean()),
+      "tool_use_rate": float(np.mean(calls > 0)),
+      "tool_error_rate": errors / max(float(calls.sum()), 1.0),
+      "response_length": float(policy_tokens.mean()),
+      "response_length_max": float(policy_tokens.max()),
+      "truncation_rate": float(np.mean([r.status == "truncated" for r in rollouts])),
+      "abort_rate": float(np.mean([r.status == "aborted" for r in rollouts])),
+  }
+
+
+async def rollout_and_score(engine: Any, prompts: Sequence[Any], answers: Sequence[str], tools: Any,
+                            multiturn: MultiTurnConfig, reward_fn: Any, tokenizer: Any) -> tuple[list, list]:
+  rollouts = await generate_multiturn(engine, prompts, tools, multiturn, tokenizer=tokenizer)
+  return rollouts, score_rollouts(reward_fn, rollouts, answers)
+
+
+def evaluate(engine: Any, prompts: Sequence[Any], answers: Sequence[str], tools: Any, multiturn: MultiTurnConfig,
+             reward_fn: Any, tokenizer: Any, *, samples: int = 1) -> dict[str, float]:
+  """Rollout metrics of `samples` responses per prompt (held-out accuracy, format, tool use, ...)."""
+  prompts = [p for p in prompts for _ in range(samples)]
+  answers = [a for a in answers for _ in range(samples)]
+  rollouts, results = asyncio.run(
+      rollout_and_score(engine, prompts, answers, tools, multiturn, reward_fn, tokenizer))
+  return rollout_metrics(rollouts, results)
+
+
+# ---- jitted pieces ----------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("temperature", "chunk", "with_entropy"))
+def policy_logprobs(state: TrainState, batch: Mapping[str, jax.Array], *, temperature: float, chunk: int,
+                    with_entropy: bool = False):
+  """Per-token log-probs (and entropies) of the targets under the state's current weights."""
+  out = token_logprobs(state.model(), batch["input_ids_BT"], batch["targets_BT"],
+                       attention_mask=batch["attention_mask_BT"], temperature=temperature, chunk_size=chunk,
+                       with_entropy=with_entropy)
+  return out.logprobs_BT, out.entropy_BT
+
+
+@functools.partial(jax.jit, static_argnames=("loss_config", "temperature", "chunk"), donate_argnames=("state",))
+def policy_update(state: TrainState, batch: Mapping[str, jax.Array], *, loss_config: PolicyLossConfig,
+                  temperature: float, chunk: int) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on the clipped policy-gradient loss of `batch`."""
+
+  def loss_fn(trainable):
+    out = token_logprobs(state.model(trainable), batch["input_ids_BT"], batch["targets_BT"],
+                         attention_mask=batch["attention_mask_BT"], temperature=temperature, chunk_size=chunk,
+                         with_entropy=True)
+    return policy_loss(out.logprobs_BT, batch["old_logp_BT"], batch["adv_BT"], batch["mask_BT"], loss_config,
+                       ref_logp_BT=batch.get("ref_logp_BT"), entropy_BT=out.entropy_BT,
+                       rollout_logp_BT=batch["rollout_logp_BT"])
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+  return state.apply_gradients(grads), metrics
+
+
+# ---- the trainer ------------------------------------------------------------------------------------
+
+PromptBatch = Sequence[Mapping[str, Any]]   # items with "prompt" (ids or chat messages) and "answer"
+
+
+class RLTrainer:
+  """Runs RL steps; owns the train state, the engine's weight version and an event loop for the rollouts.
+
+  Args:
+    config: the `RLConfig`.
+    state: the policy's `TrainState`.
+    engine: a `JaxEngine` or `SGLangEngine` (anything with `generate` / `update_weights`).
+    tokenizer: the policy's tokenizer.
+    tools: a tool registry or per-trajectory factory for `generate_multiturn`.
+    multiturn: limits and sampling of the rollouts (its `temperature` is also the trainer's).
+    reward_fn: `fn(response, ground_truth, info) -> RewardResult`.
+    prompts: an iterator of prompt batches (items with `prompt` and `answer`); batches of any size are
+      regrouped into `num_prompts`.
+    reference: a `ReferenceModel` (needed when the config uses a KL term).
+    critic: a `Critic` (needed for PPO).
+  """
+
+  def __init__(self, config: RLConfig, state: TrainState, *, engine: Any, tokenizer: Any, tools: Any,
+               multiturn: MultiTurnConfig, reward_fn: Any, prompts: Iterator[PromptBatch],
+               reference: Any = None, critic: Any = None, pad_id: int | None = None):
+    if config.needs_reference and reference is None:
+      raise ValueError("the RL config uses a KL term (rl.loss.kl_coef or rl.kl_reward_coef) but no reference "
+                       "model was given")
+    if config.algorithm == "ppo" and critic is None:
+      raise ValueError("rl.algorithm='ppo' needs a critic")
+    self.config, self.state, self.engine = config, state, engine
+    self.tokenizer, self.tools, self.reward_fn = tokenizer, tools, reward_fn
+    self.multiturn = multiturn
+    self.reference, self.critic = reference, critic
+    self.pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
+    self._prompts = _regroup(prompts, config.num_prompts)
+    self._rng = np.random.default_rng(config.seed)
+    self._loop = asyncio.new_event_loop()
+    self.step_count = int(jax.device_get(state.step)) // (config.num_minibatches * config.num_epochs)
+
+  def close(self) -> None:
+    """Stops what the rollouts left running on the trainer's event loop (e.g. the engine's batcher)."""
+    pending = asyncio.all_tasks(self._loop)
+    for task in pending:
+      task.cancel()
+    self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    self._loop.close()
+
+  # -- rollout ---------------------------------------------------------------------------------------
+
+  def _sample_groups(self, items: PromptBatch, round_: int) -> tuple[list, list, list[str]]:
+    g = self.config.group_size
+    seed = self.config.seed + 7919 * (self.step_count * self.config.max_sampling_rounds + round_)
+    mt = dataclasses.replace(self.multiturn, seed=seed * 1000 * len(items) * g % (2 ** 31))
+    prompts = [it["prompt"] for it in items for _ in range(g)]
+    answers = [str(it["answer"]) for it in items for _ in range(g)]
+    rollouts, results = self._loop.run_until_complete(
+        rollout_and_score(self.engine, prompts, answers, self.tools, mt, self.reward_fn, self.tokenizer))
+    return rollouts, results, answers
+
+  def _collect(self) -> tuple[list, list, np.ndarray, dict[str, float]]:
+    """Rollouts, their scores and training rewards; with dynamic sampling, only informative groups."""
+    c, g = self.config, self.config.group_size
+    rollouts, results, rewards, stats = [], [], [], {}
+    all_rollouts, all_results = [], []
+    for round_ in range(c.max_sampling_rounds if c.dynamic_sampling else 1):
+      items = next(self._prompts)
+      ro, res, _ = self._sample_groups(items, round_)
+      all_rollouts += ro
+      all_results += res
+      r = self._training_rewards(ro, res)
+      if c.dynamic_sampling:
+        keep = np.repeat(dapo.informative_groups(r, g), g)
+        ro, res, r = [x for x, k in zip(ro, keep) if k], [x for x, k in zip(res, keep) if k], r[keep]
+      rollouts += ro
+      results += res
+      rewards.append(r)
+      stats["sampling_rounds"] = round_ + 1
+      if len(rollouts) >= c.batch_size:
+        break
+    rewards = np.concatenate(rewards)[:c.batch_size]
+    rollouts, results = rollouts[:c.batch_size], results[:c.batch_size]
+    stats.update(rollout_metrics(all_rollouts, all_results))
+    if c.dynamic_sampling:
+      stats["kept_fraction"] = len(rollouts) / max(len(all_rollouts), 1)
+    return rollouts, results, rewards, stats
+
+  def _training_rewards(self, rollouts: Sequence[Any], results: Sequence[Any]) -> np.ndarray:
+    r = np.asarray([x.reward for x in results], np.float64)
+    o = self.config.overlong
+    if o.cache_len > 0:
+      r = r + dapo.overlong_penalty([sum(x.loss_mask) for x in rollouts], o.max_len, o.cache_len,
+                                    penalty=o.penalty)
+    return r
+
+  # -- advantages ------------------------------------------------------------------------------------
+
+  def _advantages(self, rewards: np.ndarray, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, Any]]:
+    c = self.config
+    if c.algorithm == "ppo":
+      return self.critic.advantages(rewards, batch, c)
+    if c.algorithm == "rloo":
+      adv_B = adv_lib.rloo_advantages(rewards, c.group_size)
+    else:
+      adv_B = adv_lib.grpo_advantages(rewards, c.group_size, normalize_std=c.algorithm == "grpo")
+    return adv_lib.broadcast_to_tokens(adv_B, batch["mask_BT"]), {}
+
+  # -- one step --------------------------------------------------------------------------------------
+
+  def step(self) -> dict[str, float]:
+    """One rollout batch and its updates; returns the step's metrics."""
+    c, temperature = self.config, self.multiturn.temperature
+    t0 = time.perf_counter()
+    rollouts, results, rewards, metrics = self._collect()
+    if len(rollouts) < c.group_size:
+      metrics.update({"skipped": 1.0, "time/rollout": time.perf_counter() - t0})
+      self.step_count += 1
+      return metrics
+    packed = pack_rollouts(rollouts, pad_id=self.pad_id, length_multiple=c.length_multiple)
+    batch = {k: jnp.asarray(v) for k, v in packed.arrays().items()}
+    t1 = time.perf_counter()
+
+    batch["old_logp_BT"], _ = policy_logprobs(self.state, batch, temperature=temperature, chunk=c.logprob_chunk)
+    if self.reference is not None:
+      batch["ref_logp_BT"] = self.reference.logprobs(
+          batch["input_ids_BT"], batch["targets_BT"], attention_mask=batch["attention_mask_BT"],
+          temperature=temperature, chunk_size=c.logprob_chunk).logprobs_BT
+    batch["adv_BT"], critic_batch = self._advantages(rewards, batch)
+    jax.block_until_ready(batch["adv_BT"])
+    t2 = time.perf_counter()
+
+    if self.reference is not None and c.loss.kl_coef == 0:
+      batch.pop("ref_logp_BT")  # a reward penalty only: the loss does not need it
+    update_metrics = []
+    n = len(rollouts)
+    for _ in range(c.num_epochs):
+      for rows in minibatch_indices(n, c.num_minibatches if n == c.batch_size else 1, self._rng):
+        mb = {k: v[rows] for k, v in batch.items()}
+        self.state, m = policy_update(self.state, mb, loss_config=c.loss, temperature=temperature,
+                                      chunk=c.logprob_chunk)
+        if self.critic is not None:
+          m = dict(m, **self.critic.update({k: v[rows] for k, v in critic_batch.items()}))
+        update_metrics.append(m)
+    update_metrics = jax.device_get(update_metrics)
+    t3 = time.perf_counter()
+
+    self.step_count += 1
+    self.sync_weights()
+    t4 = time.perf_counter()
+
+    for key in update_metrics[0]:
+      metrics[key] = float(np.mean([m[key] for m in update_metrics]))
+    tokens = float(np.sum(packed.attention_mask_BT))
+    metrics.update({
+        "train_reward_mean": float(rewards.mean()),
+        "batch_size": float(n),
+        "time/rollout": t1 - t0, "time/reference": t2 - t1, "time/train": t3 - t2, "time/sync": t4 - t3,
+        "perf/step_time": t4 - t0, "perf/tokens_per_s": tokens / (t4 - t0),
+        "perf/train_tokens_per_s": c.num_epochs * tokens / max(t3 - t2, 1e-9),
+    })
+    return metrics
+
+  def sync_weights(self) -> None:
+    """Sends the current weights to the engine, versioned by the RL step."""
+    self._loop.run_until_complete(self.engine.update_weights(self.state.model_params(), version=self.step_count))
+
+
+def _regroup(batches: Iterator[PromptBatch], size: int) -> Iterator[list[Mapping[str, Any]]]:
+  """Re-chunks an iterator of prompt batches into lists of exactly `size` items."""
+  buffer: list[Mapping[str, Any]] = []
+  for items in batches:
+    buffer.extend(items)
+    while len(buffer) >= size:
+      yield buffer[:size]
+      buffer = buffer[size:]
+  raise ValueError(f"the prompt source ran out ({len(buffer)} prompts left, {size} needed per batch)")

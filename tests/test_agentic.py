@@ -1,7 +1,6 @@
 """Agentic mode: a chat-messages agent over an engine, recorded token-exactly; the ReTool example agent."""
 
 import asyncio
-import json
 
 import jax.numpy as jnp
 import numpy as np

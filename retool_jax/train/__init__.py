@@ -18,6 +18,8 @@ import ml_collections
 # checkpointing and metrics.
 TRAINERS: dict[str, str] = {
     "sft": "retool_jax.train.sft",
+    "rl": "retool_jax.train.rl_run",
+    "dpo": "retool_jax.train.dpo",
 }
 
 

@@ -252,7 +252,11 @@ class RLTrainer:
     pending = asyncio.all_tasks(self._loop)
     for task in pending:
       task.cancel()
-    self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+
+    async def drain():
+      await asyncio.gather(*pending, return_exceptions=True)
+
+    self._loop.run_until_complete(drain())
     self._loop.close()
 
   # -- rollout ---------------------------------------------------------------------------------------

@@ -1,0 +1,35 @@
+"""ReTool RL on Qwen3-4B (the public recipe): GRPO, lr 1e-6 constant, 32 prompts x 8 samples, clip 0.2 / 0.28,
+temperature 1.0, 8192 response tokens over at most 16 turns, strict boxed answers with tool-use shaping.
+
+    python -m retool_jax.train --config=configs/retool_qwen3_4b_rl.py --config.model.checkpoint=runs/retool_sft/...
+"""
+
+import ml_collections
+
+from retool_jax.train.rl_run import default_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = default_config()
+  c.workdir = "runs/retool_qwen3_4b_rl"
+  c.num_steps = 400
+  c.model.checkpoint = "runs/retool_qwen3_4b_sft/checkpoints"   # the ReTool SFT model
+  c.model.remat = "full"
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
+  c.data.path = "../shared/fixtures/dapo_math_17k/dapo_math_17k_slime_format.first27.jsonl"  # the full set in a run
+  c.data.prompt_style = "retool"
+  c.reward = "retool"                    # <answer>\boxed{}</answer>; wrong after k calls: min(-0.6, -1 + 0.1 k)
+  c.rollout = ml_collections.ConfigDict(dict(
+      max_context=9216,                  # prompt (<= 1024) + 8192 response tokens
+      max_turns=16, max_tool_calls=16, max_observation_tokens=1024, temperature=1.0, top_p=1.0,
+      call_formats=("code",)))
+  c.rl = ml_collections.ConfigDict(dict(
+      algorithm="grpo", num_prompts=32, group_size=8, num_minibatches=4, num_epochs=1,
+      loss=dict(clip_low=0.2, clip_high=0.28, aggregation="token_mean", kl_coef=0.0, entropy_coef=0.0,
+                tis_cap=2.0),
+      logprob_chunk=1024, length_multiple=512))
+  c.optim.learning_rate = 1e-6
+  c.optim.schedule = "constant"
+  c.optim.weight_decay = 0.1
+  c.checkpoint.every_steps = 20
+  return c

@@ -30,7 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
   # The embedded engine: one 64-row batch shape; requests arriving within batch_window_s share a batch (turns
   # after a tool call arrive as the sandbox returns).
   c.engine = ml_collections.ConfigDict(dict(max_batch_size=64, decode_chunk=16, batch_window_s=0.2))
-  c.reward = "retool"                  # verified correctness; wrong answers after tool calls shaped up to -0.6
+  # Reward: the ReTool reward (verified correctness; wrong answers after tool calls shaped up to -0.6) plus a
+  # format term (1 for a closed <answer>\boxed{..}</answer> with every tag closed and no truncation, else 0).
+  c.reward = ml_collections.ConfigDict({"retool": 1.0, "format": 0.5})
   c.rl_steps = 50
   c.rl = ml_collections.ConfigDict(dict(
       algorithm="grpo", num_prompts=8, group_size=8, num_minibatches=2, num_epochs=1,

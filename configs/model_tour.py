@@ -1,12 +1,12 @@
-"""`make demo`: a tiny random Qwen3 on the CPU, exported to a Hugging Face folder, loaded back, and sampled
-greedily from a real Qwen3 chat prompt; then one code-interpreter call through the sandbox."""
+"""`python -m retool_jax.model_tour`: a small random Qwen3 on the CPU, exported to a Hugging Face folder, loaded
+back, and decoded greedily from a real Qwen3 chat prompt; then one code-interpreter call through the sandbox."""
 
 import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.workdir = "runs/demo"
+  c.workdir = "runs/model_tour"
   c.seed = 0
   c.model = ml_collections.ConfigDict(dict(
       hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,

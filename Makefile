@@ -36,7 +36,7 @@ test: sysdeps $(VENV)/.installed-test
 	$(PY) -m pytest -q -rs
 
 test-slow: $(VENV)/.installed-test
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -rs -m slow
 
 test-all: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m ""

@@ -22,10 +22,23 @@ import time
 
 import numpy as np
 
-CONFIG = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=1024,
-              intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-              tie_word_embeddings=False, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960,
-              torch_dtype="bfloat16", bos_token_id=151643, eos_token_id=151645)
+CONFIG = dict(
+  model_type="qwen3",
+  architectures=["Qwen3ForCausalLM"],
+  vocab_size=151936,
+  hidden_size=1024,
+  intermediate_size=3072,
+  num_attention_heads=16,
+  num_key_value_heads=8,
+  head_dim=128,
+  tie_word_embeddings=False,
+  rms_norm_eps=1e-6,
+  rope_theta=1e6,
+  max_position_embeddings=40960,
+  torch_dtype="bfloat16",
+  bos_token_id=151643,
+  eos_token_id=151645,
+)
 
 # Peak RSS is the child's VmHWM: unlike ru_maxrss it is not inherited from the parent across fork + exec.
 CHILD = r"""
@@ -44,6 +57,7 @@ def write_random_checkpoint(path: str, layers: int) -> tuple[int, int]:
   from retool_jax.models.qwen3_hf import hf_shapes
   from retool_jax.models.safetensors_io import write_sharded
   from retool_jax.models.qwen3_config import Qwen3Config
+
   os.makedirs(path)
   hf = {**CONFIG, "num_hidden_layers": layers}
   shapes = hf_shapes(Qwen3Config.from_hf(hf))
@@ -88,26 +102,39 @@ def main() -> None:
     copy_s = time.perf_counter() - t
     shutil.rmtree(copy)
 
-    to_orbax = measure(f"from retool_jax.convert import main; main(['--from', 'hf', '--src', {src!r}, "
-                       f"'--dst', {orbax!r}, '--no-progress'])")
-    to_hf = measure(f"from retool_jax.convert import main; main(['--to', 'hf', '--src', {orbax!r}, "
-                    f"'--dst', {hf_out!r}, '--no-progress'])")
-    baseline = measure(f"from retool_jax.models import qwen3; from retool_jax import checkpoint; "
-                       f"m = qwen3.load_hf({src!r}); checkpoint.save({base!r}, m, m.config)")
+    to_orbax = measure(
+      f"from retool_jax.convert import main; main(['--from', 'hf', '--src', {src!r}, "
+      f"'--dst', {orbax!r}, '--no-progress'])"
+    )
+    to_hf = measure(
+      f"from retool_jax.convert import main; main(['--to', 'hf', '--src', {orbax!r}, "
+      f"'--dst', {hf_out!r}, '--no-progress'])"
+    )
+    baseline = measure(
+      f"from retool_jax.models import qwen3; from retool_jax import checkpoint; "
+      f"m = qwen3.load_hf({src!r}); checkpoint.save({base!r}, m, m.config)"
+    )
 
     goal = 2 * largest + (1 << 30)
     print(f"{'':28s}{'seconds':>9s}{'GB/s':>8s}{'peak RSS GB':>13s}")
-    rows = [("raw file copy (baseline)", copy_s, None), ("load_hf + save (baseline)", baseline["seconds"],
-            baseline["peak_rss"]), ("streaming HF -> Orbax", to_orbax["seconds"], to_orbax["peak_rss"]),
-            ("streaming Orbax -> HF", to_hf["seconds"], to_hf["peak_rss"])]
+    rows = [
+      ("raw file copy (baseline)", copy_s, None),
+      ("load_hf + save (baseline)", baseline["seconds"], baseline["peak_rss"]),
+      ("streaming HF -> Orbax", to_orbax["seconds"], to_orbax["peak_rss"]),
+      ("streaming Orbax -> HF", to_hf["seconds"], to_hf["peak_rss"]),
+    ]
     for name, s, rss in rows:
       print(f"{name:28s}{s:9.1f}{gb / s:8.2f}{'' if rss is None else f'{rss / 1e9:13.2f}'}")
-    print(f"peak RSS goal (2 x largest tensor + 1 GiB): {goal / 1e9:.2f} GB; HF -> Orbax "
-          f"{'meets' if to_orbax['peak_rss'] <= goal else 'MISSES'} it, Orbax -> HF "
-          f"{'meets' if to_hf['peak_rss'] <= goal else 'MISSES'} it")
-    print(f"HF -> Orbax vs load_hf + save: {baseline['seconds'] / to_orbax['seconds']:.2f}x speed, "
-          f"{to_orbax['peak_rss'] / baseline['peak_rss']:.2f}x peak RSS; "
-          f"vs raw copy: {copy_s / to_orbax['seconds']:.2f}x speed")
+    print(
+      f"peak RSS goal (2 x largest tensor + 1 GiB): {goal / 1e9:.2f} GB; HF -> Orbax "
+      f"{'meets' if to_orbax['peak_rss'] <= goal else 'MISSES'} it, Orbax -> HF "
+      f"{'meets' if to_hf['peak_rss'] <= goal else 'MISSES'} it"
+    )
+    print(
+      f"HF -> Orbax vs load_hf + save: {baseline['seconds'] / to_orbax['seconds']:.2f}x speed, "
+      f"{to_orbax['peak_rss'] / baseline['peak_rss']:.2f}x peak RSS; "
+      f"vs raw copy: {copy_s / to_orbax['seconds']:.2f}x speed"
+    )
   finally:
     if not args.keep:
       shutil.rmtree(root, ignore_errors=True)

@@ -22,10 +22,26 @@ from retool_jax.models import qwen3
 from retool_jax.models.logprobs import token_logprobs
 
 CPU_CONFIGS = {
-    "tiny": dict(vocab_size=8192, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),
-    "small": dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                  num_attention_heads=8, num_key_value_heads=4, head_dim=32, tie_word_embeddings=True),
+  "tiny": dict(
+    vocab_size=8192,
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    tie_word_embeddings=True,
+  ),
+  "small": dict(
+    vocab_size=32000,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=32,
+    tie_word_embeddings=True,
+  ),
 }
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
@@ -102,21 +118,33 @@ def main():
     if device.platform != "gpu":
       raise SystemExit(f"--gpu needs a GPU; JAX sees {device}")
     seq, batch, steps = args.seq or 4096, args.batch or 4, args.steps or 10
-    cfg = qwen3.preset("1.7B", param_dtype="float32", dtype="bfloat16", attention_impl="cudnn",
-                       remat=args.remat or "dots_with_no_batch_dims", scan_layers=True)
+    cfg = qwen3.preset(
+      "1.7B",
+      param_dtype="float32",
+      dtype="bfloat16",
+      attention_impl="cudnn",
+      remat=args.remat or "dots_with_no_batch_dims",
+      scan_layers=True,
+    )
     rate = jax_train_step_rate(cfg, batch, seq, steps)
     flops = train_flops_per_token(cfg, seq) * rate
     kind = next((k for k in PEAK_BF16_FLOPS if k in device.device_kind), None)
     print(f"device: {device.device_kind}")
-    print(f"Qwen3-1.7B train step, bf16 compute, batch {batch} x seq {seq}: {rate:,.0f} tokens/s, "
-          f"{flops / 1e12:.1f} TFLOP/s")
+    print(
+      f"Qwen3-1.7B train step, bf16 compute, batch {batch} x seq {seq}: {rate:,.0f} tokens/s, "
+      f"{flops / 1e12:.1f} TFLOP/s"
+    )
     if kind:
-      print(f"MFU: {100 * flops / PEAK_BF16_FLOPS[kind]:.1f}% of {PEAK_BF16_FLOPS[kind] / 1e12:.0f} TFLOP/s dense bf16")
+      print(
+        f"MFU: {100 * flops / PEAK_BF16_FLOPS[kind]:.1f}% of {PEAK_BF16_FLOPS[kind] / 1e12:.0f} TFLOP/s dense bf16"
+      )
     return
 
   seq, batch, steps = args.seq or 256, args.batch or 4, args.steps or 4
-  print(f"batch {batch} x seq {seq}; {steps} timed steps per round; {args.rounds} rounds alternating the two "
-        f"frameworks, best round reported; CPU threads: {os.cpu_count()}")
+  print(
+    f"batch {batch} x seq {seq}; {steps} timed steps per round; {args.rounds} rounds alternating the two "
+    f"frameworks, best round reported; CPU threads: {os.cpu_count()}"
+  )
   for name, kw in CPU_CONFIGS.items():
     cfg = qwen3.Qwen3Config(**kw)
     ours, base = [], []

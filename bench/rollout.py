@@ -27,8 +27,16 @@ from transformers import Qwen3ForCausalLM  # noqa: E402
 from retool_jax.models import qwen3  # noqa: E402
 from retool_jax.rollout import GenerateRequest, JaxEngine, MultiTurnConfig, SamplingParams, run_agent  # noqa: E402
 
-TINY = dict(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
+TINY = dict(
+  vocab_size=4096,
+  hidden_size=128,
+  intermediate_size=384,
+  num_hidden_layers=4,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=32,
+  tie_word_embeddings=True,
+)
 
 
 def tiny_models(tmp: str):
@@ -49,11 +57,17 @@ def bench_decode(hf, model, batch: int, new_tokens: int, prompt_len: int = 32) -
 
   def theirs():
     with torch.no_grad():
-      return hf.generate(torch.tensor(prompts), attention_mask=torch.ones(batch, prompt_len, dtype=torch.long),
-                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)
+      return hf.generate(
+        torch.tensor(prompts),
+        attention_mask=torch.ones(batch, prompt_len, dtype=torch.long),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+      )
 
-  ours(), theirs()   # compile / warm up
+  ours(), theirs()  # compile / warm up
   rates = []
   for fn in (ours, theirs):
     t0 = time.perf_counter()
@@ -86,14 +100,25 @@ def tool_agent(tool_s: float, turns: int, turn_tokens: list[int], blocking: bool
 
 
 def bench_multiturn(model, tokenizer, trajectories: int, turns: int) -> dict[str, float]:
-  engine = JaxEngine(model, tokenizer=tokenizer, eos_token_ids=(), max_batch_size=trajectories,
-                     min_batch_bucket=trajectories, min_prompt_bucket=64, min_new_bucket=64)
+  engine = JaxEngine(
+    model,
+    tokenizer=tokenizer,
+    eos_token_ids=(),
+    max_batch_size=trajectories,
+    min_batch_bucket=trajectories,
+    min_prompt_bucket=64,
+    min_new_bucket=64,
+  )
   config = MultiTurnConfig(max_context=2048, temperature=1.0, seed=0)
   lengths = [24, 48, 32, 64, 40, 56]
   prompts = list(range(trajectories))
   walls = {}
-  for name, tool_s, blocking in [("warmup", 0.0, False), ("no tool", 0.0, False), ("overlapped", 0.1, False),
-                                 ("sequential", 0.1, True)]:
+  for name, tool_s, blocking in [
+    ("warmup", 0.0, False),
+    ("no tool", 0.0, False),
+    ("overlapped", 0.1, False),
+    ("sequential", 0.1, True),
+  ]:
     t0 = time.perf_counter()
     outs = asyncio.run(run_agent(engine, tool_agent(tool_s, turns, lengths, blocking), prompts, None, config))
     walls[name] = time.perf_counter() - t0
@@ -116,22 +141,30 @@ def main():
 
   print(f"1. decode, batch {args.batch}, 32-token prompts, {args.new_tokens} new tokens, greedy")
   ours, theirs = bench_decode(hf, model, args.batch, args.new_tokens)
-  print(f"  JaxEngine {ours:,.0f} tok/s | HF generate {theirs:,.0f} tok/s | ratio {ours / theirs:.2f}x (goal >= 3x)")
+  print(
+    f"  JaxEngine {ours:,.0f} tok/s | HF generate {theirs:,.0f} tok/s | ratio {ours / theirs:.2f}x (goal >= 3x)"
+  )
 
   from retool_jax.assets import QWEN3_TOKENIZER_DIR
   from retool_jax.chat import load_tokenizer
+
   tokenizer = load_tokenizer(QWEN3_TOKENIZER_DIR)
   big = qwen3.Qwen3Config(**{**TINY, "vocab_size": len(tokenizer)})
   from flax import nnx
+
   agent_model = qwen3.Qwen3(big, rngs=nnx.Rngs(0))
-  print(f"2. multi-turn: {args.trajectories} agent rollouts x {args.turns} turns (24-64 tokens each), "
-        "real tokenizer, tool 100 ms after every turn")
+  print(
+    f"2. multi-turn: {args.trajectories} agent rollouts x {args.turns} turns (24-64 tokens each), "
+    "real tokenizer, tool 100 ms after every turn"
+  )
   walls = bench_multiturn(agent_model, tokenizer, args.trajectories, args.turns)
   base = walls["no tool"]
   for name, wall in walls.items():
     print(f"  {name:<11} {wall:6.2f} s  ({wall / base:.2f}x the no-tool wall time)")
-  print(f"  overlapped / no tool = {walls['overlapped'] / base:.2f}x (goal <= 1.2x); "
-        f"sequential / overlapped = {walls['sequential'] / walls['overlapped']:.2f}x")
+  print(
+    f"  overlapped / no tool = {walls['overlapped'] / base:.2f}x (goal <= 1.2x); "
+    f"sequential / overlapped = {walls['sequential'] / walls['overlapped']:.2f}x"
+  )
 
 
 if __name__ == "__main__":

@@ -13,19 +13,29 @@ def get_config() -> ml_collections.ConfigDict:
   c = default_config()
   c.workdir = "runs/dapo_math"
   c.num_steps = 500
-  c.model.checkpoint = "Qwen3-4B-Base"   # a local Hugging Face folder
+  c.model.checkpoint = "Qwen3-4B-Base"  # a local Hugging Face folder
   c.model.remat = "full"
   c.data.path = "../shared/fixtures/dapo_math_17k/dapo_math_17k_slime_format.first27.jsonl"
-  c.data.prompt_style = "raw"            # the dataset's own "Answer:" instruction
+  c.data.prompt_style = "raw"  # the dataset's own "Answer:" instruction
   c.reward = "math"
-  c.rollout = ml_collections.ConfigDict(dict(max_context=21504, max_turns=1, max_tool_calls=0, temperature=1.0,
-                                             call_formats=("code",)))
-  c.rl = ml_collections.ConfigDict(dict(
-      algorithm="grpo", num_prompts=512 // 16, group_size=16, num_minibatches=16, num_epochs=1,
+  c.rollout = ml_collections.ConfigDict(
+    dict(max_context=21504, max_turns=1, max_tool_calls=0, temperature=1.0, call_formats=("code",))
+  )
+  c.rl = ml_collections.ConfigDict(
+    dict(
+      algorithm="grpo",
+      num_prompts=512 // 16,
+      group_size=16,
+      num_minibatches=16,
+      num_epochs=1,
       loss=dict(clip_low=0.2, clip_high=0.28, aggregation="token_mean", kl_coef=0.0),
-      dynamic_sampling=True, max_sampling_rounds=3,
+      dynamic_sampling=True,
+      max_sampling_rounds=3,
       overlong=dict(max_len=20480, cache_len=4096, penalty=1.0),
-      logprob_chunk=1024, length_multiple=1024))
+      logprob_chunk=1024,
+      length_multiple=1024,
+    )
+  )
   c.optim.learning_rate = 1e-6
   c.optim.warmup_steps = 10
   return c

@@ -13,21 +13,39 @@ def get_config() -> ml_collections.ConfigDict:
   c = default_config()
   c.workdir = "runs/retool_qwen3_4b_rl"
   c.num_steps = 400
-  c.model.checkpoint = "runs/retool_qwen3_4b_sft/checkpoints"   # the ReTool SFT model
+  c.model.checkpoint = "runs/retool_qwen3_4b_sft/checkpoints"  # the ReTool SFT model
   c.model.remat = "full"
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
-  c.data.path = "../shared/fixtures/dapo_math_17k/dapo_math_17k_slime_format.first27.jsonl"  # the full set in a run
+  c.data.path = (
+    "../shared/fixtures/dapo_math_17k/dapo_math_17k_slime_format.first27.jsonl"  # the full set in a run
+  )
   c.data.prompt_style = "retool"
-  c.reward = "retool"                    # <answer>\boxed{}</answer>; wrong after k calls: min(-0.6, -1 + 0.1 k)
-  c.rollout = ml_collections.ConfigDict(dict(
-      max_context=9216,                  # prompt (<= 1024) + 8192 response tokens
-      max_turns=16, max_tool_calls=16, max_observation_tokens=1024, temperature=1.0, top_p=1.0,
-      call_formats=("code",)))
-  c.rl = ml_collections.ConfigDict(dict(
-      algorithm="grpo", num_prompts=32, group_size=8, num_minibatches=4, num_epochs=1,
-      loss=dict(clip_low=0.2, clip_high=0.28, aggregation="token_mean", kl_coef=0.0, entropy_coef=0.0,
-                tis_cap=2.0),
-      logprob_chunk=1024, length_multiple=512))
+  c.reward = "retool"  # <answer>\boxed{}</answer>; wrong after k calls: min(-0.6, -1 + 0.1 k)
+  c.rollout = ml_collections.ConfigDict(
+    dict(
+      max_context=9216,  # prompt (<= 1024) + 8192 response tokens
+      max_turns=16,
+      max_tool_calls=16,
+      max_observation_tokens=1024,
+      temperature=1.0,
+      top_p=1.0,
+      call_formats=("code",),
+    )
+  )
+  c.rl = ml_collections.ConfigDict(
+    dict(
+      algorithm="grpo",
+      num_prompts=32,
+      group_size=8,
+      num_minibatches=4,
+      num_epochs=1,
+      loss=dict(
+        clip_low=0.2, clip_high=0.28, aggregation="token_mean", kl_coef=0.0, entropy_coef=0.0, tis_cap=2.0
+      ),
+      logprob_chunk=1024,
+      length_multiple=512,
+    )
+  )
   c.optim.learning_rate = 1e-6
   c.optim.schedule = "constant"
   c.optim.weight_decay = 0.1

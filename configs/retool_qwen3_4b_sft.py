@@ -21,24 +21,24 @@ def get_config():
   c = default_config()
   c.workdir = "runs/retool_qwen3_4b_sft"
   c.seed = 0
-  c.num_steps = 0                    # data.num_epochs passes over the packed data
+  c.num_steps = 0  # data.num_epochs passes over the packed data
   c.grad_accum_steps = 4
 
-  c.model.checkpoint = ""            # required: a Qwen3-4B (HF or Orbax) folder
+  c.model.checkpoint = ""  # required: a Qwen3-4B (HF or Orbax) folder
   c.model.param_dtype = "float32"
   c.model.dtype = "bfloat16"
   c.model.remat = "full"
   c.model.scan_layers = True
 
   c.mesh.data = 1
-  c.mesh.fsdp = -1                   # all devices
+  c.mesh.fsdp = -1  # all devices
   c.mesh.tensor = 1
 
   c.data.format = "retool_sft"
-  c.data.style = "inline"            # ReTool's own <code>/<interpreter> format, as the RL rollouts use
+  c.data.style = "inline"  # ReTool's own <code>/<interpreter> format, as the RL rollouts use
   c.data.enable_thinking = True
   c.data.seq_len = 8192
-  c.data.overflow = "drop"           # a truncated trace would teach an unfinished answer
+  c.data.overflow = "drop"  # a truncated trace would teach an unfinished answer
   c.data.global_batch_size = 32
   c.data.num_epochs = 3
   c.data.eval_holdout = 64

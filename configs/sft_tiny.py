@@ -13,9 +13,17 @@ def get_config():
   c = default_config()
   c.workdir = "runs/sft_tiny"
   c.num_steps = 40
-  c.model.overrides = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
-  c.model.dtype = "float32"          # exact on the CPU; training runs use bfloat16
+  c.model.overrides = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    tie_word_embeddings=True,
+  )
+  c.model.dtype = "float32"  # exact on the CPU; training runs use bfloat16
   c.data.format = "synthetic"
   c.data.synthetic_vocab = 256
   c.data.synthetic_examples = 256

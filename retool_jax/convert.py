@@ -16,12 +16,19 @@ from retool_jax.checkpoint import converters
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m retool_jax.convert", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+  p = argparse.ArgumentParser(
+    prog="python -m retool_jax.convert",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+  )
   direction = p.add_mutually_exclusive_group(required=True)
-  direction.add_argument("--from", dest="from_format", choices=("hf", "megatron"),
-                         help="convert a Hugging Face or Megatron-Core torch_dist checkpoint to Orbax")
+  direction.add_argument(
+    "--from",
+    dest="from_format",
+    choices=("hf", "megatron"),
+    help="convert a Hugging Face or Megatron-Core torch_dist checkpoint to Orbax",
+  )
   direction.add_argument("--to", dest="to_format", choices=("hf",), help="convert an Orbax checkpoint to HF")
   p.add_argument("--src", required=True, help="source checkpoint folder")
   p.add_argument("--dst", required=True, help="destination folder (must not exist)")
@@ -46,8 +53,14 @@ def run(args: argparse.Namespace) -> converters.ConversionSummary:
     return converters.hf_to_orbax(args.src, args.dst, dtype=args.dtype, progress=progress)
   if args.from_format == "megatron":
     return converters.megatron_to_orbax(args.src, args.hf_config, args.dst, dtype=args.dtype, progress=progress)
-  return converters.orbax_to_hf(args.src, args.dst, dtype=args.dtype, tokenizer=args.tokenizer,
-                                max_shard_bytes=int(args.max_shard_gb * (1 << 30)), progress=progress)
+  return converters.orbax_to_hf(
+    args.src,
+    args.dst,
+    dtype=args.dtype,
+    tokenizer=args.tokenizer,
+    max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
+    progress=progress,
+  )
 
 
 def main(argv: list[str] | None = None) -> int:

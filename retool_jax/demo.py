@@ -19,7 +19,8 @@ from ml_collections import config_flags
 from retool_jax.demo_task import run_demo
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo_cpu.py"), "Demo configuration.")
+  "config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo_cpu.py"), "Demo configuration."
+)
 
 
 def main(_):

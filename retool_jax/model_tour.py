@@ -23,7 +23,8 @@ from retool_jax.models import qwen3
 from retool_jax.models.generate import greedy_generate
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "model_tour.py"), "Tour configuration.")
+  "config", os.path.join(os.path.dirname(__file__), "..", "configs", "model_tour.py"), "Tour configuration."
+)
 
 
 def main(_):
@@ -51,8 +52,10 @@ def main(_):
   again = time.perf_counter() - t0
   print(f"prompt ({len(prompt_ids)} tokens): {tokenizer.decode(prompt_ids)!r}")
   print(f"greedy continuation (random weights): {tokenizer.decode(out)!r}")
-  print(f"decode: {len(out)} tokens, {first:.2f}s with compilation, {again:.3f}s compiled "
-        f"({len(out) / again:,.0f} tokens/s)")
+  print(
+    f"decode: {len(out)} tokens, {first:.2f}s with compilation, {again:.3f}s compiled "
+    f"({len(out) / again:,.0f} tokens/s)"
+  )
 
   try:
     from retool_jax.tools import run_python

@@ -30,6 +30,7 @@ def series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
 def plot_run(run_dir: str | Path, out: str | Path | None = None, keys: Sequence[str] | None = None) -> Path:
   """Renders the curves of a run folder into a PNG and returns its path."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -55,7 +56,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, keys: Sequence[
     ax.set_title(name)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-  for ax in list(axes.flat)[len(names):]:
+  for ax in list(axes.flat)[len(names) :]:
     ax.axis("off")
   fig.suptitle(run_dir.name)
   fig.tight_layout()

@@ -20,27 +20,27 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # logical axis -> mesh axes that shard it (None: replicated).
 LOGICAL_AXIS_RULES: Mapping[str, str | tuple[str, ...] | None] = {
-    # Parameters.
-    "layers": None,          # leading axis of stacked decoder layers
-    "vocab": "tensor",       # embedding rows, lm_head columns
-    "embed": "fsdp",         # model width: fully-sharded data parallel over this axis
-    "q_heads": "tensor",
-    "kv_heads": "tensor",
-    "head_dim": None,
-    "mlp": "tensor",         # dense SwiGLU width
-    "expert": "expert",      # expert index of MoE weights
-    "expert_mlp": "tensor",  # per-expert SwiGLU width
-    "norm": None,
-    "router_expert": None,   # router columns: replicated so top-k needs no gather
-    # Activations.
-    "batch": ("data", "fsdp"),
-    "length": None,
-    "act_embed": None,
-    "act_heads": "tensor",
-    "act_kv_heads": "tensor",
-    "act_mlp": "tensor",
-    "act_vocab": "tensor",
-    "cache_length": None,
+  # Parameters.
+  "layers": None,  # leading axis of stacked decoder layers
+  "vocab": "tensor",  # embedding rows, lm_head columns
+  "embed": "fsdp",  # model width: fully-sharded data parallel over this axis
+  "q_heads": "tensor",
+  "kv_heads": "tensor",
+  "head_dim": None,
+  "mlp": "tensor",  # dense SwiGLU width
+  "expert": "expert",  # expert index of MoE weights
+  "expert_mlp": "tensor",  # per-expert SwiGLU width
+  "norm": None,
+  "router_expert": None,  # router columns: replicated so top-k needs no gather
+  # Activations.
+  "batch": ("data", "fsdp"),
+  "length": None,
+  "act_embed": None,
+  "act_heads": "tensor",
+  "act_kv_heads": "tensor",
+  "act_mlp": "tensor",
+  "act_vocab": "tensor",
+  "cache_length": None,
 }
 
 
@@ -68,17 +68,21 @@ class MeshConfig:
     return tuple(sizes)
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, expert: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+def make_mesh(
+  data: int = 1, fsdp: int = -1, tensor: int = 1, expert: int = 1, devices: Sequence[jax.Device] | None = None
+) -> jax.sharding.Mesh:
   """A (data, fsdp, tensor, expert) mesh over all (or the given) devices."""
   devices = list(devices) if devices is not None else jax.devices()
   shape = MeshConfig(data, fsdp, tensor, expert).shape(len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None,
-                    mesh: jax.sharding.Mesh | None = None,
-                    rules: Mapping[str, Any] = LOGICAL_AXIS_RULES) -> PartitionSpec:
+def logical_to_spec(
+  axes: Sequence[str | None],
+  shape: Sequence[int] | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  rules: Mapping[str, Any] = LOGICAL_AXIS_RULES,
+) -> PartitionSpec:
   """Maps logical axis names to a PartitionSpec.
 
   With a mesh and shape, a dimension whose size is not divisible by its mesh axes is replicated instead
@@ -127,13 +131,17 @@ def _variable_spec(var: nnx.Variable, mesh) -> PartitionSpec:
 
 def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
   """A NamedSharding for each variable of an (abstract) nnx state, from its `axes` metadata."""
-  return jax.tree.map(lambda v: v.replace(NamedSharding(mesh, _variable_spec(v, mesh))), state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree.map(
+    lambda v: v.replace(NamedSharding(mesh, _variable_spec(v, mesh))),
+    state,
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
 
 
 def state_specs(state: nnx.State, mesh: jax.sharding.Mesh | None = None) -> nnx.State:
-  return jax.tree.map(lambda v: v.replace(_variable_spec(v, mesh)), state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree.map(
+    lambda v: v.replace(_variable_spec(v, mesh)), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
 
 
 def create_sharded(constructor: Callable[[], nnx.Module], mesh: jax.sharding.Mesh | None) -> nnx.Module:
@@ -169,8 +177,13 @@ def initialize_distributed() -> None:
   """
   if jax.distributed.is_initialized():
     return
-  multi_host_env = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-                    "MEGASCALE_COORDINATOR_ADDRESS")
+  multi_host_env = (
+    "JAX_COORDINATOR_ADDRESS",
+    "SLURM_JOB_ID",
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+  )
   if any(os.environ.get(k) for k in multi_host_env):
     jax.distributed.initialize()
 

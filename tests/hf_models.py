@@ -7,24 +7,73 @@ from transformers import Qwen3Config as HFQwen3Config
 from transformers import Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 TINY_CONFIGS = {
-    "dense_tied_mqa_hd12": dict(model_type="qwen3", vocab_size=96, hidden_size=48, intermediate_size=80,
-                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-                                head_dim=12, tie_word_embeddings=True),
-    "dense_untied_gqa2": dict(model_type="qwen3", vocab_size=128, hidden_size=64, intermediate_size=96,
-                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                              tie_word_embeddings=False, rope_theta=5e6),
-    "dense_mha4_bias": dict(model_type="qwen3", vocab_size=80, hidden_size=32, intermediate_size=64,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
-                            tie_word_embeddings=False, attention_bias=True),
-    "moe_8x2": dict(model_type="qwen3_moe", vocab_size=96, hidden_size=32, intermediate_size=64,
-                    moe_intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2,
-                    norm_topk_prob=True, tie_word_embeddings=False),
-    "moe_mixed_layers": dict(model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=40,
-                             moe_intermediate_size=16, num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=2, head_dim=10, num_experts=8, num_experts_per_tok=2,
-                             norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[0, 2],
-                             tie_word_embeddings=True),
+  "dense_tied_mqa_hd12": dict(
+    model_type="qwen3",
+    vocab_size=96,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=12,
+    tie_word_embeddings=True,
+  ),
+  "dense_untied_gqa2": dict(
+    model_type="qwen3",
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    tie_word_embeddings=False,
+    rope_theta=5e6,
+  ),
+  "dense_mha4_bias": dict(
+    model_type="qwen3",
+    vocab_size=80,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=8,
+    tie_word_embeddings=False,
+    attention_bias=True,
+  ),
+  "moe_8x2": dict(
+    model_type="qwen3_moe",
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    moe_intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=True,
+    tie_word_embeddings=False,
+  ),
+  "moe_mixed_layers": dict(
+    model_type="qwen3_moe",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=40,
+    moe_intermediate_size=16,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=10,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=False,
+    decoder_sparse_step=1,
+    mlp_only_layers=[0, 2],
+    tie_word_embeddings=True,
+  ),
 }
 
 
@@ -34,8 +83,11 @@ def make_hf_model(name: str, seed: int = 0):
   model_type = kw.pop("model_type")
   theta = kw.pop("rope_theta", 1e6)
   torch.manual_seed(seed)
-  common = dict(rope_parameters={"rope_type": "default", "rope_theta": theta}, max_position_embeddings=512,
-                attn_implementation="eager")
+  common = dict(
+    rope_parameters={"rope_type": "default", "rope_theta": theta},
+    max_position_embeddings=512,
+    attn_implementation="eager",
+  )
   if model_type == "qwen3":
     model = Qwen3ForCausalLM(HFQwen3Config(**kw, **common))
   else:

@@ -17,15 +17,20 @@ from retool_jax.rollout.types import FinishReason, GenerateRequest, GenerateResu
 
 
 class ScriptedEngine:
-
-  def __init__(self, tokenizer, scripts: dict[tuple[int, ...], list[str]], *, seconds_per_token: float = 0.0,
-               weight_version: int = 0):
+  def __init__(
+    self,
+    tokenizer,
+    scripts: dict[tuple[int, ...], list[str]],
+    *,
+    seconds_per_token: float = 0.0,
+    weight_version: int = 0,
+  ):
     self.tokenizer = tokenizer
     self.scripts = {tuple(k): [tokenizer.encode(t) for t in v] for k, v in scripts.items()}
-    self.cursor = {k: (0, 0) for k in self.scripts}   # (text index, token offset)
+    self.cursor = {k: (0, 0) for k in self.scripts}  # (text index, token offset)
     self.seconds_per_token = seconds_per_token
     self.weight_version = weight_version
-    self.log: list[tuple[float, float, tuple[int, ...]]] = []   # (start, end, prompt prefix) per request
+    self.log: list[tuple[float, float, tuple[int, ...]]] = []  # (start, end, prompt prefix) per request
     self.requests: list[GenerateRequest] = []
 
   async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
@@ -40,13 +45,13 @@ class ScriptedEngine:
   async def _one(self, r: GenerateRequest) -> GenerateResult:
     self.requests.append(r)
     start = time.perf_counter()
-    key = max((k for k in self.scripts if tuple(r.prompt_ids[:len(k)]) == k), key=len, default=None)
+    key = max((k for k in self.scripts if tuple(r.prompt_ids[: len(k)]) == k), key=len, default=None)
     if key is None or self.cursor[key][0] >= len(self.scripts[key]):
       return GenerateResult([], [], FinishReason("abort", message="no scripted turn left"), self.weight_version)
     text, offset = self.cursor[key]
     ids = self.scripts[key][text][offset:]
     out, reason = [], FinishReason("length")
-    for i, tok in enumerate(ids[:r.sampling.max_new_tokens]):
+    for i, tok in enumerate(ids[: r.sampling.max_new_tokens]):
       out.append(tok)
       if tok in r.sampling.stop_token_ids:
         reason = FinishReason("stop", tok)

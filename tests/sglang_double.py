@@ -95,6 +95,7 @@ class QwenModel:
     from flax import nnx
 
     from retool_jax.models.qwen3 import load_hf
+
     model = load_hf(model_path)
     graphdef, state = nnx.split(model)
     self.vocab_size = model.config.vocab_size
@@ -102,8 +103,10 @@ class QwenModel:
     @jax.jit
     def last_logits(state, ids, n):
       return nnx.merge(graphdef, state)(ids)[0, n - 1]
-    self._fn = lambda ids: np.asarray(last_logits(state, jnp.asarray([ids + [0] * (self.max_len - len(ids))]),
-                                                  len(ids)), np.float64)
+
+    self._fn = lambda ids: np.asarray(
+      last_logits(state, jnp.asarray([ids + [0] * (self.max_len - len(ids))]), len(ids)), np.float64
+    )
 
   def logits(self, ids: list[int]) -> np.ndarray:
     if len(ids) > self.max_len:
@@ -123,8 +126,17 @@ class _Aborted(Exception):
 class SGLangDouble:
   """Runs the fake server on 127.0.0.1:<ephemeral> in a thread: `with SGLangDouble() as s: s.url`."""
 
-  def __init__(self, model=None, *, model_path: str = "/models/fake-qwen3", context_length: int = 64,
-               eos_token_id: int = 2, random_seed: int = 0, token_delay_s: float = 0.0, ready: bool = True):
+  def __init__(
+    self,
+    model=None,
+    *,
+    model_path: str = "/models/fake-qwen3",
+    context_length: int = 64,
+    eos_token_id: int = 2,
+    random_seed: int = 0,
+    token_delay_s: float = 0.0,
+    ready: bool = True,
+  ):
     self.model = model or FakeModel()
     self.model_path = model_path
     self.context_length = context_length
@@ -133,11 +145,11 @@ class SGLangDouble:
     self.token_delay_s = token_delay_s
     self.ready = ready
     self.weight_version = "default"
-    self.log: list[tuple[str, object]] = []   # (path, body) of every call
-    self.fail_next = 0             # next /generate calls answered 503
-    self.disconnect_next = 0       # next /generate calls closed without an answer
-    self.abort_next = 0            # next /generate requests aborted ...
-    self.abort_after_tokens = 1    # ... after this many tokens
+    self.log: list[tuple[str, object]] = []  # (path, body) of every call
+    self.fail_next = 0  # next /generate calls answered 503
+    self.disconnect_next = 0  # next /generate calls closed without an answer
+    self.abort_next = 0  # next /generate requests aborted ...
+    self.abort_after_tokens = 1  # ... after this many tokens
     self.paused = False
     self.pause_mode = None
     self.running: set[str] = set()
@@ -196,16 +208,24 @@ class SGLangDouble:
 
   async def _model_info(self, request: web.Request) -> web.Response:
     self.log.append((request.path, None))
-    return web.json_response({"model_path": self.model_path, "tokenizer_path": self.model_path,
-                              "is_generation": True, "preferred_sampling_params": None,
-                              "weight_version": self.weight_version})
+    return web.json_response(
+      {
+        "model_path": self.model_path,
+        "tokenizer_path": self.model_path,
+        "is_generation": True,
+        "preferred_sampling_params": None,
+        "weight_version": self.weight_version,
+      }
+    )
 
   async def _flush_cache(self, request: web.Request) -> web.Response:
     self.log.append((request.path, None))
     busy = bool(self.running) and self.pause_mode != "retract"  # requests held by a pause are not queued yet
-    return web.Response(status=400 if busy else 200,
-                        text="Cache flushed.\nPlease check backend logs for more details. (When there are running "
-                             "or waiting requests, the operation will not be performed.)\n")
+    return web.Response(
+      status=400 if busy else 200,
+      text="Cache flushed.\nPlease check backend logs for more details. (When there are running "
+      "or waiting requests, the operation will not be performed.)\n",
+    )
 
   async def _pause(self, request: web.Request) -> web.Response:
     body = await request.json() if request.can_read_body else {}
@@ -235,8 +255,9 @@ class SGLangDouble:
         raise FileNotFoundError(f"model path {path!r} does not exist")
       await asyncio.to_thread(self.model.load, path)
     except Exception as e:  # noqa: BLE001 - the server reports any load failure as success: false
-      return web.json_response({"success": False, "message": f"Failed to update weights: {e}.",
-                                "num_paused_requests": 0}, status=400)
+      return web.json_response(
+        {"success": False, "message": f"Failed to update weights: {e}.", "num_paused_requests": 0}, status=400
+      )
     self.model_path = path
     message = "Succeeded to update model weights."
     if body.get("weight_version") is not None:
@@ -300,10 +321,11 @@ class SGLangDouble:
     new = params.get("max_new_tokens")
     if new is not None and new + n_in >= ctx:
       raise ValueError(
-          f"Requested token count exceeds the model's maximum context length of {ctx} tokens. You requested a "
-          f"total of {new + n_in} tokens: {n_in} tokens from the input messages and {new} tokens for the "
-          f"completion. Please reduce the number of tokens in the input messages or the completion to fit "
-          f"within the limit.")
+        f"Requested token count exceeds the model's maximum context length of {ctx} tokens. You requested a "
+        f"total of {new + n_in} tokens: {n_in} tokens from the input messages and {new} tokens for the "
+        f"completion. Please reduce the number of tokens in the input messages or the completion to fit "
+        f"within the limit."
+      )
 
   async def _one(self, prompt: list[int], params, rid: str, sample: int, return_logprob: bool) -> dict:
     start = time.perf_counter()
@@ -356,9 +378,16 @@ class SGLangDouble:
       self.running.discard(rid)
     text = detokenize(ids, bool(params.get("skip_special_tokens", True)))
     if not params.get("no_stop_trim") and finish["type"] == "stop" and isinstance(finish["matched"], str):
-      text = text[:text.find(finish["matched"])]
-    meta = {"id": rid, "finish_reason": finish, "prompt_tokens": len(prompt), "weight_version": self.weight_version,
-            "completion_tokens": len(ids), "cached_tokens": 0, "e2e_latency": time.perf_counter() - start}
+      text = text[: text.find(finish["matched"])]
+    meta = {
+      "id": rid,
+      "finish_reason": finish,
+      "prompt_tokens": len(prompt),
+      "weight_version": self.weight_version,
+      "completion_tokens": len(ids),
+      "cached_tokens": 0,
+      "e2e_latency": time.perf_counter() - start,
+    }
     if return_logprob:
       meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(lps, ids)]
     return {"text": text, "output_ids": ids, "meta_info": meta}
@@ -373,7 +402,7 @@ class SGLangDouble:
     order = np.argsort(-probs, kind="stable")
     keep = order[:top_k] if top_k > 0 else order
     cum = np.cumsum(probs[keep])
-    keep = keep[:int(np.searchsorted(cum, top_p)) + 1]
+    keep = keep[: int(np.searchsorted(cum, top_p)) + 1]
     p = probs[keep] / probs[keep].sum()
     tok = int(rng.choice(keep, p=p))
     return tok, float(logp[tok])

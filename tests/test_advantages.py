@@ -25,8 +25,9 @@ def test_grpo_normalises_each_group_by_its_unbiased_std():
 
 
 def test_grpo_mean_only_and_degenerate_groups():
-  close(adv.grpo_advantages([1, 0, 0, 0, 2, 2, 2, 2], 4, normalize_std=False),
-        [0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])
+  close(
+    adv.grpo_advantages([1, 0, 0, 0, 2, 2, 2, 2], 4, normalize_std=False), [0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0]
+  )
   out = adv.grpo_advantages([3, 3, 3, 3], 4)  # all equal: 0 / (0 + eps)
   close(out, [0, 0, 0, 0])
   close(adv.grpo_advantages([5.0, -2.0], 1), [0, 0])  # one sample per prompt: no baseline to beat
@@ -41,7 +42,9 @@ def test_grpo_rejects_batch_that_does_not_split_into_groups():
 
 def test_rloo_subtracts_mean_of_the_other_samples():
   # [1,0,0,0]: 1 - 0 = 1; 0 - 1/3.  [1,1,0,0]: 1 - 1/3 = 2/3; 0 - 2/3.  [3,5]: 3-5, 5-3.
-  close(adv.rloo_advantages([1, 0, 0, 0, 1, 1, 0, 0], 4), [1, -1 / 3, -1 / 3, -1 / 3, 2 / 3, 2 / 3, -2 / 3, -2 / 3])
+  close(
+    adv.rloo_advantages([1, 0, 0, 0, 1, 1, 0, 0], 4), [1, -1 / 3, -1 / 3, -1 / 3, 2 / 3, 2 / 3, -2 / 3, -2 / 3]
+  )
   close(adv.rloo_advantages([3, 5], 2), [-2, 2])
   with pytest.raises(ValueError, match="group_size >= 2"):
     adv.rloo_advantages([1, 0], 1)

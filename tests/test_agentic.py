@@ -40,32 +40,46 @@ def test_retool_agent_is_recorded_token_exactly():
   assert out.output == "<think>\nok\n</think>\n\nThe sum is \\boxed{5}."
   r = out.rollout
   gen1, gen2 = TOK.encode(first), TOK.encode(final)
-  env = TOK.encode("\n<|im_start|>user\n<tool_response>\n5\n</tool_response>\n<tool_response>\n7\n"
-                   "</tool_response><|im_end|>\n<|im_start|>assistant\n")
+  env = TOK.encode(
+    "\n<|im_start|>user\n<tool_response>\n5\n</tool_response>\n<tool_response>\n7\n"
+    "</tool_response><|im_end|>\n<|im_start|>assistant\n"
+  )
   assert r.ids == list(p) + gen1 + env + gen2
   assert r.loss_mask == [0] * len(p) + [1] * len(gen1) + [0] * len(env) + [1] * len(gen2)
   assert [list(q.prompt_ids) for q in engine.requests] == [list(p), list(p) + gen1 + env]
   assert (r.turns[0].tool_calls, r.turns[0].tool_errors, r.turns[0].observation_tokens) == (2, 0, len(env))
-  assert r.logprobs[len(p):len(p) + 3] == [-0.01, -0.02, -0.03]
+  assert r.logprobs[len(p) : len(p) + 3] == [-0.01, -0.02, -0.03]
   # re-rendering the same conversation through the template would drop the first turn's reasoning
-  convo = messages + [{"role": "assistant", "content": first[:first.index("<tool_call>")].strip(),
-                       "tool_calls": [{"function": {"name": "add", "arguments": {"a": 2, "b": 3}}},
-                                      {"function": {"name": "add", "arguments": {"a": 4, "b": 3}}}]},
-                      {"role": "tool", "content": "5"}, {"role": "tool", "content": "7"},
-                      {"role": "user", "content": "next"}]
+  convo = messages + [
+    {
+      "role": "assistant",
+      "content": first[: first.index("<tool_call>")].strip(),
+      "tool_calls": [
+        {"function": {"name": "add", "arguments": {"a": 2, "b": 3}}},
+        {"function": {"name": "add", "arguments": {"a": 4, "b": 3}}},
+      ],
+    },
+    {"role": "tool", "content": "5"},
+    {"role": "tool", "content": "7"},
+    {"role": "user", "content": "next"},
+  ]
   rerendered = render_ids(TOK, convo, tools=tools.schemas())
   assert "I should add." not in TOK.decode(rerendered)
 
 
 def test_environment_text_matches_the_chat_template():
   messages = [{"role": "user", "content": "hi"}]
-  reply = {"role": "assistant", "content": "calling",
-           "tool_calls": [{"function": {"name": "add", "arguments": {"a": 1, "b": 2}}}]}
+  reply = {
+    "role": "assistant",
+    "content": "calling",
+    "tool_calls": [{"function": {"name": "add", "arguments": {"a": 1, "b": 2}}}],
+  }
   env = [{"role": "tool", "content": "3"}, {"role": "tool", "content": "x"}, {"role": "user", "content": "more?"}]
   for thinking in (False, True):
-    full = TOK.apply_chat_template(messages + [reply] + env, tokenize=False, add_generation_prompt=True,
-                                   enable_thinking=thinking)
-    tail = full[full.index(IM_END + "\n<|im_start|>user\n<tool_response>"):]  # after the generated reply
+    full = TOK.apply_chat_template(
+      messages + [reply] + env, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+    )
+    tail = full[full.index(IM_END + "\n<|im_start|>user\n<tool_response>") :]  # after the generated reply
     assert environment_text(env, after_im_end=False, enable_thinking=thinking) == tail
     assert IM_END + environment_text(env, after_im_end=True, enable_thinking=thinking) == tail
   with pytest.raises(ValueError, match="tool, user or system"):
@@ -87,8 +101,13 @@ def test_invalid_calls_are_answered_and_history_edits_start_a_new_segment():
     return [reply, reply2, reply3]
 
   engine = ScriptedEngine(TOK, {p: [bad, "ok" + IM_END]})
-  p_edit = tuple(render_ids(TOK, [{"role": "user", "content": f"q\n\n{DEFAULT_INSTRUCTION}"},
-                                  {"role": "assistant", "content": "edited"}], tools=tools.schemas()))
+  p_edit = tuple(
+    render_ids(
+      TOK,
+      [{"role": "user", "content": f"q\n\n{DEFAULT_INSTRUCTION}"}, {"role": "assistant", "content": "edited"}],
+      tools=tools.schemas(),
+    )
+  )
   engine.scripts[p_edit] = [TOK.encode("again" + IM_END)]
   engine.cursor[p_edit] = (0, 0)
   [out] = run(run_agent(engine, forgetful, ["q"], tools, None))
@@ -97,14 +116,18 @@ def test_invalid_calls_are_answered_and_history_edits_start_a_new_segment():
   assert "tool_calls" not in reply and "not valid JSON" in reply["invalid_tool_calls"][0]["error"]
   assert reply2["content"] == "ok" and reply3["content"] == "again"
   assert len(out.segments) == 2
-  assert "not valid JSON" in out.segments[0].text and out.segments[1].ids[:len(p_edit)] == list(p_edit)
+  assert "not valid JSON" in out.segments[0].text and out.segments[1].ids[: len(p_edit)] == list(p_edit)
 
 
 def test_load_agent_and_failures():
   from retool_jax.rollout.agents import retool_agent
+
   assert load_agent(RETOOL) is retool_agent
-  for spec, message in [("nomodule_xyz:f", "cannot import"), ("retool_jax.rollout.agents.retool:nope", "no function"),
-                        ("just_a_name", "module:function")]:
+  for spec, message in [
+    ("nomodule_xyz:f", "cannot import"),
+    ("retool_jax.rollout.agents.retool:nope", "no function"),
+    ("just_a_name", "module:function"),
+  ]:
     with pytest.raises(ValueError, match=message):
       load_agent(spec)
 
@@ -130,8 +153,15 @@ def test_budget_truncates_and_limits_apply():
 
 
 def test_agent_over_the_jax_engine_matches_trainer_logprobs():
-  cfg = qwen3.Qwen3Config(vocab_size=len(TOK), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+  cfg = qwen3.Qwen3Config(
+    vocab_size=len(TOK),
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+  )
   model = qwen3.Qwen3(cfg, rngs=nnx.Rngs(3))
 
   async def two_turns(client, prompt, tools):
@@ -140,7 +170,9 @@ def test_agent_over_the_jax_engine_matches_trainer_logprobs():
     return await client.chat(messages + [reply, {"role": "user", "content": "Again."}], max_tokens=16)
 
   config = MultiTurnConfig(max_context=200, temperature=0.8, seed=1)
-  outs = run(run_agent(JaxEngine(model, tokenizer=TOK), two_turns, ["What is 1+1?", "Name a prime."], None, config))
+  outs = run(
+    run_agent(JaxEngine(model, tokenizer=TOK), two_turns, ["What is 1+1?", "Name a prime."], None, config)
+  )
   width = max(len(o.rollout.ids) for o in outs)
   ids = jnp.asarray([o.rollout.ids + [0] * (width - len(o.rollout.ids)) for o in outs])
   trainer = np.asarray(token_logprobs(model, ids[:, :-1], ids[:, 1:], temperature=0.8).logprobs_BT)
@@ -149,5 +181,5 @@ def test_agent_over_the_jax_engine_matches_trainer_logprobs():
     assert out.status == "completed" and len(out.segments) == 1 and len(r.turns) == 2
     mask = np.asarray(r.loss_mask[1:], bool)
     assert mask.sum() == sum(t.generated_tokens for t in r.turns)
-    np.testing.assert_allclose(np.asarray(r.logprobs[1:])[mask], ref[:len(r.ids) - 1][mask], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(r.logprobs[1:])[mask], ref[: len(r.ids) - 1][mask], atol=1e-5, rtol=0)
     assert "<|im_start|>user\nAgain.<|im_end|>" in r.text

@@ -52,8 +52,9 @@ def test_missing_shard(hf_dir, tmp_path):
   halves = {"model-00001-of-00002.safetensors": keys[:10], "model-00002-of-00002.safetensors": keys[10:]}
   for name, part in halves.items():
     write_file(src / name, [(k, np.asarray(tensors.get(k))) for k in part])
-  (src / "model.safetensors.index.json").write_text(json.dumps(
-      {"weight_map": {k: name for name, part in halves.items() for k in part}}))
+  (src / "model.safetensors.index.json").write_text(
+    json.dumps({"weight_map": {k: name for name, part in halves.items() for k in part}})
+  )
   shutil.copy(hf_dir / "config.json", src / "config.json")
   os.remove(src / "model-00002-of-00002.safetensors")
   with pytest.raises(ValueError, match="model-00002-of-00002.safetensors.*missing"):
@@ -64,10 +65,13 @@ def test_missing_shard(hf_dir, tmp_path):
 def test_unknown_tensor(hf_dir, tmp_path):
   src = _copy(hf_dir, tmp_path)
   tensors = SafetensorsDir(hf_dir)
-  items = [(k, np.asarray(tensors.get(k))) for k in tensors.keys()] + [("model.layers.0.mlp.extra.weight",
-                                                                        np.zeros((2, 2), np.float32))]
+  items = [(k, np.asarray(tensors.get(k))) for k in tensors.keys()] + [
+    ("model.layers.0.mlp.extra.weight", np.zeros((2, 2), np.float32))
+  ]
   write_file(src / "model.safetensors", items)
-  with pytest.raises(converters.ConversionError, match=r"model\.safetensors.*'model\.layers\.0\.mlp\.extra\.weight'"):
+  with pytest.raises(
+    converters.ConversionError, match=r"model\.safetensors.*'model\.layers\.0\.mlp\.extra\.weight'"
+  ):
     checkpoint.hf_to_orbax(src, tmp_path / "out", progress=False)
   _nothing_published(tmp_path / "out")
 

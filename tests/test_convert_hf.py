@@ -66,8 +66,9 @@ def test_export_loads_in_transformers(converted):
   config = json.loads((root / "hf_again" / "config.json").read_text())
   assert config["model_type"] == TINY_CONFIGS[name]["model_type"]
   assert (root / "hf_again" / "generation_config.json").exists()
-  reloaded = transformers.AutoModelForCausalLM.from_pretrained(root / "hf_again", dtype=torch.float32,
-                                                                attn_implementation="eager").eval()
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+    root / "hf_again", dtype=torch.float32, attn_implementation="eager"
+  ).eval()
   ids = _ids(config["vocab_size"], seed=1)
   np.testing.assert_array_equal(_hf_logits(reloaded, ids), _hf_logits(hf, ids))
 
@@ -81,8 +82,9 @@ def test_load_onto_mesh_with_cast(tmp_path):
   assert model.config.param_dtype == "bfloat16" and model.config.dtype == "bfloat16"
   state, ref_state = nnx.state(model), nnx.state(reference)
   want = sharding.state_shardings(state, mesh)
-  for (path, var), (_, ref), (_, sh) in zip(nnx.to_flat_state(state), nnx.to_flat_state(ref_state),
-                                            nnx.to_flat_state(want)):
+  for (path, var), (_, ref), (_, sh) in zip(
+    nnx.to_flat_state(state), nnx.to_flat_state(ref_state), nnx.to_flat_state(want)
+  ):
     value = var.get_value()
     assert value.dtype == jnp.bfloat16, path
     assert value.sharding.is_equivalent_to(sh.get_value(), value.ndim), path
@@ -117,22 +119,47 @@ def test_save_and_checkpoint_manager_layout(tmp_path):
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   with ocp.CheckpointManager(tmp_path / "run") as manager:
     for step, scale in ((3, 0.0), (7, 1.0)):
-      manager.save(step, args=ocp.args.Composite(**{
-          checkpoint.PARAMS_ITEM: ocp.args.StandardSave(jax.tree.map(lambda x: x * scale, params)),
-          checkpoint.CONFIG_ITEM: ocp.args.JsonSave(record),
-          "opt_state": ocp.args.StandardSave({"count": jnp.array(step)})}))
+      manager.save(
+        step,
+        args=ocp.args.Composite(
+          **{
+            checkpoint.PARAMS_ITEM: ocp.args.StandardSave(jax.tree.map(lambda x: x * scale, params)),
+            checkpoint.CONFIG_ITEM: ocp.args.JsonSave(record),
+            "opt_state": ocp.args.StandardSave({"count": jnp.array(step)}),
+          }
+        ),
+      )
   latest = checkpoint.load(tmp_path / "run")
   np.testing.assert_array_equal(np.asarray(latest(ids)), np.asarray(model(ids)))
 
 
 def test_cli_round_trip_with_tokenizer_and_shards(tmp_path, fixtures_dir, capsys):
   save_hf_model("dense_mha4_bias", tmp_path / "hf")
-  assert convert_main(["--from", "hf", "--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "orbax"),
-                       "--no-progress"]) == 0
+  assert (
+    convert_main(
+      ["--from", "hf", "--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "orbax"), "--no-progress"]
+    )
+    == 0
+  )
   assert "Orbax" in capsys.readouterr().out
-  assert convert_main(["--to", "hf", "--src", str(tmp_path / "orbax"), "--dst", str(tmp_path / "out"),
-                       "--tokenizer", str(fixtures_dir / "qwen3_tokenizer"), "--max-shard-gb", "0.00002",
-                       "--no-progress"]) == 0
+  assert (
+    convert_main(
+      [
+        "--to",
+        "hf",
+        "--src",
+        str(tmp_path / "orbax"),
+        "--dst",
+        str(tmp_path / "out"),
+        "--tokenizer",
+        str(fixtures_dir / "qwen3_tokenizer"),
+        "--max-shard-gb",
+        "0.00002",
+        "--no-progress",
+      ]
+    )
+    == 0
+  )
   summary = capsys.readouterr().out
   files = sorted(os.listdir(tmp_path / "out"))
   assert INDEX_FILE in files and sum(f.endswith(".safetensors") for f in files) > 1

@@ -12,8 +12,9 @@ from retool_jax.demo_task.teacher import TeacherConfig, TeacherEngine, estimate,
 from retool_jax.demo_task.tokenizer import build_tokenizer, save_tokenizer
 from retool_jax.rollout import MultiTurnConfig
 
-MULTITURN = MultiTurnConfig(max_context=192, max_turns=4, max_new_tokens=64, call_formats=("code",),
-                            enable_thinking=False)
+MULTITURN = MultiTurnConfig(
+  max_context=192, max_turns=4, max_new_tokens=64, call_formats=("code",), enable_thinking=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +39,12 @@ def test_chat_template_renders_like_qwen3(tokenizer):
   qwen = load_tokenizer(__import__("retool_jax.assets", fromlist=["x"]).QWEN3_TOKENIZER_DIR)
   messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Compute 12 * 34."}]
   for thinking in (True, False):
-    ours = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                         enable_thinking=thinking)
-    theirs = qwen.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking)
+    ours = tokenizer.apply_chat_template(
+      messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+    )
+    theirs = qwen.apply_chat_template(
+      messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+    )
     assert ours == theirs
   ids = render_ids(tokenizer, messages[1:], add_generation_prompt=True, enable_thinking=False)
   assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
@@ -77,13 +81,14 @@ def test_slip_changes_exactly_one_digit_and_estimate_is_wrong():
 
 def test_teacher_trajectories_are_executed_in_the_sandbox(tokenizer):
   from retool_jax.tools import default_registry
+
   problems = make_problems(40, seed=3)
   config = TeacherConfig(tool_rate=0.5, slip_rate=0.0)
   rollouts = asyncio.run(teacher_rollouts(tokenizer, problems, default_registry(), MULTITURN, config, seed=0))
-  engine = TeacherEngine(tokenizer, problems, config, seed=0)   # the same per-problem choices
+  engine = TeacherEngine(tokenizer, problems, config, seed=0)  # the same per-problem choices
   reward = rewards.get_reward("retool")
   for r, p, uses_tool in zip(rollouts, problems, engine.uses_tool):
-    assert r.status == "completed" and r.ids[:r.num_prompt_tokens] == prompt_ids(tokenizer, p)
+    assert r.status == "completed" and r.ids[: r.num_prompt_tokens] == prompt_ids(tokenizer, p)
     assert len(r.ids) == len(r.loss_mask) == len(r.logprobs) <= MULTITURN.max_context
     result = reward(r.text, p.answer, {"num_tool_calls": r.tool_calls})
     assert result.format_ok
@@ -99,11 +104,15 @@ def test_teacher_trajectories_are_executed_in_the_sandbox(tokenizer):
 
 def test_teacher_slips_make_wrong_copies(tokenizer):
   from retool_jax.tools import default_registry
+
   problems = make_problems(12, seed=4)
-  rollouts = asyncio.run(teacher_rollouts(tokenizer, problems, default_registry(), MULTITURN,
-                                          TeacherConfig(tool_rate=1.0, slip_rate=1.0), seed=0))
+  rollouts = asyncio.run(
+    teacher_rollouts(
+      tokenizer, problems, default_registry(), MULTITURN, TeacherConfig(tool_rate=1.0, slip_rate=1.0), seed=0
+    )
+  )
   reward = rewards.get_reward("retool")
   for r, p in zip(rollouts, problems):
     result = reward(r.text, p.answer, {"num_tool_calls": r.tool_calls})
     assert r.tool_calls == 1 and not result.correct and result.format_ok
-    assert result.reward == pytest.approx(-0.9)   # the ReTool shaping for a wrong answer after one call
+    assert result.reward == pytest.approx(-0.9)  # the ReTool shaping for a wrong answer after one call

@@ -19,15 +19,19 @@ def _pairs(n, rng):
     k = int(rng.integers(3, 7))
     chosen = rng.integers(0, 16, size=k) * 2
     rejected = rng.integers(0, 16, size=k + 1) * 2 + 1
-    side = lambda resp: (np.concatenate([prompt, resp]).astype(np.int32),
-                         np.concatenate([np.zeros(len(prompt)), np.ones(len(resp))]).astype(np.int32))
+    side = lambda resp: (
+      np.concatenate([prompt, resp]).astype(np.int32),
+      np.concatenate([np.zeros(len(prompt)), np.ones(len(resp))]).astype(np.int32),
+    )
     out.append((side(chosen), side(rejected)))
   return out
 
 
 def test_pack_pairs_stacks_chosen_over_rejected():
-  (c_ids, c_mask), (r_ids, r_mask) = ((np.array([1, 2, 3]), np.array([0, 1, 1])),
-                                      (np.array([1, 2, 4, 5]), np.array([0, 1, 1, 1])))
+  (c_ids, c_mask), (r_ids, r_mask) = (
+    (np.array([1, 2, 3]), np.array([0, 1, 1])),
+    (np.array([1, 2, 4, 5]), np.array([0, 1, 1, 1])),
+  )
   b = pack_pairs([((c_ids, c_mask), (r_ids, r_mask))], pad_id=0, length_multiple=4)
   np.testing.assert_array_equal(b["input_ids_BT"], [[1, 2, 3, 0], [1, 2, 4, 5]])
   np.testing.assert_array_equal(b["targets_BT"], [[2, 3, 0, 0], [2, 4, 5, 0]])
@@ -38,8 +42,16 @@ def test_pack_pairs_stacks_chosen_over_rejected():
 
 
 def test_dpo_learns_the_preference():
-  cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                    num_key_value_heads=1, head_dim=16, max_position_embeddings=64)
+  cfg = Qwen3Config(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    max_position_embeddings=64,
+  )
   model = Qwen3(cfg, rngs=nnx.Rngs(0))
   tx, _ = state_lib.make_optimizer({"learning_rate": 1e-2, "schedule": "constant"}, 100)
   state = state_lib.TrainState.create(model, tx, jax.random.key(0))
@@ -49,8 +61,15 @@ def test_dpo_learns_the_preference():
   metrics = []
   for epoch in range(4):
     for batch, (ref_c, ref_r) in zip(batches, refs):
-      state, m = dpo_update(state, {k: jnp.asarray(v) for k, v in batch.items()}, ref_c, ref_r, beta=0.5,
-                            label_smoothing=0.1, chunk_size=16)
+      state, m = dpo_update(
+        state,
+        {k: jnp.asarray(v) for k, v in batch.items()},
+        ref_c,
+        ref_r,
+        beta=0.5,
+        label_smoothing=0.1,
+        chunk_size=16,
+      )
       metrics.append(jax.device_get(m))
   # at the reference every margin is 0: loss = -(1-eps) log(1/2) - eps log(1/2) = log 2
   assert metrics[0]["loss"] == pytest.approx(np.log(2), abs=1e-5)

@@ -16,8 +16,9 @@ def test_greedy_matches_hf_generate(tmp_path):
   ours = greedy_generate(model, prompts, max_new_tokens=12)
   for prompt, got in zip(prompts, ours):
     with torch.no_grad():
-      ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                        pad_token_id=0)[0, len(prompt):].tolist()
+      ref = hf.generate(
+        torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+      )[0, len(prompt) :].tolist()
     assert got == ref
 
 
@@ -28,4 +29,4 @@ def test_greedy_stops_at_eos(tmp_path):
   free = greedy_generate(model, [prompt], max_new_tokens=10)[0]
   eos = free[4]
   stopped = greedy_generate(model, [prompt], max_new_tokens=10, eos_token_ids=[eos])[0]
-  assert stopped == free[:free.index(eos) + 1]
+  assert stopped == free[: free.index(eos) + 1]

@@ -16,8 +16,16 @@ from retool_jax.models.logprobs import token_logprobs
 from retool_jax.rollout import Engine, GenerateRequest, JaxEngine, SamplingParams
 from retool_jax.rollout.sampling import filter_logits, find_stop_string
 
-TINY = qwen3.Qwen3Config(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, eos_token_id=None)
+TINY = qwen3.Qwen3Config(
+  vocab_size=128,
+  hidden_size=32,
+  intermediate_size=48,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=8,
+  eos_token_id=None,
+)
 
 
 def run(coro):
@@ -32,7 +40,7 @@ def tiny_model():
 def trainer_logprobs(model, prompt, output, temperature):
   ids = jnp.asarray([list(prompt) + list(output)], jnp.int32)
   lp = token_logprobs(model, ids[:, :-1], ids[:, 1:], temperature=temperature).logprobs_BT
-  return np.asarray(lp[0, len(prompt) - 1:])
+  return np.asarray(lp[0, len(prompt) - 1 :])
 
 
 def test_engine_implements_protocol(tiny_model):
@@ -47,26 +55,33 @@ def test_greedy_matches_hf_generate_with_concurrent_ragged_requests(tmp_path):
   budgets = (12, 7, 20)
 
   async def main():  # separate calls, batched together by the engine
-    calls = [engine.generate([GenerateRequest(tuple(p), SamplingParams(temperature=0.0, max_new_tokens=m))])
-             for p, m in zip(prompts, budgets)]
+    calls = [
+      engine.generate([GenerateRequest(tuple(p), SamplingParams(temperature=0.0, max_new_tokens=m))])
+      for p, m in zip(prompts, budgets)
+    ]
     return [r for rs in await asyncio.gather(*calls) for r in rs]
 
   results = run(main())
   assert engine.stats["batches"] == 1
   for prompt, budget, res in zip(prompts, budgets, results):
     with torch.no_grad():
-      ref = hf.generate(torch.tensor([prompt]), max_new_tokens=budget, do_sample=False, eos_token_id=None,
-                        pad_token_id=0)[0, len(prompt):].tolist()
+      ref = hf.generate(
+        torch.tensor([prompt]), max_new_tokens=budget, do_sample=False, eos_token_id=None, pad_token_id=0
+      )[0, len(prompt) :].tolist()
     assert res.output_ids == ref
     assert res.finish_reason.type == "length"
     assert len(res.output_logprobs) == len(ref)
 
 
-@pytest.mark.parametrize("sampling", [
+@pytest.mark.parametrize(
+  "sampling",
+  [
     SamplingParams(temperature=0.0, max_new_tokens=24),
     SamplingParams(temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=24, seed=3),
     SamplingParams(temperature=1.3, max_new_tokens=24, seed=4),
-], ids=["greedy", "t0.7_p0.9_k20", "t1.3"])
+  ],
+  ids=["greedy", "t0.7_p0.9_k20", "t1.3"],
+)
 def test_logprobs_equal_trainer_logprobs(tiny_model, sampling):
   engine = JaxEngine(tiny_model)
   prompts = [[3, 9, 27, 81, 115], [7] * 11]
@@ -85,8 +100,9 @@ def test_seeded_sampling_is_reproducible_across_batches(tiny_model):
   other = GenerateRequest((1, 2, 3, 4, 5, 6, 7, 8, 9), SamplingParams(temperature=1.0, max_new_tokens=30))
   batched = run(engine.generate([other, req, other]))[1]
   assert batched.output_ids == alone.output_ids
-  different = run(engine.generate([GenerateRequest(req.prompt_ids, SamplingParams(
-      temperature=1.0, max_new_tokens=20, seed=12))]))[0]
+  different = run(
+    engine.generate([GenerateRequest(req.prompt_ids, SamplingParams(temperature=1.0, max_new_tokens=20, seed=12))])
+  )[0]
   assert different.output_ids != alone.output_ids
 
 
@@ -102,8 +118,9 @@ def test_top_k_1_sampling_is_greedy(tiny_model):
   engine = JaxEngine(tiny_model)
   prompt = (4, 8, 15, 16, 23, 42)
   greedy = run(engine.generate([GenerateRequest(prompt, SamplingParams(temperature=0.0, max_new_tokens=20))]))[0]
-  topk1 = run(engine.generate([GenerateRequest(prompt, SamplingParams(temperature=0.9, top_k=1,
-                                                                       max_new_tokens=20))]))[0]
+  topk1 = run(
+    engine.generate([GenerateRequest(prompt, SamplingParams(temperature=0.9, top_k=1, max_new_tokens=20))])
+  )[0]
   assert topk1.output_ids == greedy.output_ids
 
 
@@ -112,12 +129,15 @@ def test_stop_token_ends_row_and_is_kept(tiny_model):
   prompt = (10, 20, 30)
   free = run(engine.generate([GenerateRequest(prompt, SamplingParams(temperature=0.0, max_new_tokens=20))]))[0]
   stop = free.output_ids[6]
-  res = run(engine.generate([GenerateRequest(prompt, SamplingParams(
-      temperature=0.0, max_new_tokens=20, stop_token_ids=(stop,)))]))[0]
+  res = run(
+    engine.generate(
+      [GenerateRequest(prompt, SamplingParams(temperature=0.0, max_new_tokens=20, stop_token_ids=(stop,)))]
+    )
+  )[0]
   first = free.output_ids.index(stop)
-  assert res.output_ids == free.output_ids[:first + 1]
+  assert res.output_ids == free.output_ids[: first + 1]
   assert res.finish_reason.type == "stop" and res.finish_reason.matched == stop
-  np.testing.assert_allclose(res.output_logprobs, free.output_logprobs[:first + 1], atol=1e-6)
+  np.testing.assert_allclose(res.output_logprobs, free.output_logprobs[: first + 1], atol=1e-6)
 
 
 def test_stop_string_with_real_tokenizer():
@@ -129,12 +149,15 @@ def test_stop_string_with_real_tokenizer():
   free = run(engine.generate([GenerateRequest(prompt, SamplingParams(temperature=0.0, max_new_tokens=12))]))[0]
   text = tok.decode(free.output_ids[:8])
   stop = text[-3:] if len(text.strip()) >= 3 else text
-  res = run(engine.generate([GenerateRequest(prompt, SamplingParams(temperature=0.0, max_new_tokens=12,
-                                                                     stop=(stop, "never-matches")))]))[0]
+  res = run(
+    engine.generate(
+      [GenerateRequest(prompt, SamplingParams(temperature=0.0, max_new_tokens=12, stop=(stop, "never-matches")))]
+    )
+  )[0]
   assert res.finish_reason.type == "stop" and res.finish_reason.matched == stop
   assert stop in tok.decode(res.output_ids)
   assert stop not in tok.decode(res.output_ids[:-1])
-  assert res.output_ids == free.output_ids[:len(res.output_ids)]
+  assert res.output_ids == free.output_ids[: len(res.output_ids)]
 
 
 def test_find_stop_string_reports_completing_token():
@@ -148,8 +171,9 @@ def test_find_stop_string_reports_completing_token():
 
 def test_budget_and_bad_requests(tiny_model):
   engine = JaxEngine(tiny_model, max_length=40)
-  res = run(engine.generate([GenerateRequest(tuple(range(1, 13)), SamplingParams(temperature=0.0,
-                                                                                  max_new_tokens=50))]))[0]
+  res = run(
+    engine.generate([GenerateRequest(tuple(range(1, 13)), SamplingParams(temperature=0.0, max_new_tokens=50))])
+  )[0]
   assert len(res.output_ids) == 28 and res.finish_reason.type == "length"
   res = run(engine.generate([GenerateRequest(tuple(range(1, 41)), SamplingParams(max_new_tokens=5))]))[0]
   assert res.finish_reason.type == "abort" and "max_length=40" in res.finish_reason.message
@@ -175,7 +199,7 @@ def test_update_weights_swaps_params_without_recompiling(tiny_model):
   expected = JaxEngine(other)
   assert after.output_ids == run(expected.generate([req]))[0].output_ids
   assert after.output_ids != before.output_ids
-  run(engine.update_weights(tiny_model, version="back"))   # a module works too
+  run(engine.update_weights(tiny_model, version="back"))  # a module works too
   assert run(engine.generate([req]))[0].output_ids == before.output_ids
   with pytest.raises(ValueError, match=r"shape \(3, 3\), the model expects \(128, 32\)"):
     run(engine.update_weights({"embed_tokens": jnp.zeros((3, 3))}, version=8))
@@ -187,4 +211,5 @@ def test_update_weights_swaps_params_without_recompiling(tiny_model):
 
 def _cache_sizes():
   from retool_jax.rollout import jax_engine
+
   return jax_engine._prefill._cache_size(), jax_engine._decode_chunk._cache_size()

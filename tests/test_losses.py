@@ -25,7 +25,9 @@ def from_ratios(ratios, old=-1.0):
 
 
 def loss_and_grad(cfg, logp, old, adv, mask, **kw):
-  (loss, metrics), g = jax.value_and_grad(lambda lp: policy_loss(lp, old, adv, mask, cfg, **kw), has_aux=True)(logp)
+  (loss, metrics), g = jax.value_and_grad(lambda lp: policy_loss(lp, old, adv, mask, cfg, **kw), has_aux=True)(
+    logp
+  )
   return loss, metrics, g
 
 
@@ -120,8 +122,9 @@ def test_kl_and_entropy_terms():
   close(m["kl"], k3), close(m["kl_loss"], k3), close(m["entropy"], 1.5), close(m["pg_loss"], 0)
   close(g, [[0.1 * (1 - 1 / E) / 2, 0.1 * (1 - E) / 2, 0]])
   # the entropy bonus pushes entropy up: d loss / d H = -coef / num_tokens
-  g_h = jax.grad(lambda h: policy_loss(logp, logp, jnp.zeros((1, 3)), mask, cfg, ref_logp_BT=ref,
-                                       entropy_BT=h)[0])(entropy)
+  g_h = jax.grad(
+    lambda h: policy_loss(logp, logp, jnp.zeros((1, 3)), mask, cfg, ref_logp_BT=ref, entropy_BT=h)[0]
+  )(entropy)
   close(g_h, [[-0.005, -0.005, 0]])
   # reference given with kl_coef 0: the KL is reported, not optimised
   loss, m, _ = loss_and_grad(PolicyLossConfig(), logp, logp, jnp.zeros((1, 3)), mask, ref_logp_BT=ref)
@@ -160,8 +163,17 @@ def test_microbatches_with_global_normalisers_sum_to_the_full_batch(aggregation)
   num_tokens, num_seqs = mask.sum(), (mask.sum(1) > 0).sum()
 
   def loss(lp, sl):
-    return policy_loss(lp[sl], old[sl], a[sl], mask[sl], cfg, ref_logp_BT=ref[sl], rollout_logp_BT=rollout[sl],
-                       num_tokens=num_tokens, num_seqs=num_seqs)[0]
+    return policy_loss(
+      lp[sl],
+      old[sl],
+      a[sl],
+      mask[sl],
+      cfg,
+      ref_logp_BT=ref[sl],
+      rollout_logp_BT=rollout[sl],
+      num_tokens=num_tokens,
+      num_seqs=num_seqs,
+    )[0]
 
   full, g_full = jax.value_and_grad(loss)(logp, slice(None))
   parts = [jax.value_and_grad(loss)(logp, sl) for sl in (slice(0, 2), slice(2, 6))]
@@ -182,8 +194,14 @@ def test_masked_tokens_contribute_nothing():
     return loss_and_grad(cfg, lp, o, adv_, mask, ref_logp_BT=r, entropy_BT=e, rollout_logp_BT=ro)
 
   clean = run(logp, old, a, ref, entropy, rollout)
-  dirty = run(poison(logp, -INF), poison(old, NAN), poison(a, 1e30), poison(ref, INF), poison(entropy, NAN),
-              poison(rollout, -INF))
+  dirty = run(
+    poison(logp, -INF),
+    poison(old, NAN),
+    poison(a, 1e30),
+    poison(ref, INF),
+    poison(entropy, NAN),
+    poison(rollout, -INF),
+  )
   close(dirty[0], clean[0])
   for k in clean[1]:
     close(dirty[1][k], clean[1][k])
@@ -205,7 +223,9 @@ def test_no_loss_tokens_gives_zero_without_nans():
 
 def test_policy_loss_jits_with_static_config():
   logp, old, a, mask, ref, rollout = random_batch(jax.random.key(3))
-  cfg = PolicyLossConfig(kl_coef=0.1, kl_estimator="k2", dual_clip=3.0, tis_cap=2.0, aggregation="seq_mean_token_mean")
+  cfg = PolicyLossConfig(
+    kl_coef=0.1, kl_estimator="k2", dual_clip=3.0, tis_cap=2.0, aggregation="seq_mean_token_mean"
+  )
   fn = lambda *xs: policy_loss(*xs[:4], cfg, ref_logp_BT=xs[4], rollout_logp_BT=xs[5])
   jitted, eager = jax.jit(fn)(logp, old, a, mask, ref, rollout), fn(logp, old, a, mask, ref, rollout)
   close(jitted[0], eager[0])
@@ -215,9 +235,18 @@ def test_policy_loss_jits_with_static_config():
   close(static(logp, old, a, mask, config=cfg, ref_logp_BT=ref, rollout_logp_BT=rollout)[0], eager[0])
 
 
-@pytest.mark.parametrize("field,value", [("clip_low", 1.0), ("clip_high", -0.1), ("dual_clip", 1.0),
-                                         ("aggregation", "sum"), ("kl_estimator", "k4"), ("kl_coef", -1.0),
-                                         ("tis_cap", 0.0)])
+@pytest.mark.parametrize(
+  "field,value",
+  [
+    ("clip_low", 1.0),
+    ("clip_high", -0.1),
+    ("dual_clip", 1.0),
+    ("aggregation", "sum"),
+    ("kl_estimator", "k4"),
+    ("kl_coef", -1.0),
+    ("tis_cap", 0.0),
+  ],
+)
 def test_config_rejects_bad_values(field, value):
   with pytest.raises(ValueError, match=f"PolicyLossConfig.{field}"):
     PolicyLossConfig(**{field: value})

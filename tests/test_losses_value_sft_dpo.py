@@ -54,15 +54,17 @@ def test_sft_loss_token_mean_with_explicit_normaliser():
   close(m["nll"], 3.5 / 3)
   close(m["tokens"], 3)
   # two microbatches normalised by the global count add up to the full-batch loss
-  halves = [sft_loss(logp[i:i + 1], mask[i:i + 1], num_tokens=3)[0] for i in (0, 1)]
+  halves = [sft_loss(logp[i : i + 1], mask[i : i + 1], num_tokens=3)[0] for i in (0, 1)]
   close(halves[0], 3 / 3), close(halves[1], 0.5 / 3), close(sum(halves), loss)
   close(jax.jit(sft_loss)(logp, mask, num_tokens=7.0)[0], 3.5 / 7)
   close(sft_loss(logp, jnp.zeros_like(mask))[0], 0)
 
 
 def test_sequence_logp_sums_loss_tokens():
-  close(sequence_logp(jnp.array([[-1.0, -2.0, NAN], [-0.5, 9.0, 9.0]]), jnp.array([[1, 1, 0], [1, 0, 0]])),
-        [-3.0, -0.5])
+  close(
+    sequence_logp(jnp.array([[-1.0, -2.0, NAN], [-0.5, 9.0, 9.0]]), jnp.array([[1, 1, 0], [1, 0, 0]])),
+    [-3.0, -0.5],
+  )
 
 
 def test_dpo_by_hand():
@@ -85,12 +87,15 @@ def test_dpo_by_hand():
 def test_dpo_gradient_by_hand():
   # d/d pi_c of -(1-eps) log s(z) - eps log s(-z) = beta * (-(1-eps) (1 - s(z)) + eps s(z)); d/d pi_r is the negative
   s = 1 / (1 + math.exp(-0.2))
-  g = jax.grad(lambda p: dpo_loss(p[:1], p[1:], jnp.array([-11.0]), jnp.array([-11.0]), beta=0.1,
-                                  label_smoothing=0.1)[0])(jnp.array([-10.0, -12.0]))
+  g = jax.grad(
+    lambda p: dpo_loss(p[:1], p[1:], jnp.array([-11.0]), jnp.array([-11.0]), beta=0.1, label_smoothing=0.1)[0]
+  )(jnp.array([-10.0, -12.0]))
   expected = 0.1 * (-0.9 * (1 - s) + 0.1 * s)
   close(g, [expected, -expected])
   # the reference receives no gradient
-  g_ref = jax.grad(lambda r: dpo_loss(jnp.array([-10.0]), jnp.array([-12.0]), r, r, beta=0.1)[0])(jnp.array([-11.0]))
+  g_ref = jax.grad(lambda r: dpo_loss(jnp.array([-10.0]), jnp.array([-12.0]), r, r, beta=0.1)[0])(
+    jnp.array([-11.0])
+  )
   close(g_ref, [0.0])
 
 
@@ -98,7 +103,7 @@ def test_dpo_global_normaliser_and_jit():
   pc, pr = jnp.array([-10.0, -12.0]), jnp.array([-12.0, -10.0])
   r = jnp.array([-11.0, -11.0])
   full = dpo_loss(pc, pr, r, r, beta=0.1)[0]
-  halves = [dpo_loss(pc[i:i + 1], pr[i:i + 1], r[:1], r[:1], beta=0.1, num_pairs=2)[0] for i in (0, 1)]
+  halves = [dpo_loss(pc[i : i + 1], pr[i : i + 1], r[:1], r[:1], beta=0.1, num_pairs=2)[0] for i in (0, 1)]
   close(sum(halves), full)
   jitted = jax.jit(dpo_loss, static_argnames=("beta", "label_smoothing"))(pc, pr, r, r, beta=0.1)[0]
   close(jitted, full)

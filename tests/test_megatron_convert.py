@@ -21,43 +21,104 @@ pytest.importorskip("megatron.core")
 ATOL = 1e-4
 SEQ = 9
 
-DENSE = dict(model_type="qwen3", vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
-             rope_theta=1e6, rms_norm_eps=1e-6)
-MOE = dict(model_type="qwen3_moe", vocab_size=90, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
-           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=8, num_experts=4,
-           num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6)
+DENSE = dict(
+  model_type="qwen3",
+  vocab_size=100,
+  hidden_size=32,
+  intermediate_size=48,
+  num_hidden_layers=4,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=8,
+  tie_word_embeddings=False,
+  rope_theta=1e6,
+  rms_norm_eps=1e-6,
+)
+MOE = dict(
+  model_type="qwen3_moe",
+  vocab_size=90,
+  hidden_size=32,
+  intermediate_size=48,
+  moe_intermediate_size=24,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=1,
+  head_dim=8,
+  num_experts=4,
+  num_experts_per_tok=2,
+  norm_topk_prob=True,
+  tie_word_embeddings=True,
+  rope_theta=1e6,
+  rms_norm_eps=1e-6,
+)
 
 
 # ---- builder (runs in subprocesses: Megatron needs its own torch.distributed world) ---------------
+
 
 def _megatron_model(hf: dict, padded_vocab: int):
   import torch
   from megatron.core.models.gpt import GPTModel
   from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
   from megatron.core.transformer import TransformerConfig
+
   moe = hf["model_type"] == "qwen3_moe"
-  extra = dict(num_moe_experts=hf["num_experts"], moe_router_topk=hf["num_experts_per_tok"],
-               moe_ffn_hidden_size=hf["moe_intermediate_size"], moe_router_load_balancing_type="none",
-               moe_token_dispatcher_type="allgather", moe_router_pre_softmax=False) if moe else {}
+  extra = (
+    dict(
+      num_moe_experts=hf["num_experts"],
+      moe_router_topk=hf["num_experts_per_tok"],
+      moe_ffn_hidden_size=hf["moe_intermediate_size"],
+      moe_router_load_balancing_type="none",
+      moe_token_dispatcher_type="allgather",
+      moe_router_pre_softmax=False,
+    )
+    if moe
+    else {}
+  )
   cfg = TransformerConfig(
-      num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"], ffn_hidden_size=hf["intermediate_size"],
-      num_attention_heads=hf["num_attention_heads"], num_query_groups=hf["num_key_value_heads"],
-      kv_channels=hf["head_dim"], normalization="RMSNorm", layernorm_epsilon=hf["rms_norm_eps"],
-      gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False, qk_layernorm=True,
-      use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False,
-      apply_rope_fusion=False, masked_softmax_fusion=False, bias_activation_fusion=False, persist_layer_norm=False,
-      gradient_accumulation_fusion=False, pipeline_dtype=torch.float32,
-      tensor_model_parallel_size=_ps().get_tensor_model_parallel_world_size(),
-      pipeline_model_parallel_size=_ps().get_pipeline_model_parallel_world_size(), **extra)
+    num_layers=hf["num_hidden_layers"],
+    hidden_size=hf["hidden_size"],
+    ffn_hidden_size=hf["intermediate_size"],
+    num_attention_heads=hf["num_attention_heads"],
+    num_query_groups=hf["num_key_value_heads"],
+    kv_channels=hf["head_dim"],
+    normalization="RMSNorm",
+    layernorm_epsilon=hf["rms_norm_eps"],
+    gated_linear_unit=True,
+    activation_func=torch.nn.functional.silu,
+    add_bias_linear=False,
+    qk_layernorm=True,
+    use_cpu_initialization=True,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    bias_dropout_fusion=False,
+    apply_rope_fusion=False,
+    masked_softmax_fusion=False,
+    bias_activation_fusion=False,
+    persist_layer_norm=False,
+    gradient_accumulation_fusion=False,
+    pipeline_dtype=torch.float32,
+    tensor_model_parallel_size=_ps().get_tensor_model_parallel_world_size(),
+    pipeline_model_parallel_size=_ps().get_pipeline_model_parallel_world_size(),
+    **extra,
+  )
   spec = get_gpt_layer_local_spec(num_experts=hf.get("num_experts"), qk_layernorm=True, normalization="RMSNorm")
-  return GPTModel(cfg, spec, vocab_size=padded_vocab, max_sequence_length=64, position_embedding_type="rope",
-                  rotary_base=int(hf["rope_theta"]), share_embeddings_and_output_weights=hf["tie_word_embeddings"],
-                  pre_process=_ps().is_pipeline_first_stage(), post_process=_ps().is_pipeline_last_stage())
+  return GPTModel(
+    cfg,
+    spec,
+    vocab_size=padded_vocab,
+    max_sequence_length=64,
+    position_embedding_type="rope",
+    rotary_base=int(hf["rope_theta"]),
+    share_embeddings_and_output_weights=hf["tie_word_embeddings"],
+    pre_process=_ps().is_pipeline_first_stage(),
+    post_process=_ps().is_pipeline_last_stage(),
+  )
 
 
 def _ps():
   from megatron.core import parallel_state
+
   return parallel_state
 
 
@@ -67,6 +128,7 @@ def _init(rank: int, world: int, port: int, tp: int, pp: int):
   import torch
   from megatron.core import tensor_parallel
   from megatron.core.transformer.moe import moe_utils
+
   torch.cuda.synchronize = lambda *a, **k: None  # CUDA-only calls on Megatron's CPU path
   torch.cuda.current_device = lambda: "cpu"
   moe_utils.te_general_gemm = None  # referenced unguarded when Transformer-Engine is absent
@@ -80,6 +142,7 @@ def _save_worker(rank: int, world: int, port: int, job: dict):
   """One rank of a TP x PP job: random weights (norms around 1), saved with `dist_checkpointing.save`."""
   import torch
   from megatron.core import dist_checkpointing
+
   _init(rank, world, port, job["tp"], job["pp"])
   torch.manual_seed(100 + rank)
   model = _megatron_model(job["hf"], job["padded_vocab"])
@@ -94,6 +157,7 @@ def _reload_and_forward(port: int, job: dict):
   """Megatron reloads the checkpoint unsharded (world size 1) and computes the reference logits."""
   import torch
   from megatron.core import dist_checkpointing
+
   _init(0, 1, port, 1, 1)
   model = _megatron_model(job["hf"], job["padded_vocab"]).eval()
   model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), job["ckpt"]), strict=False)
@@ -109,6 +173,7 @@ def _build(job: dict):
   import torch.multiprocessing as mp
   import megatron.core.dist_checkpointing  # noqa: F401  imported once here; forked ranks inherit it
   import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401
+
   world, port = job["tp"] * job["pp"], 20000 + os.getpid() % 20000
   mp.start_processes(_save_worker, args=(world, port, job), nprocs=world, join=True, start_method="fork")
   _reload_and_forward(port + 1, job)
@@ -116,10 +181,12 @@ def _build(job: dict):
 
 # ---- tests ------------------------------------------------------------------------------------------
 
+
 def _run_builder(job: dict, timeout=300):
   env = {**os.environ, "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
-  proc = subprocess.run([sys.executable, __file__, json.dumps(job)], capture_output=True, text=True,
-                        timeout=timeout, env=env)
+  proc = subprocess.run(
+    [sys.executable, __file__, json.dumps(job)], capture_output=True, text=True, timeout=timeout, env=env
+  )
   if proc.returncode:
     raise AssertionError(f"Megatron builder failed:\n{proc.stderr[-4000:]}")
 
@@ -128,15 +195,17 @@ def _megatron_checkpoint(hf: dict, ckpt: Path, tmp: Path, tp: int, pp: int, padd
   """Saves a random Megatron model at `ckpt`; returns token ids and Megatron's logits for them."""
   ids = np.random.default_rng(0).integers(0, hf["vocab_size"], (2, SEQ)).astype(np.int32)
   out = tmp / "megatron_logits.npy"
-  _run_builder(dict(tp=tp, pp=pp, hf=hf, padded_vocab=padded_vocab, ckpt=str(ckpt), ids=ids.tolist(),
-                    out=str(out)))
-  return ids, np.load(out)[..., :hf["vocab_size"]]
+  _run_builder(
+    dict(tp=tp, pp=pp, hf=hf, padded_vocab=padded_vocab, ckpt=str(ckpt), ids=ids.tolist(), out=str(out))
+  )
+  return ids, np.load(out)[..., : hf["vocab_size"]]
 
 
 def _convert_and_compare(hf: dict, ckpt_root: Path, tmp: Path, ids: np.ndarray, ref: np.ndarray):
   import jax.numpy as jnp
 
   from retool_jax import checkpoint
+
   (tmp / "hf_config").mkdir()
   (tmp / "hf_config" / "config.json").write_text(json.dumps(hf))
   summary = checkpoint.megatron_to_orbax(ckpt_root, tmp / "hf_config", tmp / "orbax", progress=False)
@@ -155,6 +224,7 @@ def test_tensor_and_pipeline_parallel_dense_checkpoint(tmp_path):
   (root / "latest_checkpointed_iteration.txt").write_text("20")
   ids, ref = _megatron_checkpoint(DENSE, iteration, tmp_path, tp=2, pp=2, padded_vocab=128)
   from retool_jax.checkpoint.megatron import TorchDistReader
+
   reader = TorchDistReader(root)
   assert reader.shape("decoder.layers.self_attention.linear_qkv.weight") == (4, 64, 32)  # stacked, global
   assert reader.shape("embedding.word_embeddings.weight") == (128, 32)

@@ -25,8 +25,10 @@ def _to_megatron(hub: dict, cfg, experts: str) -> dict:
   """The hub tensors in Megatron GPTModel names, per layer (`decoder.layers.N.`), vocabulary padded."""
   t = lambda a: torch.tensor(np.asarray(a))
   pad = lambda a: torch.cat([t(a), torch.zeros(PAD_ROWS, a.shape[1])])
-  out = {"embedding.word_embeddings.weight": pad(hub["model.embed_tokens.weight"]),
-         "decoder.final_layernorm.weight": t(hub["model.norm.weight"])}
+  out = {
+    "embedding.word_embeddings.weight": pad(hub["model.embed_tokens.weight"]),
+    "decoder.final_layernorm.weight": t(hub["model.norm.weight"]),
+  }
   if not cfg.tie_word_embeddings:
     out["output_layer.weight"] = pad(hub["lm_head.weight"])
   g, per, hd = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
@@ -42,8 +44,9 @@ def _to_megatron(hub: dict, cfg, experts: str) -> dict:
     out[m + "self_attention.k_layernorm.weight"] = t(hub[h + "self_attn.k_norm.weight"])
     out[m + "pre_mlp_layernorm.weight"] = t(hub[h + "post_attention_layernorm.weight"])
     if h + "mlp.gate.weight" not in hub:
-      out[m + "mlp.linear_fc1.weight"] = t(np.concatenate([hub[h + "mlp.gate_proj.weight"],
-                                                           hub[h + "mlp.up_proj.weight"]]))
+      out[m + "mlp.linear_fc1.weight"] = t(
+        np.concatenate([hub[h + "mlp.gate_proj.weight"], hub[h + "mlp.up_proj.weight"]])
+      )
       out[m + "mlp.linear_fc2.weight"] = t(hub[h + "mlp.down_proj.weight"])
       continue
     out[m + "mlp.router.weight"] = t(hub[h + "mlp.gate.weight"])
@@ -78,8 +81,9 @@ def test_layouts_convert_to_hf_logits(name, experts, tmp_path):
   hf, hub, cfg = _hf_case(name, tmp_path)
   _write(_state(hub, cfg, experts), tmp_path / "ckpt" / "iter_0000003")
   (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("3\n")
-  checkpoint.megatron_to_orbax(tmp_path / "ckpt", tmp_path / "hf" / "config.json", tmp_path / "orbax",
-                               progress=False)
+  checkpoint.megatron_to_orbax(
+    tmp_path / "ckpt", tmp_path / "hf" / "config.json", tmp_path / "orbax", progress=False
+  )
   model = checkpoint.load(tmp_path / "orbax")
   ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 10))
   with torch.no_grad():
@@ -119,6 +123,7 @@ def test_qkv_bias_and_exact_weights(tmp_path):
 
 # ---- damaged checkpoints ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory):
   root = tmp_path_factory.mktemp("dense")
@@ -134,7 +139,9 @@ def _convert(ckpt, config, tmp_path):
 def test_unknown_tensor(dense, tmp_path):
   root, state = dense
   _write({**state, "decoder.layers.1.self_attention.linear_qkv.lora_a": torch.zeros(2, 2)}, tmp_path / "ckpt")
-  with pytest.raises(MegatronCheckpointError, match=r"__0_0\.distcp: unknown tensor 'decoder\.layers\.1\..*lora_a'"):
+  with pytest.raises(
+    MegatronCheckpointError, match=r"__0_0\.distcp: unknown tensor 'decoder\.layers\.1\..*lora_a'"
+  ):
     _convert(tmp_path / "ckpt", root / "hf", tmp_path)
   assert not (tmp_path / "orbax").exists()
 

@@ -69,7 +69,7 @@ def test_code_turns_are_assembled_token_exactly():
   engine = ScriptedEngine(TOK, {p: [CODE_TURN, "So the answer is \\boxed{42}." + IM_END]})
   [r] = run(generate_multiturn(engine, [prompt("What is 6*7?")], tools, MultiTurnConfig(max_context=512)))
   assert r.status == "completed" and r.stop_reason == "eos"
-  gen1 = TOK.encode(CODE_TURN[:CODE_TURN.index("</code>") + len("</code>")])
+  gen1 = TOK.encode(CODE_TURN[: CODE_TURN.index("</code>") + len("</code>")])
   obs = TOK.encode("\n\n<interpreter>\n42\n\n</interpreter>\n\n")
   gen2 = TOK.encode("So the answer is \\boxed{42}." + IM_END)
   assert r.ids == list(p) + gen1 + obs + gen2
@@ -88,18 +88,19 @@ def test_code_turns_are_assembled_token_exactly():
 def test_tool_call_turns_get_tool_response_turns_and_errors_are_readable():
   tools = make_tools()
   p = ids_of("Add 2 and 3, then more.", tools)
-  bad = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}\n</tool_call>'   # missing brace
+  bad = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}\n</tool_call>'  # missing brace
   unknown = '<tool_call>\n{"name": "mul", "arguments": {}}\n</tool_call>'
   engine = ScriptedEngine(TOK, {p: [CALL_TURN, bad, unknown, "Done: 5." + IM_END]})
   [r] = run(generate_multiturn(engine, [p], tools, {"max_context": 1024, "temperature": 0.0}))
   assert r.status == "completed"
   assert [t.tool_calls for t in r.turns] == [1, 1, 1, 0]
   assert [t.tool_errors for t in r.turns] == [0, 1, 1, 0]
-  first_obs = TOK.encode(f"{IM_END}\n<|im_start|>user\n<tool_response>\n5\n</tool_response>{IM_END}\n"
-                         "<|im_start|>assistant\n")
+  first_obs = TOK.encode(
+    f"{IM_END}\n<|im_start|>user\n<tool_response>\n5\n</tool_response>{IM_END}\n<|im_start|>assistant\n"
+  )
   gen1 = TOK.encode(CALL_TURN)
   assert gen1[-1] == TOOL_CALL_CLOSE_ID
-  assert r.ids[len(p):len(p) + len(gen1) + len(first_obs)] == gen1 + first_obs
+  assert r.ids[len(p) : len(p) + len(gen1) + len(first_obs)] == gen1 + first_obs
   assert "is not valid JSON" in r.text and "unknown tool 'mul'" in r.text
   ids, mask = np.asarray(r.ids), np.asarray(r.loss_mask)
   assert TOK.decode(ids[mask == 1]) == CALL_TURN + bad + unknown + "Done: 5." + IM_END
@@ -114,15 +115,21 @@ def test_limits_end_trajectories_as_truncated():
   [r] = run(generate_multiturn(ScriptedEngine(TOK, {p: many}), [p], tools, MultiTurnConfig(max_turns=2)))
   assert (r.status, r.stop_reason, r.tool_calls) == ("truncated", "max_turns", 2)
 
-  obs = TOK.encode(f"{IM_END}\n<|im_start|>user\n<tool_response>\n5\n</tool_response>{IM_END}\n"
-                   "<|im_start|>assistant\n")
-  budget = len(p) + len(TOK.encode(CALL_TURN)) + len(obs) + 12   # the second turn is cut by the token budget
+  obs = TOK.encode(
+    f"{IM_END}\n<|im_start|>user\n<tool_response>\n5\n</tool_response>{IM_END}\n<|im_start|>assistant\n"
+  )
+  budget = len(p) + len(TOK.encode(CALL_TURN)) + len(obs) + 12  # the second turn is cut by the token budget
   [r] = run(generate_multiturn(ScriptedEngine(TOK, {p: many}), [p], tools, MultiTurnConfig(max_context=budget)))
   assert (r.status, r.stop_reason, len(r.ids), len(r.loss_mask), len(r.logprobs)) == (
-      "truncated", "max_context", budget, budget, budget)
+    "truncated",
+    "max_context",
+    budget,
+    budget,
+    budget,
+  )
   assert [t.finish_reason for t in r.turns] == ["stop", "length"] and r.turns[-1].generated_tokens == 12
 
-  budget = len(p) + len(TOK.encode(CALL_TURN)) + 5   # the observation overflows: cut to the budget exactly
+  budget = len(p) + len(TOK.encode(CALL_TURN)) + 5  # the observation overflows: cut to the budget exactly
   [r] = run(generate_multiturn(ScriptedEngine(TOK, {p: many}), [p], tools, MultiTurnConfig(max_context=budget)))
   assert (r.status, r.stop_reason, len(r.ids)) == ("truncated", "max_context", budget)
   assert r.loss_mask[-5:] == [0] * 5
@@ -163,15 +170,16 @@ def test_aborts_are_per_trajectory():
 def test_slow_tool_does_not_block_other_trajectories():
   tools = make_tools({"code_interpreter": 0.6})
   slow, fast = ids_of("slow", tools), ids_of("fast", tools)
-  engine = ScriptedEngine(TOK, {slow: [CODE_TURN, "done" + IM_END],
-                                fast: [CALL_TURN] * 4 + ["done" + IM_END]}, seconds_per_token=0.001)
+  engine = ScriptedEngine(
+    TOK, {slow: [CODE_TURN, "done" + IM_END], fast: [CALL_TURN] * 4 + ["done" + IM_END]}, seconds_per_token=0.001
+  )
   start = time.perf_counter()
   r_slow, r_fast = run(generate_multiturn(engine, [slow, fast], tools, None))
   wall = time.perf_counter() - start
   assert r_slow.status == r_fast.status == "completed" and r_fast.tool_calls == 4
   fast_done = max(end for _, end, key in engine.log if key == fast)
   slow_second_turn = max(start_ for start_, _, key in engine.log if key == slow)
-  assert fast_done < slow_second_turn            # all five fast turns ran while the slow tool was busy
+  assert fast_done < slow_second_turn  # all five fast turns ran while the slow tool was busy
   assert r_slow.turns[0].tool_time_s >= 0.6 and wall < 0.6 + 0.5
 
 
@@ -191,36 +199,48 @@ def test_config_from_config_dict():
 
 def test_session_tools_keep_state_per_trajectory():
   from retool_jax.sandbox import Sandbox
+
   with Sandbox("process", max_workers=2) as sandbox:
     set_x = "<code>\n```python\nx = {}\n```\n</code>"
     show = "<code>\n```python\nprint(x)\n```\n</code>"
     a, b = (tuple(render_ids(TOK, prompt(q))) for q in ("a", "b"))
-    engine = ScriptedEngine(TOK, {a: [set_x.format(1), show, "end" + IM_END],
-                                  b: [set_x.format(2), show, "end" + IM_END]})
+    engine = ScriptedEngine(
+      TOK, {a: [set_x.format(1), show, "end" + IM_END], b: [set_x.format(2), show, "end" + IM_END]}
+    )
     ra, rb = run(generate_multiturn(engine, [a, b], session_tools(sandbox), None))
   assert "<interpreter>\n1\n" in ra.text and "<interpreter>\n2\n" in rb.text
   assert ra.tool_errors == rb.tool_errors == 0
 
 
 def test_with_the_jax_engine_logprobs_match_the_trainer():
-  cfg = qwen3.Qwen3Config(vocab_size=len(TOK), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+  cfg = qwen3.Qwen3Config(
+    vocab_size=len(TOK),
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+  )
   model = qwen3.Qwen3(cfg, rngs=nnx.Rngs(3))
   engine = JaxEngine(model, tokenizer=TOK)
-  tools = None   # random weights call no tools; keep the prompt short
+  tools = None  # random weights call no tools; keep the prompt short
   prompts = [prompt("What is 1+1?"), prompt("Name a prime.")]
   config = MultiTurnConfig(max_context=60, max_new_tokens=16, max_turns=2, temperature=0.8, seed=5)
   results = run(generate_multiturn(engine, prompts, tools, config))
   width = max(len(r.ids) for r in results)
-  ids = jnp.asarray([r.ids + [0] * (width - len(r.ids)) for r in results])   # right padding: causal, harmless
+  ids = jnp.asarray([r.ids + [0] * (width - len(r.ids)) for r in results])  # right padding: causal, harmless
   trainer = np.asarray(token_logprobs(model, ids[:, :-1], ids[:, 1:], temperature=0.8).logprobs_BT)
   for r, ref in zip(results, trainer):
-    assert (r.status, r.stop_reason) in {("truncated", "max_turns"), ("truncated", "max_context"),
-                                         ("completed", "eos")}
+    assert (r.status, r.stop_reason) in {
+      ("truncated", "max_turns"),
+      ("truncated", "max_context"),
+      ("completed", "eos"),
+    }
     assert len(r.ids) == len(r.loss_mask) == len(r.logprobs) <= 60
-    ref = ref[:len(r.ids) - 1]
+    ref = ref[: len(r.ids) - 1]
     mask = np.asarray(r.loss_mask[1:], bool)
     assert mask.sum() == sum(t.generated_tokens for t in r.turns) > 0
     np.testing.assert_allclose(np.asarray(r.logprobs[1:])[mask], ref[mask], atol=1e-5, rtol=0)
   again = run(generate_multiturn(JaxEngine(model, tokenizer=TOK), prompts, tools, config))
-  assert [r.ids for r in again] == [r.ids for r in results]   # seeded rollouts are reproducible
+  assert [r.ids for r in again] == [r.ids for r in results]  # seeded rollouts are reproducible

@@ -9,8 +9,15 @@ from flax import nnx
 from retool_jax.models import qwen3
 from retool_jax.models.logprobs import naive_logprobs, token_logprobs
 
-DENSE = qwen3.Qwen3Config(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+DENSE = qwen3.Qwen3Config(
+  vocab_size=97,
+  hidden_size=32,
+  intermediate_size=48,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=8,
+)
 MOE = DENSE.replace(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, mlp_only_layers=(1,))
 
 
@@ -23,7 +30,7 @@ def test_incremental_decoding_matches_full_forward(cfg):
   lengths = np.array([6, 4, 1])  # prompts left-padded to a common length
   mask = np.zeros((b, prompt_len + new), np.int32)
   for i, n in enumerate(lengths):
-    mask[i, prompt_len - n:] = 1
+    mask[i, prompt_len - n :] = 1
   full = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
 
   cache = model.init_cache(b, 16)
@@ -31,7 +38,7 @@ def test_incremental_decoding_matches_full_forward(cfg):
   logits, cache = step(model, jnp.asarray(ids[:, :prompt_len]), cache, jnp.asarray(mask[:, :prompt_len]))
   outs = [np.asarray(logits)]
   for t in range(prompt_len, prompt_len + new):
-    logits, cache = step(model, jnp.asarray(ids[:, t:t + 1]), cache, jnp.ones((b, 1), jnp.int32))
+    logits, cache = step(model, jnp.asarray(ids[:, t : t + 1]), cache, jnp.ones((b, 1), jnp.int32))
     outs.append(np.asarray(logits))
   inc = np.concatenate(outs, axis=1)
   valid = mask.astype(bool)
@@ -60,7 +67,9 @@ def test_chunked_logprobs_gradients_equal_naive():
   ids = jnp.asarray(np.random.default_rng(2).integers(0, DENSE.vocab_size, (2, 9)).astype(np.int32))
   targets = jnp.roll(ids, -1, axis=1)
   graphdef, params = nnx.split(model)
-  chunked = jax.grad(lambda p: token_logprobs(nnx.merge(graphdef, p), ids, targets, chunk_size=4).logprobs_BT.sum())
+  chunked = jax.grad(
+    lambda p: token_logprobs(nnx.merge(graphdef, p), ids, targets, chunk_size=4).logprobs_BT.sum()
+  )
   naive = jax.grad(lambda p: naive_logprobs(nnx.merge(graphdef, p)(ids), targets).sum())
   for a, b in zip(jax.tree.leaves(chunked(params)), jax.tree.leaves(naive(params))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)

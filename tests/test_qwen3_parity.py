@@ -23,7 +23,9 @@ def pair(request, tmp_path_factory):
 
 def _hf_logits(hf, ids, **kw):
   with torch.no_grad():
-    return hf(torch.tensor(np.asarray(ids)), **{k: torch.tensor(np.asarray(v)) for k, v in kw.items()}).logits.numpy()
+    return hf(
+      torch.tensor(np.asarray(ids)), **{k: torch.tensor(np.asarray(v)) for k, v in kw.items()}
+    ).logits.numpy()
 
 
 def _random_ids(vocab, shape, seed=0):
@@ -46,7 +48,7 @@ def test_padding(pair, side):
   mask = np.zeros_like(ids)
   for b, n in enumerate(lengths):
     if side == "left":
-      mask[b, 12 - n:] = 1
+      mask[b, 12 - n :] = 1
     else:
       mask[b, :n] = 1
   positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
@@ -56,7 +58,7 @@ def test_padding(pair, side):
   np.testing.assert_allclose(ours[valid], ref[valid], atol=ATOL, rtol=0)
   # A padded row's real tokens equal the same row run alone without padding.
   row = 1
-  alone = _hf_logits(hf, ids[row:row + 1, valid[row]])
+  alone = _hf_logits(hf, ids[row : row + 1, valid[row]])
   np.testing.assert_allclose(ours[row][valid[row]], alone[0], atol=ATOL, rtol=0)
 
 
@@ -68,13 +70,13 @@ def test_packed_segments(pair):
   segment_ids = np.zeros((1, t), np.int32)
   start = 0
   for s, n in enumerate(seg_lens, start=1):
-    segment_ids[0, start:start + n] = s
+    segment_ids[0, start : start + n] = s
     start += n
   ours = np.asarray(model(jnp.asarray(ids), segment_ids=jnp.asarray(segment_ids)))
   start = 0
   for n in seg_lens:
-    ref = _hf_logits(hf, ids[:, start:start + n])
-    np.testing.assert_allclose(ours[:, start:start + n], ref, atol=ATOL, rtol=0)
+    ref = _hf_logits(hf, ids[:, start : start + n])
+    np.testing.assert_allclose(ours[:, start : start + n], ref, atol=ATOL, rtol=0)
     start += n
 
 
@@ -88,12 +90,12 @@ def _per_expert(tensors):
   out = {}
   for key, value in tensors.items():
     if key.endswith("mlp.experts.gate_up_proj"):
-      prefix, inter = key[:-len("gate_up_proj")], value.shape[1] // 2
+      prefix, inter = key[: -len("gate_up_proj")], value.shape[1] // 2
       for e in range(value.shape[0]):
         out[f"{prefix}{e}.gate_proj.weight"] = value[e, :inter]
         out[f"{prefix}{e}.up_proj.weight"] = value[e, inter:]
     elif key.endswith("mlp.experts.down_proj"):
-      prefix = key[:-len("down_proj")]
+      prefix = key[: -len("down_proj")]
       for e in range(value.shape[0]):
         out[f"{prefix}{e}.down_proj.weight"] = value[e]
     else:
@@ -113,8 +115,9 @@ def test_gradients_match(pair):
   loss, grads = jax.value_and_grad(loss_fn)(params)
   hf.zero_grad()
   logits = hf(torch.tensor(inputs)).logits
-  ref_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                               torch.tensor(targets, dtype=torch.long).reshape(-1))
+  ref_loss = torch.nn.functional.cross_entropy(
+    logits.reshape(-1, logits.shape[-1]), torch.tensor(targets, dtype=torch.long).reshape(-1)
+  )
   ref_loss.backward()
   np.testing.assert_allclose(float(loss), ref_loss.item(), rtol=1e-5)
   ref_grads = _per_expert({k: p.grad.numpy() for k, p in hf.named_parameters()})
@@ -135,8 +138,12 @@ def test_moe_aux_loss_matches(name, tmp_path):
   mask[1, :3] = 0
   out = model.forward(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
   with torch.no_grad():
-    ref = hf(torch.tensor(ids), attention_mask=torch.tensor(mask),
-             position_ids=torch.tensor(np.maximum(np.cumsum(mask, 1) - 1, 0)), output_router_logits=True).aux_loss
+    ref = hf(
+      torch.tensor(ids),
+      attention_mask=torch.tensor(mask),
+      position_ids=torch.tensor(np.maximum(np.cumsum(mask, 1) - 1, 0)),
+      output_router_logits=True,
+    ).aux_loss
   np.testing.assert_allclose(float(out.router_aux_loss), ref.item(), rtol=1e-5)
 
 
@@ -146,13 +153,15 @@ def test_scan_layers_same_function(pair):
   graphdef, state = nnx.split(model)
   scanned = qwen3.Qwen3(model.config.replace(scan_layers=True, remat="full"), rngs=nnx.Rngs(1))
   nnx.update(scanned, state)
-  np.testing.assert_allclose(np.asarray(scanned(jnp.asarray(ids))), np.asarray(model(jnp.asarray(ids))),
-                             atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+    np.asarray(scanned(jnp.asarray(ids))), np.asarray(model(jnp.asarray(ids))), atol=1e-5, rtol=0
+  )
 
 
 def test_sharded_checkpoint_loads_onto_a_mesh(tmp_path):
   """A multi-file checkpoint (index + shards) loads straight into a sharded model with the same logits."""
   from retool_jax import sharding
+
   hf = save_hf_model("moe_8x2", tmp_path, max_shard_size="40KB")
   assert (tmp_path / "model.safetensors.index.json").exists()
   mesh = sharding.make_mesh(data=1, fsdp=2, tensor=2, expert=2)

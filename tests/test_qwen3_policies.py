@@ -10,8 +10,15 @@ from flax import nnx
 from hf_models import save_hf_model
 from retool_jax.models import qwen3
 
-CFG = qwen3.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+CFG = qwen3.Qwen3Config(
+  vocab_size=64,
+  hidden_size=32,
+  intermediate_size=48,
+  num_hidden_layers=3,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=8,
+)
 
 
 def _grads(model, ids):
@@ -63,7 +70,14 @@ def test_config_from_hf_dict_and_presets(tmp_path):
   with pytest.raises(ValueError, match="model_type"):
     qwen3.Qwen3Config.from_hf({"model_type": "llama"})
   with pytest.raises(ValueError, match="num_key_value_heads"):
-    qwen3.Qwen3Config(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                      num_attention_heads=3, num_key_value_heads=2, head_dim=4)
+    qwen3.Qwen3Config(
+      vocab_size=8,
+      hidden_size=8,
+      intermediate_size=8,
+      num_hidden_layers=1,
+      num_attention_heads=3,
+      num_key_value_heads=2,
+      head_dim=4,
+    )
   with pytest.raises(ValueError, match="preset"):
     qwen3.preset("7B")

@@ -5,146 +5,146 @@ import uuid
 import pytest
 
 from retool_jax.rewards import (
-    FormatReward,
-    MathReward,
-    RewardResult,
-    TrajectoryInfo,
-    available_rewards,
-    combine_rewards,
-    get_reward,
-    register_reward,
-    score_batch,
-    summarize,
+  FormatReward,
+  MathReward,
+  RewardResult,
+  TrajectoryInfo,
+  available_rewards,
+  combine_rewards,
+  get_reward,
+  register_reward,
+  score_batch,
+  summarize,
 )
 
 RETOOL_CORRECT = (
-    "Let me compute.\n<code>\n```python\nprint(45)\n```\n</code>\n<interpreter>\n45\n</interpreter>\n"
-    "<answer>\n\\boxed{45}\n</answer>"
+  "Let me compute.\n<code>\n```python\nprint(45)\n```\n</code>\n<interpreter>\n45\n</interpreter>\n"
+  "<answer>\n\\boxed{45}\n</answer>"
 )
 RETOOL_WRONG = RETOOL_CORRECT.replace("\\boxed{45}", "\\boxed{44}")
 
 
 @pytest.mark.parametrize("calls", range(13))
 def test_retool_shaping_scores_wrong_answers_by_tool_calls(calls):
-    reward = get_reward("retool")
-    wrong = reward(RETOOL_WRONG, "045", TrajectoryInfo(num_tool_calls=calls))
-    assert wrong.reward == pytest.approx(min(-0.6, -1 + 0.1 * calls))
-    assert wrong.correct is False and wrong.extracted == "44"
-    right = reward(RETOOL_CORRECT, "045", TrajectoryInfo(num_tool_calls=calls))
-    assert right.reward == 1.0 and right.correct is True
+  reward = get_reward("retool")
+  wrong = reward(RETOOL_WRONG, "045", TrajectoryInfo(num_tool_calls=calls))
+  assert wrong.reward == pytest.approx(min(-0.6, -1 + 0.1 * calls))
+  assert wrong.correct is False and wrong.extracted == "44"
+  right = reward(RETOOL_CORRECT, "045", TrajectoryInfo(num_tool_calls=calls))
+  assert right.reward == 1.0 and right.correct is True
 
 
 def test_math_reward_without_shaping_ignores_tool_calls():
-    reward = get_reward("math")
-    assert reward(RETOOL_WRONG, "45", {"num_tool_calls": 8}).reward == -1.0
-    assert reward(RETOOL_CORRECT, "45", {"num_tool_calls": 8}).reward == 1.0
-    missing = reward("I give up.", "45")
-    assert (missing.reward, missing.correct, missing.extracted) == (-1.0, False, None)
-    assert missing.format_ok is False
+  reward = get_reward("math")
+  assert reward(RETOOL_WRONG, "45", {"num_tool_calls": 8}).reward == -1.0
+  assert reward(RETOOL_CORRECT, "45", {"num_tool_calls": 8}).reward == 1.0
+  missing = reward("I give up.", "45")
+  assert (missing.reward, missing.correct, missing.extracted) == (-1.0, False, None)
+  assert missing.format_ok is False
 
 
 def test_math_reward_options():
-    strict = get_reward("math", mode="strict", correct_reward=1.0, wrong_reward=0.0)
-    lenient = get_reward("math", wrong_reward=0.0)
-    assert strict("\\boxed{0.5}", "\\frac{1}{2}").reward == 0.0
-    assert lenient("\\boxed{0.5}", "\\frac{1}{2}").reward == 1.0
-    with pytest.raises(ValueError, match="mode must be one of"):
-        MathReward(mode="fuzzy")
-    with pytest.raises(ValueError, match="answer_format must be one of"):
-        FormatReward(answer_format="xml")
+  strict = get_reward("math", mode="strict", correct_reward=1.0, wrong_reward=0.0)
+  lenient = get_reward("math", wrong_reward=0.0)
+  assert strict("\\boxed{0.5}", "\\frac{1}{2}").reward == 0.0
+  assert lenient("\\boxed{0.5}", "\\frac{1}{2}").reward == 1.0
+  with pytest.raises(ValueError, match="mode must be one of"):
+    MathReward(mode="fuzzy")
+  with pytest.raises(ValueError, match="answer_format must be one of"):
+    FormatReward(answer_format="xml")
 
 
 def test_format_reward():
-    retool_format = get_reward("format")
-    assert retool_format(RETOOL_CORRECT, "45").reward == 1.0
-    # Well formed but wrong is still well formed; correctness is reported on its own.
-    wrong = retool_format(RETOOL_WRONG, "45")
-    assert (wrong.reward, wrong.correct, wrong.format_ok) == (1.0, False, True)
-    assert retool_format(RETOOL_CORRECT, "45", {"truncated": True}).reward == 0.0
-    assert retool_format(RETOOL_CORRECT, "45", {"finish_reason": "length"}).reward == 0.0
-    assert retool_format(RETOOL_CORRECT, "45", {"finish_reason": "stop"}).reward == 1.0
-    assert retool_format("<code>\nprint(1)\n<answer>\\boxed{45}</answer>", "45").reward == 0.0
-    assert retool_format("So \\boxed{45}.", "45").reward == 0.0
-    assert get_reward("format", answer_format="boxed")("So \\boxed{45}.", "45").reward == 1.0
-    assert get_reward("format", answer_format="dapo")("work\nAnswer: 45", "45").reward == 1.0
-    assert get_reward("format", answer_format="any", bad_reward=-1.0)("no answer", "45").reward == -1.0
+  retool_format = get_reward("format")
+  assert retool_format(RETOOL_CORRECT, "45").reward == 1.0
+  # Well formed but wrong is still well formed; correctness is reported on its own.
+  wrong = retool_format(RETOOL_WRONG, "45")
+  assert (wrong.reward, wrong.correct, wrong.format_ok) == (1.0, False, True)
+  assert retool_format(RETOOL_CORRECT, "45", {"truncated": True}).reward == 0.0
+  assert retool_format(RETOOL_CORRECT, "45", {"finish_reason": "length"}).reward == 0.0
+  assert retool_format(RETOOL_CORRECT, "45", {"finish_reason": "stop"}).reward == 1.0
+  assert retool_format("<code>\nprint(1)\n<answer>\\boxed{45}</answer>", "45").reward == 0.0
+  assert retool_format("So \\boxed{45}.", "45").reward == 0.0
+  assert get_reward("format", answer_format="boxed")("So \\boxed{45}.", "45").reward == 1.0
+  assert get_reward("format", answer_format="dapo")("work\nAnswer: 45", "45").reward == 1.0
+  assert get_reward("format", answer_format="any", bad_reward=-1.0)("no answer", "45").reward == -1.0
 
 
 def test_accuracy_is_verified_correctness_not_shaped_reward():
-    reward = get_reward("retool")
-    results = score_batch(
-        reward,
-        [RETOOL_CORRECT, RETOOL_WRONG, RETOOL_WRONG, "no answer"],
-        ["45"] * 4,
-        [{"num_tool_calls": 1}, {"num_tool_calls": 9}, {"num_tool_calls": 4}, None],
-    )
-    summary = summarize(results)
-    assert summary["accuracy"] == 0.25
-    assert summary["reward"] == pytest.approx((1.0 - 0.6 - 0.6 - 1.0) / 4)
-    assert summary["answer_found"] == 0.75
-    assert summary["num_tool_calls"] == pytest.approx(14 / 4)
-    assert summary["verify_timeout"] == 0.0
+  reward = get_reward("retool")
+  results = score_batch(
+    reward,
+    [RETOOL_CORRECT, RETOOL_WRONG, RETOOL_WRONG, "no answer"],
+    ["45"] * 4,
+    [{"num_tool_calls": 1}, {"num_tool_calls": 9}, {"num_tool_calls": 4}, None],
+  )
+  summary = summarize(results)
+  assert summary["accuracy"] == 0.25
+  assert summary["reward"] == pytest.approx((1.0 - 0.6 - 0.6 - 1.0) / 4)
+  assert summary["answer_found"] == 0.75
+  assert summary["num_tool_calls"] == pytest.approx(14 / 4)
+  assert summary["verify_timeout"] == 0.0
 
 
 def test_score_batch_with_threads_matches_sequential():
-    reward = get_reward("math")
-    responses = [f"\\boxed{{{i / 4}}}" for i in range(12)]
-    golds = [f"\\frac{{{i}}}{{4}}" for i in range(12)]
-    assert score_batch(reward, responses, golds, num_threads=3) == score_batch(reward, responses, golds)
-    with pytest.raises(ValueError, match="2 responses but 1 ground truths"):
-        score_batch(reward, ["a", "b"], ["a"])
+  reward = get_reward("math")
+  responses = [f"\\boxed{{{i / 4}}}" for i in range(12)]
+  golds = [f"\\frac{{{i}}}{{4}}" for i in range(12)]
+  assert score_batch(reward, responses, golds, num_threads=3) == score_batch(reward, responses, golds)
+  with pytest.raises(ValueError, match="2 responses but 1 ground truths"):
+    score_batch(reward, ["a", "b"], ["a"])
 
 
 def test_combined_reward_sums_weighted_parts_and_keeps_primary_correctness():
-    combined = get_reward({"retool": 1.0, "format": 0.5})
-    result = combined(RETOOL_WRONG, "45", {"num_tool_calls": 2})
-    assert result.reward == pytest.approx(-0.8 + 0.5 * 1.0)
-    assert result.correct is False and result.extracted == "44"
-    assert result.metrics["reward/retool"] == pytest.approx(-0.8)
-    assert result.metrics["reward/format"] == 1.0
-    as_pairs = combine_rewards([("retool", 1.0), (get_reward("format"), 0.5)])
-    assert as_pairs(RETOOL_WRONG, "45", {"num_tool_calls": 2}).reward == pytest.approx(result.reward)
-    with pytest.raises(ValueError, match="at least one"):
-        combine_rewards({})
+  combined = get_reward({"retool": 1.0, "format": 0.5})
+  result = combined(RETOOL_WRONG, "45", {"num_tool_calls": 2})
+  assert result.reward == pytest.approx(-0.8 + 0.5 * 1.0)
+  assert result.correct is False and result.extracted == "44"
+  assert result.metrics["reward/retool"] == pytest.approx(-0.8)
+  assert result.metrics["reward/format"] == 1.0
+  as_pairs = combine_rewards([("retool", 1.0), (get_reward("format"), 0.5)])
+  assert as_pairs(RETOOL_WRONG, "45", {"num_tool_calls": 2}).reward == pytest.approx(result.reward)
+  with pytest.raises(ValueError, match="at least one"):
+    combine_rewards({})
 
 
 def length_penalty(response, ground_truth, info, scale=0.001):
-    return -scale * len(response)
+  return -scale * len(response)
 
 
 def full_result(response, ground_truth, info):
-    return RewardResult(reward=float(info.num_tool_calls), correct=True, extracted="x", format_ok=True)
+  return RewardResult(reward=float(info.num_tool_calls), correct=True, extracted="x", format_ok=True)
 
 
 def test_plugin_rewards_by_module_path():
-    penalty = get_reward(f"{__name__}:length_penalty", scale=0.01)
-    result = penalty(RETOOL_CORRECT, "45")
-    assert result.reward == pytest.approx(-0.01 * len(RETOOL_CORRECT))
-    # A plug-in that returns a number still gets verified correctness.
-    assert result.correct is True and result.extracted == "45"
-    assert get_reward(f"{__name__}:length_penalty")(RETOOL_WRONG, "45").correct is False
-    assert get_reward(f"{__name__}:full_result")("text", "1", {"num_tool_calls": 3}).reward == 3.0
+  penalty = get_reward(f"{__name__}:length_penalty", scale=0.01)
+  result = penalty(RETOOL_CORRECT, "45")
+  assert result.reward == pytest.approx(-0.01 * len(RETOOL_CORRECT))
+  # A plug-in that returns a number still gets verified correctness.
+  assert result.correct is True and result.extracted == "45"
+  assert get_reward(f"{__name__}:length_penalty")(RETOOL_WRONG, "45").correct is False
+  assert get_reward(f"{__name__}:full_result")("text", "1", {"num_tool_calls": 3}).reward == 3.0
 
 
 def test_registry_errors_are_named():
-    with pytest.raises(ValueError, match="unknown reward 'nope'.*'retool'"):
-        get_reward("nope")
-    with pytest.raises(ValueError, match="cannot import module 'no_such_module_xyz'"):
-        get_reward("no_such_module_xyz:fn")
-    with pytest.raises(ValueError, match="has no attribute 'missing'"):
-        get_reward(f"{__name__}:missing")
-    with pytest.raises(TypeError, match="returned str"):
-        get_reward(lambda response, gold, info: "high")("\\boxed{1}", "1")
-    with pytest.raises(ValueError, match="unknown trajectory info keys \\['tools'\\]"):
-        get_reward("math")("\\boxed{1}", "1", {"tools": 3})
+  with pytest.raises(ValueError, match="unknown reward 'nope'.*'retool'"):
+    get_reward("nope")
+  with pytest.raises(ValueError, match="cannot import module 'no_such_module_xyz'"):
+    get_reward("no_such_module_xyz:fn")
+  with pytest.raises(ValueError, match="has no attribute 'missing'"):
+    get_reward(f"{__name__}:missing")
+  with pytest.raises(TypeError, match="returned str"):
+    get_reward(lambda response, gold, info: "high")("\\boxed{1}", "1")
+  with pytest.raises(ValueError, match="unknown trajectory info keys \\['tools'\\]"):
+    get_reward("math")("\\boxed{1}", "1", {"tools": 3})
 
 
 def test_register_reward():
-    name = f"strict_math_{uuid.uuid4().hex[:8]}"
-    register_reward(name, lambda: MathReward(mode="strict"))
-    assert name in available_rewards()
-    assert get_reward(name)("\\boxed{0.5}", "\\frac{1}{2}").correct is False
-    with pytest.raises(ValueError, match="already registered"):
-        register_reward(name, MathReward)
-    with pytest.raises(ValueError, match="may not be empty or contain"):
-        register_reward("pkg:fn", MathReward)
+  name = f"strict_math_{uuid.uuid4().hex[:8]}"
+  register_reward(name, lambda: MathReward(mode="strict"))
+  assert name in available_rewards()
+  assert get_reward(name)("\\boxed{0.5}", "\\frac{1}{2}").correct is False
+  with pytest.raises(ValueError, match="already registered"):
+    register_reward(name, MathReward)
+  with pytest.raises(ValueError, match="may not be empty or contain"):
+    register_reward("pkg:fn", MathReward)

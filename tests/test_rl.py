@@ -19,8 +19,14 @@ from retool_jax.train.rl_batch import bucket_length, minibatch_indices, pack_rol
 
 
 def test_config_checks_fields():
-  c = RLConfig.from_config({"algorithm": "rloo", "group_size": 4, "loss": {"clip_high": 0.3},
-                            "overlong": {"max_len": 64, "cache_len": 16}})
+  c = RLConfig.from_config(
+    {
+      "algorithm": "rloo",
+      "group_size": 4,
+      "loss": {"clip_high": 0.3},
+      "overlong": {"max_len": 64, "cache_len": 16},
+    }
+  )
   assert c.loss.clip_high == 0.3 and c.overlong.cache_len == 16 and c.batch_size == 128
   with pytest.raises(ValueError, match=r"unknown rl field\(s\) \['lr'\]"):
     RLConfig.from_config({"lr": 1.0})
@@ -36,8 +42,17 @@ def test_config_checks_fields():
 
 def _rollout(ids, mask, logprobs, n_prompt=2, status="completed", calls=0):
   from retool_jax.rollout.multiturn import TurnStats
-  return Rollout(list(ids), list(mask), list(logprobs), n_prompt, status, "eos",
-                 [TurnStats(sum(mask), "stop", tool_calls=calls, tool_errors=min(calls, 1))], "")
+
+  return Rollout(
+    list(ids),
+    list(mask),
+    list(logprobs),
+    n_prompt,
+    status,
+    "eos",
+    [TurnStats(sum(mask), "stop", tool_calls=calls, tool_errors=min(calls, 1))],
+    "",
+  )
 
 
 def test_pack_rollouts_shifts_and_pads():
@@ -60,8 +75,10 @@ def test_pack_rollouts_shifts_and_pads():
 
 
 def test_rollout_metrics_keep_accuracy_apart_from_reward():
-  ro = [_rollout([1, 2, 3], [0, 0, 1], [0, 0, 0], calls=2), _rollout([1, 2, 3, 4], [0, 0, 1, 1], [0] * 4,
-                                                                         status="truncated")]
+  ro = [
+    _rollout([1, 2, 3], [0, 0, 1], [0, 0, 0], calls=2),
+    _rollout([1, 2, 3, 4], [0, 0, 1, 1], [0] * 4, status="truncated"),
+  ]
   res = [RewardResult(-0.8, False, "1", True), RewardResult(1.0, True, "2", False)]
   m = rollout_metrics(ro, res)
   assert m["accuracy"] == 0.5 and m["reward_mean"] == pytest.approx(0.1) and m["format_ok"] == 0.5
@@ -81,9 +98,19 @@ class SevensReward:
 @pytest.fixture(scope="module")
 def tiny():
   tokenizer = build_tokenizer()
-  cfg = Qwen3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                    num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True,
-                    max_position_embeddings=128, bos_token_id=None, eos_token_id=tokenizer.eos_token_id)
+  cfg = Qwen3Config(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    tie_word_embeddings=True,
+    max_position_embeddings=128,
+    bos_token_id=None,
+    eos_token_id=tokenizer.eos_token_id,
+  )
   return tokenizer, cfg
 
 
@@ -92,21 +119,45 @@ def _trainer(tiny, rl: RLConfig, *, lr=3e-2, reference=False):
   model = Qwen3(cfg, rngs=nnx.Rngs(0))
   tx, _ = state_lib.make_optimizer({"learning_rate": lr, "schedule": "constant", "grad_clip_norm": 1.0}, 100)
   state = state_lib.TrainState.create(model, tx, jax.random.key(0))
-  engine = JaxEngine(model, tokenizer=tokenizer, max_length=96, max_batch_size=16, min_batch_bucket=16,
-                     min_prompt_bucket=64, min_new_bucket=16, seed=0)
+  engine = JaxEngine(
+    model,
+    tokenizer=tokenizer,
+    max_length=96,
+    max_batch_size=16,
+    min_batch_bucket=16,
+    min_prompt_bucket=64,
+    min_new_bucket=16,
+    seed=0,
+  )
   problems = make_problems(64, seed=0)
   items = [{"prompt": prompt_ids(tokenizer, p), "answer": p.answer} for p in problems]
-  batches = iter([items[i:i + 3] for i in range(0, len(items), 3)])   # regrouped to num_prompts
+  batches = iter([items[i : i + 3] for i in range(0, len(items), 3)])  # regrouped to num_prompts
   ref = state_lib.make_reference(1.0, state, jax.tree.map(lambda _: None, state)) if reference else None
-  mt = MultiTurnConfig(max_context=80, max_turns=2, max_new_tokens=12, call_formats=("code",),
-                       enable_thinking=False)
-  return RLTrainer(rl, state, engine=engine, tokenizer=tokenizer, tools=None, multiturn=mt,
-                   reward_fn=SevensReward(), prompts=batches, reference=ref)
+  mt = MultiTurnConfig(
+    max_context=80, max_turns=2, max_new_tokens=12, call_formats=("code",), enable_thinking=False
+  )
+  return RLTrainer(
+    rl,
+    state,
+    engine=engine,
+    tokenizer=tokenizer,
+    tools=None,
+    multiturn=mt,
+    reward_fn=SevensReward(),
+    prompts=batches,
+    reference=ref,
+  )
 
 
 def test_grpo_steps_update_policy_and_sync_engine(tiny):
-  rl = RLConfig(num_prompts=4, group_size=4, num_minibatches=2, num_epochs=2, length_multiple=32,
-                loss=dataclasses.replace(RLConfig().loss, tis_cap=2.0, entropy_coef=0.01))
+  rl = RLConfig(
+    num_prompts=4,
+    group_size=4,
+    num_minibatches=2,
+    num_epochs=2,
+    length_multiple=32,
+    loss=dataclasses.replace(RLConfig().loss, tis_cap=2.0, entropy_coef=0.01),
+  )
   trainer = _trainer(tiny, rl)
   before = jax.tree.map(np.asarray, trainer.state.params)
   first = trainer.step()
@@ -116,9 +167,25 @@ def test_grpo_steps_update_policy_and_sync_engine(tiny):
   assert int(trainer.state.step) == 6 * 4 and trainer.engine.weight_version == 6
   after = trainer.state.params
   assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
-  for key in ("reward_mean", "reward_std", "accuracy", "tool_calls_per_traj", "tool_error_rate", "response_length",
-              "truncation_rate", "pg_clipfrac", "entropy", "grad_norm", "perf/tokens_per_s", "time/rollout",
-              "time/reference", "time/train", "time/sync", "rollout_kl", "tis_weight_mean"):
+  for key in (
+    "reward_mean",
+    "reward_std",
+    "accuracy",
+    "tool_calls_per_traj",
+    "tool_error_rate",
+    "response_length",
+    "truncation_rate",
+    "pg_clipfrac",
+    "entropy",
+    "grad_norm",
+    "perf/tokens_per_s",
+    "time/rollout",
+    "time/reference",
+    "time/train",
+    "time/sync",
+    "rollout_kl",
+    "tis_weight_mean",
+  ):
     assert key in last and np.isfinite(last[key]), key
   # the trainer's recomputed log-probs match the engine's (same weights, same temperature)
   assert first["rollout_kl"] < 1e-4
@@ -127,13 +194,20 @@ def test_grpo_steps_update_policy_and_sync_engine(tiny):
 
 
 def test_rloo_with_kl_loss_and_dynamic_sampling(tiny):
-  rl = RLConfig(algorithm="rloo", num_prompts=2, group_size=4, dynamic_sampling=True, max_sampling_rounds=3,
-                length_multiple=32, loss=dataclasses.replace(RLConfig().loss, kl_coef=0.1, kl_estimator="k2"))
+  rl = RLConfig(
+    algorithm="rloo",
+    num_prompts=2,
+    group_size=4,
+    dynamic_sampling=True,
+    max_sampling_rounds=3,
+    length_multiple=32,
+    loss=dataclasses.replace(RLConfig().loss, kl_coef=0.1, kl_estimator="k2"),
+  )
   with pytest.raises(ValueError, match="no reference"):
     _trainer(tiny, rl)
   trainer = _trainer(tiny, rl, reference=True)
   m = trainer.step()
   trainer.close()
-  assert m["kl"] == pytest.approx(0.0, abs=1e-6)   # the first update starts from the reference
+  assert m["kl"] == pytest.approx(0.0, abs=1e-6)  # the first update starts from the reference
   assert 1 <= m["sampling_rounds"] <= 3 and 0 < m["kept_fraction"] <= 1
   assert m["batch_size"] <= 8

@@ -26,8 +26,11 @@ def greedy(max_new=8, **extra):
 
 
 def test_input_ids_single_answers_one_object_with_logprob_triples(server):
-  r = post(server, "/generate", {"input_ids": [5, 6, 7], "sampling_params": greedy(6, ignore_eos=True),
-                                 "return_logprob": True})
+  r = post(
+    server,
+    "/generate",
+    {"input_ids": [5, 6, 7], "sampling_params": greedy(6, ignore_eos=True), "return_logprob": True},
+  )
   assert r.status_code == 200
   out = r.json()
   assert isinstance(out, dict) and set(out) == {"text", "output_ids", "meta_info"}
@@ -46,8 +49,11 @@ def test_no_logprobs_unless_asked(server):
 
 
 def test_greedy_logprob_is_log_softmax_of_the_logits(server):
-  out = post(server, "/generate", {"input_ids": [9, 10], "sampling_params": greedy(3, ignore_eos=True),
-                                   "return_logprob": True}).json()
+  out = post(
+    server,
+    "/generate",
+    {"input_ids": [9, 10], "sampling_params": greedy(3, ignore_eos=True), "return_logprob": True},
+  ).json()
   ids = [9, 10]
   for lp, tok, _ in out["meta_info"]["output_token_logprobs"]:
     logits = server.model.logits(ids)
@@ -59,13 +65,19 @@ def test_greedy_logprob_is_log_softmax_of_the_logits(server):
 def test_text_and_batches_answer_lists_in_prompt_major_order(server):
   single = post(server, "/generate", {"text": "hello", "sampling_params": greedy(4, ignore_eos=True)}).json()
   assert isinstance(single, dict) and single["meta_info"]["prompt_tokens"] == len(encode("hello"))
-  batch = post(server, "/generate", {"text": ["hello", "hi"], "sampling_params": greedy(4, ignore_eos=True)}).json()
+  batch = post(
+    server, "/generate", {"text": ["hello", "hi"], "sampling_params": greedy(4, ignore_eos=True)}
+  ).json()
   assert isinstance(batch, list) and len(batch) == 2
   assert batch[0]["output_ids"] == single["output_ids"]
   prompts = [[5, 6, 7], [8]]
-  alone = [post(server, "/generate", {"input_ids": p, "sampling_params": greedy(4, ignore_eos=True)}).json()
-           for p in prompts]
-  outs = post(server, "/generate", {"input_ids": prompts, "sampling_params": greedy(4, ignore_eos=True, n=2)}).json()
+  alone = [
+    post(server, "/generate", {"input_ids": p, "sampling_params": greedy(4, ignore_eos=True)}).json()
+    for p in prompts
+  ]
+  outs = post(
+    server, "/generate", {"input_ids": prompts, "sampling_params": greedy(4, ignore_eos=True, n=2)}
+  ).json()
   assert len(outs) == 4
   assert [o["meta_info"]["prompt_tokens"] for o in outs] == [3, 3, 1, 1]
   assert [o["output_ids"] for o in outs] == [alone[0]["output_ids"]] * 2 + [alone[1]["output_ids"]] * 2
@@ -74,38 +86,56 @@ def test_text_and_batches_answer_lists_in_prompt_major_order(server):
 
 
 def test_sampling_seed_repeats_and_n_samples_differ(server):
-  body = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 12, "temperature": 1.0, "sampling_seed": 3,
-                                                   "ignore_eos": True, "n": 2}, "return_logprob": True}
+  body = {
+    "input_ids": [5, 6],
+    "sampling_params": {"max_new_tokens": 12, "temperature": 1.0, "sampling_seed": 3, "ignore_eos": True, "n": 2},
+    "return_logprob": True,
+  }
   a, b = post(server, "/generate", body).json(), post(server, "/generate", body).json()
   assert [o["output_ids"] for o in a] == [o["output_ids"] for o in b]
   assert a[0]["output_ids"] != a[1]["output_ids"]
 
 
 def test_stop_string_trims_text_but_not_ids_or_logprobs(server):
-  free = post(server, "/generate", {"input_ids": [5, 6, 7], "sampling_params": greedy(20, ignore_eos=True),
-                                    "return_logprob": True}).json()
+  free = post(
+    server,
+    "/generate",
+    {"input_ids": [5, 6, 7], "sampling_params": greedy(20, ignore_eos=True), "return_logprob": True},
+  ).json()
   text = detokenize(free["output_ids"], skip_special_tokens=False)
   stop = text[3:5]
-  trimmed = post(server, "/generate", {"input_ids": [5, 6, 7], "return_logprob": True,
-                                       "sampling_params": greedy(20, ignore_eos=True, stop=[stop])}).json()
-  kept = post(server, "/generate", {"input_ids": [5, 6, 7], "return_logprob": True,
-                                    "sampling_params": greedy(20, ignore_eos=True, stop=[stop],
-                                                              no_stop_trim=True)}).json()
+  trimmed = post(
+    server,
+    "/generate",
+    {"input_ids": [5, 6, 7], "return_logprob": True, "sampling_params": greedy(20, ignore_eos=True, stop=[stop])},
+  ).json()
+  kept = post(
+    server,
+    "/generate",
+    {
+      "input_ids": [5, 6, 7],
+      "return_logprob": True,
+      "sampling_params": greedy(20, ignore_eos=True, stop=[stop], no_stop_trim=True),
+    },
+  ).json()
   assert trimmed["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
-  assert trimmed["output_ids"] == kept["output_ids"] == free["output_ids"][:len(trimmed["output_ids"])]
+  assert trimmed["output_ids"] == kept["output_ids"] == free["output_ids"][: len(trimmed["output_ids"])]
   assert stop in detokenize(trimmed["output_ids"], skip_special_tokens=False)
   assert kept["text"] == detokenize(kept["output_ids"], skip_special_tokens=True) and stop in kept["text"]
-  assert trimmed["text"] == kept["text"][:kept["text"].find(stop)]
+  assert trimmed["text"] == kept["text"][: kept["text"].find(stop)]
   assert len(trimmed["meta_info"]["output_token_logprobs"]) == len(trimmed["output_ids"])
 
 
 def test_stop_token_id_is_matched_as_int_and_kept(server):
   free = post(server, "/generate", {"input_ids": [11], "sampling_params": greedy(6, ignore_eos=True)}).json()
   stop_tok = free["output_ids"][2]
-  out = post(server, "/generate", {"input_ids": [11], "sampling_params": greedy(6, ignore_eos=True,
-                                                                                stop_token_ids=[stop_tok])}).json()
+  out = post(
+    server,
+    "/generate",
+    {"input_ids": [11], "sampling_params": greedy(6, ignore_eos=True, stop_token_ids=[stop_tok])},
+  ).json()
   first = free["output_ids"].index(stop_tok)
-  assert out["output_ids"] == free["output_ids"][:first + 1]
+  assert out["output_ids"] == free["output_ids"][: first + 1]
   assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_tok}
 
 
@@ -119,8 +149,9 @@ def test_too_long_requests_are_400_with_an_error_message(server):
 
 def test_an_abort_is_http_200_with_partial_tokens(server):
   server.abort_next, server.abort_after_tokens = 1, 2
-  r = post(server, "/generate", {"input_ids": [5], "sampling_params": greedy(8, ignore_eos=True),
-                                 "return_logprob": True})
+  r = post(
+    server, "/generate", {"input_ids": [5], "sampling_params": greedy(8, ignore_eos=True), "return_logprob": True}
+  )
   assert r.status_code == 200
   meta = r.json()["meta_info"]
   assert meta["finish_reason"]["type"] == "abort" and "message" in meta["finish_reason"]
@@ -164,8 +195,9 @@ def test_pause_aborts_running_requests_and_holds_new_ones_until_continue():
 def test_flush_cache_is_400_while_busy():
   with SGLangDouble(token_delay_s=0.01) as s:
     assert post(s, "/flush_cache").status_code == 200
-    t, _ = _in_thread(lambda: post(s, "/generate", {"input_ids": [5], "sampling_params": greedy(20,
-                                                                                                ignore_eos=True)}))
+    t, _ = _in_thread(
+      lambda: post(s, "/generate", {"input_ids": [5], "sampling_params": greedy(20, ignore_eos=True)})
+    )
     while not s.running:
       time.sleep(0.005)
     assert post(s, "/flush_cache").status_code == 400

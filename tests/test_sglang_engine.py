@@ -13,14 +13,26 @@ from flax import nnx
 from retool_jax.models import qwen3
 from retool_jax.models.generate import greedy_generate
 from retool_jax.rollout import Engine, GenerateRequest, SamplingParams
-from retool_jax.rollout.sglang_engine import (SGLangEngine, SGLangError, SGLangOptions, generate_payload,
-                                              parse_generate_output)
+from retool_jax.rollout.sglang_engine import (
+  SGLangEngine,
+  SGLangError,
+  SGLangOptions,
+  generate_payload,
+  parse_generate_output,
+)
 from retool_jax.rollout.weight_sync import prune_versions, write_hf_checkpoint
 from sglang_double import FakeModel, QwenModel, SGLangDouble
 
 FAST = dict(backoff_s=0.01, max_backoff_s=0.02, poll_s=0.02)
-TINY = qwen3.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+TINY = qwen3.Qwen3Config(
+  vocab_size=64,
+  hidden_size=32,
+  intermediate_size=48,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=8,
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,18 +61,42 @@ def test_engine_satisfies_the_protocol():
 
 
 def test_payload_asks_for_ids_logprobs_and_untrimmed_text():
-  body = generate_payload(req([1, 2], 9, rid="a", temperature=0.7, top_p=0.9, top_k=5, stop=("</code>",),
-                              stop_token_ids=(151645,), seed=4))
-  assert body == {"input_ids": [1, 2], "return_logprob": True, "rid": "a", "sampling_params": {
-      "max_new_tokens": 9, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "no_stop_trim": True,
-      "skip_special_tokens": False, "stop": ["</code>"], "stop_token_ids": [151645], "sampling_seed": 4}}
+  body = generate_payload(
+    req(
+      [1, 2], 9, rid="a", temperature=0.7, top_p=0.9, top_k=5, stop=("</code>",), stop_token_ids=(151645,), seed=4
+    )
+  )
+  assert body == {
+    "input_ids": [1, 2],
+    "return_logprob": True,
+    "rid": "a",
+    "sampling_params": {
+      "max_new_tokens": 9,
+      "temperature": 0.7,
+      "top_p": 0.9,
+      "top_k": 5,
+      "no_stop_trim": True,
+      "skip_special_tokens": False,
+      "stop": ["</code>"],
+      "stop_token_ids": [151645],
+      "sampling_seed": 4,
+    },
+  }
   assert "sampling_seed" not in generate_payload(req([1], seed=4), seed_field=None)["sampling_params"]
 
 
 def test_parse_reads_ids_from_logprob_triples_not_text():
-  out = {"text": "ignored", "output_ids": [7, 8], "meta_info": {
-      "id": "r", "finish_reason": {"type": "stop", "matched": "</answer>"}, "weight_version": "3",
-      "output_token_logprobs": [[-0.5, 7, None], [-1.25, 8, "x"]], "completion_tokens": 2}}
+  out = {
+    "text": "ignored",
+    "output_ids": [7, 8],
+    "meta_info": {
+      "id": "r",
+      "finish_reason": {"type": "stop", "matched": "</answer>"},
+      "weight_version": "3",
+      "output_token_logprobs": [[-0.5, 7, None], [-1.25, 8, "x"]],
+      "completion_tokens": 2,
+    },
+  }
   res = parse_generate_output(out)
   assert res.output_ids == [7, 8] and res.output_logprobs == [-0.5, -1.25]
   assert res.finish_reason.type == "stop" and res.finish_reason.matched == "</answer>"
@@ -76,8 +112,10 @@ def test_parse_reads_ids_from_logprob_triples_not_text():
 def test_generate_returns_the_servers_tokens_and_logprobs_in_request_order():
   with SGLangDouble(eos_token_id=-1) as s:
     engine = SGLangEngine(s.url, options=SGLangOptions(**FAST))
-    reqs = [req([5, 6, 7], 8, rid="a", temperature=0.0), req([9], 5, rid="b", temperature=0.0,
-                                                               stop_token_ids=(7,))]
+    reqs = [
+      req([5, 6, 7], 8, rid="a", temperature=0.0),
+      req([9], 5, rid="b", temperature=0.0, stop_token_ids=(7,)),
+    ]
     results = run(engine.generate(reqs))
     for r, body in zip(reqs, generate_bodies(s)):
       assert body["input_ids"] == list(r.prompt_ids) and body["return_logprob"] is True
@@ -170,8 +208,9 @@ def test_start_rejects_a_served_model_that_is_not_the_policy(tmp_path):
 
 def _params_equal(a, b) -> bool:
   fa, fb = dict(nnx.to_flat_state(nnx.state(a, nnx.Param))), dict(nnx.to_flat_state(nnx.state(b, nnx.Param)))
-  return fa.keys() == fb.keys() and all(np.array_equal(np.asarray(fa[k].get_value()), np.asarray(fb[k].get_value()))
-                                        for k in fa)
+  return fa.keys() == fb.keys() and all(
+    np.array_equal(np.asarray(fa[k].get_value()), np.asarray(fb[k].get_value())) for k in fa
+  )
 
 
 def test_weight_sync_during_generation_retries_in_flight_requests_on_the_new_weights(tmp_path, policy):
@@ -193,10 +232,15 @@ def test_weight_sync_during_generation_retries_in_flight_requests_on_the_new_wei
     assert all(r.weight_version == "1" and not r.meta.get("off_policy") for r in results)
     assert all(r.finish_reason.type != "abort" for r in results)
     assert engine.stats.aborts >= 1 and engine.stats.abort_retries == engine.stats.aborts
-    control = [p for p, _ in s.log if p in ("/pause_generation", "/flush_cache", "/update_weights_from_disk",
-                                              "/continue_generation")]
-    assert control[0] == "/pause_generation" and control[-2:] == ["/update_weights_from_disk",
-                                                                   "/continue_generation"]
+    control = [
+      p
+      for p, _ in s.log
+      if p in ("/pause_generation", "/flush_cache", "/update_weights_from_disk", "/continue_generation")
+    ]
+    assert control[0] == "/pause_generation" and control[-2:] == [
+      "/update_weights_from_disk",
+      "/continue_generation",
+    ]
     assert set(control[1:-2]) == {"/flush_cache"}
     update = next(b for p, b in s.log if p == "/update_weights_from_disk")
     assert update == {"model_path": os.path.join(str(tmp_path), "weight_v1"), "weight_version": "1"}
@@ -214,8 +258,9 @@ def test_results_from_other_weights_are_flagged_off_policy(tmp_path):
     other.mkdir()
     (other / "config.json").write_text("{}")
     (other / "model.safetensors").write_bytes(b"x")
-    requests.post(s.url + "/update_weights_from_disk", json={"model_path": str(other), "weight_version": "9"},
-                  timeout=5)
+    requests.post(
+      s.url + "/update_weights_from_disk", json={"model_path": str(other), "weight_version": "9"}, timeout=5
+    )
     [stale] = run(engine.generate([req([5], 3)]))
     assert stale.meta["off_policy"] is True and stale.meta["expected_weight_version"] == "default"
     assert engine.stats.off_policy == 1
@@ -238,8 +283,9 @@ def test_a_failed_update_raises_and_still_resumes_generation(tmp_path, policy):
 def test_flush_is_retried_while_requests_run_and_gives_up_at_the_timeout():
   with SGLangDouble(token_delay_s=0.01, eos_token_id=-1) as s:
     engine = SGLangEngine(s.url, options=SGLangOptions(**FAST))
-    outside = threading.Thread(target=lambda: requests.post(s.url + "/generate", json=generate_payload(
-        req([5], 25)), timeout=10))
+    outside = threading.Thread(
+      target=lambda: requests.post(s.url + "/generate", json=generate_payload(req([5], 25)), timeout=10)
+    )
     outside.start()
     while not s.running:
       pass
@@ -247,13 +293,15 @@ def test_flush_is_retried_while_requests_run_and_gives_up_at_the_timeout():
     async def flush():
       async with engine._client() as session:
         await engine._flush(session)
+
     run(flush())
     assert engine.stats.flush_retries >= 1 and not s.running
     outside.join()
     # With in-place pausing the running request stays in the batch, so the flush can never succeed.
     engine = SGLangEngine(s.url, options=SGLangOptions(pause_mode="in_place", flush_timeout_s=0.2, **FAST))
-    outside = threading.Thread(target=lambda: requests.post(s.url + "/generate", json=generate_payload(
-        req([6], 25)), timeout=10))
+    outside = threading.Thread(
+      target=lambda: requests.post(s.url + "/generate", json=generate_payload(req([6], 25)), timeout=10)
+    )
     outside.start()
     while not s.running:
       pass
@@ -311,6 +359,7 @@ def test_fake_model_changes_with_the_checkpoint_bytes(tmp_path):
 
 def test_a_session_opened_with_async_with_is_reused_and_closed():
   with SGLangDouble(eos_token_id=-1) as s:
+
     async def scenario():
       async with SGLangEngine(s.url, options=SGLangOptions(**FAST)) as engine:
         session = engine._session
@@ -319,5 +368,6 @@ def test_a_session_opened_with_async_with_is_reused_and_closed():
         assert engine._session is session and not session.closed
       assert session.closed and engine._session is None
       return first, second
+
     first, second = run(scenario())
     assert first[0].output_ids == second[0].output_ids

@@ -15,9 +15,28 @@ def run(script, *args):
 
 
 def test_server_dry_run_prints_the_rl_flags():
-  r = run("sglang_server.sh", "--model-path", "/ckpt/my model", "--tp", "2", "--mem-fraction-static", "0.7",
-          "--context-length", "16384", "--host", "0.0.0.0", "--port", "31000", "--random-seed", "7",
-          "--enable-deterministic-inference", "--dry-run", "--", "--dtype", "bfloat16")
+  r = run(
+    "sglang_server.sh",
+    "--model-path",
+    "/ckpt/my model",
+    "--tp",
+    "2",
+    "--mem-fraction-static",
+    "0.7",
+    "--context-length",
+    "16384",
+    "--host",
+    "0.0.0.0",
+    "--port",
+    "31000",
+    "--random-seed",
+    "7",
+    "--enable-deterministic-inference",
+    "--dry-run",
+    "--",
+    "--dtype",
+    "bfloat16",
+  )
   assert r.returncode == 0, r.stderr
   argv = shlex.split(r.stdout)
   assert argv[:3] == ["python3", "-m", "sglang.launch_server"]
@@ -42,13 +61,22 @@ def test_server_defaults_and_errors():
 
 
 def test_router_dry_run_and_errors():
-  r = run("sglang_router.sh", "--worker-urls", "http://10.0.0.1:30000", "http://10.0.0.2:30000", "--policy",
-          "round_robin", "--port", "30080", "--dry-run")
+  r = run(
+    "sglang_router.sh",
+    "--worker-urls",
+    "http://10.0.0.1:30000",
+    "http://10.0.0.2:30000",
+    "--policy",
+    "round_robin",
+    "--port",
+    "30080",
+    "--dry-run",
+  )
   assert r.returncode == 0, r.stderr
   argv = shlex.split(r.stdout)
   assert argv[:3] == ["python3", "-m", "sglang_router.launch_router"]
   i = argv.index("--worker-urls")
-  assert argv[i + 1:i + 3] == ["http://10.0.0.1:30000", "http://10.0.0.2:30000"]
+  assert argv[i + 1 : i + 3] == ["http://10.0.0.1:30000", "http://10.0.0.2:30000"]
   assert argv[argv.index("--policy") + 1] == "round_robin" and argv[argv.index("--port") + 1] == "30080"
   assert "at least one URL" in run("sglang_router.sh", "--dry-run").stderr
   assert "must start with http" in run("sglang_router.sh", "--worker-urls", "10.0.0.1:1", "--dry-run").stderr

@@ -10,8 +10,15 @@ from jax.sharding import PartitionSpec as P
 from retool_jax import sharding
 from retool_jax.models import qwen3
 
-DENSE = qwen3.Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+DENSE = qwen3.Qwen3Config(
+  vocab_size=96,
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=8,
+)
 MOE = DENSE.replace(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16)
 
 
@@ -31,12 +38,16 @@ def _loss_and_grads(model, ids, mesh=None):
     return fn(params)
 
 
-@pytest.mark.parametrize("cfg,mesh_shape", [
+@pytest.mark.parametrize(
+  "cfg,mesh_shape",
+  [
     (DENSE, dict(data=2, fsdp=2, tensor=2)),
     (MOE, dict(data=2, fsdp=1, tensor=1, expert=4)),
     (MOE, dict(data=1, fsdp=1, tensor=2, expert=4)),
     (MOE.replace(moe_impl="dense", scan_layers=True), dict(data=1, fsdp=2, tensor=1, expert=4)),
-], ids=["dense-d2f2t2", "moe-d2e4", "moe-t2e4", "moe-dense-f2e4-scan"])
+  ],
+  ids=["dense-d2f2t2", "moe-d2e4", "moe-t2e4", "moe-dense-f2e4-scan"],
+)
 def test_mesh_matches_single_device(cfg, mesh_shape):
   assert len(jax.devices()) == 8
   model = qwen3.Qwen3(cfg, rngs=nnx.Rngs(0))
@@ -66,8 +77,9 @@ def test_sharded_init_places_parameters_by_the_rules():
   assert {s.data.shape for s in q.addressable_shards} == {(2, 16, 2, 8)}
   # Same values as an unsharded init with the same seed (up to the jitted scaling's rounding).
   plain = qwen3.Qwen3(DENSE, rngs=nnx.Rngs(0))
-  np.testing.assert_allclose(np.asarray(q), np.asarray(nnx.state(plain)["dense_layers"]["self_attn"]["q_proj"][...]),
-                             rtol=1e-6, atol=1e-8)
+  np.testing.assert_allclose(
+    np.asarray(q), np.asarray(nnx.state(plain)["dense_layers"]["self_attn"]["q_proj"][...]), rtol=1e-6, atol=1e-8
+  )
 
 
 def test_indivisible_dimensions_are_replicated():

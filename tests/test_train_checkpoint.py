@@ -16,8 +16,17 @@ from retool_jax.train import state as state_lib
 from retool_jax.train.checkpointing import Checkpointer
 from retool_jax.data.packing import pack_sequences
 
-CFG = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, scan_layers=True)
+CFG = Qwen3Config(
+  vocab_size=64,
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=8,
+  tie_word_embeddings=True,
+  scan_layers=True,
+)
 OPTIM = dict(schedule="warmup_cosine", learning_rate=1e-2, warmup_steps=2, weight_decay=0.1, grad_clip_norm=1.0)
 
 
@@ -25,8 +34,9 @@ def _setup(lora=None):
   mesh = sharding_lib.make_mesh(devices=jax.devices()[:1])
   tx, schedule = state_lib.make_optimizer(OPTIM, 8)
   model = sharding_lib.create_sharded(lambda: Qwen3(CFG, rngs=nnx.Rngs(0)), mesh)
-  state, shardings = state_lib.create_train_state(model, tx, jax.random.key(7), mesh, lora_config=lora,
-                                                  lora_rng=jax.random.key(3))
+  state, shardings = state_lib.create_train_state(
+    model, tx, jax.random.key(7), mesh, lora_config=lora, lora_rng=jax.random.key(3)
+  )
   rows = pack_sequences(sft.synthetic_examples(40, CFG.vocab_size, 0, min_len=5, max_len=14), 24, pad_id=0)
   pipeline = InputPipeline(rows, global_batch_size=4, seed=0, process_index=0, process_count=1)
   step = jax.jit(sft.make_train_step(schedule, grad_accum_steps=1, chunk_size=8), donate_argnums=0)

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _load_config(name):
   import importlib.util
+
   spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -34,8 +35,11 @@ def test_shipped_configs_match_the_schema(name):
 def test_unknown_mistyped_and_missing_fields_are_named():
   config = sft.default_config()
   config.optim.learnin_rate = 1e-3
-  with pytest.raises(ValueError, match=r"config\.optim\.learnin_rate: unknown field; did you mean config\.optim"
-                                       r"\.learning_rate\?"):
+  with pytest.raises(
+    ValueError,
+    match=r"config\.optim\.learnin_rate: unknown field; did you mean config\.optim"
+    r"\.learning_rate\?",
+  ):
     check_config(config)
   # (a config file may build its groups from plain dicts, so the types are checked again)
   raw = sft.default_config().to_dict()
@@ -70,13 +74,20 @@ def test_trainer_registry():
 
 
 def test_command_line_rejects_a_mistyped_override(tmp_path):
-  run = lambda *args: subprocess.run([sys.executable, "-m", "retool_jax.train", *args], cwd=ROOT,  # noqa: E731
-                                     capture_output=True, text=True, timeout=120)
+  run = lambda *args: subprocess.run(
+    [sys.executable, "-m", "retool_jax.train", *args],
+    cwd=ROOT,  # noqa: E731
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   out = run("--config=configs/sft_tiny.py", "--config.optim.lerning_rate=0.1")
   assert out.returncode != 0 and "lerning_rate" in out.stderr
   bad = tmp_path / "bad.py"
-  bad.write_text("from retool_jax.train.sft import default_config\n\n"
-                 "def get_config():\n  c = default_config()\n  c.data.globl_batch_size = 4\n  return c\n")
+  bad.write_text(
+    "from retool_jax.train.sft import default_config\n\n"
+    "def get_config():\n  c = default_config()\n  c.data.globl_batch_size = 4\n  return c\n"
+  )
   out = run(f"--config={bad}")
   assert out.returncode != 0
   assert "config.data.globl_batch_size: unknown field; did you mean config.data.global_batch_size?" in out.stderr
@@ -85,13 +96,14 @@ def test_command_line_rejects_a_mistyped_override(tmp_path):
 def _events(folder: Path) -> list[tuple[int, str, float]]:
   """(step, tag, value) of every scalar in TFRecord event files, read without TensorFlow."""
   from tensorboardX.proto import event_pb2
+
   out = []
   for path in sorted(folder.glob("events.out.tfevents.*")):
     data = path.read_bytes()
     i = 0
     while i < len(data):
-      (length,) = struct.unpack("<Q", data[i:i + 8])
-      event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+      (length,) = struct.unpack("<Q", data[i : i + 8])
+      event = event_pb2.Event.FromString(data[i + 12 : i + 12 + length])
       i += 12 + length + 4
       for value in event.summary.value:
         out.append((event.step, value.tag, value.simple_value))
@@ -129,11 +141,19 @@ def _retool_records(n):
   rows = []
   for i in range(n):
     a, b = i + 2, 3 * i + 1
-    answer = (f"<think>Let me compute {a}*{b} with code.</think>\n<code>\n```python\nprint({a}*{b})\n```\n</code>"
-              f"\n<interpreter>\n{a * b}\n</interpreter>\nSo the product is {a * b}.\n"
-              f"<answer>\\boxed{{{a * b}}}</answer>")
-    rows.append({"messages": [{"role": "user", "content": f"What is {a} times {b}?"},
-                              {"role": "assistant", "content": answer}]})
+    answer = (
+      f"<think>Let me compute {a}*{b} with code.</think>\n<code>\n```python\nprint({a}*{b})\n```\n</code>"
+      f"\n<interpreter>\n{a * b}\n</interpreter>\nSo the product is {a * b}.\n"
+      f"<answer>\\boxed{{{a * b}}}</answer>"
+    )
+    rows.append(
+      {
+        "messages": [
+          {"role": "user", "content": f"What is {a} times {b}?"},
+          {"role": "assistant", "content": answer},
+        ]
+      }
+    )
   return rows
 
 
@@ -160,6 +180,7 @@ def test_sft_end_to_end_on_retool_records(tmp_path, fixtures_dir):
   train_rows, eval_rows = sft.build_datasets(config.data, config.seed)
   assert len(eval_rows) >= 1
   from retool_jax.chat import load_tokenizer
+
   tok = load_tokenizer(config.data.tokenizer)
   trained = tok.decode(train_rows.targets[0][train_rows.loss_mask[0] > 0])
   assert "<answer>" in trained and "<interpreter>" not in trained and "What is" not in trained

@@ -17,17 +17,29 @@ NUM_STEPS = 14
 
 
 def _command(workdir: Path) -> list[str]:
-  return [sys.executable, "-m", "retool_jax.train", "--config=configs/sft_tiny.py", f"--config.workdir={workdir}",
-          f"--config.num_steps={NUM_STEPS}", "--config.checkpoint.every_steps=3", "--config.eval.every_steps=4",
-          "--config.log.progress=False"]
+  return [
+    sys.executable,
+    "-m",
+    "retool_jax.train",
+    "--config=configs/sft_tiny.py",
+    f"--config.workdir={workdir}",
+    f"--config.num_steps={NUM_STEPS}",
+    "--config.checkpoint.every_steps=3",
+    "--config.eval.every_steps=4",
+    "--config.log.progress=False",
+  ]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
   env = dict(os.environ)
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env.update(
+    XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    JAX_PLATFORMS="cpu",
+    JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
   return env
 
 
@@ -54,8 +66,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, env):
   assert [r["step"] for r in expected] == list(range(1, NUM_STEPS + 1))
 
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(_command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
+  proc = subprocess.Popen(
+    _command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+  )
   try:
     _wait_for_step(killed / "metrics.jsonl", 8, proc)
     proc.send_signal(signal.SIGKILL)

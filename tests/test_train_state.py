@@ -15,8 +15,17 @@ from retool_jax.train import lora as lora_lib
 from retool_jax.train import sft
 from retool_jax.train import state as state_lib
 
-CFG = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8, attention_bias=True, scan_layers=True)
+CFG = Qwen3Config(
+  vocab_size=64,
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=8,
+  attention_bias=True,
+  scan_layers=True,
+)
 OPTIM = dict(schedule="constant", learning_rate=1e-2, warmup_steps=0, weight_decay=0.1, grad_clip_norm=1.0)
 
 
@@ -30,8 +39,9 @@ def _state(mesh=None, lora=None, optim=OPTIM):
   tx, schedule = state_lib.make_optimizer(optim, 10)
   mesh = mesh or sharding_lib.make_mesh(devices=jax.devices()[:1])
   model = sharding_lib.create_sharded(lambda: Qwen3(CFG, rngs=nnx.Rngs(0)), mesh)
-  state, shardings = state_lib.create_train_state(model, tx, jax.random.key(1), mesh, lora_config=lora,
-                                                  lora_rng=jax.random.key(2))
+  state, shardings = state_lib.create_train_state(
+    model, tx, jax.random.key(1), mesh, lora_config=lora, lora_rng=jax.random.key(2)
+  )
   return state, shardings, schedule, mesh
 
 
@@ -48,16 +58,19 @@ def base():
 
 def test_decay_mask_spares_norms_and_biases():
   params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Qwen3(CFG, rngs=nnx.Rngs(0))), nnx.Param))
-  flat = {"/".join(str(k.key) for k in path): v
-          for path, v in jax.tree_util.tree_flatten_with_path(state_lib.decay_mask(params))[0]}
+  flat = {
+    "/".join(str(k.key) for k in path): v
+    for path, v in jax.tree_util.tree_flatten_with_path(state_lib.decay_mask(params))[0]
+  }
   assert not flat["norm/weight"] and not flat["dense_layers/self_attn/q_norm/weight"]
   assert not flat["dense_layers/input_layernorm/weight"] and not flat["dense_layers/self_attn/q_bias"]
   assert flat["dense_layers/self_attn/q_proj"] and flat["dense_layers/mlp/down_proj"] and flat["embed_tokens"]
 
 
 def test_schedules():
-  warm_cos = state_lib.make_schedule(dict(schedule="warmup_cosine", learning_rate=1.0, warmup_steps=10,
-                                          decay_steps=110, end_lr_factor=0.1), 1000)
+  warm_cos = state_lib.make_schedule(
+    dict(schedule="warmup_cosine", learning_rate=1.0, warmup_steps=10, decay_steps=110, end_lr_factor=0.1), 1000
+  )
   assert float(warm_cos(0)) == 0.0 and float(warm_cos(5)) == pytest.approx(0.5)
   assert float(warm_cos(10)) == pytest.approx(1.0) and float(warm_cos(60)) == pytest.approx(0.55)
   assert float(warm_cos(110)) == pytest.approx(0.1)
@@ -101,13 +114,18 @@ def test_gradient_accumulation_gives_the_same_update():
 def test_lora_trains_only_adapters_and_merges():
   lcfg = lora_lib.LoraConfig(rank=4, alpha=8.0, targets=("q", "o", "down"))
   state, _, schedule, _ = _state(lora=lcfg)
-  assert set(state.lora) == {"dense_layers/self_attn/q_proj", "dense_layers/self_attn/o_proj",
-                             "dense_layers/mlp/down_proj"}
+  assert set(state.lora) == {
+    "dense_layers/self_attn/q_proj",
+    "dense_layers/self_attn/o_proj",
+    "dense_layers/mlp/down_proj",
+  }
   assert state.lora["dense_layers/self_attn/o_proj"]["a"].shape == (2, 32, 4)  # [layers, heads*head_dim, rank]
   batch = _batch()
   base = jax.tree.map(np.asarray, state.params)
   # B starts at zero: the adapted model is the base model
-  np.testing.assert_array_equal(state.model()(batch["input_ids"]), nnx.merge(state.graphdef, base)(batch["input_ids"]))
+  np.testing.assert_array_equal(
+    state.model()(batch["input_ids"]), nnx.merge(state.graphdef, base)(batch["input_ids"])
+  )
   step = _step(schedule)
   for _ in range(3):
     state, _ = step(state, batch)
@@ -128,8 +146,11 @@ def test_sharded_training_matches_one_device():
   for mesh in (sharding_lib.make_mesh(devices=jax.devices()[:1]), sharding_lib.make_mesh(fsdp=4, tensor=2)):
     state, shardings, schedule, _ = _state(mesh)
     with jax.set_mesh(mesh):
-      step = jax.jit(sft.make_train_step(schedule, grad_accum_steps=2, chunk_size=8),
-                     in_shardings=(shardings, sharding_lib.data_sharding(mesh)), out_shardings=(shardings, None))
+      step = jax.jit(
+        sft.make_train_step(schedule, grad_accum_steps=2, chunk_size=8),
+        in_shardings=(shardings, sharding_lib.data_sharding(mesh)),
+        out_shardings=(shardings, None),
+      )
       gbatch = jax.device_put(batch, sharding_lib.data_sharding(mesh))
       for _ in range(2):
         state, metrics = step(state, gbatch)

@@ -29,9 +29,9 @@ CALL_SYNTAX = '<tool_call>\n{"name": <function-name>, "arguments": <args-json-ob
 PYTHON_FENCE_LANGUAGES = ("", "python", "py", "python3")
 
 _OPENERS = {
-    "tool_call": re.compile(re.escape(TOOL_CALL_OPEN)),
-    "code": re.compile(re.escape("<code>")),
-    "markdown": re.compile(r"```(?:python3?|py)[ \t]*\n"),
+  "tool_call": re.compile(re.escape(TOOL_CALL_OPEN)),
+  "code": re.compile(re.escape("<code>")),
+  "markdown": re.compile(r"```(?:python3?|py)[ \t]*\n"),
 }
 _CLOSERS = {"tool_call": TOOL_CALL_CLOSE, "code": "</code>", "markdown": "```"}
 _FENCE = re.compile(r"\A```[ \t]*([\w+-]*)[^\n]*(?:\n|\Z)(.*?)(?:\n?```[ \t]*)?\Z", re.DOTALL)
@@ -39,167 +39,166 @@ _FENCE = re.compile(r"\A```[ \t]*([\w+-]*)[^\n]*(?:\n|\Z)(.*?)(?:\n?```[ \t]*)?\
 
 @dataclasses.dataclass(frozen=True)
 class ToolCall:
-    """One parsed call; `span` is its block's character range in the parsed text."""
+  """One parsed call; `span` is its block's character range in the parsed text."""
 
-    name: str
-    arguments: dict[str, Any]
-    format: str = "tool_call"
-    span: tuple[int, int] = (0, 0)
+  name: str
+  arguments: dict[str, Any]
+  format: str = "tool_call"
+  span: tuple[int, int] = (0, 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class CallError:
-    """A block that could not become a call; `message` is written for the model to read."""
+  """A block that could not become a call; `message` is written for the model to read."""
 
-    message: str
-    format: str = "tool_call"
-    span: tuple[int, int] = (0, 0)
+  message: str
+  format: str = "tool_call"
+  span: tuple[int, int] = (0, 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class ParseResult:
-    """Calls and errors in text order (`items`), plus the normal content before the first block."""
+  """Calls and errors in text order (`items`), plus the normal content before the first block."""
 
-    content: str
-    items: tuple[Union[ToolCall, CallError], ...] = ()
+  content: str
+  items: tuple[Union[ToolCall, CallError], ...] = ()
 
-    @property
-    def calls(self) -> list[ToolCall]:
-        return [item for item in self.items if isinstance(item, ToolCall)]
+  @property
+  def calls(self) -> list[ToolCall]:
+    return [item for item in self.items if isinstance(item, ToolCall)]
 
-    @property
-    def errors(self) -> list[str]:
-        return [item.message for item in self.items if isinstance(item, CallError)]
+  @property
+  def errors(self) -> list[str]:
+    return [item.message for item in self.items if isinstance(item, CallError)]
 
-    @property
-    def found(self) -> bool:
-        """Whether the text contained any call block, valid or not."""
-        return bool(self.items)
+  @property
+  def found(self) -> bool:
+    """Whether the text contained any call block, valid or not."""
+    return bool(self.items)
 
 
 def parse_tool_calls(
-    text: str,
-    registry: Any = None,
-    *,
-    formats: Sequence[str] = DEFAULT_FORMATS,
-    bare_python: bool = False,
-    code_tool: str = CODE_TOOL,
+  text: str,
+  registry: Any = None,
+  *,
+  formats: Sequence[str] = DEFAULT_FORMATS,
+  bare_python: bool = False,
+  code_tool: str = CODE_TOOL,
 ) -> ParseResult:
-    """Finds tool calls in generated `text`.
+  """Finds tool calls in generated `text`.
 
-    With a `registry` (anything with `.get(name) -> tool | None` and `tool.validate(arguments) -> str | None`),
-    unknown tools and invalid arguments become errors instead of calls. `bare_python=True` adds the
-    ``markdown`` format. `<code>` and Markdown blocks call `code_tool` with ``{"code": <the code>}``.
-    """
-    if not isinstance(text, str):
-        return ParseResult("", (CallError(f"expected generated text, got {type(text).__name__}"),))
-    unknown = sorted(set(formats) - set(FORMATS))
-    if unknown:
-        return ParseResult(text, (CallError(f"unknown call formats {unknown}; expected some of {FORMATS}"),))
-    formats = [f for f in FORMATS if f in formats or (f == "markdown" and bare_python)]
+  With a `registry` (anything with `.get(name) -> tool | None` and `tool.validate(arguments) -> str | None`),
+  unknown tools and invalid arguments become errors instead of calls. `bare_python=True` adds the
+  ``markdown`` format. `<code>` and Markdown blocks call `code_tool` with ``{"code": <the code>}``.
+  """
+  if not isinstance(text, str):
+    return ParseResult("", (CallError(f"expected generated text, got {type(text).__name__}"),))
+  unknown = sorted(set(formats) - set(FORMATS))
+  if unknown:
+    return ParseResult(text, (CallError(f"unknown call formats {unknown}; expected some of {FORMATS}"),))
+  formats = [f for f in FORMATS if f in formats or (f == "markdown" and bare_python)]
 
-    items: list[Union[ToolCall, CallError]] = []
-    content: str | None = None
-    pos = 0
-    while True:
-        found = [(m.start(), m.end(), fmt) for fmt in formats if (m := _OPENERS[fmt].search(text, pos))]
-        if not found:
-            break
-        start, body_start, fmt = min(found)
-        if content is None:
-            content = text[:start].strip()
-        close = text.find(_CLOSERS[fmt], body_start)
-        if close == -1:
-            items.append(CallError(_incomplete(fmt), fmt, (start, len(text))))
-            break
-        end = close + len(_CLOSERS[fmt])
-        body = text[body_start:close]
-        for item in _parse_block(fmt, body, len(items) + 1, code_tool):
-            item = dataclasses.replace(item, span=(start, end))
-            items.append(_check(item, registry) if isinstance(item, ToolCall) else item)
-        pos = end
-    return ParseResult(text if content is None else content, tuple(items))
+  items: list[Union[ToolCall, CallError]] = []
+  content: str | None = None
+  pos = 0
+  while True:
+    found = [(m.start(), m.end(), fmt) for fmt in formats if (m := _OPENERS[fmt].search(text, pos))]
+    if not found:
+      break
+    start, body_start, fmt = min(found)
+    if content is None:
+      content = text[:start].strip()
+    close = text.find(_CLOSERS[fmt], body_start)
+    if close == -1:
+      items.append(CallError(_incomplete(fmt), fmt, (start, len(text))))
+      break
+    end = close + len(_CLOSERS[fmt])
+    body = text[body_start:close]
+    for item in _parse_block(fmt, body, len(items) + 1, code_tool):
+      item = dataclasses.replace(item, span=(start, end))
+      items.append(_check(item, registry) if isinstance(item, ToolCall) else item)
+    pos = end
+  return ParseResult(text if content is None else content, tuple(items))
 
 
 def _incomplete(fmt: str) -> str:
-    closer = _CLOSERS[fmt]
-    return f"Error: incomplete tool call: the {fmt} block was never closed with {closer!r}."
+  closer = _CLOSERS[fmt]
+  return f"Error: incomplete tool call: the {fmt} block was never closed with {closer!r}."
 
 
 def _parse_block(fmt: str, body: str, number: int, code_tool: str) -> list[Union[ToolCall, CallError]]:
-    if fmt == "tool_call":
-        return _parse_json_calls(body, number)
-    code = body if fmt == "markdown" else _strip_fence(body)
-    if isinstance(code, CallError):
-        return [dataclasses.replace(code, format=fmt)]
-    if not code.strip():
-        return [CallError(f"Error: code block {number} is empty.", fmt)]
-    return [ToolCall(code_tool, {CODE_ARGUMENT: code.strip("\n")}, fmt)]
+  if fmt == "tool_call":
+    return _parse_json_calls(body, number)
+  code = body if fmt == "markdown" else _strip_fence(body)
+  if isinstance(code, CallError):
+    return [dataclasses.replace(code, format=fmt)]
+  if not code.strip():
+    return [CallError(f"Error: code block {number} is empty.", fmt)]
+  return [ToolCall(code_tool, {CODE_ARGUMENT: code.strip("\n")}, fmt)]
 
 
 def _strip_fence(body: str) -> str | CallError:
-    body = body.strip()
-    if not body.startswith("```"):
-        return body
-    match = _FENCE.match(body)
-    if match is None:  # unreachable for well-formed strings; kept so that odd input never raises
-        return body.strip("`")
-    language, code = match.group(1), match.group(2)
-    if language.lower() not in PYTHON_FENCE_LANGUAGES:
-        return CallError(f"Error: code blocks must be Python; got a ```{language} block.")
-    return code
+  body = body.strip()
+  if not body.startswith("```"):
+    return body
+  match = _FENCE.match(body)
+  if match is None:  # unreachable for well-formed strings; kept so that odd input never raises
+    return body.strip("`")
+  language, code = match.group(1), match.group(2)
+  if language.lower() not in PYTHON_FENCE_LANGUAGES:
+    return CallError(f"Error: code blocks must be Python; got a ```{language} block.")
+  return code
 
 
 def _parse_json_calls(body: str, number: int) -> list[Union[ToolCall, CallError]]:
-    try:
-        payload = json.loads(body.strip())
-    except RecursionError:
-        return [CallError(f"Error: tool call {number} is nested too deeply to parse.")]
-    except ValueError as e:
-        return [CallError(f"Error: tool call {number} is not valid JSON ({e}). Write calls as {CALL_SYNTAX}")]
-    objects = payload if isinstance(payload, list) else [payload]
-    if not objects:
-        return [CallError(f"Error: tool call {number} is an empty list. Write calls as {CALL_SYNTAX}")]
-    return [_call_from_object(obj, number) for obj in objects]
+  try:
+    payload = json.loads(body.strip())
+  except RecursionError:
+    return [CallError(f"Error: tool call {number} is nested too deeply to parse.")]
+  except ValueError as e:
+    return [CallError(f"Error: tool call {number} is not valid JSON ({e}). Write calls as {CALL_SYNTAX}")]
+  objects = payload if isinstance(payload, list) else [payload]
+  if not objects:
+    return [CallError(f"Error: tool call {number} is an empty list. Write calls as {CALL_SYNTAX}")]
+  return [_call_from_object(obj, number) for obj in objects]
 
 
 def _call_from_object(obj: Any, number: int) -> Union[ToolCall, CallError]:
-    if not isinstance(obj, dict):
-        return CallError(
-            f"Error: tool call {number} must be a JSON object with \"name\" and \"arguments\", "
-            f"got {type(obj).__name__}. Write calls as {CALL_SYNTAX}"
-        )
-    name = obj.get("name")
-    if not isinstance(name, str) or not name.strip():
-        return CallError(f"Error: tool call {number} has no \"name\" string. Write calls as {CALL_SYNTAX}")
-    arguments = obj["arguments"] if "arguments" in obj else obj.get("parameters", {})
-    if arguments is None:
-        arguments = {}
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except (ValueError, RecursionError):
-            return CallError(f"Error: the arguments of tool call {number} ({name}) are a string that is not JSON.")
-    if not isinstance(arguments, dict):
-        return CallError(
-            f"Error: the arguments of tool call {number} ({name}) must be a JSON object, "
-            f"got {type(arguments).__name__}."
-        )
-    return ToolCall(name, arguments)
+  if not isinstance(obj, dict):
+    return CallError(
+      f"Error: tool call {number} must be a JSON object with \"name\" and \"arguments\", "
+      f"got {type(obj).__name__}. Write calls as {CALL_SYNTAX}"
+    )
+  name = obj.get("name")
+  if not isinstance(name, str) or not name.strip():
+    return CallError(f"Error: tool call {number} has no \"name\" string. Write calls as {CALL_SYNTAX}")
+  arguments = obj["arguments"] if "arguments" in obj else obj.get("parameters", {})
+  if arguments is None:
+    arguments = {}
+  if isinstance(arguments, str):
+    try:
+      arguments = json.loads(arguments) if arguments.strip() else {}
+    except (ValueError, RecursionError):
+      return CallError(f"Error: the arguments of tool call {number} ({name}) are a string that is not JSON.")
+  if not isinstance(arguments, dict):
+    return CallError(
+      f"Error: the arguments of tool call {number} ({name}) must be a JSON object, got {type(arguments).__name__}."
+    )
+  return ToolCall(name, arguments)
 
 
 def _check(call: ToolCall, registry: Any) -> Union[ToolCall, CallError]:
-    if registry is None:
-        return call
-    try:
-        tool = registry.get(call.name)
-        if tool is None:
-            available = ", ".join(registry.names()) if hasattr(registry, "names") else ""
-            hint = f" Available tools: {available}." if available else ""
-            return CallError(f"Error: unknown tool {call.name!r}.{hint}", call.format, call.span)
-        problem = tool.validate(call.arguments)
-    except Exception as e:  # a faulty validator must not take the rollout down
-        problem = f"validation failed ({type(e).__name__}: {e})"
-    if problem:
-        return CallError(f"Error: bad arguments for tool {call.name!r}: {problem}", call.format, call.span)
+  if registry is None:
     return call
+  try:
+    tool = registry.get(call.name)
+    if tool is None:
+      available = ", ".join(registry.names()) if hasattr(registry, "names") else ""
+      hint = f" Available tools: {available}." if available else ""
+      return CallError(f"Error: unknown tool {call.name!r}.{hint}", call.format, call.span)
+    problem = tool.validate(call.arguments)
+  except Exception as e:  # a faulty validator must not take the rollout down
+    problem = f"validation failed ({type(e).__name__}: {e})"
+  if problem:
+    return CallError(f"Error: bad arguments for tool {call.name!r}: {problem}", call.format, call.span)
+  return call

@@ -24,10 +24,8 @@ from retool_jax.checkpoint import layout
 from retool_jax.checkpoint.hf_export import GENERATION_CONFIG, write_hf
 from retool_jax.checkpoint.streaming import StreamedArray
 from retool_jax.models.qwen3_config import Qwen3Config
-from retool_jax.models.qwen3_hf import (ParamSource, abstract_model, check_tensors, hf_shapes,
-                                       param_sources)
+from retool_jax.models.qwen3_hf import ParamSource, abstract_model, check_tensors, hf_shapes, param_sources
 from retool_jax.models.safetensors_io import SafetensorsDir, SafetensorsError
-
 
 
 class ConversionError(ValueError):
@@ -49,14 +47,17 @@ class ConversionSummary:
   def __str__(self) -> str:
     gb = self.num_bytes / 1e9
     rate = self.num_bytes / 1e6 / max(self.seconds, 1e-9)
-    return (f"wrote {self.fmt} checkpoint {self.destination}\n"
-            f"  from {self.source}\n"
-            f"  {self.num_tensors} tensors, {self.num_params:,} parameters, {gb:.3f} GB as {self.dtype}, "
-            f"{self.seconds:.1f} s ({rate:.0f} MB/s)\n"
-            f"  files: {', '.join(self.files)}")
+    return (
+      f"wrote {self.fmt} checkpoint {self.destination}\n"
+      f"  from {self.source}\n"
+      f"  {self.num_tensors} tensors, {self.num_params:,} parameters, {gb:.3f} GB as {self.dtype}, "
+      f"{self.seconds:.1f} s ({rate:.0f} MB/s)\n"
+      f"  files: {', '.join(self.files)}"
+    )
 
 
 # ---- shapes the config implies -------------------------------------------------------------------
+
 
 def _our_shapes(cfg: Qwen3Config) -> dict[tuple[str, ...], tuple[int, ...]]:
   _, abstract = abstract_model(cfg)
@@ -96,14 +97,15 @@ def _libc():
   return libc
 
 
-def _blocks(tensors, src: ParamSource, cfg: Qwen3Config, dtype: np.dtype, block_rows: int,
-            bar) -> Iterator[tuple[int, np.ndarray]]:
+def _blocks(
+  tensors, src: ParamSource, cfg: Qwen3Config, dtype: np.dtype, block_rows: int, bar
+) -> Iterator[tuple[int, np.ndarray]]:
   """Our parameter in blocks along axis 0: row blocks of a top-level tensor, or one layer at a time."""
   if src.hf_key is not None:
     raw = tensors.get(src.hf_key)
     value = src.layout.to_ours(raw, cfg)
     for start in range(0, value.shape[0], block_rows):
-      yield start, np.asarray(value[start:start + block_rows]).astype(dtype)
+      yield start, np.asarray(value[start : start + block_rows]).astype(dtype)
       _release(raw)
     bar.update(1)
     return
@@ -129,19 +131,31 @@ def _streamed_tree(tensors, cfg: Qwen3Config, dtype: np.dtype, bar) -> dict:
     node = tree
     for name in src.path[:-1]:
       node = node.setdefault(name, {})
-    node[src.path[-1]] = StreamedArray(shape, dtype, rows,
-                                       functools.partial(_blocks, tensors, src, cfg, dtype, rows, bar))
+    node[src.path[-1]] = StreamedArray(
+      shape, dtype, rows, functools.partial(_blocks, tensors, src, cfg, dtype, rows, bar)
+    )
   return tree
 
 
 def _source_dtype(tensors) -> np.dtype:
-  return np.dtype(tensors.dtype("model.embed_tokens.weight") if hasattr(tensors, "dtype")
-                  else tensors.get("model.embed_tokens.weight").dtype)
+  return np.dtype(
+    tensors.dtype("model.embed_tokens.weight")
+    if hasattr(tensors, "dtype")
+    else tensors.get("model.embed_tokens.weight").dtype
+  )
 
 
-def tensors_to_orbax(tensors, hf_config: Mapping[str, Any], config_path: str, dst, *, dtype=None,
-                     generation_config: Mapping[str, Any] | None = None, progress: bool = True,
-                     source: str | None = None) -> ConversionSummary:
+def tensors_to_orbax(
+  tensors,
+  hf_config: Mapping[str, Any],
+  config_path: str,
+  dst,
+  *,
+  dtype=None,
+  generation_config: Mapping[str, Any] | None = None,
+  progress: bool = True,
+  source: str | None = None,
+) -> ConversionSummary:
   """Converts any HF-keyed tensor source (`keys`, `get`, optionally `shape`/`dtype`/`file_of`) to Orbax."""
   start = time.perf_counter()
   cfg = Qwen3Config.from_hf(hf_config)
@@ -152,9 +166,17 @@ def tensors_to_orbax(tensors, hf_config: Mapping[str, Any], config_path: str, ds
     tree = _streamed_tree(tensors, cfg, target, bar)
     layout.save_streamed(dst, tree, layout.config_record(cfg, hf_config, generation_config))
   n = sum(int(np.prod(s)) for s in _our_shapes(cfg).values())
-  return ConversionSummary(source or getattr(tensors, "dir", "?"), os.fspath(dst), "Orbax", target.name,
-                           len(expected), n, n * target.itemsize, time.perf_counter() - start,
-                           [layout.PARAMS_ITEM, layout.CONFIG_ITEM])
+  return ConversionSummary(
+    source or getattr(tensors, "dir", "?"),
+    os.fspath(dst),
+    "Orbax",
+    target.name,
+    len(expected),
+    n,
+    n * target.itemsize,
+    time.perf_counter() - start,
+    [layout.PARAMS_ITEM, layout.CONFIG_ITEM],
+  )
 
 
 def _read_json(path: str) -> dict:
@@ -175,25 +197,35 @@ def hf_to_orbax(src, dst, *, dtype=None, progress: bool = True) -> ConversionSum
   """A Hugging Face `save_pretrained` folder -> an Orbax checkpoint (by default in the source's dtype)."""
   src = os.fspath(src)
   config_path = os.path.join(src, "config.json")
-  return tensors_to_orbax(SafetensorsDir(src), _read_json(config_path), config_path, dst, dtype=dtype,
-                          generation_config=_optional_json(os.path.join(src, GENERATION_CONFIG)),
-                          progress=progress, source=src)
+  return tensors_to_orbax(
+    SafetensorsDir(src),
+    _read_json(config_path),
+    config_path,
+    dst,
+    dtype=dtype,
+    generation_config=_optional_json(os.path.join(src, GENERATION_CONFIG)),
+    progress=progress,
+    source=src,
+  )
 
 
 def megatron_to_orbax(src, hf_config, dst, *, dtype=None, progress: bool = True) -> ConversionSummary:
   """A Megatron-Core `torch_dist` checkpoint plus the model's HF `config.json` -> an Orbax checkpoint."""
   from retool_jax.checkpoint.megatron import MegatronTensors
+
   config_path = os.fspath(hf_config)
   if os.path.isdir(config_path):
     config_path = os.path.join(config_path, "config.json")
   hf = _read_json(config_path)
   tensors = MegatronTensors(src, Qwen3Config.from_hf(hf))
   generation = _optional_json(os.path.join(os.path.dirname(config_path), GENERATION_CONFIG))
-  return tensors_to_orbax(tensors, hf, config_path, dst, dtype=dtype, generation_config=generation,
-                          progress=progress, source=tensors.dir)
+  return tensors_to_orbax(
+    tensors, hf, config_path, dst, dtype=dtype, generation_config=generation, progress=progress, source=tensors.dir
+  )
 
 
 # ---- to Hugging Face --------------------------------------------------------------------------------
+
 
 class _StoredParam:
   """One stored parameter, read a layer at a time (`[i]`) or whole (`np.asarray`)."""
@@ -209,8 +241,9 @@ class _StoredParam:
     return value if dtype is None else value.astype(dtype)
 
 
-def orbax_to_hf(src, dst, *, dtype=None, tokenizer=None, max_shard_bytes: int = 4 << 30,
-                progress: bool = True) -> ConversionSummary:
+def orbax_to_hf(
+  src, dst, *, dtype=None, tokenizer=None, max_shard_bytes: int = 4 << 30, progress: bool = True
+) -> ConversionSummary:
   """An Orbax checkpoint -> a Hugging Face folder (config, generation config, sharded safetensors, index)."""
   start = time.perf_counter()
   reader = layout.ParamReader(src)
@@ -221,9 +254,26 @@ def orbax_to_hf(src, dst, *, dtype=None, tokenizer=None, max_shard_bytes: int = 
   specs = [(key, shape, out_dtype) for key, shape in hf_shapes(cfg).items()]
   state = nnx.from_flat_state({src_.path: _StoredParam(reader, src_.path) for src_ in param_sources(cfg)})
   with tqdm(total=len(specs), desc="export", unit="tensor", disable=not progress) as bar:
-    files = write_hf(state, cfg, dst, dtype=out_dtype, hf_config=record.get("hf_config"),
-                     generation_config=record.get("generation_config"), tokenizer=tokenizer,
-                     max_shard_bytes=max_shard_bytes, on_tensor=lambda _: bar.update(1))
+    files = write_hf(
+      state,
+      cfg,
+      dst,
+      dtype=out_dtype,
+      hf_config=record.get("hf_config"),
+      generation_config=record.get("generation_config"),
+      tokenizer=tokenizer,
+      max_shard_bytes=max_shard_bytes,
+      on_tensor=lambda _: bar.update(1),
+    )
   n = sum(int(np.prod(s)) for _, s, _ in specs)
-  return ConversionSummary(os.fspath(reader.step), dst, "Hugging Face", out_dtype.name, len(specs), n,
-                           n * out_dtype.itemsize, time.perf_counter() - start, files)
+  return ConversionSummary(
+    os.fspath(reader.step),
+    dst,
+    "Hugging Face",
+    out_dtype.name,
+    len(specs),
+    n,
+    n * out_dtype.itemsize,
+    time.perf_counter() - start,
+    files,
+  )

@@ -22,8 +22,10 @@ from retool_jax.models.qwen3_hf import hf_shapes, hf_tensors
 from retool_jax.models.safetensors_io import write_sharded
 
 GENERATION_CONFIG = "generation_config.json"
-_TOKENIZER_FILES = re.compile(r"^(tokenizer.*|vocab\..*|merges\.txt|special_tokens_map\.json|added_tokens\.json"
-                              r"|chat_template.*|.*\.tiktoken|.*\.model)$")
+_TOKENIZER_FILES = re.compile(
+  r"^(tokenizer.*|vocab\..*|merges\.txt|special_tokens_map\.json|added_tokens\.json"
+  r"|chat_template.*|.*\.tiktoken|.*\.model)$"
+)
 
 
 def hf_config_json(cfg: Qwen3Config, dtype: np.dtype, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -56,10 +58,19 @@ def copy_tokenizer(tokenizer_dir: str | os.PathLike, out_dir: str) -> list[str]:
   return copied
 
 
-def write_hf(params: Qwen3 | nnx.State, cfg: Qwen3Config | None, dst: str | os.PathLike, *, dtype=None,
-             hf_config: Mapping[str, Any] | None = None, generation_config: Mapping[str, Any] | None = None,
-             tokenizer: str | os.PathLike | None = None, max_shard_bytes: int = 4 << 30, overwrite: bool = False,
-             on_tensor: Callable[[str], None] | None = None) -> list[str]:
+def write_hf(
+  params: Qwen3 | nnx.State,
+  cfg: Qwen3Config | None,
+  dst: str | os.PathLike,
+  *,
+  dtype=None,
+  hf_config: Mapping[str, Any] | None = None,
+  generation_config: Mapping[str, Any] | None = None,
+  tokenizer: str | os.PathLike | None = None,
+  max_shard_bytes: int = 4 << 30,
+  overwrite: bool = False,
+  on_tensor: Callable[[str], None] | None = None,
+) -> list[str]:
   """Writes `params` (a model, or a state whose leaves index by layer) as a HF folder; returns the file names.
 
   `cfg` may be None for a `Qwen3` model. `dtype` defaults to the config's `param_dtype`. `hf_config` entries

@@ -35,12 +35,18 @@ FORMAT = "retool_jax.qwen3.v1"
 
 # ---- the config item ----------------------------------------------------------------------------
 
-def config_record(cfg: Qwen3Config, hf_config: Mapping[str, Any] | None = None,
-                  generation_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+
+def config_record(
+  cfg: Qwen3Config, hf_config: Mapping[str, Any] | None = None, generation_config: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
   """The JSON stored in the `config` item."""
   model = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
-  return {"format": FORMAT, "model": model, "hf_config": dict(hf_config or cfg.to_hf()),
-          "generation_config": dict(generation_config) if generation_config else None}
+  return {
+    "format": FORMAT,
+    "model": model,
+    "hf_config": dict(hf_config or cfg.to_hf()),
+    "generation_config": dict(generation_config) if generation_config else None,
+  }
 
 
 def config_from_record(record: Mapping[str, Any], dtype=None, where: str = "checkpoint") -> Qwen3Config:
@@ -59,6 +65,7 @@ def config_from_record(record: Mapping[str, Any], dtype=None, where: str = "chec
 
 
 # ---- locating a checkpoint ----------------------------------------------------------------------
+
 
 def resolve(path: str | os.PathLike) -> epath.Path:
   """The checkpoint folder at `path`: the folder itself, or the latest step of a CheckpointManager root."""
@@ -92,14 +99,17 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
 # ---- writing ------------------------------------------------------------------------------------
 
+
 def _write(path, params: dict, record: dict, params_handler=None) -> None:
   path = epath.Path(path)
   if path.exists():
     raise FileExistsError(f"{path} already exists; choose a new destination or remove it")
   path.parent.mkdir(parents=True, exist_ok=True)
   try:
-    _checkpointer(params_handler).save(path, ocp.args.Composite(**{
-        PARAMS_ITEM: ocp.args.PyTreeSave(params), CONFIG_ITEM: ocp.args.JsonSave(record)}))
+    _checkpointer(params_handler).save(
+      path,
+      ocp.args.Composite(**{PARAMS_ITEM: ocp.args.PyTreeSave(params), CONFIG_ITEM: ocp.args.JsonSave(record)}),
+    )
   except BaseException:
     # Orbax writes into `<path>.orbax-checkpoint-tmp-*` and renames only on success; drop the leftovers.
     for tmp in path.parent.glob(path.name + ".orbax-checkpoint-tmp*"):
@@ -107,9 +117,14 @@ def _write(path, params: dict, record: dict, params_handler=None) -> None:
     raise
 
 
-def save(path: str | os.PathLike, model_or_state: Qwen3 | nnx.State, config: Qwen3Config, *,
-         hf_config: Mapping[str, Any] | None = None,
-         generation_config: Mapping[str, Any] | None = None) -> None:
+def save(
+  path: str | os.PathLike,
+  model_or_state: Qwen3 | nnx.State,
+  config: Qwen3Config,
+  *,
+  hf_config: Mapping[str, Any] | None = None,
+  generation_config: Mapping[str, Any] | None = None,
+) -> None:
   """Saves a (sharded) model's parameters and config; each process writes only its own shards."""
   state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
   _write(path, nnx.to_pure_dict(state), config_record(config, hf_config, generation_config))
@@ -122,6 +137,7 @@ def save_streamed(path: str | os.PathLike, params: dict, record: dict) -> None:
 
 
 # ---- reading ------------------------------------------------------------------------------------
+
 
 def _flat(tree: Mapping, prefix=()) -> dict[tuple[str, ...], Any]:
   out = {}
@@ -145,8 +161,10 @@ def check_matches(step, stored: dict, expected: dict) -> None:
   missing = sorted(set(expected) - set(stored))
   extra = sorted(set(stored) - set(expected))
   if missing or extra:
-    raise ValueError(f"{where}: parameters do not match the config: missing {['/'.join(p) for p in missing]}, "
-                     f"unexpected {['/'.join(p) for p in extra]}")
+    raise ValueError(
+      f"{where}: parameters do not match the config: missing {['/'.join(p) for p in missing]}, "
+      f"unexpected {['/'.join(p) for p in extra]}"
+    )
   for path, want in expected.items():
     got, want = tuple(stored[path].shape), tuple(getattr(want, "shape", want))
     if got != want:
@@ -170,9 +188,11 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dtype=N
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: one, target)
   restore_args = jax.tree.map(
-      lambda s, sh: ocp.ArrayRestoreArgs(sharding=sh, dtype=s.dtype, global_shape=s.shape), target, shardings)
-  restored = _checkpointer().restore(step, ocp.args.Composite(**{
-      PARAMS_ITEM: ocp.args.PyTreeRestore(item=target, restore_args=restore_args)}))[PARAMS_ITEM]
+    lambda s, sh: ocp.ArrayRestoreArgs(sharding=sh, dtype=s.dtype, global_shape=s.shape), target, shardings
+  )
+  restored = _checkpointer().restore(
+    step, ocp.args.Composite(**{PARAMS_ITEM: ocp.args.PyTreeRestore(item=target, restore_args=restore_args)})
+  )[PARAMS_ITEM]
   nnx.replace_by_pure_dict(abstract, restored)
   return nnx.merge(graphdef, abstract)
 
@@ -192,8 +212,8 @@ class ParamReader:
     if param not in self.stored:
       raise KeyError(f"{self.step / PARAMS_ITEM}: no parameter {'/'.join(param)}")
     meta = self.stored[param]
-    info = ocp.type_handlers.ParamInfo(name=meta.name, parent_dir=self.step / PARAMS_ITEM, use_zarr3=self._zarr3,
-                                       ts_context=self._context)
+    info = ocp.type_handlers.ParamInfo(
+      name=meta.name, parent_dir=self.step / PARAMS_ITEM, use_zarr3=self._zarr3, ts_context=self._context
+    )
     spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._ocdbt)
     return ts.open(ts.Spec(spec), open=True, context=self._context).result()
-

@@ -33,8 +33,10 @@ from retool_jax.models.qwen3_config import Qwen3Config
 
 NOT_WEIGHTS = re.compile(r"(^|\.)_extra_state|^rng_state|^optimizer\.|^rerun_state_machine|\.inv_freq$")
 _LAYER = re.compile(r"^decoder\.layers\.(?:(\d+)\.)?(.+)$")
-_EXPERT = re.compile(r"^mlp\.experts\.(?:local_experts\.(\d+)\.(linear_fc[12])\.weight|(linear_fc[12])\.weight(\d+)"
-                     r"|experts\.(linear_fc[12])\.weight)$")
+_EXPERT = re.compile(
+  r"^mlp\.experts\.(?:local_experts\.(\d+)\.(linear_fc[12])\.weight|(linear_fc[12])\.weight(\d+)"
+  r"|experts\.(linear_fc[12])\.weight)$"
+)
 
 
 class MegatronCheckpointError(ValueError):
@@ -55,8 +57,10 @@ def resolve_iteration(path: str | os.PathLike) -> str:
     if not os.path.isdir(path):
       raise MegatronCheckpointError(f"{tracker} names {name}, which does not exist")
   if not os.path.isfile(os.path.join(path, ".metadata")):
-    raise MegatronCheckpointError(f"{path}: not a torch_dist checkpoint (no .metadata; expected a torch_dist "
-                                  f"folder with latest_checkpointed_iteration.txt, or an iter_*/release folder)")
+    raise MegatronCheckpointError(
+      f"{path}: not a torch_dist checkpoint (no .metadata; expected a torch_dist "
+      f"folder with latest_checkpointed_iteration.txt, or an iter_*/release folder)"
+    )
   meta = os.path.join(path, "metadata.json")
   if os.path.isfile(meta):
     with open(meta) as f:
@@ -83,8 +87,11 @@ class TorchDistReader:
       metadata = self._reader.read_metadata()
     except Exception as e:  # a damaged .metadata fails inside pickle with assorted errors
       raise MegatronCheckpointError(f"{os.path.join(self.dir, '.metadata')}: cannot be read ({e})") from None
-    self._meta = {k: v for k, v in metadata.state_dict_metadata.items()
-                  if isinstance(v, TensorStorageMetadata) and not NOT_WEIGHTS.search(k)}
+    self._meta = {
+      k: v
+      for k, v in metadata.state_dict_metadata.items()
+      if isinstance(v, TensorStorageMetadata) and not NOT_WEIGHTS.search(k)
+    }
     self._storage = metadata.storage_data
 
   def keys(self) -> list[str]:
@@ -98,8 +105,12 @@ class TorchDistReader:
     return np.dtype(ml_dtypes.bfloat16) if dtype == self._torch.bfloat16 else np.dtype(str(dtype).split(".")[-1])
 
   def files_of(self, key: str) -> list[str]:
-    return sorted({os.path.join(self.dir, self._storage[self._index(key, c.offsets)].relative_path)
-                   for c in self._meta[key].chunks})
+    return sorted(
+      {
+        os.path.join(self.dir, self._storage[self._index(key, c.offsets)].relative_path)
+        for c in self._meta[key].chunks
+      }
+    )
 
   def check_files(self, key: str) -> None:
     """Every byte range of `key` lies inside an existing file."""
@@ -110,8 +121,9 @@ class TorchDistReader:
         raise MegatronCheckpointError(f"{path}: missing shard file holding tensor {key!r}")
       size = os.path.getsize(path)
       if info.offset + info.length > size:
-        raise MegatronCheckpointError(f"{path}: truncated file: tensor {key!r} needs bytes up to "
-                                      f"{info.offset + info.length}, file has {size}")
+        raise MegatronCheckpointError(
+          f"{path}: truncated file: tensor {key!r} needs bytes up to {info.offset + info.length}, file has {size}"
+        )
 
   def read(self, key: str) -> np.ndarray:
     torch = self._torch
@@ -130,9 +142,11 @@ class TorchDistReader:
 
 # ---- Megatron pieces -> hub tensors -----------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class _Piece:
   """The hub tensor `hf_key` is `split(mkey[layer][expert])` (indices only for stacked axes)."""
+
   mkey: str
   layer: int | None
   expert: int | None
@@ -151,6 +165,7 @@ def _qkv(part: str, cfg: Qwen3Config) -> Callable[[np.ndarray], np.ndarray]:
     x = x.reshape((groups, per + 2, cfg.head_dim) + rest)
     y = x[:, :per] if part == "q" else x[:, per] if part == "k" else x[:, per + 1]
     return y.reshape((-1,) + rest)
+
   return split
 
 
@@ -160,6 +175,7 @@ def _half(first: bool) -> Callable[[np.ndarray], np.ndarray]:
       raise ValueError(f"linear_fc1 has an odd number of rows ({x.shape[0]})")
     n = x.shape[0] // 2
     return x[:n] if first else x[n:]
+
   return split
 
 
@@ -168,32 +184,35 @@ def _rows(n: int) -> Callable[[np.ndarray], np.ndarray]:
     if x.shape[0] < n:
       raise ValueError(f"{x.shape[0]} rows, fewer than vocab_size={n}")
     return x[:n]
+
   return split
 
 
 # Per-layer Megatron suffix -> [(hub suffix inside `model.layers.{i}.`, split)]. `None` split means identity.
 def _layer_suffixes(cfg: Qwen3Config) -> dict[str, list[tuple[str, Callable]]]:
-  attn = {f"self_attention.linear_qkv.{w}": [(f"self_attn.{p}_proj.{w}", _qkv(p, cfg)) for p in "qkv"]
-          for w in ("weight", "bias")}
+  attn = {
+    f"self_attention.linear_qkv.{w}": [(f"self_attn.{p}_proj.{w}", _qkv(p, cfg)) for p in "qkv"]
+    for w in ("weight", "bias")
+  }
   return {
-      "self_attention.linear_qkv.layer_norm_weight": [("input_layernorm.weight", _same)],
-      "input_layernorm.weight": [("input_layernorm.weight", _same)],
-      **attn,
-      "self_attention.linear_proj.weight": [("self_attn.o_proj.weight", _same)],
-      "self_attention.linear_proj.bias": [("self_attn.o_proj.bias", _same)],
-      "self_attention.q_layernorm.weight": [("self_attn.q_norm.weight", _same)],
-      "self_attention.k_layernorm.weight": [("self_attn.k_norm.weight", _same)],
-      "mlp.linear_fc1.layer_norm_weight": [("post_attention_layernorm.weight", _same)],
-      "pre_mlp_layernorm.weight": [("post_attention_layernorm.weight", _same)],
-      "mlp.linear_fc1.weight": [("mlp.gate_proj.weight", _half(True)), ("mlp.up_proj.weight", _half(False))],
-      "mlp.linear_fc2.weight": [("mlp.down_proj.weight", _same)],
-      "mlp.router.weight": [("mlp.gate.weight", _same)],
+    "self_attention.linear_qkv.layer_norm_weight": [("input_layernorm.weight", _same)],
+    "input_layernorm.weight": [("input_layernorm.weight", _same)],
+    **attn,
+    "self_attention.linear_proj.weight": [("self_attn.o_proj.weight", _same)],
+    "self_attention.linear_proj.bias": [("self_attn.o_proj.bias", _same)],
+    "self_attention.q_layernorm.weight": [("self_attn.q_norm.weight", _same)],
+    "self_attention.k_layernorm.weight": [("self_attn.k_norm.weight", _same)],
+    "mlp.linear_fc1.layer_norm_weight": [("post_attention_layernorm.weight", _same)],
+    "pre_mlp_layernorm.weight": [("post_attention_layernorm.weight", _same)],
+    "mlp.linear_fc1.weight": [("mlp.gate_proj.weight", _half(True)), ("mlp.up_proj.weight", _half(False))],
+    "mlp.linear_fc2.weight": [("mlp.down_proj.weight", _same)],
+    "mlp.router.weight": [("mlp.gate.weight", _same)],
   }
 
 
 _EXPERT_SUFFIXES = {
-    "linear_fc1": [("gate_proj", _half(True)), ("up_proj", _half(False))],
-    "linear_fc2": [("down_proj", _same)],
+  "linear_fc1": [("gate_proj", _half(True)), ("up_proj", _half(False))],
+  "linear_fc2": [("down_proj", _same)],
 }
 
 
@@ -213,9 +232,11 @@ class MegatronTensors:
 
   def _add(self, mkey: str, suffixes) -> None:
     cfg = self.cfg
-    top = {"embedding.word_embeddings.weight": ("model.embed_tokens.weight", _rows(cfg.vocab_size)),
-           "decoder.final_layernorm.weight": ("model.norm.weight", _same),
-           "output_layer.weight": ("lm_head.weight", _rows(cfg.vocab_size))}
+    top = {
+      "embedding.word_embeddings.weight": ("model.embed_tokens.weight", _rows(cfg.vocab_size)),
+      "decoder.final_layernorm.weight": ("model.norm.weight", _same),
+      "output_layer.weight": ("lm_head.weight", _rows(cfg.vocab_size)),
+    }
     if mkey in top:
       hf_key, split = top[mkey]
       self._put(hf_key, _Piece(mkey, None, None, split))
@@ -245,25 +266,31 @@ class MegatronTensors:
     for li in layers:
       for ei, axis_index in experts:
         for name, split in _EXPERT_SUFFIXES[weight]:
-          self._put(f"model.layers.{li}.mlp.experts.{ei}.{name}.weight",
-                    _Piece(mkey, li if stacked else None, axis_index, split))
+          self._put(
+            f"model.layers.{li}.mlp.experts.{ei}.{name}.weight",
+            _Piece(mkey, li if stacked else None, axis_index, split),
+          )
 
   def _stacked_layers(self, mkey: str) -> int:
     n = self.reader.shape(mkey)[0]
     if n != self.cfg.num_hidden_layers:
       raise MegatronCheckpointError(
-          f"{self.reader.files_of(mkey)[0]}: stacked tensor {mkey!r} has {n} layers, but the config has "
-          f"num_hidden_layers={self.cfg.num_hidden_layers}")
+        f"{self.reader.files_of(mkey)[0]}: stacked tensor {mkey!r} has {n} layers, but the config has "
+        f"num_hidden_layers={self.cfg.num_hidden_layers}"
+      )
     return n
 
   def _unknown(self, mkey: str) -> MegatronCheckpointError:
-    return MegatronCheckpointError(f"{self.reader.files_of(mkey)[0]}: unknown tensor {mkey!r} "
-                                   f"{self.reader.shape(mkey)} (not part of a Qwen3 GPTModel)")
+    return MegatronCheckpointError(
+      f"{self.reader.files_of(mkey)[0]}: unknown tensor {mkey!r} "
+      f"{self.reader.shape(mkey)} (not part of a Qwen3 GPTModel)"
+    )
 
   def _put(self, hf_key: str, piece: _Piece) -> None:
     if hf_key in self._pieces:
-      raise MegatronCheckpointError(f"{self.dir}: both {self._pieces[hf_key].mkey!r} and {piece.mkey!r} "
-                                    f"provide {hf_key}")
+      raise MegatronCheckpointError(
+        f"{self.dir}: both {self._pieces[hf_key].mkey!r} and {piece.mkey!r} provide {hf_key}"
+      )
     self._pieces[hf_key] = piece
 
   # -- the tensor-source interface ------------------------------------------------------------------
@@ -290,7 +317,8 @@ class MegatronTensors:
       return tuple(self._apply(piece, stand_in).shape)
     except (ValueError, IndexError) as e:
       raise MegatronCheckpointError(
-          f"{self.file_of(hf_key)}: shape {self.reader.shape(piece.mkey)} does not fit the config ({e})") from None
+        f"{self.file_of(hf_key)}: shape {self.reader.shape(piece.mkey)} does not fit the config ({e})"
+      ) from None
 
   def dtype(self, hf_key: str) -> np.dtype:
     return self.reader.dtype(self._pieces[hf_key].mkey)

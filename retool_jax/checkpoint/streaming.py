@@ -23,6 +23,7 @@ from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 @dataclasses.dataclass(frozen=True, eq=False)
 class StreamedArray:
   """An array produced as consecutive blocks of `block_rows` rows (the last may be shorter)."""
+
   shape: tuple[int, ...]
   dtype: np.dtype
   block_rows: int
@@ -36,22 +37,28 @@ class StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
     for value, info, arg in zip(values, infos, args):
       await info.await_path_creation()
       spec = ts_utils.build_array_write_spec(
-          info, arg, global_shape=tuple(value.shape),
-          local_shape=(min(value.block_rows, value.shape[0]),) + tuple(value.shape[1:]),
-          dtype=np.dtype(value.dtype), use_ocdbt=info.is_ocdbt_checkpoint,
-          process_index=ocdbt_utils.get_process_index_for_subdir(info.is_ocdbt_checkpoint))
+        info,
+        arg,
+        global_shape=tuple(value.shape),
+        local_shape=(min(value.block_rows, value.shape[0]),) + tuple(value.shape[1:]),
+        dtype=np.dtype(value.dtype),
+        use_ocdbt=info.is_ocdbt_checkpoint,
+        process_index=ocdbt_utils.get_process_index_for_subdir(info.is_ocdbt_checkpoint),
+      )
       store = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
       for start, block in value.blocks():
-        await store[start:start + block.shape[0]].write(np.ascontiguousarray(block, dtype=value.dtype))
+        await store[start : start + block.shape[0]].write(np.ascontiguousarray(block, dtype=value.dtype))
 
   async def serialize(self, values, infos, args=None):
     args = args or [ocp.type_handlers.SaveArgs()] * len(values)
-    return [future.CommitFutureAwaitingContractedSignals(self._write_all(values, infos, args),
-                                                          name="streamed_array")]
+    return [
+      future.CommitFutureAwaitingContractedSignals(self._write_all(values, infos, args), name="streamed_array")
+    ]
 
 
 def type_handler_registry() -> ocp.type_handlers.TypeHandlerRegistry:
   return ocp.type_handlers.create_type_handler_registry(
-      (jax.Array, ocp.type_handlers.ArrayHandler()),
-      (np.ndarray, ocp.type_handlers.NumpyHandler()),
-      (StreamedArray, StreamedArrayHandler()))
+    (jax.Array, ocp.type_handlers.ArrayHandler()),
+    (np.ndarray, ocp.type_handlers.NumpyHandler()),
+    (StreamedArray, StreamedArrayHandler()),
+  )

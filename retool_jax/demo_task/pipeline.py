@@ -51,21 +51,31 @@ def _log(msg: str, t0: float) -> None:
 
 def model_config(cfg: ml_collections.ConfigDict, tokenizer: Any) -> Qwen3Config:
   vocab = -(-len(tokenizer) // 64) * 64
-  return Qwen3Config(vocab_size=vocab, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id, **cfg.model.to_dict())
+  return Qwen3Config(
+    vocab_size=vocab,
+    bos_token_id=None,
+    eos_token_id=tokenizer.eos_token_id,
+    pad_token_id=tokenizer.pad_token_id,
+    **cfg.model.to_dict(),
+  )
 
 
 def sft_rows(rollouts, pad_id: int) -> dict[str, np.ndarray]:
   """The SFT trainer's batch layout for whole trajectories (one per row, right-padded)."""
   packed = pack_rollouts(rollouts, pad_id=pad_id, length_multiple=8)
   b, t = packed.shape
-  return {"input_ids": packed.input_ids_BT, "targets": packed.targets_BT,
-          "loss_mask": packed.mask_BT.astype(np.int32), "segment_ids": packed.attention_mask_BT,
-          "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
+  return {
+    "input_ids": packed.input_ids_BT,
+    "targets": packed.targets_BT,
+    "loss_mask": packed.mask_BT.astype(np.int32),
+    "segment_ids": packed.attention_mask_BT,
+    "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+  }
 
 
-def run_sft(cfg: ml_collections.ConfigDict, model: Qwen3, rows: dict[str, np.ndarray], workdir: Path,
-            t0: float) -> state_lib.TrainState:
+def run_sft(
+  cfg: ml_collections.ConfigDict, model: Qwen3, rows: dict[str, np.ndarray], workdir: Path, t0: float
+) -> state_lib.TrainState:
   s = cfg.sft
   n = rows["input_ids"].shape[0]
   steps = s.epochs * (n // s.batch_size)
@@ -77,7 +87,7 @@ def run_sft(cfg: ml_collections.ConfigDict, model: Qwen3, rows: dict[str, np.nda
     for epoch in range(s.epochs):
       order = rng.permutation(n)
       for i in range(n // s.batch_size):
-        idx = order[i * s.batch_size:(i + 1) * s.batch_size]
+        idx = order[i * s.batch_size : (i + 1) * s.batch_size]
         state, m = step_fn(state, {k: jnp.asarray(v[idx]) for k, v in rows.items()})
         step = int(state.step)
         if step % s.log_every == 0 or step == steps:
@@ -98,7 +108,7 @@ def run_demo(config: ml_collections.ConfigDict) -> dict[str, Any]:
   cfg = config
   t0 = time.perf_counter()
   workdir = Path(cfg.workdir)
-  for phase in ("sft", "rl"):   # a rerun replaces the previous run's results
+  for phase in ("sft", "rl"):  # a rerun replaces the previous run's results
     shutil.rmtree(workdir / phase, ignore_errors=True)
   workdir.mkdir(parents=True, exist_ok=True)
   tokenizer = build_tokenizer()
@@ -110,6 +120,7 @@ def run_demo(config: ml_collections.ConfigDict) -> dict[str, Any]:
   rl_problems = make_problems(cfg.rl_steps * cfg.rl.num_prompts, seed=cfg.seed + 3, exclude=heldout + sft_problems)
   multiturn = MultiTurnConfig.from_config(cfg.rollout)
   from retool_jax.tools import default_registry  # noqa: PLC0415  (starts the sandbox lazily)
+
   tools = default_registry()
   reward_fn = get_reward(cfg.reward)
 
@@ -118,8 +129,11 @@ def run_demo(config: ml_collections.ConfigDict) -> dict[str, Any]:
   sft_traj = asyncio.run(teacher_rollouts(tokenizer, sft_problems, tools, multiturn, teacher, cfg.seed))
   teacher_acc = float(np.mean([reward_fn(r.text, p.answer).correct for r, p in zip(sft_traj, sft_problems)]))
   timings["sft_data_s"] = time.perf_counter() - t0
-  _log(f"SFT data: {len(sft_traj)} executed teacher trajectories (teacher accuracy {teacher_acc:.2f}, "
-       f"tool use {np.mean([r.tool_calls > 0 for r in sft_traj]):.2f})", t0)
+  _log(
+    f"SFT data: {len(sft_traj)} executed teacher trajectories (teacher accuracy {teacher_acc:.2f}, "
+    f"tool use {np.mean([r.tool_calls > 0 for r in sft_traj]):.2f})",
+    t0,
+  )
 
   # 2. SFT from scratch.
   model_cfg = model_config(cfg, tokenizer)
@@ -131,16 +145,32 @@ def run_demo(config: ml_collections.ConfigDict) -> dict[str, Any]:
   _save(workdir / "sft" / "checkpoints", state, model_cfg, {"phase": "sft"})
 
   # 3. Held-out evaluation after SFT.
-  engine = JaxEngine(state.model(), tokenizer=tokenizer, max_length=multiturn.max_context,
-                     max_batch_size=cfg.engine.max_batch_size, min_batch_bucket=cfg.engine.max_batch_size,
-                     min_prompt_bucket=64, min_new_bucket=32, decode_chunk=cfg.engine.decode_chunk,
-                     batch_window_s=cfg.engine.batch_window_s, seed=cfg.seed)
+  engine = JaxEngine(
+    state.model(),
+    tokenizer=tokenizer,
+    max_length=multiturn.max_context,
+    max_batch_size=cfg.engine.max_batch_size,
+    min_batch_bucket=cfg.engine.max_batch_size,
+    min_prompt_bucket=64,
+    min_new_bucket=32,
+    decode_chunk=cfg.engine.decode_chunk,
+    batch_window_s=cfg.engine.batch_window_s,
+    seed=cfg.seed,
+  )
   eval_prompts = [prompt_ids(tokenizer, p) for p in heldout]
   eval_answers = [p.answer for p in heldout]
 
   def held_out() -> dict[str, float]:
-    ev = evaluate(engine, eval_prompts, eval_answers, tools, _eval_multiturn(multiturn, cfg), reward_fn, tokenizer,
-                  samples=cfg.eval.samples)
+    ev = evaluate(
+      engine,
+      eval_prompts,
+      eval_answers,
+      tools,
+      _eval_multiturn(multiturn, cfg),
+      reward_fn,
+      tokenizer,
+      samples=cfg.eval.samples,
+    )
     return {k: ev[k] for k in EVAL_KEYS}
 
   t = time.perf_counter()
@@ -152,11 +182,22 @@ def run_demo(config: ml_collections.ConfigDict) -> dict[str, Any]:
   rl_cfg = RLConfig.from_config(cfg.rl)
   tx, _ = state_lib.make_optimizer(cfg.rl_optim.to_dict(), cfg.rl_steps * rl_cfg.num_minibatches)
   rl_state = state_lib.TrainState.create(state.model(), tx, jax.random.key(cfg.seed))
-  batches = iter([[{"prompt": prompt_ids(tokenizer, p), "answer": p.answer}
-                   for p in rl_problems[i:i + rl_cfg.num_prompts]]
-                  for i in range(0, len(rl_problems), rl_cfg.num_prompts)])
-  trainer = RLTrainer(rl_cfg, rl_state, engine=engine, tokenizer=tokenizer, tools=tools, multiturn=multiturn,
-                      reward_fn=reward_fn, prompts=batches)
+  batches = iter(
+    [
+      [{"prompt": prompt_ids(tokenizer, p), "answer": p.answer} for p in rl_problems[i : i + rl_cfg.num_prompts]]
+      for i in range(0, len(rl_problems), rl_cfg.num_prompts)
+    ]
+  )
+  trainer = RLTrainer(
+    rl_cfg,
+    rl_state,
+    engine=engine,
+    tokenizer=tokenizer,
+    tools=tools,
+    multiturn=multiturn,
+    reward_fn=reward_fn,
+    prompts=batches,
+  )
   t = time.perf_counter()
   step_times = []
   with MetricsWriter(workdir / "rl", tensorboard=False) as writer:
@@ -165,9 +206,12 @@ def run_demo(config: ml_collections.ConfigDict) -> dict[str, Any]:
       writer.write(step, m)
       step_times.append({k: m[k] for k in m if k.startswith("time/")})
       if step % cfg.log_every == 0 or step == cfg.rl_steps:
-        _log(f"RL step {step}/{cfg.rl_steps}: reward {m['reward_mean']:+.3f} accuracy {m['accuracy']:.3f} "
-             f"tool use {m['tool_use_rate']:.2f} clipfrac {m['pg_clipfrac']:.3f} entropy {m['entropy']:.3f} "
-             f"({m['perf/step_time']:.1f}s)", t0)
+        _log(
+          f"RL step {step}/{cfg.rl_steps}: reward {m['reward_mean']:+.3f} accuracy {m['accuracy']:.3f} "
+          f"tool use {m['tool_use_rate']:.2f} clipfrac {m['pg_clipfrac']:.3f} entropy {m['entropy']:.3f} "
+          f"({m['perf/step_time']:.1f}s)",
+          t0,
+        )
   trainer.close()
   timings["rl_s"] = time.perf_counter() - t
   _save(workdir / "rl" / "checkpoints", trainer.state, model_cfg, {"phase": "rl"})
@@ -177,8 +221,13 @@ def run_demo(config: ml_collections.ConfigDict) -> dict[str, Any]:
   _log("after RL:  " + _fmt(after_rl), t0)
   timings["total_s"] = time.perf_counter() - t0
   rl_step = {k: float(np.mean([s[k] for s in step_times[1:] or step_times])) for k in step_times[0]}
-  figures = {"sft": after_sft, "rl": after_rl, "teacher_accuracy": teacher_acc, "timings": timings,
-             "rl_step_time": rl_step}
+  figures = {
+    "sft": after_sft,
+    "rl": after_rl,
+    "teacher_accuracy": teacher_acc,
+    "timings": timings,
+    "rl_step_time": rl_step,
+  }
   (workdir / "results.json").write_text(json.dumps(figures, indent=2))
   _plots(workdir)
   return figures
@@ -186,16 +235,32 @@ def run_demo(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def _eval_multiturn(multiturn: MultiTurnConfig, cfg: ml_collections.ConfigDict) -> MultiTurnConfig:
   import dataclasses  # noqa: PLC0415
+
   return dataclasses.replace(multiturn, temperature=cfg.eval.temperature, seed=cfg.seed + 12345)
 
 
 def _fmt(ev: dict[str, float]) -> str:
-  return (f"held-out accuracy {ev['accuracy']:.3f}, format correct {ev['format_ok']:.3f}, "
-          f"tool use {ev['tool_use_rate']:.3f}")
+  return (
+    f"held-out accuracy {ev['accuracy']:.3f}, format correct {ev['format_ok']:.3f}, "
+    f"tool use {ev['tool_use_rate']:.3f}"
+  )
 
 
 def _plots(workdir: Path) -> None:
   from retool_jax.plot import plot_run  # noqa: PLC0415
+
   plot_run(workdir / "sft")
-  plot_run(workdir / "rl", keys=["reward_mean", "accuracy", "tool_use_rate", "format_ok", "pg_clipfrac", "entropy",
-                                 "grad_norm", "response_length", "perf/step_time"])
+  plot_run(
+    workdir / "rl",
+    keys=[
+      "reward_mean",
+      "accuracy",
+      "tool_use_rate",
+      "format_ok",
+      "pg_clipfrac",
+      "entropy",
+      "grad_norm",
+      "response_length",
+      "perf/step_time",
+    ],
+  )

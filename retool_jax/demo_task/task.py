@@ -28,6 +28,7 @@ from retool_jax.chat import render_ids
 @dataclasses.dataclass(frozen=True)
 class Problem:
   """`a * b`, asked in words; `answer` is the exact product as text."""
+
   a: int
   b: int
 

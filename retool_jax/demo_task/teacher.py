@@ -26,8 +26,8 @@ _INTERPRETER = re.compile(r"<interpreter>\n(.*?)\n</interpreter>", re.S)
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:
-  tool_rate: float = 0.6    # how often the teacher calls the interpreter rather than estimating
-  slip_rate: float = 0.25   # how often it copies the interpreter's output with one digit wrong
+  tool_rate: float = 0.6  # how often the teacher calls the interpreter rather than estimating
+  slip_rate: float = 0.25  # how often it copies the interpreter's output with one digit wrong
 
   def __post_init__(self):
     for name in ("tool_rate", "slip_rate"):
@@ -44,7 +44,7 @@ def slip(answer: str, rng: np.random.Generator) -> str:
   """`answer` with one digit replaced by a different one (the leading digit stays non-zero)."""
   i = int(rng.integers(len(answer)))
   choices = [d for d in "0123456789" if d != answer[i] and not (i == 0 and d == "0")]
-  return answer[:i] + str(rng.choice(choices)) + answer[i + 1:]
+  return answer[:i] + str(rng.choice(choices)) + answer[i + 1 :]
 
 
 class TeacherEngine:
@@ -86,8 +86,9 @@ class TeacherEngine:
     return GenerateResult(ids, [0.0] * len(ids), FinishReason("stop", matched=matched), self.weight_version)
 
 
-async def teacher_rollouts(tokenizer: Any, problems: Sequence[Problem], tools: Any, multiturn: Any,
-                           config: TeacherConfig, seed: int) -> list:
+async def teacher_rollouts(
+  tokenizer: Any, problems: Sequence[Problem], tools: Any, multiturn: Any, config: TeacherConfig, seed: int
+) -> list:
   """The teacher's trajectories on `problems`, tool calls executed by `tools`."""
   from retool_jax.demo_task.task import prompt_ids  # noqa: PLC0415
   from retool_jax.rollout import generate_multiturn  # noqa: PLC0415

@@ -19,8 +19,18 @@ from retool_jax.assets import QWEN3_TOKENIZER_DIR
 # tokens, then the task's own multi-character tags.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 QWEN_TAGS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>")
-TASK_TAGS = ("<code>", "</code>", "<interpreter>", "</interpreter>", "<answer>", "</answer>", "\\boxed{",
-             "```python", "```", "print(")
+TASK_TAGS = (
+  "<code>",
+  "</code>",
+  "<interpreter>",
+  "</interpreter>",
+  "<answer>",
+  "</answer>",
+  "\\boxed{",
+  "```python",
+  "```",
+  "print(",
+)
 CHARACTERS = tuple(sorted(set(string.printable) - set("\x0b\x0c\r")))
 UNK = "<|unk|>"
 
@@ -36,8 +46,13 @@ def build_tokenizer():
   backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
   backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_TAGS + TASK_TAGS])
   return PreTrainedTokenizerFast(
-      tokenizer_object=backend, chat_template=qwen3_chat_template(), eos_token="<|im_end|>",
-      pad_token="<|endoftext|>", unk_token=UNK, clean_up_tokenization_spaces=False)
+    tokenizer_object=backend,
+    chat_template=qwen3_chat_template(),
+    eos_token="<|im_end|>",
+    pad_token="<|endoftext|>",
+    unk_token=UNK,
+    clean_up_tokenization_spaces=False,
+  )
 
 
 def qwen3_chat_template() -> str:

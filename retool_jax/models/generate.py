@@ -20,8 +20,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndar
   mask = np.zeros((len(prompts), t), np.int32)
   for i, p in enumerate(prompts):
     if len(p):
-      ids[i, t - len(p):] = p
-      mask[i, t - len(p):] = 1
+      ids[i, t - len(p) :] = p
+      mask[i, t - len(p) :] = 1
   return ids, mask
 
 
@@ -50,8 +50,13 @@ def _greedy(model: Qwen3, ids_BT, mask_BT, eos_ids, max_new_tokens: int):
   return out
 
 
-def greedy_generate(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                    eos_token_ids: Sequence[int] = (), pad_id: int = 0) -> list[list[int]]:
+def greedy_generate(
+  model: Qwen3,
+  prompts: Sequence[Sequence[int]],
+  max_new_tokens: int,
+  eos_token_ids: Sequence[int] = (),
+  pad_id: int = 0,
+) -> list[list[int]]:
   """Greedy continuation of each prompt, stopping at (and including) the first EOS token."""
   ids, mask = left_pad(prompts, pad_id)
   eos = jnp.asarray(list(eos_token_ids) or [-1], jnp.int32)
@@ -60,5 +65,5 @@ def greedy_generate(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_toke
   eos_set = set(eos_token_ids)
   for row in out.tolist():
     stop = next((i for i, tok in enumerate(row) if tok in eos_set), None)
-    results.append(row if stop is None else row[:stop + 1])
+    results.append(row if stop is None else row[: stop + 1])
   return results

@@ -36,12 +36,13 @@ class KVCache:
     return self.valid_BS.sum(axis=-1)
 
 
-def init_cache(layer_counts: dict[str, int], batch_size: int, max_length: int, num_kv_heads: int,
-               head_dim: int, dtype) -> KVCache:
+def init_cache(
+  layer_counts: dict[str, int], batch_size: int, max_length: int, num_kv_heads: int, head_dim: int, dtype
+) -> KVCache:
   shape = lambda n: (n, batch_size, max_length, num_kv_heads, head_dim)
   return KVCache(
-      k={kind: jnp.zeros(shape(n), dtype) for kind, n in layer_counts.items()},
-      v={kind: jnp.zeros(shape(n), dtype) for kind, n in layer_counts.items()},
-      valid_BS=jnp.zeros((batch_size, max_length), bool),
-      index=jnp.zeros((), jnp.int32),
+    k={kind: jnp.zeros(shape(n), dtype) for kind, n in layer_counts.items()},
+    v={kind: jnp.zeros(shape(n), dtype) for kind, n in layer_counts.items()},
+    valid_BS=jnp.zeros((batch_size, max_length), bool),
+    index=jnp.zeros((), jnp.int32),
   )

@@ -53,6 +53,7 @@ def apply_rope(x_BTNH: jax.Array, rope: Rope) -> jax.Array:
 
 class LayerCache(NamedTuple):
   """One layer's slice of the KV cache plus where this call writes into it."""
+
   k_BSKH: jax.Array
   v_BSKH: jax.Array
   index: jax.Array
@@ -62,8 +63,13 @@ class Attention(nnx.Module):
   """Grouped-query attention with per-head q/k RMSNorm before RoPE."""
 
   def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
-    d, n, k, h, pd = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                      cfg.jnp_param_dtype)
+    d, n, k, h, pd = (
+      cfg.hidden_size,
+      cfg.num_attention_heads,
+      cfg.num_key_value_heads,
+      cfg.head_dim,
+      cfg.jnp_param_dtype,
+    )
     self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
     self.attention_impl = cfg.attention_impl
     self.q_proj = nnx.Param(_normal(rngs, (d, n, h), pd), axes=("embed", "q_heads", "head_dim"))
@@ -84,8 +90,9 @@ class Attention(nnx.Module):
     y = jnp.einsum("btd,dnh->btnh", x, w[...].astype(x.dtype))
     return y if b is None else y + b[...].astype(x.dtype)
 
-  def __call__(self, x_BTD: jax.Array, rope: Rope, mask_BTS: jax.Array | None,
-               cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+  def __call__(
+    self, x_BTD: jax.Array, rope: Rope, mask_BTS: jax.Array | None, cache: LayerCache | None = None
+  ) -> tuple[jax.Array, LayerCache | None]:
     q = self.q_norm(self._project(x_BTD, self.q_proj, self.q_bias))
     k = self.k_norm(self._project(x_BTD, self.k_proj, self.k_bias))
     v = self._project(x_BTD, self.v_proj, self.v_bias)
@@ -140,8 +147,9 @@ class MLP(nnx.Module):
 
 class RouterStats(NamedTuple):
   """What the load-balancing loss needs from one MoE layer (sums over valid tokens)."""
-  expert_counts_E: jax.Array   # top-k selections per expert
-  prob_sums_E: jax.Array       # router probabilities per expert
+
+  expert_counts_E: jax.Array  # top-k selections per expert
+  prob_sums_E: jax.Array  # router probabilities per expert
   num_tokens: jax.Array
 
 
@@ -175,18 +183,17 @@ class MoE(nnx.Module):
     else:
       y = _ragged_experts(x, top_i, top_w, wg, wu, wd, self.top_k, self.num_experts)
     valid = jnp.ones((b * t,), jnp.float32) if valid_BT is None else valid_BT.reshape(-1).astype(jnp.float32)
-    counts = jnp.zeros((self.num_experts,), jnp.float32).at[top_i.reshape(-1)].add(
-        jnp.repeat(valid, self.top_k))
+    counts = jnp.zeros((self.num_experts,), jnp.float32).at[top_i.reshape(-1)].add(jnp.repeat(valid, self.top_k))
     stats = RouterStats(counts, (probs * valid[:, None]).sum(0), valid.sum())
     return y.reshape(b, t, d), stats
 
   def _dense(self, x, top_i, top_w, wg, wu, wd):
-    combine_TE = jnp.zeros((x.shape[0], self.num_experts), x.dtype).at[
-        jnp.arange(x.shape[0])[:, None], top_i].add(top_w)
+    combine_TE = (
+      jnp.zeros((x.shape[0], self.num_experts), x.dtype).at[jnp.arange(x.shape[0])[:, None], top_i].add(top_w)
+    )
     h = jax.nn.silu(jnp.einsum("td,edf->tef", x, wg)) * jnp.einsum("td,edf->tef", x, wu)
     y_TED = jnp.einsum("tef,efd->ted", h, wd)
     return jnp.einsum("ted,te->td", y_TED, combine_TE)
-
 
 
 def _ragged_experts(x_TD, top_i, top_w, wg, wu, wd, top_k: int, num_experts: int):
@@ -221,6 +228,7 @@ def _expert_parallel(mesh, top_k, x_TD, top_i, top_w, wg, wu, wd):
   over `expert` (and their hidden width over `tensor`), so the partial outputs are summed over both axes.
   """
   from jax.sharding import PartitionSpec as P
+
   batch = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
   tensor = "tensor" if "tensor" in mesh.shape and wg.shape[-1] % mesh.shape["tensor"] == 0 else None
   n_local = wg.shape[0] // mesh.shape["expert"]
@@ -234,9 +242,12 @@ def _expert_parallel(mesh, top_k, x_TD, top_i, top_w, wg, wu, wd):
 
   tok = P(batch, None)
   return jax.shard_map(
-      local, mesh=mesh,
-      in_specs=(tok, tok, tok, P("expert", None, tensor), P("expert", None, tensor), P("expert", tensor, None)),
-      out_specs=tok, check_vma=False)(x_TD, top_i, top_w, wg, wu, wd)
+    local,
+    mesh=mesh,
+    in_specs=(tok, tok, tok, P("expert", None, tensor), P("expert", None, tensor), P("expert", tensor, None)),
+    out_specs=tok,
+    check_vma=False,
+  )(x_TD, top_i, top_w, wg, wu, wd)
 
 
 class DecoderLayer(nnx.Module):

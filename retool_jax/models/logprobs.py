@@ -15,14 +15,20 @@ from retool_jax.models.qwen3 import Qwen3
 
 
 class TokenLogprobs(NamedTuple):
-  logprobs_BT: jax.Array          # float32
-  entropy_BT: jax.Array | None    # float32, when asked for
+  logprobs_BT: jax.Array  # float32
+  entropy_BT: jax.Array | None  # float32, when asked for
   router_aux_loss: jax.Array | None
 
 
-def chunked_logprobs(hidden_BTD: jax.Array, weight_DV: jax.Array, targets_BT: jax.Array, *,
-                     temperature: float = 1.0, chunk_size: int = 256,
-                     with_entropy: bool = False) -> tuple[jax.Array, jax.Array | None]:
+def chunked_logprobs(
+  hidden_BTD: jax.Array,
+  weight_DV: jax.Array,
+  targets_BT: jax.Array,
+  *,
+  temperature: float = 1.0,
+  chunk_size: int = 256,
+  with_entropy: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
   """Log-probs (and optionally entropies) of `targets` under `softmax(hidden @ weight / temperature)`."""
   b, t, d = hidden_BTD.shape
   chunk = max(1, min(chunk_size, t))
@@ -53,14 +59,28 @@ def chunked_logprobs(hidden_BTD: jax.Array, weight_DV: jax.Array, targets_BT: ja
   return lp, (ent if with_entropy else None)
 
 
-def token_logprobs(model: Qwen3, input_ids_BT: jax.Array, targets_BT: jax.Array, *,
-                   positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                   attention_mask: jax.Array | None = None, temperature: float = 1.0, chunk_size: int = 256,
-                   with_entropy: bool = False) -> TokenLogprobs:
+def token_logprobs(
+  model: Qwen3,
+  input_ids_BT: jax.Array,
+  targets_BT: jax.Array,
+  *,
+  positions: jax.Array | None = None,
+  segment_ids: jax.Array | None = None,
+  attention_mask: jax.Array | None = None,
+  temperature: float = 1.0,
+  chunk_size: int = 256,
+  with_entropy: bool = False,
+) -> TokenLogprobs:
   """`log p(targets[b, t] | input_ids[b, :t+1])` for a causal LM; targets are usually the inputs shifted left."""
   out = model.forward(input_ids_BT, positions, segment_ids, attention_mask)
-  lp, ent = chunked_logprobs(out.hidden_BTD, model.output_weight_DV(), targets_BT, temperature=temperature,
-                             chunk_size=chunk_size, with_entropy=with_entropy)
+  lp, ent = chunked_logprobs(
+    out.hidden_BTD,
+    model.output_weight_DV(),
+    targets_BT,
+    temperature=temperature,
+    chunk_size=chunk_size,
+    with_entropy=with_entropy,
+  )
   return TokenLogprobs(lp, ent, out.router_aux_loss)
 
 

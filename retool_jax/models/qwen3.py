@@ -24,20 +24,21 @@ from retool_jax.sharding import constrain
 __all__ = ["Qwen3", "Qwen3Config", "KVCache", "ModelOutput", "preset", "PRESETS", "load_hf", "default_positions"]
 
 _REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "attention_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "attention_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
 }
 
 
 class ModelOutput(NamedTuple):
-  hidden_BTD: jax.Array              # final-norm hidden states
+  hidden_BTD: jax.Array  # final-norm hidden states
   router_aux_loss: jax.Array | None  # Switch-style load-balancing loss (MoE only), as HF computes it
 
 
-def default_positions(input_ids_BT: jax.Array, segment_ids_BT: jax.Array | None = None,
-                      attention_mask_BT: jax.Array | None = None) -> jax.Array:
+def default_positions(
+  input_ids_BT: jax.Array, segment_ids_BT: jax.Array | None = None, attention_mask_BT: jax.Array | None = None
+) -> jax.Array:
   """Positions restarting at 0 for each packed segment, or counting only unpadded tokens."""
   b, t = input_ids_BT.shape
   if segment_ids_BT is not None:
@@ -66,8 +67,9 @@ class Qwen3(nnx.Module):
     self.config = config
     pd = config.jnp_param_dtype
     self.embed_tokens = nnx.Param(
-        (0.02 * jax.random.normal(rngs.params(), (config.vocab_size, config.hidden_size))).astype(pd),
-        axes=("vocab", "embed"))
+      (0.02 * jax.random.normal(rngs.params(), (config.vocab_size, config.hidden_size))).astype(pd),
+      axes=("vocab", "embed"),
+    )
     kinds = config.layer_kinds
     # For each layer: (stack name, index within that stack).
     self.layer_plan = tuple((k, kinds[:i].count(k)) for i, k in enumerate(kinds))
@@ -78,18 +80,29 @@ class Qwen3(nnx.Module):
       self.lm_head = None
     else:
       self.lm_head = nnx.Param(
-          (0.02 * jax.random.normal(rngs.params(), (config.hidden_size, config.vocab_size))).astype(pd),
-          axes=("embed", "vocab"))
+        (0.02 * jax.random.normal(rngs.params(), (config.hidden_size, config.vocab_size))).astype(pd),
+        axes=("embed", "vocab"),
+      )
 
   # ---- public entry points --------------------------------------------------------------------
 
-  def __call__(self, input_ids_BT: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, attention_mask: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self,
+    input_ids_BT: jax.Array,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+  ) -> jax.Array:
     """Logits `[B, T, V]` (float32)."""
     return self.logits(self.forward(input_ids_BT, positions, segment_ids, attention_mask).hidden_BTD)
 
-  def forward(self, input_ids_BT: jax.Array, positions: jax.Array | None = None,
-              segment_ids: jax.Array | None = None, attention_mask: jax.Array | None = None) -> ModelOutput:
+  def forward(
+    self,
+    input_ids_BT: jax.Array,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+  ) -> ModelOutput:
     """Final hidden states and the router auxiliary loss, without the `[B, T, V]` logits."""
     if positions is None:
       positions = default_positions(input_ids_BT, segment_ids, attention_mask)
@@ -113,11 +126,17 @@ class Qwen3(nnx.Module):
     counts = {kind: sum(1 for k, _ in self.layer_plan if k == kind) for kind in ("dense", "moe")}
     counts = {k: n for k, n in counts.items() if n}
     cfg = self.config
-    return init_cache(counts, batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim,
-                      dtype or cfg.jnp_dtype)
+    return init_cache(
+      counts, batch_size, max_length, cfg.num_key_value_heads, cfg.head_dim, dtype or cfg.jnp_dtype
+    )
 
-  def forward_cached(self, input_ids_BT: jax.Array, cache: KVCache, positions: jax.Array | None = None,
-                     attention_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+  def forward_cached(
+    self,
+    input_ids_BT: jax.Array,
+    cache: KVCache,
+    positions: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+  ) -> tuple[jax.Array, KVCache]:
     """Prefill or decode: attends to the cache plus these tokens, writes them at `cache.index`.
 
     `attention_mask[b, t] = 0` marks padding (left-padded prompts). Positions default to the count of real
@@ -132,8 +151,13 @@ class Qwen3(nnx.Module):
     s = cache.max_length
     causal_TS = (cache.index + jnp.arange(t))[:, None] >= jnp.arange(s)[None, :]
     mask_BTS = causal_TS[None] & valid_BS[:, None, :]
-    h, cache, _ = self._decode_layers(self._embed(input_ids_BT), positions, mask_BTS, new_valid,
-                                      cache=cache.__class__(cache.k, cache.v, valid_BS, cache.index))
+    h, cache, _ = self._decode_layers(
+      self._embed(input_ids_BT),
+      positions,
+      mask_BTS,
+      new_valid,
+      cache=cache.__class__(cache.k, cache.v, valid_BS, cache.index),
+    )
     cache = KVCache(cache.k, cache.v, valid_BS, cache.index + t)
     return self.logits(self.norm(h)), cache
 
@@ -164,7 +188,7 @@ class Qwen3(nnx.Module):
     all_stats: list[RouterStats] = []
 
     if cfg.scan_layers and len(split) == 1:
-      (kind, (_, state)), = split.items()
+      ((kind, (_, state)),) = split.items()
       fn = fns[kind]
 
       def body(x, xs):
@@ -224,4 +248,5 @@ def _training_mask(shape, segment_ids, attention_mask):
 def load_hf(hf_dir, *, dtype=None, mesh=None, **config_overrides) -> Qwen3:
   """Loads a local Hugging Face `save_pretrained` folder straight into a (sharded) model."""
   from retool_jax.models.qwen3_hf import load_hf as _load
+
   return _load(hf_dir, dtype=dtype, mesh=mesh, **config_overrides)

@@ -53,8 +53,9 @@ class Qwen3Config:
   def __post_init__(self):
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(
-          f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-          f"num_key_value_heads={self.num_key_value_heads}")
+        f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+        f"num_key_value_heads={self.num_key_value_heads}"
+      )
     if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
       raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, {self.num_experts}]")
     for name, allowed in (("remat", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS), ("moe_impl", MOE_IMPLS)):
@@ -69,8 +70,7 @@ class Qwen3Config:
 
   def is_moe_layer(self, layer: int) -> bool:
     """The same rule as Hugging Face's `Qwen3MoeDecoderLayer`."""
-    return (self.is_moe and layer not in self.mlp_only_layers
-            and (layer + 1) % self.decoder_sparse_step == 0)
+    return self.is_moe and layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
 
   @property
   def layer_kinds(self) -> tuple[str, ...]:
@@ -107,8 +107,10 @@ class Qwen3Config:
       return self.num_params() - self.vocab_size * self.hidden_size * (0 if self.tie_word_embeddings else 1)
     dense = self.replace(num_experts=0, num_experts_per_tok=0, moe_intermediate_size=0)
     per_layer_dense_mlp = 3 * self.hidden_size * self.intermediate_size
-    per_layer_active_moe = (self.num_experts_per_tok * 3 * self.hidden_size * self.moe_intermediate_size
-                            + self.hidden_size * self.num_experts)
+    per_layer_active_moe = (
+      self.num_experts_per_tok * 3 * self.hidden_size * self.moe_intermediate_size
+      + self.hidden_size * self.num_experts
+    )
     n_moe = sum(k == "moe" for k in self.layer_kinds)
     return dense.num_active_params() + n_moe * (per_layer_active_moe - per_layer_dense_mlp)
 
@@ -151,31 +153,31 @@ class Qwen3Config:
 
     heads = field("num_attention_heads")
     kwargs = dict(
-        vocab_size=field("vocab_size"),
-        hidden_size=field("hidden_size"),
-        intermediate_size=field("intermediate_size"),
-        num_hidden_layers=field("num_hidden_layers"),
-        num_attention_heads=heads,
-        num_key_value_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or field("hidden_size") // heads,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 40960)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=bool(hf.get("attention_bias", False)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=_first(hf.get("eos_token_id")),
-        pad_token_id=hf.get("pad_token_id"),
+      vocab_size=field("vocab_size"),
+      hidden_size=field("hidden_size"),
+      intermediate_size=field("intermediate_size"),
+      num_hidden_layers=field("num_hidden_layers"),
+      num_attention_heads=heads,
+      num_key_value_heads=hf.get("num_key_value_heads") or heads,
+      head_dim=hf.get("head_dim") or field("hidden_size") // heads,
+      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      rope_theta=float(rope_theta),
+      max_position_embeddings=int(hf.get("max_position_embeddings", 40960)),
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      attention_bias=bool(hf.get("attention_bias", False)),
+      bos_token_id=hf.get("bos_token_id"),
+      eos_token_id=_first(hf.get("eos_token_id")),
+      pad_token_id=hf.get("pad_token_id"),
     )
     if model_type == "qwen3_moe":
       kwargs.update(
-          num_experts=int(hf.get("num_experts") or field("num_local_experts")),
-          num_experts_per_tok=field("num_experts_per_tok"),
-          moe_intermediate_size=field("moe_intermediate_size"),
-          norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-          decoder_sparse_step=int(hf.get("decoder_sparse_step", 1)),
-          mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
-          router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+        num_experts=int(hf.get("num_experts") or field("num_local_experts")),
+        num_experts_per_tok=field("num_experts_per_tok"),
+        moe_intermediate_size=field("moe_intermediate_size"),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        decoder_sparse_step=int(hf.get("decoder_sparse_step", 1)),
+        mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
+        router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
       )
     kwargs.update(overrides)
     return cls(**kwargs)
@@ -183,44 +185,44 @@ class Qwen3Config:
   def to_hf(self) -> dict[str, Any]:
     """The HF `config.json` contents for this architecture."""
     out: dict[str, Any] = {
-        "architectures": ["Qwen3MoeForCausalLM" if self.is_moe else "Qwen3ForCausalLM"],
-        "model_type": "qwen3_moe" if self.is_moe else "qwen3",
-        "vocab_size": self.vocab_size,
-        "hidden_size": self.hidden_size,
-        "intermediate_size": self.intermediate_size,
-        "num_hidden_layers": self.num_hidden_layers,
-        "num_attention_heads": self.num_attention_heads,
-        "num_key_value_heads": self.num_key_value_heads,
-        "head_dim": self.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": self.rms_norm_eps,
-        "rope_theta": self.rope_theta,
-        "rope_scaling": None,
-        "max_position_embeddings": self.max_position_embeddings,
-        "tie_word_embeddings": self.tie_word_embeddings,
-        "attention_bias": self.attention_bias,
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "use_cache": True,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "max_window_layers": self.num_hidden_layers,
-        "bos_token_id": self.bos_token_id,
-        "eos_token_id": self.eos_token_id,
-        "torch_dtype": "bfloat16" if self.param_dtype == "bfloat16" else "float32",
+      "architectures": ["Qwen3MoeForCausalLM" if self.is_moe else "Qwen3ForCausalLM"],
+      "model_type": "qwen3_moe" if self.is_moe else "qwen3",
+      "vocab_size": self.vocab_size,
+      "hidden_size": self.hidden_size,
+      "intermediate_size": self.intermediate_size,
+      "num_hidden_layers": self.num_hidden_layers,
+      "num_attention_heads": self.num_attention_heads,
+      "num_key_value_heads": self.num_key_value_heads,
+      "head_dim": self.head_dim,
+      "hidden_act": "silu",
+      "rms_norm_eps": self.rms_norm_eps,
+      "rope_theta": self.rope_theta,
+      "rope_scaling": None,
+      "max_position_embeddings": self.max_position_embeddings,
+      "tie_word_embeddings": self.tie_word_embeddings,
+      "attention_bias": self.attention_bias,
+      "attention_dropout": 0.0,
+      "initializer_range": 0.02,
+      "use_cache": True,
+      "use_sliding_window": False,
+      "sliding_window": None,
+      "max_window_layers": self.num_hidden_layers,
+      "bos_token_id": self.bos_token_id,
+      "eos_token_id": self.eos_token_id,
+      "torch_dtype": "bfloat16" if self.param_dtype == "bfloat16" else "float32",
     }
     if self.pad_token_id is not None:
       out["pad_token_id"] = self.pad_token_id
     if self.is_moe:
       out.update(
-          num_experts=self.num_experts,
-          num_experts_per_tok=self.num_experts_per_tok,
-          moe_intermediate_size=self.moe_intermediate_size,
-          norm_topk_prob=self.norm_topk_prob,
-          decoder_sparse_step=self.decoder_sparse_step,
-          mlp_only_layers=list(self.mlp_only_layers),
-          router_aux_loss_coef=self.router_aux_loss_coef,
-          output_router_logits=False,
+        num_experts=self.num_experts,
+        num_experts_per_tok=self.num_experts_per_tok,
+        moe_intermediate_size=self.moe_intermediate_size,
+        norm_topk_prob=self.norm_topk_prob,
+        decoder_sparse_step=self.decoder_sparse_step,
+        mlp_only_layers=list(self.mlp_only_layers),
+        router_aux_loss_coef=self.router_aux_loss_coef,
+        output_router_logits=False,
       )
     return out
 
@@ -229,29 +231,74 @@ def _first(x):
   return x[0] if isinstance(x, (list, tuple)) else x
 
 
-_QWEN3_COMMON = dict(vocab_size=151936, head_dim=128, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
-                     max_position_embeddings=40960)
+_QWEN3_COMMON = dict(
+  vocab_size=151936, head_dim=128, rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position_embeddings=40960
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "0.6B": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, tie_word_embeddings=True),
-    "1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, tie_word_embeddings=True),
-    "4B": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-               num_key_value_heads=8, tie_word_embeddings=True),
-    "4B-2507": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-                    num_key_value_heads=8, tie_word_embeddings=True, rope_theta=5_000_000.0,
-                    max_position_embeddings=262144),
-    "8B": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-               num_key_value_heads=8),
-    "14B": dict(hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
-                num_key_value_heads=8),
-    "32B": dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
-                num_key_value_heads=8),
-    "30B-A3B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
-                    num_key_value_heads=4, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768),
-    "235B-A22B": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=94, num_attention_heads=64,
-                      num_key_value_heads=4, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=1536),
+  "0.6B": dict(
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    tie_word_embeddings=True,
+  ),
+  "1.7B": dict(
+    hidden_size=2048,
+    intermediate_size=6144,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    tie_word_embeddings=True,
+  ),
+  "4B": dict(
+    hidden_size=2560,
+    intermediate_size=9728,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    tie_word_embeddings=True,
+  ),
+  "4B-2507": dict(
+    hidden_size=2560,
+    intermediate_size=9728,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    tie_word_embeddings=True,
+    rope_theta=5_000_000.0,
+    max_position_embeddings=262144,
+  ),
+  "8B": dict(
+    hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8
+  ),
+  "14B": dict(
+    hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=8
+  ),
+  "32B": dict(
+    hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64, num_key_value_heads=8
+  ),
+  "30B-A3B": dict(
+    hidden_size=2048,
+    intermediate_size=6144,
+    num_hidden_layers=48,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    num_experts=128,
+    num_experts_per_tok=8,
+    moe_intermediate_size=768,
+  ),
+  "235B-A22B": dict(
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_hidden_layers=94,
+    num_attention_heads=64,
+    num_key_value_heads=4,
+    num_experts=128,
+    num_experts_per_tok=8,
+    moe_intermediate_size=1536,
+  ),
 }
 
 

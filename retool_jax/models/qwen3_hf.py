@@ -26,6 +26,7 @@ from retool_jax.models.safetensors_io import SafetensorsDir, SafetensorsError
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """How one HF tensor becomes one of our (per-layer, per-expert) arrays and back."""
+
   to_ours: Callable[[np.ndarray, Qwen3Config], np.ndarray]
   to_hf: Callable[[np.ndarray, Qwen3Config], np.ndarray]
 
@@ -41,8 +42,10 @@ def _t(x, cfg):
 def _in_heads(heads: str) -> Layout:
   """`[heads*head_dim, hidden]` <-> `[hidden, heads, head_dim]`."""
   n = lambda cfg: getattr(cfg, heads)
-  return Layout(lambda x, cfg: x.T.reshape(cfg.hidden_size, n(cfg), cfg.head_dim),
-                lambda x, cfg: x.reshape(cfg.hidden_size, n(cfg) * cfg.head_dim).T)
+  return Layout(
+    lambda x, cfg: x.T.reshape(cfg.hidden_size, n(cfg), cfg.head_dim),
+    lambda x, cfg: x.reshape(cfg.hidden_size, n(cfg) * cfg.head_dim).T,
+  )
 
 
 def _bias_heads(heads: str) -> Layout:
@@ -53,38 +56,39 @@ def _bias_heads(heads: str) -> Layout:
 IDENTITY = Layout(_same, _same)
 TRANSPOSE = Layout(_t, _t)
 OUT_HEADS = Layout(  # o_proj: `[hidden, heads*head_dim]` <-> `[heads, head_dim, hidden]`
-    lambda x, cfg: x.T.reshape(cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size),
-    lambda x, cfg: x.reshape(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size).T)
+  lambda x, cfg: x.T.reshape(cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size),
+  lambda x, cfg: x.reshape(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size).T,
+)
 
 # Per-layer parameters: our path inside a decoder layer -> (HF name inside `model.layers.{i}.`, layout).
 # `{e}` marks per-expert tensors, stacked on our expert axis.
 LAYER_PARAMS: dict[tuple[str, ...], tuple[str, Layout]] = {
-    ("input_layernorm", "weight"): ("input_layernorm.weight", IDENTITY),
-    ("post_attention_layernorm", "weight"): ("post_attention_layernorm.weight", IDENTITY),
-    ("self_attn", "q_proj"): ("self_attn.q_proj.weight", _in_heads("num_attention_heads")),
-    ("self_attn", "k_proj"): ("self_attn.k_proj.weight", _in_heads("num_key_value_heads")),
-    ("self_attn", "v_proj"): ("self_attn.v_proj.weight", _in_heads("num_key_value_heads")),
-    ("self_attn", "o_proj"): ("self_attn.o_proj.weight", OUT_HEADS),
-    ("self_attn", "q_bias"): ("self_attn.q_proj.bias", _bias_heads("num_attention_heads")),
-    ("self_attn", "k_bias"): ("self_attn.k_proj.bias", _bias_heads("num_key_value_heads")),
-    ("self_attn", "v_bias"): ("self_attn.v_proj.bias", _bias_heads("num_key_value_heads")),
-    ("self_attn", "o_bias"): ("self_attn.o_proj.bias", IDENTITY),
-    ("self_attn", "q_norm", "weight"): ("self_attn.q_norm.weight", IDENTITY),
-    ("self_attn", "k_norm", "weight"): ("self_attn.k_norm.weight", IDENTITY),
-    ("mlp", "gate_proj"): ("mlp.gate_proj.weight", TRANSPOSE),
-    ("mlp", "up_proj"): ("mlp.up_proj.weight", TRANSPOSE),
-    ("mlp", "down_proj"): ("mlp.down_proj.weight", TRANSPOSE),
-    ("mlp", "router"): ("mlp.gate.weight", TRANSPOSE),
+  ("input_layernorm", "weight"): ("input_layernorm.weight", IDENTITY),
+  ("post_attention_layernorm", "weight"): ("post_attention_layernorm.weight", IDENTITY),
+  ("self_attn", "q_proj"): ("self_attn.q_proj.weight", _in_heads("num_attention_heads")),
+  ("self_attn", "k_proj"): ("self_attn.k_proj.weight", _in_heads("num_key_value_heads")),
+  ("self_attn", "v_proj"): ("self_attn.v_proj.weight", _in_heads("num_key_value_heads")),
+  ("self_attn", "o_proj"): ("self_attn.o_proj.weight", OUT_HEADS),
+  ("self_attn", "q_bias"): ("self_attn.q_proj.bias", _bias_heads("num_attention_heads")),
+  ("self_attn", "k_bias"): ("self_attn.k_proj.bias", _bias_heads("num_key_value_heads")),
+  ("self_attn", "v_bias"): ("self_attn.v_proj.bias", _bias_heads("num_key_value_heads")),
+  ("self_attn", "o_bias"): ("self_attn.o_proj.bias", IDENTITY),
+  ("self_attn", "q_norm", "weight"): ("self_attn.q_norm.weight", IDENTITY),
+  ("self_attn", "k_norm", "weight"): ("self_attn.k_norm.weight", IDENTITY),
+  ("mlp", "gate_proj"): ("mlp.gate_proj.weight", TRANSPOSE),
+  ("mlp", "up_proj"): ("mlp.up_proj.weight", TRANSPOSE),
+  ("mlp", "down_proj"): ("mlp.down_proj.weight", TRANSPOSE),
+  ("mlp", "router"): ("mlp.gate.weight", TRANSPOSE),
 }
 EXPERT_PARAMS: dict[tuple[str, ...], tuple[str, Layout]] = {
-    ("mlp", "gate_proj"): ("mlp.experts.{e}.gate_proj.weight", TRANSPOSE),
-    ("mlp", "up_proj"): ("mlp.experts.{e}.up_proj.weight", TRANSPOSE),
-    ("mlp", "down_proj"): ("mlp.experts.{e}.down_proj.weight", TRANSPOSE),
+  ("mlp", "gate_proj"): ("mlp.experts.{e}.gate_proj.weight", TRANSPOSE),
+  ("mlp", "up_proj"): ("mlp.experts.{e}.up_proj.weight", TRANSPOSE),
+  ("mlp", "down_proj"): ("mlp.experts.{e}.down_proj.weight", TRANSPOSE),
 }
 TOP_PARAMS: dict[tuple[str, ...], tuple[str, Layout]] = {
-    ("embed_tokens",): ("model.embed_tokens.weight", IDENTITY),
-    ("norm", "weight"): ("model.norm.weight", IDENTITY),
-    ("lm_head",): ("lm_head.weight", TRANSPOSE),
+  ("embed_tokens",): ("model.embed_tokens.weight", IDENTITY),
+  ("norm", "weight"): ("model.norm.weight", IDENTITY),
+  ("lm_head",): ("lm_head.weight", TRANSPOSE),
 }
 # HF keys that are not weights.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -93,9 +97,10 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 @dataclasses.dataclass(frozen=True)
 class ParamSource:
   """Where one of our variables comes from: a top-level tensor, or one tensor per layer (and expert)."""
+
   path: tuple[str, ...]
   layout: Layout
-  hf_key: str | None = None                  # top-level
+  hf_key: str | None = None  # top-level
   layer_keys: tuple[str, ...] | None = None  # per stacked layer; may contain "{e}"
   num_experts: int = 0
 
@@ -126,13 +131,19 @@ def param_sources(cfg: Qwen3Config) -> list[ParamSource]:
         continue
       if sub[0] == "mlp" and kind == "moe" and sub[1] != "router":
         continue
-      out.append(ParamSource((f"{kind}_layers",) + sub, layout,
-                             layer_keys=tuple(f"model.layers.{i}.{key}" for i in layers)))
+      out.append(
+        ParamSource((f"{kind}_layers",) + sub, layout, layer_keys=tuple(f"model.layers.{i}.{key}" for i in layers))
+      )
     if kind == "moe":
       for sub, (key, layout) in EXPERT_PARAMS.items():
-        out.append(ParamSource((f"{kind}_layers",) + sub, layout,
-                               layer_keys=tuple(f"model.layers.{i}.{key}" for i in layers),
-                               num_experts=cfg.num_experts))
+        out.append(
+          ParamSource(
+            (f"{kind}_layers",) + sub,
+            layout,
+            layer_keys=tuple(f"model.layers.{i}.{key}" for i in layers),
+            num_experts=cfg.num_experts,
+          )
+        )
   return out
 
 
@@ -159,8 +170,13 @@ def load_hf(hf_dir, *, dtype=None, mesh: jax.sharding.Mesh | None = None, **conf
   return load_tensors(SafetensorsDir(hf_dir), cfg, mesh=mesh, config_path=config_path)
 
 
-def load_tensors(tensors, cfg: Qwen3Config, mesh: jax.sharding.Mesh | None = None,
-                 strict: bool = True, config_path: str = "the config") -> Qwen3:
+def load_tensors(
+  tensors,
+  cfg: Qwen3Config,
+  mesh: jax.sharding.Mesh | None = None,
+  strict: bool = True,
+  config_path: str = "the config",
+) -> Qwen3:
   """Builds a model from any `get(key) -> np.ndarray` tensor source holding HF keys."""
   graphdef, abstract = abstract_model(cfg)
   sources = {s.path: s for s in param_sources(cfg)}
@@ -170,8 +186,7 @@ def load_tensors(tensors, cfg: Qwen3Config, mesh: jax.sharding.Mesh | None = Non
   if strict:
     check_tensors(tensors, cfg, config_path)
   shardings = sharding_lib.state_shardings(abstract, mesh) if mesh is not None else None
-  flat_shardings = ({p: v.get_value() for p, v in nnx.to_flat_state(shardings)}
-                    if shardings is not None else {})
+  flat_shardings = {p: v.get_value() for p, v in nnx.to_flat_state(shardings)} if shardings is not None else {}
   values = {}
   for path, var in flat.items():
     src = sources[path]
@@ -180,8 +195,9 @@ def load_tensors(tensors, cfg: Qwen3Config, mesh: jax.sharding.Mesh | None = Non
     sharding = flat_shardings.get(path)
     if sharding is None:
       sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    reader = functools.lru_cache(maxsize=None)(lambda idx, _s=src, _t=target, _sh=shape:
-                                               _read_slice(tensors, _s, cfg, _sh, _t, idx))
+    reader = functools.lru_cache(maxsize=None)(
+      lambda idx, _s=src, _t=target, _sh=shape: _read_slice(tensors, _s, cfg, _sh, _t, idx)
+    )
     arr = jax.make_array_from_callback(shape, sharding, lambda index: reader(_hashable(index)))
     values[path] = arr
   state = nnx.from_flat_state({p: flat[p].replace(values[p]) for p in flat})
@@ -203,8 +219,9 @@ def _read_slice(tensors, src: ParamSource, cfg, shape, dtype, index) -> np.ndarr
     key = src.layer_keys[li]
     if src.num_experts:
       expert_range = range(src.num_experts)[rest[0]]
-      layers.append(np.stack([
-          _convert(tensors, key.format(e=e), src, cfg, shape[2:], dtype)[rest[1:]] for e in expert_range]))
+      layers.append(
+        np.stack([_convert(tensors, key.format(e=e), src, cfg, shape[2:], dtype)[rest[1:]] for e in expert_range])
+      )
     else:
       layers.append(_convert(tensors, key, src, cfg, shape[1:], dtype)[rest])
   return np.stack(layers)
@@ -218,8 +235,10 @@ def _convert(tensors, key, src: ParamSource, cfg, want_shape, dtype) -> np.ndarr
     y = None
   if y is None or tuple(y.shape) != tuple(want_shape):
     where = tensors.file_of(key) if hasattr(tensors, "file_of") else "checkpoint"
-    raise SafetensorsError(f"{where}: tensor {key!r} has shape {tuple(x.shape)}, which does not fit "
-                           f"the config (expected {want_shape} after layout conversion)")
+    raise SafetensorsError(
+      f"{where}: tensor {key!r} has shape {tuple(x.shape)}, which does not fit "
+      f"the config (expected {want_shape} after layout conversion)"
+    )
   return np.asarray(y).astype(dtype)
 
 
@@ -253,17 +272,22 @@ def check_tensors(tensors, cfg: Qwen3Config, config_path: str = "the config") ->
   where = getattr(tensors, "dir", "checkpoint")
   missing = sorted(set(expected) - have)
   if missing:
-    raise SafetensorsError(f"{where}: {len(missing)} tensor(s) that {config_path} needs are missing, "
-                           f"e.g. {missing[:3]}")
+    raise SafetensorsError(
+      f"{where}: {len(missing)} tensor(s) that {config_path} needs are missing, e.g. {missing[:3]}"
+    )
   unknown = sorted(k for k in have - set(expected) if not k.endswith(IGNORED_SUFFIXES))
   if unknown:
-    raise SafetensorsError(f"{_where(tensors, unknown[0])}: unknown tensor {unknown[0]!r} for the model in "
-                           f"{config_path} ({len(unknown)} unknown in all)")
+    raise SafetensorsError(
+      f"{_where(tensors, unknown[0])}: unknown tensor {unknown[0]!r} for the model in "
+      f"{config_path} ({len(unknown)} unknown in all)"
+    )
   for key, shape in expected.items():
     got = tuple(tensors.shape(key) if hasattr(tensors, "shape") else tensors.get(key).shape)
     if got != shape:
-      raise SafetensorsError(f"{_where(tensors, key)}: tensor {key!r} has shape {got}, but {config_path} "
-                             f"implies {shape}; the config does not match the checkpoint")
+      raise SafetensorsError(
+        f"{_where(tensors, key)}: tensor {key!r} has shape {got}, but {config_path} "
+        f"implies {shape}; the config does not match the checkpoint"
+      )
   return expected
 
 

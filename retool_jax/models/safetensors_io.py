@@ -11,9 +11,18 @@ import ml_dtypes
 import numpy as np
 
 _DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U8": np.uint8,
+  "BOOL": np.bool_,
+  "F8_E4M3": ml_dtypes.float8_e4m3fn,
+  "F8_E5M2": ml_dtypes.float8_e5m2,
 }
 DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}  # numpy dtype -> safetensors dtype name
 
@@ -68,15 +77,17 @@ class SafetensorsFile:
       raise SafetensorsError(f"{self.path}: tensor {key!r} has unsupported dtype {e['dtype']}")
     start, end = e["data_offsets"]
     if self._data_start + end > self._size:
-      raise SafetensorsError(f"{self.path}: truncated file: tensor {key!r} needs bytes up to "
-                             f"{self._data_start + end}, file has {self._size}")
+      raise SafetensorsError(
+        f"{self.path}: truncated file: tensor {key!r} needs bytes up to "
+        f"{self._data_start + end}, file has {self._size}"
+      )
     dtype = np.dtype(_DTYPES[e["dtype"]])
     shape = tuple(e["shape"])
     if (end - start) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
       raise SafetensorsError(f"{self.path}: tensor {key!r} byte range does not match shape {shape}")
     if self._mmap is None:
       self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-    return self._mmap[self._data_start + start:self._data_start + end].view(dtype).reshape(shape)
+    return self._mmap[self._data_start + start : self._data_start + end].view(dtype).reshape(shape)
 
 
 class SafetensorsDir:
@@ -132,8 +143,9 @@ class SafetensorsDir:
     return f.get(key)
 
 
-def write_file(path: str | os.PathLike, tensors: Iterable[tuple[str, np.ndarray]],
-               metadata: dict[str, str] | None = None) -> int:
+def write_file(
+  path: str | os.PathLike, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None
+) -> int:
   """Writes tensors to one safetensors file; returns the bytes written."""
   items = [(k, np.ascontiguousarray(v)) for k, v in tensors]
   header: dict = {"__metadata__": metadata or {"format": "pt"}}
@@ -141,7 +153,11 @@ def write_file(path: str | os.PathLike, tensors: Iterable[tuple[str, np.ndarray]
   for k, v in items:
     if v.dtype not in DTYPE_NAMES:
       raise SafetensorsError(f"tensor {k!r}: dtype {v.dtype} cannot be written to safetensors")
-    header[k] = {"dtype": DTYPE_NAMES[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + v.nbytes]}
+    header[k] = {
+      "dtype": DTYPE_NAMES[v.dtype],
+      "shape": list(v.shape),
+      "data_offsets": [offset, offset + v.nbytes],
+    }
     offset += v.nbytes
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)
@@ -183,8 +199,12 @@ def _header(shard: list[TensorSpec]) -> bytes:
   return raw + b" " * (-len(raw) % 8)
 
 
-def write_sharded(out_dir: str | os.PathLike, specs: Sequence[TensorSpec],
-                  tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int = 4 << 30) -> list[str]:
+def write_sharded(
+  out_dir: str | os.PathLike,
+  specs: Sequence[TensorSpec],
+  tensors: Iterable[tuple[str, np.ndarray]],
+  max_shard_bytes: int = 4 << 30,
+) -> list[str]:
   """Writes `tensors` (arriving in `specs` order, with those shapes and dtypes) as HF shards plus the index.
 
   The shard layout is planned from `specs` up front, so each tensor is written as it arrives and only one
@@ -204,8 +224,9 @@ def write_sharded(out_dir: str | os.PathLike, specs: Sequence[TensorSpec],
       for key, shape, dtype in shard:
         got_key, value = next(it)
         if got_key != key or tuple(value.shape) != shape or value.dtype != dtype:
-          raise SafetensorsError(f"{name}: expected tensor {key!r} {shape} {dtype}, got {got_key!r} "
-                                 f"{tuple(value.shape)} {value.dtype}")
+          raise SafetensorsError(
+            f"{name}: expected tensor {key!r} {shape} {dtype}, got {got_key!r} {tuple(value.shape)} {value.dtype}"
+          )
         f.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8).data)
         total += value.nbytes
   if next(it, None) is not None:

@@ -18,128 +18,122 @@ from retool_jax.rewards import math_rewards, verify
 from retool_jax.rewards.result import RewardFn, RewardResult, TrajectoryInfo, as_info
 
 _FACTORIES: dict[str, Callable[..., RewardFn]] = {
-    "math": math_rewards.MathReward,
-    "retool": math_rewards.retool_reward,
-    "format": math_rewards.FormatReward,
+  "math": math_rewards.MathReward,
+  "retool": math_rewards.retool_reward,
+  "format": math_rewards.FormatReward,
 }
 
 
 def register_reward(name: str, factory: Callable[..., RewardFn]) -> None:
-    """Makes ``get_reward(name, **kwargs)`` return ``factory(**kwargs)``."""
-    if not name or ":" in name or "." in name:
-        raise ValueError(f"reward names may not be empty or contain ':' or '.', got {name!r}")
-    if name in _FACTORIES:
-        raise ValueError(f"a reward named {name!r} is already registered")
-    _FACTORIES[name] = factory
+  """Makes ``get_reward(name, **kwargs)`` return ``factory(**kwargs)``."""
+  if not name or ":" in name or "." in name:
+    raise ValueError(f"reward names may not be empty or contain ':' or '.', got {name!r}")
+  if name in _FACTORIES:
+    raise ValueError(f"a reward named {name!r} is already registered")
+  _FACTORIES[name] = factory
 
 
 def available_rewards() -> list[str]:
-    """Registered reward names."""
-    return sorted(_FACTORIES)
+  """Registered reward names."""
+  return sorted(_FACTORIES)
 
 
 @dataclasses.dataclass(frozen=True)
 class PluginReward:
-    """Adapts a user reward callable, verifying correctness itself when given a bare number."""
+  """Adapts a user reward callable, verifying correctness itself when given a bare number."""
 
-    fn: Callable[..., Any]
-    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    mode: verify.Mode = "lenient"
+  fn: Callable[..., Any]
+  kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  mode: verify.Mode = "lenient"
 
-    def __call__(
-        self, response: str, ground_truth: str, info: TrajectoryInfo | Mapping[str, Any] | None = None
-    ) -> RewardResult:
-        info = as_info(info)
-        value = self.fn(response, ground_truth, info, **self.kwargs)
-        if isinstance(value, RewardResult):
-            return value
-        if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            return math_rewards.grade(response, ground_truth, info, mode=self.mode).result(float(value))
-        name = getattr(self.fn, "__qualname__", repr(self.fn))
-        raise TypeError(
-            f"reward function {name} returned {type(value).__name__}; expected RewardResult or a number"
-        )
+  def __call__(
+    self, response: str, ground_truth: str, info: TrajectoryInfo | Mapping[str, Any] | None = None
+  ) -> RewardResult:
+    info = as_info(info)
+    value = self.fn(response, ground_truth, info, **self.kwargs)
+    if isinstance(value, RewardResult):
+      return value
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+      return math_rewards.grade(response, ground_truth, info, mode=self.mode).result(float(value))
+    name = getattr(self.fn, "__qualname__", repr(self.fn))
+    raise TypeError(f"reward function {name} returned {type(value).__name__}; expected RewardResult or a number")
 
 
 @dataclasses.dataclass(frozen=True)
 class CombinedReward:
-    """Weighted sum of rewards. ``correct``, ``extracted`` and ``format_ok`` come from the first part.
+  """Weighted sum of rewards. ``correct``, ``extracted`` and ``format_ok`` come from the first part.
 
-    Metrics hold each part's unweighted reward as ``reward/<name>``, and the first part's metrics.
-    """
+  Metrics hold each part's unweighted reward as ``reward/<name>``, and the first part's metrics.
+  """
 
-    parts: tuple[tuple[str, RewardFn, float], ...]
+  parts: tuple[tuple[str, RewardFn, float], ...]
 
-    def __call__(
-        self, response: str, ground_truth: str, info: TrajectoryInfo | Mapping[str, Any] | None = None
-    ) -> RewardResult:
-        results = [(name, fn(response, ground_truth, info), w) for name, fn, w in self.parts]
-        primary = results[0][1]
-        metrics = dict(primary.metrics)
-        metrics.update({f"reward/{name}": result.reward for name, result, _ in results})
-        return dataclasses.replace(
-            primary, reward=sum(w * result.reward for _, result, w in results), metrics=metrics
-        )
+  def __call__(
+    self, response: str, ground_truth: str, info: TrajectoryInfo | Mapping[str, Any] | None = None
+  ) -> RewardResult:
+    results = [(name, fn(response, ground_truth, info), w) for name, fn, w in self.parts]
+    primary = results[0][1]
+    metrics = dict(primary.metrics)
+    metrics.update({f"reward/{name}": result.reward for name, result, _ in results})
+    return dataclasses.replace(primary, reward=sum(w * result.reward for _, result, w in results), metrics=metrics)
 
 
 def _load_plugin(spec: str) -> Callable[..., Any]:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"a plug-in reward is written 'module:function', got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"cannot import module {module_name!r} of reward {spec!r}: {error}") from error
-    fn = module
-    for part in attr.split("."):
-        if not hasattr(fn, part):
-            raise ValueError(f"reward {spec!r}: {module_name!r} has no attribute {attr!r}")
-        fn = getattr(fn, part)
-    if not callable(fn):
-        raise ValueError(f"reward {spec!r} is not callable")
-    return fn
+  module_name, _, attr = spec.partition(":")
+  if not module_name or not attr:
+    raise ValueError(f"a plug-in reward is written 'module:function', got {spec!r}")
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as error:
+    raise ValueError(f"cannot import module {module_name!r} of reward {spec!r}: {error}") from error
+  fn = module
+  for part in attr.split("."):
+    if not hasattr(fn, part):
+      raise ValueError(f"reward {spec!r}: {module_name!r} has no attribute {attr!r}")
+    fn = getattr(fn, part)
+  if not callable(fn):
+    raise ValueError(f"reward {spec!r} is not callable")
+  return fn
 
 
 def combine_rewards(weighted: Mapping[Any, float] | Sequence[tuple[Any, float]]) -> CombinedReward:
-    """Weighted sum of rewards given as ``{spec: weight}`` or ``[(spec, weight), ...]``.
+  """Weighted sum of rewards given as ``{spec: weight}`` or ``[(spec, weight), ...]``.
 
-    Each spec is anything :func:`get_reward` accepts without arguments; the first one decides
-    ``correct``.
-    """
-    items = list(weighted.items()) if isinstance(weighted, Mapping) else list(weighted)
-    if not items:
-        raise ValueError("combine_rewards needs at least one (reward, weight) pair")
-    parts = []
-    for spec, weight in items:
-        if not isinstance(weight, numbers.Real) or isinstance(weight, bool):
-            raise TypeError(f"the weight of reward {spec!r} must be a number, got {weight!r}")
-        name = spec if isinstance(spec, str) else getattr(spec, "__name__", type(spec).__name__)
-        parts.append((name, get_reward(spec), float(weight)))
-    return CombinedReward(tuple(parts))
+  Each spec is anything :func:`get_reward` accepts without arguments; the first one decides
+  ``correct``.
+  """
+  items = list(weighted.items()) if isinstance(weighted, Mapping) else list(weighted)
+  if not items:
+    raise ValueError("combine_rewards needs at least one (reward, weight) pair")
+  parts = []
+  for spec, weight in items:
+    if not isinstance(weight, numbers.Real) or isinstance(weight, bool):
+      raise TypeError(f"the weight of reward {spec!r} must be a number, got {weight!r}")
+    name = spec if isinstance(spec, str) else getattr(spec, "__name__", type(spec).__name__)
+    parts.append((name, get_reward(spec), float(weight)))
+  return CombinedReward(tuple(parts))
 
 
 def get_reward(spec: Any, **kwargs: Any) -> RewardFn:
-    """A reward function from a name, a ``module:function`` path, a callable, or ``{spec: weight}``.
+  """A reward function from a name, a ``module:function`` path, a callable, or ``{spec: weight}``.
 
-    Examples: ``get_reward("math", mode="strict")``, ``get_reward("retool")``,
-    ``get_reward("my_project.rewards:length_penalty", scale=0.1)``,
-    ``get_reward({"retool": 1.0, "format": 0.1})``. Keyword arguments go to the factory of a
-    registered name, or to every call of a plug-in.
-    """
-    if isinstance(spec, str):
-        if ":" in spec:
-            return PluginReward(_load_plugin(spec), kwargs)
-        if spec not in _FACTORIES:
-            raise ValueError(
-                f"unknown reward {spec!r}; registered: {available_rewards()}, or use 'module:function'"
-            )
-        return _FACTORIES[spec](**kwargs)
-    if isinstance(spec, Mapping) or hasattr(spec, "items"):
-        if kwargs:
-            raise TypeError("keyword arguments cannot be given with a combination of rewards")
-        return combine_rewards(dict(spec.items()))
-    if isinstance(spec, (math_rewards.MathReward, math_rewards.FormatReward, PluginReward, CombinedReward)):
-        return spec
-    if callable(spec):
-        return PluginReward(spec, kwargs)
-    raise TypeError(f"cannot make a reward from {type(spec).__name__} {spec!r}")
+  Examples: ``get_reward("math", mode="strict")``, ``get_reward("retool")``,
+  ``get_reward("my_project.rewards:length_penalty", scale=0.1)``,
+  ``get_reward({"retool": 1.0, "format": 0.1})``. Keyword arguments go to the factory of a
+  registered name, or to every call of a plug-in.
+  """
+  if isinstance(spec, str):
+    if ":" in spec:
+      return PluginReward(_load_plugin(spec), kwargs)
+    if spec not in _FACTORIES:
+      raise ValueError(f"unknown reward {spec!r}; registered: {available_rewards()}, or use 'module:function'")
+    return _FACTORIES[spec](**kwargs)
+  if isinstance(spec, Mapping) or hasattr(spec, "items"):
+    if kwargs:
+      raise TypeError("keyword arguments cannot be given with a combination of rewards")
+    return combine_rewards(dict(spec.items()))
+  if isinstance(spec, (math_rewards.MathReward, math_rewards.FormatReward, PluginReward, CombinedReward)):
+    return spec
+  if callable(spec):
+    return PluginReward(spec, kwargs)
+  raise TypeError(f"cannot make a reward from {type(spec).__name__} {spec!r}")

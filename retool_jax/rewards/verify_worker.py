@@ -19,35 +19,35 @@ import sys
 
 
 def main() -> None:
-    # Keep the protocol channel private: anything else printed goes to stderr.
-    channel = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+  # Keep the protocol channel private: anything else printed goes to stderr.
+  channel = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+  os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
 
-    import math_verify
-    from math_verify import grader, parser
+  import math_verify
+  from math_verify import grader, parser
 
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    grader.TIMEOUT_WARNING_SHOWN = parser.TIMEOUT_WARNING_SHOWN = True
+  logging.getLogger("math_verify").setLevel(logging.ERROR)
+  grader.TIMEOUT_WARNING_SHOWN = parser.TIMEOUT_WARNING_SHOWN = True
 
-    @functools.lru_cache(maxsize=4096)
-    def parse(answer: str):
-        return math_verify.parse("\\boxed{" + answer + "}", parsing_timeout=None)
+  @functools.lru_cache(maxsize=4096)
+  def parse(answer: str):
+    return math_verify.parse("\\boxed{" + answer + "}", parsing_timeout=None)
 
-    parse("1")  # loads the LaTeX grammar before reporting ready
-    channel.write('"ready"\n')
+  parse("1")  # loads the LaTeX grammar before reporting ready
+  channel.write('"ready"\n')
 
-    for line in sys.stdin:
-        try:
-            gold, prediction = json.loads(line)
-            gold_parsed, pred_parsed = parse(gold), parse(prediction)
-            result = bool(gold_parsed and pred_parsed) and math_verify.verify(
-                gold_parsed, pred_parsed, timeout_seconds=None
-            )
-            reply = [bool(result), None]
-        except Exception as error:  # noqa: BLE001 -- any failure is reported, never fatal
-            reply = [False, f"{type(error).__name__}: {error}"[:500]]
-        channel.write(json.dumps(reply) + "\n")
+  for line in sys.stdin:
+    try:
+      gold, prediction = json.loads(line)
+      gold_parsed, pred_parsed = parse(gold), parse(prediction)
+      result = bool(gold_parsed and pred_parsed) and math_verify.verify(
+        gold_parsed, pred_parsed, timeout_seconds=None
+      )
+      reply = [bool(result), None]
+    except Exception as error:  # noqa: BLE001 -- any failure is reported, never fatal
+      reply = [False, f"{type(error).__name__}: {error}"[:500]]
+    channel.write(json.dumps(reply) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+  main()

@@ -6,5 +6,21 @@ from retool_jax.rollout.multiturn import MultiTurnConfig, Rollout, TurnStats, ge
 from retool_jax.rollout.sglang_engine import SGLangEngine, SGLangError, SGLangOptions
 from retool_jax.rollout.types import Engine, FinishReason, GenerateRequest, GenerateResult, SamplingParams
 
-__all__ = ["AgentRollout", "ChatClient", "run_agent", "JaxEngine", "MultiTurnConfig", "Rollout", "TurnStats", "generate_multiturn", "Engine", "FinishReason", "GenerateRequest", "GenerateResult", "SamplingParams",
-           "SGLangEngine", "SGLangError", "SGLangOptions"]
+__all__ = [
+  "AgentRollout",
+  "ChatClient",
+  "run_agent",
+  "JaxEngine",
+  "MultiTurnConfig",
+  "Rollout",
+  "TurnStats",
+  "generate_multiturn",
+  "Engine",
+  "FinishReason",
+  "GenerateRequest",
+  "GenerateResult",
+  "SamplingParams",
+  "SGLangEngine",
+  "SGLangError",
+  "SGLangOptions",
+]

@@ -45,8 +45,11 @@ def environment_text(messages: Sequence[Mapping[str, Any]], *, after_im_end: boo
     if role == "tool":
       opens = i == 0 or messages[i - 1].get("role") != "tool"
       closes = i == len(messages) - 1 or messages[i + 1].get("role") != "tool"
-      parts.append((f"{IM_START}user" if opens else "") + f"\n{TOOL_RESPONSE_OPEN}\n{content}\n{TOOL_RESPONSE_CLOSE}"
-                   + (f"{IM_END}\n" if closes else ""))
+      parts.append(
+        (f"{IM_START}user" if opens else "")
+        + f"\n{TOOL_RESPONSE_OPEN}\n{content}\n{TOOL_RESPONSE_CLOSE}"
+        + (f"{IM_END}\n" if closes else "")
+      )
     elif role in ("user", "system"):
       parts.append(f"{IM_START}{role}\n{content}{IM_END}\n")
     else:
@@ -77,13 +80,22 @@ class ChatClient:
     self.seed = seed
     self.segments: list[_Segment] = []
     self.last_finish_reason: str | None = None
-    self._stop_ids = tuple(dict.fromkeys(
-        [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id, *config.stop_token_ids]))
+    self._stop_ids = tuple(
+      dict.fromkeys([tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id, *config.stop_token_ids])
+    )
     self._calls = 0
 
-  async def chat(self, messages: Sequence[Mapping[str, Any]], tools: Any = None, *, temperature: float | None = None,
-                 top_p: float | None = None, top_k: int | None = None, max_tokens: int | None = None,
-                 stop: Sequence[str] = ()) -> dict:
+  async def chat(
+    self,
+    messages: Sequence[Mapping[str, Any]],
+    tools: Any = None,
+    *,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    max_tokens: int | None = None,
+    stop: Sequence[str] = (),
+  ) -> dict:
     """The assistant's reply: `{"role": "assistant", "content": str, "tool_calls": [...]}`.
 
     `tool_calls` follow the OpenAI shape (`{"id", "type": "function", "function": {"name", "arguments": JSON}}`)
@@ -100,10 +112,14 @@ class ChatClient:
     cfg = self.config
     cap = max_tokens or cfg.max_new_tokens or room
     sampling = SamplingParams(
-        temperature=cfg.temperature if temperature is None else temperature,
-        top_p=cfg.top_p if top_p is None else top_p, top_k=cfg.top_k if top_k is None else top_k,
-        max_new_tokens=min(room, cap), stop=tuple(cfg.stop) + tuple(stop), stop_token_ids=self._stop_ids,
-        seed=None if self.seed is None else self.seed + self._calls)
+      temperature=cfg.temperature if temperature is None else temperature,
+      top_p=cfg.top_p if top_p is None else top_p,
+      top_k=cfg.top_k if top_k is None else top_k,
+      max_new_tokens=min(room, cap),
+      stop=tuple(cfg.stop) + tuple(stop),
+      stop_token_ids=self._stop_ids,
+      seed=None if self.seed is None else self.seed + self._calls,
+    )
     self._calls += 1
     [result] = await self.engine.generate([GenerateRequest(tuple(seg.ids), sampling)])
     if result.finish_reason.type == "abort":
@@ -131,11 +147,16 @@ class ChatClient:
   def _segment_for(self, messages: Sequence[Mapping[str, Any]], tools: Any) -> _Segment:
     seg = self.segments[-1] if self.segments else None
     n = len(seg.messages) if seg else 0
-    if (seg is not None and seg.tools == tools and len(messages) > n
-        and [dict(m) for m in messages[:n]] == seg.messages
-        and all(m.get("role") != "assistant" for m in messages[n:])):
-      text = environment_text(messages[n:], after_im_end=seg.ids[-1] in self._stop_ids,
-                              enable_thinking=self.config.enable_thinking)
+    if (
+      seg is not None
+      and seg.tools == tools
+      and len(messages) > n
+      and [dict(m) for m in messages[:n]] == seg.messages
+      and all(m.get("role") != "assistant" for m in messages[n:])
+    ):
+      text = environment_text(
+        messages[n:], after_im_end=seg.ids[-1] in self._stop_ids, enable_thinking=self.config.enable_thinking
+      )
       ids = encode_text(self.tokenizer, text)
       seg.ids += ids
       seg.loss_mask += [0] * len(ids)
@@ -156,14 +177,20 @@ class ChatClient:
     text = self.tokenizer.decode(output_ids)
     for marker in (IM_END, self.tokenizer.eos_token):
       if marker and text.endswith(marker):
-        text = text[:-len(marker)]
+        text = text[: -len(marker)]
     parsed = parse_tool_calls(text, None, formats=self.config.call_formats)
     reply: dict[str, Any] = {"role": "assistant", "content": parsed.content}
     calls, invalid = [], []
     for i, item in enumerate(parsed.items):
       if isinstance(item, ToolCall):
-        calls.append({"id": f"call_{self._calls}_{i}", "type": "function", "index": i,
-                      "function": {"name": item.name, "arguments": json.dumps(item.arguments, ensure_ascii=False)}})
+        calls.append(
+          {
+            "id": f"call_{self._calls}_{i}",
+            "type": "function",
+            "index": i,
+            "function": {"name": item.name, "arguments": json.dumps(item.arguments, ensure_ascii=False)},
+          }
+        )
       else:
         invalid.append({"index": i, "error": item.message})
     if calls:
@@ -176,9 +203,10 @@ class ChatClient:
 @dataclasses.dataclass
 class AgentRollout:
   """Everything one agent run produced: its recorded segments (usually one) and what the agent returned."""
+
   segments: list[Rollout]
   output: Any
-  status: str                 # completed | truncated | aborted
+  status: str  # completed | truncated | aborted
   error: str | None = None
 
   @property
@@ -204,8 +232,15 @@ def load_agent(spec: str | Agent) -> Agent:
   return fn
 
 
-async def run_agent(engine: Engine, agent: str | Agent, prompts: Sequence[Any], tools: Any = None,
-                    config: MultiTurnConfig | Any = None, *, tokenizer: Any = None) -> list[AgentRollout]:
+async def run_agent(
+  engine: Engine,
+  agent: str | Agent,
+  prompts: Sequence[Any],
+  tools: Any = None,
+  config: MultiTurnConfig | Any = None,
+  *,
+  tokenizer: Any = None,
+) -> list[AgentRollout]:
   """Runs `agent(client, prompt, tools)` once per prompt, concurrently; results are in prompt order.
 
   `tools` is what `generate_multiturn` takes (a registry, None, or a per-trajectory factory); the agent gets
@@ -234,6 +269,14 @@ async def run_agent(engine: Engine, agent: str | Agent, prompts: Sequence[Any], 
 def _as_rollout(seg: _Segment, tokenizer, config: MultiTurnConfig) -> Rollout:
   n = min(len(seg.ids), config.max_context)
   status = "truncated" if seg.truncated or len(seg.ids) > config.max_context else "completed"
-  return Rollout(seg.ids[:n], seg.loss_mask[:n], seg.logprobs[:n], seg.num_prompt_tokens, status,
-                 "max_context" if status == "truncated" else "agent", seg.turns,
-                 tokenizer.decode(seg.ids[seg.num_prompt_tokens:n]), seg.versions)
+  return Rollout(
+    seg.ids[:n],
+    seg.loss_mask[:n],
+    seg.logprobs[:n],
+    seg.num_prompt_tokens,
+    status,
+    "max_context" if status == "truncated" else "agent",
+    seg.turns,
+    tokenizer.decode(seg.ids[seg.num_prompt_tokens : n]),
+    seg.versions,
+  )

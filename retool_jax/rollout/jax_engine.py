@@ -41,31 +41,35 @@ def _bucket(n: int, minimum: int) -> int:
 @dataclasses.dataclass
 class _DecodeState:
   """Device state of a batch between decode chunks."""
+
   cache: KVCache
-  last_B: jax.Array        # the token to feed next
-  out_BN: jax.Array        # generated tokens
+  last_B: jax.Array  # the token to feed next
+  out_BN: jax.Array  # generated tokens
   logprobs_BN: jax.Array
-  count_B: jax.Array       # tokens generated so far
+  count_B: jax.Array  # tokens generated so far
   done_B: jax.Array
 
 
-jax.tree_util.register_dataclass(_DecodeState, data_fields=[f.name for f in dataclasses.fields(_DecodeState)],
-                                 meta_fields=[])
+jax.tree_util.register_dataclass(
+  _DecodeState, data_fields=[f.name for f in dataclasses.fields(_DecodeState)], meta_fields=[]
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class _RowParams:
   """Per-row sampling parameters as device arrays."""
+
   temperature_B: jax.Array
   top_p_B: jax.Array
   top_k_B: jax.Array
   keys_B2: jax.Array
   max_new_B: jax.Array
-  stop_ids_BS: jax.Array   # -1 padded
+  stop_ids_BS: jax.Array  # -1 padded
 
 
-jax.tree_util.register_dataclass(_RowParams, data_fields=[f.name for f in dataclasses.fields(_RowParams)],
-                                 meta_fields=[])
+jax.tree_util.register_dataclass(
+  _RowParams, data_fields=[f.name for f in dataclasses.fields(_RowParams)], meta_fields=[]
+)
 
 
 def _finish_step(state: _DecodeState, tokens_B, logprobs_B, rows: _RowParams) -> _DecodeState:
@@ -87,9 +91,14 @@ def _prefill(graphdef, params, ids_BT, mask_BT, rows: _RowParams, *, cache_len: 
   b = ids_BT.shape[0]
   cache = model.init_cache(b, cache_len)
   logits, cache = model.forward_cached(ids_BT, cache, attention_mask=mask_BT)
-  state = _DecodeState(cache, jnp.zeros((b,), jnp.int32), jnp.zeros((b, new_len), jnp.int32),
-                       jnp.zeros((b, new_len), jnp.float32), jnp.zeros((b,), jnp.int32),
-                       rows.max_new_B <= 0)
+  state = _DecodeState(
+    cache,
+    jnp.zeros((b,), jnp.int32),
+    jnp.zeros((b, new_len), jnp.int32),
+    jnp.zeros((b, new_len), jnp.float32),
+    jnp.zeros((b,), jnp.int32),
+    rows.max_new_B <= 0,
+  )
   tokens, lps = sample(logits[:, -1], rows.temperature_B, rows.top_p_B, rows.top_k_B, rows.keys_B2, state.count_B)
   return _finish_step(state, tokens, lps, rows)
 
@@ -137,11 +146,23 @@ class JaxEngine:
     seed: draws the keys of requests without a seed.
   """
 
-  def __init__(self, model: Qwen3, *, tokenizer: Any = None, eos_token_ids: Sequence[int] | None = None,
-               max_length: int | None = None, max_batch_size: int = 64, decode_chunk: int = 16,
-               batch_window_s: float = 0.005, min_batch_bucket: int = 1, min_prompt_bucket: int = 16,
-               min_new_bucket: int = 16,
-               pad_id: int = 0, seed: int = 0, weight_version: int | str | None = 0):
+  def __init__(
+    self,
+    model: Qwen3,
+    *,
+    tokenizer: Any = None,
+    eos_token_ids: Sequence[int] | None = None,
+    max_length: int | None = None,
+    max_batch_size: int = 64,
+    decode_chunk: int = 16,
+    batch_window_s: float = 0.005,
+    min_batch_bucket: int = 1,
+    min_prompt_bucket: int = 16,
+    min_new_bucket: int = 16,
+    pad_id: int = 0,
+    seed: int = 0,
+    weight_version: int | str | None = 0,
+  ):
     if max_batch_size < 1 or decode_chunk < 1:
       raise ValueError(f"max_batch_size={max_batch_size} and decode_chunk={decode_chunk} must be >= 1")
     self._graphdef, params = nnx.split(model)
@@ -240,11 +261,13 @@ class JaxEngine:
       raise ValueError(f"requests[{i}].prompt_ids is empty")
     bad = [t for t in r.prompt_ids if not 0 <= int(t) < self.config.vocab_size]
     if bad:
-      raise ValueError(f"requests[{i}].prompt_ids has ids outside the vocabulary [0, {self.config.vocab_size}): "
-                       f"{bad[:5]}")
+      raise ValueError(
+        f"requests[{i}].prompt_ids has ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}"
+      )
     if r.sampling.stop and self.tokenizer is None:
-      raise ValueError(f"requests[{i}].sampling.stop={r.sampling.stop!r} needs a tokenizer: "
-                       "JaxEngine(model, tokenizer=...)")
+      raise ValueError(
+        f"requests[{i}].sampling.stop={r.sampling.stop!r} needs a tokenizer: JaxEngine(model, tokenizer=...)"
+      )
 
   # ---- one batch on the device -------------------------------------------------------------------
 
@@ -256,9 +279,15 @@ class JaxEngine:
     for i, r in enumerate(requests):
       room = self.max_length - len(r.prompt_ids)
       if room < 1:
-        results[i] = GenerateResult([], [], FinishReason("abort", message=(
-            f"prompt of {len(r.prompt_ids)} tokens leaves no room within max_length={self.max_length}")),
-            version)
+        results[i] = GenerateResult(
+          [],
+          [],
+          FinishReason(
+            "abort",
+            message=(f"prompt of {len(r.prompt_ids)} tokens leaves no room within max_length={self.max_length}"),
+          ),
+          version,
+        )
       else:
         live.append((i, r, min(r.sampling.max_new_tokens, room)))
     if live:
@@ -275,15 +304,16 @@ class JaxEngine:
     ids = np.full((b, t), self.pad_id, np.int32)
     mask = np.zeros((b, t), np.int32)
     for j, (r, _) in enumerate(rows):
-      ids[j, t - len(r.prompt_ids):] = r.prompt_ids
-      mask[j, t - len(r.prompt_ids):] = 1
+      ids[j, t - len(r.prompt_ids) :] = r.prompt_ids
+      mask[j, t - len(r.prompt_ids) :] = 1
     mask[n:, -1] = 1  # padding rows hold one token so that no attention row is empty
     row_params = self._row_params(rows, b)
-    state = _prefill(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), row_params,
-                     cache_len=t + new_len, new_len=new_len)
+    state = _prefill(
+      graphdef, params, jnp.asarray(ids), jnp.asarray(mask), row_params, cache_len=t + new_len, new_len=new_len
+    )
     stop_strings = [r.sampling.stop for r, _ in rows]
     checked = [0] * n
-    cut: dict[int, tuple[int, str]] = {}   # row -> (last token index, stop string)
+    cut: dict[int, tuple[int, str]] = {}  # row -> (last token index, stop string)
     while True:
       if any(stop_strings):
         count = np.asarray(state.count_B)
@@ -292,7 +322,7 @@ class JaxEngine:
         for j in range(n):
           if j in cut or not stop_strings[j]:
             continue
-          hit = find_stop_string(out[j, :count[j]].tolist(), checked[j], stop_strings[j], self.tokenizer.decode)
+          hit = find_stop_string(out[j, : count[j]].tolist(), checked[j], stop_strings[j], self.tokenizer.decode)
           checked[j] = int(count[j])
           if hit is not None:
             cut[j] = hit
@@ -315,8 +345,14 @@ class JaxEngine:
         reason = FinishReason("stop", int(out[j, k - 1]))
       else:
         reason = FinishReason("length")
-      results.append(GenerateResult(out[j, :k].tolist(), lps[j, :k].astype(float).tolist(), reason,
-                                    meta={"prompt_tokens": len(r.prompt_ids), "request_id": r.request_id}))
+      results.append(
+        GenerateResult(
+          out[j, :k].tolist(),
+          lps[j, :k].astype(float).tolist(),
+          reason,
+          meta={"prompt_tokens": len(r.prompt_ids), "request_id": r.request_id},
+        )
+      )
       self.stats["generated_tokens"] += k
     self.stats["batches"] += 1
     self.stats["rows"] += n
@@ -328,15 +364,19 @@ class JaxEngine:
     width = max(1, max(len(s) for s in stop_lists))
     stop_ids = np.full((b, width), -1, np.int32)
     for j, s in enumerate(stop_lists):
-      stop_ids[j, :len(s)] = s
+      stop_ids[j, : len(s)] = s
     sp: list[SamplingParams] = [r.sampling for r, _ in rows] + [SamplingParams(temperature=0.0)] * (b - n)
     seeds = [s.seed if s.seed is not None else int(self._seeds.integers(2**31)) for s in sp]
     keys = np.stack([np.asarray(jax.random.PRNGKey(s)) for s in seeds])
     max_new = np.asarray([m for _, m in rows] + [0] * (b - n), np.int32)
-    return _RowParams(jnp.asarray([s.temperature for s in sp], jnp.float32),
-                      jnp.asarray([s.top_p for s in sp], jnp.float32),
-                      jnp.asarray([s.top_k for s in sp], jnp.int32),
-                      jnp.asarray(keys), jnp.asarray(max_new), jnp.asarray(stop_ids))
+    return _RowParams(
+      jnp.asarray([s.temperature for s in sp], jnp.float32),
+      jnp.asarray([s.top_p for s in sp], jnp.float32),
+      jnp.asarray([s.top_k for s in sp], jnp.int32),
+      jnp.asarray(keys),
+      jnp.asarray(max_new),
+      jnp.asarray(stop_ids),
+    )
 
   # ---- weights -----------------------------------------------------------------------------------
 
@@ -350,8 +390,10 @@ class JaxEngine:
       params = new
     old_struct = jax.tree.structure(current)
     if jax.tree.structure(params) != old_struct:
-      raise ValueError("update_weights: the parameter tree does not match the engine's model "
-                       f"(expected {old_struct.num_leaves} arrays with the model's layout)")
+      raise ValueError(
+        "update_weights: the parameter tree does not match the engine's model "
+        f"(expected {old_struct.num_leaves} arrays with the model's layout)"
+      )
 
     def place(old, new):
       new = jnp.asarray(new)

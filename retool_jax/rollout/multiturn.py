@@ -23,13 +23,22 @@ from retool_jax.chat.parse import CallError, FORMATS
 from retool_jax.chat.tokenizer import encode_text
 from retool_jax.rollout.types import Engine, GenerateRequest, SamplingParams
 
-__all__ = ["MultiTurnConfig", "Rollout", "TurnStats", "generate_multiturn", "open_tools", "run_tool_calls",
-           "session_tools", "stop_criteria", "truncate_outputs"]
+__all__ = [
+  "MultiTurnConfig",
+  "Rollout",
+  "TurnStats",
+  "generate_multiturn",
+  "open_tools",
+  "run_tool_calls",
+  "session_tools",
+  "stop_criteria",
+  "truncate_outputs",
+]
 
 STATUSES = ("completed", "truncated", "aborted")
 # auto: `<interpreter>` inline after a `<code>` call (ReTool), a `<tool_response>` turn after `<tool_call>`.
 OBSERVATION_FORMATS = ("auto", "qwen", "retool")
-TOOL_CALL_CLOSE_ID = 151658   # </tool_call> in the Qwen3 vocabulary
+TOOL_CALL_CLOSE_ID = 151658  # </tool_call> in the Qwen3 vocabulary
 CODE_CLOSE = "</code>"
 TRUNCATION_NOTE = "\n... [output truncated]"
 
@@ -43,19 +52,20 @@ class MultiTurnConfig:
   `max_observation_tokens` keeps its head and says it was cut. The retool format cannot follow a closed
   turn (`<|im_end|>`); tool results after one are always a `<tool_response>` turn.
   """
+
   max_context: int = 8192
   max_turns: int = 16
   max_tool_calls: int = 16
   max_new_tokens: int | None = None
   max_observation_tokens: int = 1024
-  observation_format: str = "auto"              # "auto", "qwen" (<tool_response> turn), "retool" (<interpreter>)
+  observation_format: str = "auto"  # "auto", "qwen" (<tool_response> turn), "retool" (<interpreter>)
   call_formats: tuple[str, ...] = ("tool_call", "code")
   enable_thinking: bool = True
   temperature: float = 1.0
   top_p: float = 1.0
   top_k: int = -1
-  seed: int | None = None                        # trajectory i, turn t samples with seed + 1000 * i + t
-  stop: tuple[str, ...] = ()                     # added to the format's own stops
+  seed: int | None = None  # trajectory i, turn t samples with seed + 1000 * i + t
+  stop: tuple[str, ...] = ()  # added to the format's own stops
   stop_token_ids: tuple[int, ...] = ()
 
   def __post_init__(self):
@@ -67,11 +77,14 @@ class MultiTurnConfig:
     if self.max_new_tokens is not None and self.max_new_tokens < 1:
       raise ValueError(f"MultiTurnConfig.max_new_tokens={self.max_new_tokens} must be >= 1 or None")
     if self.observation_format not in OBSERVATION_FORMATS:
-      raise ValueError(f"MultiTurnConfig.observation_format={self.observation_format!r}; expected one of "
-                       f"{OBSERVATION_FORMATS}")
+      raise ValueError(
+        f"MultiTurnConfig.observation_format={self.observation_format!r}; expected one of {OBSERVATION_FORMATS}"
+      )
     unknown = set(self.call_formats) - set(FORMATS)
     if unknown:
-      raise ValueError(f"MultiTurnConfig.call_formats has unknown formats {sorted(unknown)}; expected some of {FORMATS}")
+      raise ValueError(
+        f"MultiTurnConfig.call_formats has unknown formats {sorted(unknown)}; expected some of {FORMATS}"
+      )
     SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)  # same checks
 
   @classmethod
@@ -98,6 +111,7 @@ class MultiTurnConfig:
 @dataclasses.dataclass
 class TurnStats:
   """One generation call and the tool calls that followed it."""
+
   generated_tokens: int
   finish_reason: str
   tool_calls: int = 0
@@ -110,19 +124,20 @@ class TurnStats:
 @dataclasses.dataclass
 class Rollout:
   """One trajectory, token-exact: `ids`, `loss_mask` (1 on generated tokens) and `logprobs` are aligned."""
+
   ids: list[int]
   loss_mask: list[int]
   logprobs: list[float]
   num_prompt_tokens: int
-  status: str                       # completed | truncated | aborted
-  stop_reason: str                  # eos, stop, max_context, max_turns, max_tool_calls, or an abort message
+  status: str  # completed | truncated | aborted
+  stop_reason: str  # eos, stop, max_context, max_turns, max_tool_calls, or an abort message
   turns: list[TurnStats]
-  text: str                         # the response (everything after the prompt), for the reward
+  text: str  # the response (everything after the prompt), for the reward
   weight_versions: list[Any] = dataclasses.field(default_factory=list)
 
   @property
   def response_ids(self) -> list[int]:
-    return self.ids[self.num_prompt_tokens:]
+    return self.ids[self.num_prompt_tokens :]
 
   @property
   def tool_calls(self) -> int:
@@ -178,8 +193,14 @@ def session_tools(sandbox: Any) -> Callable[[], contextlib.AbstractAsyncContextM
   return per_trajectory
 
 
-async def generate_multiturn(engine: Engine, prompts: Sequence[Any], tools: Any,
-                             config: MultiTurnConfig | Any = None, *, tokenizer: Any = None) -> list[Rollout]:
+async def generate_multiturn(
+  engine: Engine,
+  prompts: Sequence[Any],
+  tools: Any,
+  config: MultiTurnConfig | Any = None,
+  *,
+  tokenizer: Any = None,
+) -> list[Rollout]:
   """Rolls out every prompt with tool calls; results are in prompt order.
 
   Args:
@@ -192,8 +213,11 @@ async def generate_multiturn(engine: Engine, prompts: Sequence[Any], tools: Any,
   """
   config = MultiTurnConfig.from_any(config)
   tokenizer = tokenizer or default_tokenizer(engine)
-  return list(await asyncio.gather(*(
-      _one_trajectory(engine, prompt, tools, config, tokenizer, i) for i, prompt in enumerate(prompts))))
+  return list(
+    await asyncio.gather(
+      *(_one_trajectory(engine, prompt, tools, config, tokenizer, i) for i, prompt in enumerate(prompts))
+    )
+  )
 
 
 def default_tokenizer(engine: Any) -> Any:
@@ -202,6 +226,7 @@ def default_tokenizer(engine: Any) -> Any:
   if tokenizer is not None:
     return tokenizer
   from retool_jax.assets import QWEN3_TOKENIZER_DIR  # noqa: PLC0415
+
   return load_tokenizer(QWEN3_TOKENIZER_DIR)
 
 
@@ -214,13 +239,30 @@ async def _one_trajectory(engine, prompt, tools, config: MultiTurnConfig, tokeni
     status, reason = await _loop(engine, registry, config, tokenizer, traj, turns, versions, index)
   ids, mask, logprobs = traj.ids, traj.loss_mask, traj.logprobs
   if len(ids) > config.max_context:  # an observation overflowed the budget: keep exactly max_context tokens
-    ids, mask, logprobs = ids[:config.max_context], mask[:config.max_context], logprobs[:config.max_context]
-  return Rollout(ids, mask, logprobs, traj.num_prompt_tokens, status, reason, turns,
-                 tokenizer.decode(ids[traj.num_prompt_tokens:]), versions)
+    ids, mask, logprobs = ids[: config.max_context], mask[: config.max_context], logprobs[: config.max_context]
+  return Rollout(
+    ids,
+    mask,
+    logprobs,
+    traj.num_prompt_tokens,
+    status,
+    reason,
+    turns,
+    tokenizer.decode(ids[traj.num_prompt_tokens :]),
+    versions,
+  )
 
 
-async def _loop(engine, registry, config: MultiTurnConfig, tokenizer, traj: Trajectory, turns: list[TurnStats],
-                versions: list[Any], index: int) -> tuple[str, str]:
+async def _loop(
+  engine,
+  registry,
+  config: MultiTurnConfig,
+  tokenizer,
+  traj: Trajectory,
+  turns: list[TurnStats],
+  versions: list[Any],
+  index: int,
+) -> tuple[str, str]:
   stops, stop_ids = stop_criteria(config, tokenizer)
   if len(traj) >= config.max_context:
     return "truncated", "max_context"
@@ -230,9 +272,14 @@ async def _loop(engine, registry, config: MultiTurnConfig, tokenizer, traj: Traj
       return "truncated", "max_turns"
     room = config.max_context - len(traj)
     sampling = SamplingParams(
-        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, stop=stops,
-        stop_token_ids=stop_ids, max_new_tokens=min(room, config.max_new_tokens or room),
-        seed=None if config.seed is None else config.seed + 1000 * index + len(turns))
+      temperature=config.temperature,
+      top_p=config.top_p,
+      top_k=config.top_k,
+      stop=stops,
+      stop_token_ids=stop_ids,
+      max_new_tokens=min(room, config.max_new_tokens or room),
+      seed=None if config.seed is None else config.seed + 1000 * index + len(turns),
+    )
     try:
       [result] = await engine.generate([GenerateRequest(tuple(traj.ids), sampling, f"{index}-{len(turns)}")])
     except Exception as e:  # noqa: BLE001  (one failed request aborts its trajectory, not the batch)

@@ -28,8 +28,14 @@ def filter_logits(scaled_BV: jax.Array, top_p_B: jax.Array, top_k_B: jax.Array) 
   return jnp.where(scaled_BV >= threshold_B[:, None], scaled_BV, -jnp.inf)
 
 
-def sample(logits_BV: jax.Array, temperature_B: jax.Array, top_p_B: jax.Array, top_k_B: jax.Array,
-           keys_B2: jax.Array, step_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+def sample(
+  logits_BV: jax.Array,
+  temperature_B: jax.Array,
+  top_p_B: jax.Array,
+  top_k_B: jax.Array,
+  keys_B2: jax.Array,
+  step_B: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
   """`(tokens [B] int32, logprobs [B] float32)`; rows with temperature 0 take the argmax."""
   logits_BV = logits_BV.astype(jnp.float32)
   greedy_B = temperature_B <= 0
@@ -38,14 +44,16 @@ def sample(logits_BV: jax.Array, temperature_B: jax.Array, top_p_B: jax.Array, t
   filters = jnp.any(~greedy_B & ((top_p_B < 1.0) | (top_k_B > 0)))
   filtered = jax.lax.cond(filters, filter_logits, lambda s, *_: s, scaled, top_p_B, top_k_B)
   noise = jax.vmap(lambda key, step: jax.random.gumbel(jax.random.fold_in(key, step), scaled.shape[-1:]))(
-      keys_B2, step_B)
+    keys_B2, step_B
+  )
   sampled = jnp.argmax(filtered + noise, axis=-1)
   tokens = jnp.where(greedy_B, jnp.argmax(logits_BV, axis=-1), sampled).astype(jnp.int32)
   return tokens, jnp.take_along_axis(logprobs_BV, tokens[:, None], axis=-1)[:, 0]
 
 
-def find_stop_string(ids: Sequence[int], checked: int, stops: Sequence[str],
-                     decode: Callable[[Sequence[int]], str]) -> tuple[int, str] | None:
+def find_stop_string(
+  ids: Sequence[int], checked: int, stops: Sequence[str], decode: Callable[[Sequence[int]], str]
+) -> tuple[int, str] | None:
   """The first stop string completed by a token at or after index `checked` of `ids`.
 
   Returns `(index of the completing token, the string)`. Only a window that can hold the longest stop string
@@ -57,7 +65,7 @@ def find_stop_string(ids: Sequence[int], checked: int, stops: Sequence[str],
   start = max(0, checked - lookback)
   seen = len(decode(ids[start:checked]))  # matches must end in text the new tokens added
   for end in range(checked, len(ids)):
-    text = decode(ids[start:end + 1])
+    text = decode(ids[start : end + 1])
     hits = [(i, s) for s in stops if (i := text.find(s, max(0, seen - len(s) + 1))) >= 0]
     if hits:
       return end, min(hits)[1]

@@ -29,9 +29,20 @@ from retool_jax.rollout.weight_sync import prune_versions, version_dir, write_hf
 ON_ABORT = ("retry", "drop")
 PAUSE_MODES = ("abort", "retract", "in_place")
 # Fields of the served config.json that must match the policy's architecture.
-ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-               "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "num_experts",
-               "num_experts_per_tok", "moe_intermediate_size")
+ARCH_FIELDS = (
+  "model_type",
+  "vocab_size",
+  "hidden_size",
+  "intermediate_size",
+  "num_hidden_layers",
+  "num_attention_heads",
+  "num_key_value_heads",
+  "head_dim",
+  "tie_word_embeddings",
+  "num_experts",
+  "num_experts_per_tok",
+  "moe_intermediate_size",
+)
 
 
 class SGLangError(RuntimeError):
@@ -47,22 +58,22 @@ class SGLangError(RuntimeError):
 class SGLangOptions:
   """Client policy: concurrency, timeouts, retries, abort handling and weight sync."""
 
-  max_concurrency: int = 256          # /generate calls in flight at once
-  request_timeout_s: float = 3600.0   # one /generate, including time parked behind a weight update
+  max_concurrency: int = 256  # /generate calls in flight at once
+  request_timeout_s: float = 3600.0  # one /generate, including time parked behind a weight update
   connect_timeout_s: float = 10.0
-  max_retries: int = 6                # per call, on connection errors, timeouts and 5xx
-  backoff_s: float = 0.5              # first retry delay; doubles up to max_backoff_s, with jitter
+  max_retries: int = 6  # per call, on connection errors, timeouts and 5xx
+  backoff_s: float = 0.5  # first retry delay; doubles up to max_backoff_s, with jitter
   max_backoff_s: float = 16.0
-  on_abort: str = "retry"             # "retry": resubmit an aborted request; "drop": return it marked dropped
+  on_abort: str = "retry"  # "retry": resubmit an aborted request; "drop": return it marked dropped
   max_abort_retries: int = 3
   seed_field: str | None = "sampling_seed"  # where SamplingParams.seed goes; None never sends it
   startup_timeout_s: float = 1800.0
-  poll_s: float = 1.0                 # /health_generate and /flush_cache polling period
+  poll_s: float = 1.0  # /health_generate and /flush_cache polling period
   flush_timeout_s: float = 300.0
-  pause_mode: str = "abort"           # /pause_generation mode: in-flight requests come back aborted
-  sync_dir: str | None = None         # weight checkpoints go to <sync_dir>/weight_v<N>
+  pause_mode: str = "abort"  # /pause_generation mode: in-flight requests come back aborted
+  sync_dir: str | None = None  # weight checkpoints go to <sync_dir>/weight_v<N>
   sync_dtype: str | None = "bfloat16"  # dtype of the written checkpoint (None: the policy's param dtype)
-  keep_versions: int = 2              # weight_v<N> folders kept after a sync
+  keep_versions: int = 2  # weight_v<N> folders kept after a sync
 
   def __post_init__(self):
     if self.on_abort not in ON_ABORT:
@@ -81,15 +92,15 @@ class SGLangOptions:
 class EngineStats:
   """Counters over the engine's life; nothing is lost without being counted here."""
 
-  requests: int = 0        # /generate calls sent (retries included)
-  completed: int = 0       # results returned that were not aborted
+  requests: int = 0  # /generate calls sent (retries included)
+  completed: int = 0  # results returned that were not aborted
   transport_retries: int = 0  # connection errors, timeouts and 5xx retried
-  aborts: int = 0          # responses with finish_reason "abort"
-  abort_retries: int = 0   # of those, resubmitted
-  dropped: int = 0         # of those, returned marked dropped
-  off_policy: int = 0      # results whose weight_version is not the engine's current one
+  aborts: int = 0  # responses with finish_reason "abort"
+  abort_retries: int = 0  # of those, resubmitted
+  dropped: int = 0  # of those, returned marked dropped
+  off_policy: int = 0  # results whose weight_version is not the engine's current one
   weight_syncs: int = 0
-  flush_retries: int = 0   # /flush_cache answered 400 (requests still in flight) and was retried
+  flush_retries: int = 0  # /flush_cache answered 400 (requests still in flight) and was retried
 
   def as_dict(self) -> dict[str, int]:
     return dataclasses.asdict(self)
@@ -98,7 +109,7 @@ class EngineStats:
 @dataclasses.dataclass
 class _LoopState:
   semaphore: asyncio.Semaphore
-  open_gate: asyncio.Event   # cleared while weights are being swapped
+  open_gate: asyncio.Event  # cleared while weights are being swapped
 
 
 class _Retryable(Exception):
@@ -109,8 +120,12 @@ def generate_payload(request: GenerateRequest, seed_field: str | None = "samplin
   """The `/generate` body for one request: input ids in, log-probs out, nothing trimmed or skipped."""
   s: SamplingParams = request.sampling
   params: dict[str, Any] = {
-      "max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
-      "no_stop_trim": True, "skip_special_tokens": False,
+    "max_new_tokens": s.max_new_tokens,
+    "temperature": s.temperature,
+    "top_p": s.top_p,
+    "top_k": s.top_k,
+    "no_stop_trim": True,
+    "skip_special_tokens": False,
   }
   if s.stop:
     params["stop"] = list(s.stop)
@@ -136,25 +151,34 @@ def parse_generate_output(out: Mapping[str, Any], where: str = "/generate") -> G
   triples = meta.get("output_token_logprobs")
   if triples is None:
     if finish.type != "abort":
-      raise SGLangError(f"{where}: meta_info.output_token_logprobs is missing (was return_logprob sent?)",
-                        endpoint=where)
+      raise SGLangError(
+        f"{where}: meta_info.output_token_logprobs is missing (was return_logprob sent?)", endpoint=where
+      )
     triples = []
   ids, logprobs = [], []
   for i, t in enumerate(triples):
     if not isinstance(t, (list, tuple)) or len(t) < 2 or t[0] is None:
-      raise SGLangError(f"{where}: meta_info.output_token_logprobs[{i}]={t!r} is not [logprob, token_id, text]",
-                        endpoint=where)
+      raise SGLangError(
+        f"{where}: meta_info.output_token_logprobs[{i}]={t!r} is not [logprob, token_id, text]", endpoint=where
+      )
     logprobs.append(float(t[0]))
     ids.append(int(t[1]))
   if "output_ids" in out and out["output_ids"] is not None and list(out["output_ids"]) != ids:
-    raise SGLangError(f"{where}: output_ids and output_token_logprobs disagree for request {meta.get('id')}",
-                      endpoint=where)
-  extra = {k: meta[k] for k in ("id", "prompt_tokens", "completion_tokens", "cached_tokens", "e2e_latency")
-           if k in meta}
+    raise SGLangError(
+      f"{where}: output_ids and output_token_logprobs disagree for request {meta.get('id')}", endpoint=where
+    )
+  extra = {
+    k: meta[k] for k in ("id", "prompt_tokens", "completion_tokens", "cached_tokens", "e2e_latency") if k in meta
+  }
   if "text" in out:
     extra["text"] = out["text"]
-  return GenerateResult(output_ids=ids, output_logprobs=logprobs, finish_reason=finish,
-                        weight_version=meta.get("weight_version"), meta=extra)
+  return GenerateResult(
+    output_ids=ids,
+    output_logprobs=logprobs,
+    finish_reason=finish,
+    weight_version=meta.get("weight_version"),
+    meta=extra,
+  )
 
 
 def _error_message(body: str) -> str:
@@ -170,8 +194,9 @@ def _error_message(body: str) -> str:
 def check_served_model(info: Mapping[str, Any], policy: Qwen3Config | None, where: str) -> None:
   """Checks `/get_model_info` against the policy: a generation model of the same architecture."""
   if info.get("is_generation") is False:
-    raise SGLangError(f"{where}: the server's model {info.get('model_path')!r} is not a generation model",
-                      endpoint=where)
+    raise SGLangError(
+      f"{where}: the server's model {info.get('model_path')!r} is not a generation model", endpoint=where
+    )
   if policy is None:
     return
   want = policy.to_hf()
@@ -182,11 +207,15 @@ def check_served_model(info: Mapping[str, Any], policy: Qwen3Config | None, wher
       served = json.load(f)
   elif info.get("model_type") is not None:
     served = {"model_type": info["model_type"]}
-  wrong = [f"{k}: served {served[k]!r}, policy {want.get(k)!r}" for k in ARCH_FIELDS
-           if k in served and want.get(k) is not None and served[k] != want[k]]
+  wrong = [
+    f"{k}: served {served[k]!r}, policy {want.get(k)!r}"
+    for k in ARCH_FIELDS
+    if k in served and want.get(k) is not None and served[k] != want[k]
+  ]
   if wrong:
-    raise SGLangError(f"{where}: the server's model {path!r} does not match the policy ({'; '.join(wrong)})",
-                      endpoint=where)
+    raise SGLangError(
+      f"{where}: the server's model {path!r} does not match the policy ({'; '.join(wrong)})", endpoint=where
+    )
 
 
 class SGLangEngine:
@@ -197,8 +226,14 @@ class SGLangEngine:
   served model at `start()` and used to write checkpoints when `update_weights` gets bare parameters.
   """
 
-  def __init__(self, url: str, *, worker_urls: Sequence[str] | None = None,
-               model_config: Qwen3Config | None = None, options: SGLangOptions | None = None):
+  def __init__(
+    self,
+    url: str,
+    *,
+    worker_urls: Sequence[str] | None = None,
+    model_config: Qwen3Config | None = None,
+    options: SGLangOptions | None = None,
+  ):
     if not url.startswith(("http://", "https://")):
       raise ValueError(f"SGLang url {url!r} must start with http:// or https://")
     self.url = url.rstrip("/")
@@ -225,6 +260,7 @@ class SGLangEngine:
 
   async def __aenter__(self) -> "SGLangEngine":
     import aiohttp
+
     await self.close()
     self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.options.max_concurrency))
     self._session_loop = asyncio.get_running_loop()
@@ -245,14 +281,18 @@ class SGLangEngine:
       yield self._session
       return
     import aiohttp
+
     async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=self.options.max_concurrency)) as session:
+      connector=aiohttp.TCPConnector(limit=self.options.max_concurrency)
+    ) as session:
       yield session
 
-  async def _call(self, session, method: str, base: str, path: str, payload: Any = None,
-                  timeout_s: float | None = None) -> tuple[int, str]:
+  async def _call(
+    self, session, method: str, base: str, path: str, payload: Any = None, timeout_s: float | None = None
+  ) -> tuple[int, str]:
     """One HTTP call, retried with backoff on connection errors, timeouts and 5xx; returns (status, body)."""
     import aiohttp
+
     opts = self.options
     timeout = aiohttp.ClientTimeout(total=timeout_s or opts.request_timeout_s, sock_connect=opts.connect_timeout_s)
     endpoint = base + path
@@ -265,15 +305,17 @@ class SGLangEngine:
           return resp.status, body
       except (aiohttp.ClientError, asyncio.TimeoutError, _Retryable) as e:
         if attempt == opts.max_retries:
-          raise SGLangError(f"{method} {endpoint} failed after {attempt + 1} attempts: {e!r}",
-                            endpoint=endpoint) from e
+          raise SGLangError(
+            f"{method} {endpoint} failed after {attempt + 1} attempts: {e!r}", endpoint=endpoint
+          ) from e
         self.stats.transport_retries += 1
-        delay = min(opts.max_backoff_s, opts.backoff_s * 2 ** attempt)
+        delay = min(opts.max_backoff_s, opts.backoff_s * 2**attempt)
         await asyncio.sleep(delay * (0.5 + 0.5 * random.random()))
     raise AssertionError("unreachable")
 
   async def _control(self, session, path: str, payload: Any = None) -> list[dict[str, Any]]:
     """POSTs a control call to every worker; raises on any non-200 or `success: false`."""
+
     async def one(base: str) -> dict[str, Any]:
       status, body = await self._call(session, "POST", base, path, payload)
       data: dict[str, Any] = {}
@@ -281,9 +323,11 @@ class SGLangEngine:
         loaded = json.loads(body)
         data = loaded if isinstance(loaded, dict) else {}
       if status != 200 or data.get("success") is False:
-        raise SGLangError(f"POST {base}{path}: HTTP {status}: {_error_message(body)}", status=status,
-                          endpoint=base + path)
+        raise SGLangError(
+          f"POST {base}{path}: HTTP {status}: {_error_message(body)}", status=status, endpoint=base + path
+        )
       return data
+
     return list(await asyncio.gather(*(one(u) for u in self.worker_urls)))
 
   # ---- start-up and health ----------------------------------------------------------------------
@@ -295,15 +339,20 @@ class SGLangEngine:
       for base in dict.fromkeys((self.url, *self.worker_urls)):
         while not await self._healthy(session, base):
           if asyncio.get_running_loop().time() > deadline:
-            raise SGLangError(f"{base}/health_generate did not answer 200 within the start-up timeout",
-                              endpoint=base + "/health_generate")
+            raise SGLangError(
+              f"{base}/health_generate did not answer 200 within the start-up timeout",
+              endpoint=base + "/health_generate",
+            )
           await asyncio.sleep(self.options.poll_s)
       versions = set()
       for base in self.worker_urls:
         status, body = await self._call(session, "GET", base, "/get_model_info")
         if status != 200:
-          raise SGLangError(f"GET {base}/get_model_info: HTTP {status}: {_error_message(body)}", status=status,
-                            endpoint=base + "/get_model_info")
+          raise SGLangError(
+            f"GET {base}/get_model_info: HTTP {status}: {_error_message(body)}",
+            status=status,
+            endpoint=base + "/get_model_info",
+          )
         info = json.loads(body)
         check_served_model(info, self.model_config, f"{base}/get_model_info")
         versions.add(info.get("weight_version"))
@@ -315,8 +364,10 @@ class SGLangEngine:
 
   async def _healthy(self, session, base: str) -> bool:
     import aiohttp
-    timeout = aiohttp.ClientTimeout(total=max(30.0, self.options.connect_timeout_s),
-                                    sock_connect=self.options.connect_timeout_s)
+
+    timeout = aiohttp.ClientTimeout(
+      total=max(30.0, self.options.connect_timeout_s), sock_connect=self.options.connect_timeout_s
+    )
     try:
       async with session.get(base + "/health_generate", timeout=timeout) as resp:
         await resp.read()
@@ -326,8 +377,9 @@ class SGLangEngine:
 
   async def health(self) -> bool:
     async with self._client() as session:
-      return all(await asyncio.gather(*(self._healthy(session, u) for u in dict.fromkeys(
-          (self.url, *self.worker_urls)))))
+      return all(
+        await asyncio.gather(*(self._healthy(session, u) for u in dict.fromkeys((self.url, *self.worker_urls))))
+      )
 
   # ---- generation -------------------------------------------------------------------------------
 
@@ -389,8 +441,9 @@ class SGLangEngine:
   async def update_weights(self, params: Any, version: int) -> None:
     """Writes `params` (a `Qwen3` or its `nnx.State`) to `<sync_dir>/weight_v<version>` and loads it."""
     if self.options.sync_dir is None:
-      raise ValueError("SGLangEngine.update_weights needs SGLangOptions.sync_dir, a folder every SGLang worker "
-                       "can read")
+      raise ValueError(
+        "SGLangEngine.update_weights needs SGLangOptions.sync_dir, a folder every SGLang worker can read"
+      )
     cfg = self.model_config if self.model_config is not None else getattr(params, "config", None)
     if cfg is None:
       raise ValueError("SGLangEngine.update_weights got bare parameters; pass model_config= to the engine")
@@ -412,8 +465,9 @@ class SGLangEngine:
         try:
           await self._control(session, "/pause_generation", {"mode": self.options.pause_mode})
           await self._flush(session)
-          await self._control(session, "/update_weights_from_disk",
-                              {"model_path": os.fspath(path), "weight_version": str(version)})
+          await self._control(
+            session, "/update_weights_from_disk", {"model_path": os.fspath(path), "weight_version": str(version)}
+          )
           self.weight_version = str(version)
           self.stats.weight_syncs += 1
         finally:
@@ -431,8 +485,12 @@ class SGLangEngine:
         if status == 200:
           return
         if status != 400 or asyncio.get_running_loop().time() > deadline:
-          raise SGLangError(f"POST {base}/flush_cache: HTTP {status}: {_error_message(body)}", status=status,
-                            endpoint=base + "/flush_cache")
+          raise SGLangError(
+            f"POST {base}/flush_cache: HTTP {status}: {_error_message(body)}",
+            status=status,
+            endpoint=base + "/flush_cache",
+          )
         self.stats.flush_retries += 1
         await asyncio.sleep(self.options.poll_s)
+
     await asyncio.gather(*(one(u) for u in self.worker_urls))

@@ -14,9 +14,9 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 class SamplingParams:
   temperature: float = 1.0
   top_p: float = 1.0
-  top_k: int = -1                       # -1: no top-k filtering
+  top_k: int = -1  # -1: no top-k filtering
   max_new_tokens: int = 256
-  stop: tuple[str, ...] = ()            # stop strings (the matched string is kept in the output)
+  stop: tuple[str, ...] = ()  # stop strings (the matched string is kept in the output)
   stop_token_ids: tuple[int, ...] = ()  # e.g. <|im_end|>, </tool_call>; the stop token is kept
   seed: int | None = None
 
@@ -40,15 +40,15 @@ class GenerateRequest:
 
 @dataclasses.dataclass(frozen=True)
 class FinishReason:
-  type: str                          # "stop" | "length" | "abort"
-  matched: int | str | None = None   # the stop token id or stop string, for "stop"
-  message: str | None = None         # why, for "abort"
+  type: str  # "stop" | "length" | "abort"
+  matched: int | str | None = None  # the stop token id or stop string, for "stop"
+  message: str | None = None  # why, for "abort"
 
 
 @dataclasses.dataclass
 class GenerateResult:
   output_ids: list[int]
-  output_logprobs: list[float]       # one per output id
+  output_logprobs: list[float]  # one per output id
   finish_reason: FinishReason
   weight_version: str | int | None = None
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -58,11 +58,8 @@ class GenerateResult:
 class Engine(Protocol):
   """A generation backend: the embedded JAX engine or an SGLang server."""
 
-  async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
-    ...
+  async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]: ...
 
-  async def update_weights(self, params: Any, version: int) -> None:
-    ...
+  async def update_weights(self, params: Any, version: int) -> None: ...
 
-  async def health(self) -> bool:
-    ...
+  async def health(self) -> bool: ...

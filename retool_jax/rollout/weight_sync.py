@@ -28,8 +28,14 @@ def version_dir(sync_dir: str | os.PathLike, version: int) -> str:
   return os.path.join(os.fspath(sync_dir), f"weight_v{int(version)}")
 
 
-def write_hf_checkpoint(model_or_state: Qwen3 | nnx.State, cfg: Qwen3Config | None, dst: str | os.PathLike, *,
-                        dtype=None, max_shard_bytes: int = 4 << 30) -> str:
+def write_hf_checkpoint(
+  model_or_state: Qwen3 | nnx.State,
+  cfg: Qwen3Config | None,
+  dst: str | os.PathLike,
+  *,
+  dtype=None,
+  max_shard_bytes: int = 4 << 30,
+) -> str:
   """Writes the parameters as a HF folder at `dst`, replacing an older one only once complete; returns `dst`."""
   write_hf(model_or_state, cfg, dst, dtype=dtype, max_shard_bytes=max_shard_bytes, overwrite=True)
   return os.path.abspath(os.fspath(dst))

@@ -29,460 +29,489 @@ _REPLY_GRACE_S = 10.0
 
 _HAVE_PROC = os.path.exists("/proc/self/stat")
 
-class WorkerDied(Exception):
-    """The worker process exited or stopped answering; ``started`` says whether it had the call."""
 
-    def __init__(self, message: str, started: bool = True):
-        super().__init__(message)
-        self.started = started
+class WorkerDied(Exception):
+  """The worker process exited or stopped answering; ``started`` says whether it had the call."""
+
+  def __init__(self, message: str, started: bool = True):
+    super().__init__(message)
+    self.started = started
 
 
 class _Worker:
-    """One warm worker process and its line-based JSON channel."""
+  """One warm worker process and its line-based JSON channel."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, backend, scratch: str | None, token: str):
-        self.proc = proc
-        self.backend = backend
-        self.scratch = scratch
-        self.token = token
-        self.stderr_tail: collections.deque[bytes] = collections.deque(maxlen=32)
-        self._stderr_task = asyncio.get_running_loop().create_task(self._read_stderr())
+  def __init__(self, proc: asyncio.subprocess.Process, backend, scratch: str | None, token: str):
+    self.proc = proc
+    self.backend = backend
+    self.scratch = scratch
+    self.token = token
+    self.stderr_tail: collections.deque[bytes] = collections.deque(maxlen=32)
+    self._stderr_task = asyncio.get_running_loop().create_task(self._read_stderr())
 
-    @classmethod
-    async def start(cls, backend, limits: Limits, preload: tuple[str, ...]) -> _Worker:
-        token = secrets.token_hex(8)
-        scratch = backend.make_scratch()
-        env = worker_env(token)
-        config = {"scratch": backend.scratch_in_worker(scratch), "preload": list(preload), "env": env}
-        argv = backend.command(json.dumps(config), limits.scratch_mb, env)
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=env, start_new_session=True, limit=1 << 26)
-        worker = cls(proc, backend, scratch, token)
-        try:
-            line = await asyncio.wait_for(proc.stdout.readline(), _START_TIMEOUT_S)
-            if not json.loads(line or b"{}").get("ready"):
-                raise WorkerDied("no ready message")
-        except asyncio.CancelledError:  # e.g. the sandbox closed while this worker was starting
-            await worker.kill()
-            raise
-        except (asyncio.TimeoutError, ValueError, WorkerDied) as e:
-            await worker.kill()
-            detail = b"".join(worker.stderr_tail).decode(errors="replace").strip()
-            raise RuntimeError(f"sandbox worker ({backend.name}) failed to start: {e!r} {detail}") from None
-        return worker
+  @classmethod
+  async def start(cls, backend, limits: Limits, preload: tuple[str, ...]) -> _Worker:
+    token = secrets.token_hex(8)
+    scratch = backend.make_scratch()
+    env = worker_env(token)
+    config = {"scratch": backend.scratch_in_worker(scratch), "preload": list(preload), "env": env}
+    argv = backend.command(json.dumps(config), limits.scratch_mb, env)
+    proc = await asyncio.create_subprocess_exec(
+      *argv,
+      stdin=asyncio.subprocess.PIPE,
+      stdout=asyncio.subprocess.PIPE,
+      stderr=asyncio.subprocess.PIPE,
+      env=env,
+      start_new_session=True,
+      limit=1 << 26,
+    )
+    worker = cls(proc, backend, scratch, token)
+    try:
+      line = await asyncio.wait_for(proc.stdout.readline(), _START_TIMEOUT_S)
+      if not json.loads(line or b"{}").get("ready"):
+        raise WorkerDied("no ready message")
+    except asyncio.CancelledError:  # e.g. the sandbox closed while this worker was starting
+      await worker.kill()
+      raise
+    except (asyncio.TimeoutError, ValueError, WorkerDied) as e:
+      await worker.kill()
+      detail = b"".join(worker.stderr_tail).decode(errors="replace").strip()
+      raise RuntimeError(f"sandbox worker ({backend.name}) failed to start: {e!r} {detail}") from None
+    return worker
 
-    async def _read_stderr(self) -> None:
-        while chunk := await self.proc.stderr.read(4096):
-            self.stderr_tail.append(chunk)
+  async def _read_stderr(self) -> None:
+    while chunk := await self.proc.stderr.read(4096):
+      self.stderr_tail.append(chunk)
 
-    def healthy(self) -> bool:
-        """False for a worker that has exited, or is a zombie or stopped (seen in /proc where there is one)."""
-        if self.proc.returncode is not None:
-            return False
-        try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return not _HAVE_PROC
-        except (OSError, IndexError):
-            return True
-        return state not in ("Z", "X", "T", "t")
+  def healthy(self) -> bool:
+    """False for a worker that has exited, or is a zombie or stopped (seen in /proc where there is one)."""
+    if self.proc.returncode is not None:
+      return False
+    try:
+      with open(f"/proc/{self.proc.pid}/stat") as f:
+        state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+      return not _HAVE_PROC
+    except (OSError, IndexError):
+      return True
+    return state not in ("Z", "X", "T", "t")
 
-    async def request(self, message: dict, timeout_s: float) -> dict:
-        if self.proc.returncode is not None:
-            raise WorkerDied(f"worker exited with {self.proc.returncode}", started=False)
-        try:
-            self.proc.stdin.write((json.dumps(message) + "\n").encode())
-            await self.proc.stdin.drain()
-        except (ConnectionError, OSError) as e:
-            raise WorkerDied(f"worker pipe broke: {e}", started=False) from None
-        try:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout_s)
-        except asyncio.TimeoutError:
-            raise WorkerDied("worker did not answer in time") from None
-        except (ConnectionError, OSError) as e:
-            raise WorkerDied(f"worker pipe broke: {e}") from None
-        if not line:
-            raise WorkerDied("worker exited")
-        return json.loads(line)
+  async def request(self, message: dict, timeout_s: float) -> dict:
+    if self.proc.returncode is not None:
+      raise WorkerDied(f"worker exited with {self.proc.returncode}", started=False)
+    try:
+      self.proc.stdin.write((json.dumps(message) + "\n").encode())
+      await self.proc.stdin.drain()
+    except (ConnectionError, OSError) as e:
+      raise WorkerDied(f"worker pipe broke: {e}", started=False) from None
+    try:
+      line = await asyncio.wait_for(self.proc.stdout.readline(), timeout_s)
+    except asyncio.TimeoutError:
+      raise WorkerDied("worker did not answer in time") from None
+    except (ConnectionError, OSError) as e:
+      raise WorkerDied(f"worker pipe broke: {e}") from None
+    if not line:
+      raise WorkerDied("worker exited")
+    return json.loads(line)
 
-    async def kill(self) -> None:
-        """Kills the worker, everything it started, and removes its scratch directory."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            await asyncio.wait_for(self.proc.wait(), 10)
-        except asyncio.TimeoutError:
-            pass
-        if self.backend.name == "process":
-            await asyncio.to_thread(kill_marked, self.token)
-        if self.scratch:
-            shutil.rmtree(self.scratch, ignore_errors=True)
-        self._stderr_task.cancel()
-        transport = getattr(self.proc, "_transport", None)
-        if transport is not None:  # close the pipes on this loop, not in a finaliser at interpreter exit
-            transport.close()
+  async def kill(self) -> None:
+    """Kills the worker, everything it started, and removes its scratch directory."""
+    try:
+      os.killpg(self.proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+      pass
+    try:
+      await asyncio.wait_for(self.proc.wait(), 10)
+    except asyncio.TimeoutError:
+      pass
+    if self.backend.name == "process":
+      await asyncio.to_thread(kill_marked, self.token)
+    if self.scratch:
+      shutil.rmtree(self.scratch, ignore_errors=True)
+    self._stderr_task.cancel()
+    transport = getattr(self.proc, "_transport", None)
+    if transport is not None:  # close the pipes on this loop, not in a finaliser at interpreter exit
+      transport.close()
 
-    async def stop(self) -> None:
-        """Asks the worker to exit (it cleans up its calls), then kills what is left."""
-        try:
-            self.proc.stdin.close()
-            await asyncio.wait_for(self.proc.wait(), 2)
-        except (asyncio.TimeoutError, OSError):
-            pass
-        await self.kill()
+  async def stop(self) -> None:
+    """Asks the worker to exit (it cleans up its calls), then kills what is left."""
+    try:
+      self.proc.stdin.close()
+      await asyncio.wait_for(self.proc.wait(), 2)
+    except (asyncio.TimeoutError, OSError):
+      pass
+    await self.kill()
 
 
 def kill_marked(token: str) -> int:
-    """SIGKILLs processes whose environment carries a worker's token (strays of a dead
-    process-backend worker that escaped its session); returns how many."""
-    needle = f"{TOKEN_VAR}={token}".encode()
-    killed = 0
-    for _ in range(20):
-        victims = []
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    with open(f"/proc/{name}/environ", "rb") as f:
-                        if needle in f.read().split(b"\0"):
-                            victims.append(int(name))
-                except OSError:
-                    pass
-        if not victims:
-            break
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-            except (ProcessLookupError, PermissionError):
-                pass
-    return killed
+  """SIGKILLs processes whose environment carries a worker's token (strays of a dead
+  process-backend worker that escaped its session); returns how many."""
+  needle = f"{TOKEN_VAR}={token}".encode()
+  killed = 0
+  for _ in range(20):
+    victims = []
+    for name in os.listdir("/proc"):
+      if name.isdigit():
+        try:
+          with open(f"/proc/{name}/environ", "rb") as f:
+            if needle in f.read().split(b"\0"):
+              victims.append(int(name))
+        except OSError:
+          pass
+    if not victims:
+      break
+    for pid in victims:
+      try:
+        os.kill(pid, signal.SIGKILL)
+        killed += 1
+      except (ProcessLookupError, PermissionError):
+        pass
+  return killed
 
 
 def _to_result(reply: dict, backend: str) -> ExecResult:
-    return ExecResult(status=reply.get("status", "killed"), output=reply.get("output", ""),
-                      elapsed_s=float(reply.get("elapsed_s", 0.0)), backend=backend,
-                      truncated_bytes=int(reply.get("truncated_bytes", 0)))
+  return ExecResult(
+    status=reply.get("status", "killed"),
+    output=reply.get("output", ""),
+    elapsed_s=float(reply.get("elapsed_s", 0.0)),
+    backend=backend,
+    truncated_bytes=int(reply.get("truncated_bytes", 0)),
+  )
 
 
 class Sandbox:
-    """Runs untrusted Python (or shell commands) in warm, isolated workers.
+  """Runs untrusted Python (or shell commands) in warm, isolated workers.
 
-    Args:
-      backend: ``"auto"`` (bubblewrap where it works, else ``"process"``), ``"bwrap"`` or ``"process"``.
-      limits: default per-call limits; each call may override fields.
-      policy: module allow-list checked before running code; ``None`` disables it.
-      max_workers: the concurrency limit of stateless calls.
-      warm_workers: workers kept started and ready; defaults to ``max_workers``.
-      preload: modules imported by each worker before it takes calls.
-      max_sessions: the number of stateful sessions open at once.
-      reply_grace_s: how long past its time limit a call may go unanswered before its worker is
-        declared hung, killed and replaced.
+  Args:
+    backend: ``"auto"`` (bubblewrap where it works, else ``"process"``), ``"bwrap"`` or ``"process"``.
+    limits: default per-call limits; each call may override fields.
+    policy: module allow-list checked before running code; ``None`` disables it.
+    max_workers: the concurrency limit of stateless calls.
+    warm_workers: workers kept started and ready; defaults to ``max_workers``.
+    preload: modules imported by each worker before it takes calls.
+    max_sessions: the number of stateful sessions open at once.
+    reply_grace_s: how long past its time limit a call may go unanswered before its worker is
+      declared hung, killed and replaced.
+  """
+
+  def __init__(
+    self,
+    backend: str = "auto",
+    *,
+    limits: Limits | None = None,
+    policy: ModulePolicy | None = DEFAULT_POLICY,
+    max_workers: int | None = None,
+    warm_workers: int | None = None,
+    preload: tuple[str, ...] = DEFAULT_PRELOAD,
+    max_sessions: int = 64,
+    reply_grace_s: float = _REPLY_GRACE_S,
+  ):
+    self.backend = resolve_backend(backend)
+    self.limits = limits or Limits()
+    self.policy = policy
+    self.max_workers = max_workers or max(2, os.cpu_count() or 2)
+    if self.max_workers < 1:
+      raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+    self.warm_workers = self.max_workers if warm_workers is None else min(warm_workers, self.max_workers)
+    self.preload = tuple(preload)
+    self.reply_grace_s = reply_grace_s
+    self._loop = asyncio.new_event_loop()
+    self._thread = threading.Thread(target=self._loop.run_forever, name="retool-sandbox", daemon=True)
+    self._thread.start()
+    self._closed = False
+    self._workers: set[_Worker] = set()
+    self._alive = 0
+    self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+    self._sem = asyncio.Semaphore(self.max_workers)
+    self._session_sem = asyncio.Semaphore(max_sessions)
+    atexit.register(self.close)
+    self._call(self._top_up(), wait=False)
+
+  @property
+  def backend_name(self) -> str:
+    return self.backend.name
+
+  # -- running on the sandbox's own event loop ---------------------------------------
+
+  def _call(self, coro: Coroutine[Any, Any, T], wait: bool = True) -> T | concurrent.futures.Future:
+    if self._closed:
+      coro.close()
+      raise RuntimeError("the sandbox is closed")
+    future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+    return future.result() if wait else future
+
+  async def _acall(self, coro: Coroutine[Any, Any, T]) -> T:
+    try:
+      running = asyncio.get_running_loop()
+    except RuntimeError:
+      running = None
+    if running is self._loop:
+      return await coro
+    return await asyncio.wrap_future(self._call(coro, wait=False))
+
+  def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
+    try:
+      running = asyncio.get_running_loop()
+    except RuntimeError:
+      running = None
+    if running is self._loop:
+      coro.close()
+      raise RuntimeError("use the async API from inside the sandbox's event loop")
+    return self._call(coro)
+
+  # -- the pool ----------------------------------------------------------------------
+
+  async def _spawn(self) -> _Worker:
+    worker = await _Worker.start(self.backend, self.limits, self.preload)
+    self._workers.add(worker)
+    return worker
+
+  async def _top_up(self) -> None:
+    while self._alive < self.warm_workers and not self._closed:
+      self._alive += 1
+      try:
+        worker = await self._spawn()
+      except Exception:  # noqa: BLE001  (the next call will spawn and report the error)
+        self._alive -= 1
+        return
+      self._idle.put_nowait(worker)
+
+  async def _acquire(self) -> _Worker:
+    while True:
+      if not self._idle.empty():
+        worker = self._idle.get_nowait()
+        if worker.healthy():
+          return worker
+        self._alive -= 1  # killed or stopped while idle: replace it before anyone calls it
+        await self._discard(worker)
+        continue
+      if self._alive < self.max_workers:
+        self._alive += 1
+        try:
+          return await self._spawn()
+        except BaseException:
+          self._alive -= 1
+          raise
+      try:
+        return await asyncio.wait_for(self._idle.get(), 0.5)
+      except asyncio.TimeoutError:
+        continue
+
+  async def _discard(self, worker: _Worker) -> None:
+    self._workers.discard(worker)
+    await worker.kill()
+
+  async def _run(self, message: dict, limits: Limits) -> ExecResult:
+    async with self._sem:
+      for attempt in range(3):
+        worker = await self._acquire()
+        try:
+          reply = await worker.request(message, limits.timeout_s + self.reply_grace_s)
+        except (WorkerDied, asyncio.CancelledError) as e:
+          self._alive -= 1
+          await self._discard(worker)
+          if isinstance(e, asyncio.CancelledError):
+            raise
+          self._loop.create_task(self._top_up())
+          if not e.started and attempt < 2:
+            continue  # the call never reached the worker: run it on another one
+          return ExecResult(
+            "killed", f"Killed: the sandbox worker died during the call ({e})", backend=self.backend_name
+          )
+        self._idle.put_nowait(worker)
+        return _to_result(reply, self.backend_name)
+    raise AssertionError("unreachable")
+
+  # -- public API --------------------------------------------------------------------
+
+  def _limits(self, limits: Limits | None, overrides: dict[str, Any]) -> Limits:
+    return (limits or self.limits).replace(**overrides)
+
+  def _policy_result(self, code: str, policy: ModulePolicy | None) -> ExecResult | None:
+    if policy is None:
+      return None
+    violation = policy.check(code)
+    if violation is None:
+      return None
+    return ExecResult("policy", policy.message(violation), backend=self.backend_name)
+
+  async def run_async(
+    self, code: str, *, limits: Limits | None = None, policy: Any = "default", **overrides: Any
+  ) -> ExecResult:
+    """Runs ``code`` in a fresh interpreter forked from a warm worker.
+
+    ``overrides`` are fields of :class:`Limits` (``timeout_s=2``, ``memory_mb=256``, ...).
     """
+    policy = self.policy if policy == "default" else policy
+    lim = self._limits(limits, overrides)
+    refused = self._policy_result(code, policy)
+    if refused is not None:
+      return refused
+    allowed = None if policy is None else sorted(policy.allowed)
+    message = {"op": "run", "code": code, "limits": lim.to_wire(), "allowed": allowed}
+    return await self._acall(self._run(message, lim))
 
-    def __init__(self, backend: str = "auto", *, limits: Limits | None = None,
-                 policy: ModulePolicy | None = DEFAULT_POLICY, max_workers: int | None = None,
-                 warm_workers: int | None = None, preload: tuple[str, ...] = DEFAULT_PRELOAD,
-                 max_sessions: int = 64, reply_grace_s: float = _REPLY_GRACE_S):
-        self.backend = resolve_backend(backend)
-        self.limits = limits or Limits()
-        self.policy = policy
-        self.max_workers = max_workers or max(2, os.cpu_count() or 2)
-        if self.max_workers < 1:
-            raise ValueError(f"max_workers must be >= 1, got {max_workers}")
-        self.warm_workers = self.max_workers if warm_workers is None else min(warm_workers, self.max_workers)
-        self.preload = tuple(preload)
-        self.reply_grace_s = reply_grace_s
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="retool-sandbox", daemon=True)
-        self._thread.start()
-        self._closed = False
-        self._workers: set[_Worker] = set()
-        self._alive = 0
-        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
-        self._sem = asyncio.Semaphore(self.max_workers)
-        self._session_sem = asyncio.Semaphore(max_sessions)
-        atexit.register(self.close)
-        self._call(self._top_up(), wait=False)
+  def run(
+    self, code: str, *, limits: Limits | None = None, policy: Any = "default", **overrides: Any
+  ) -> ExecResult:
+    """Blocking form of :meth:`run_async`."""
+    return self._sync(self.run_async(code, limits=limits, policy=policy, **overrides))
 
-    @property
-    def backend_name(self) -> str:
-        return self.backend.name
+  async def run_command_async(self, command: str, *, limits: Limits | None = None, **overrides: Any) -> ExecResult:
+    """Runs a shell command with ``bash -c`` under the same isolation and limits."""
+    lim = self._limits(limits, overrides)
+    bash = shutil.which("bash") or "/bin/bash"
+    message = {"op": "run", "argv": [bash, "-c", command], "limits": lim.to_wire()}
+    return await self._acall(self._run(message, lim))
 
-    # -- running on the sandbox's own event loop ---------------------------------------
+  def run_command(self, command: str, *, limits: Limits | None = None, **overrides: Any) -> ExecResult:
+    return self._sync(self.run_command_async(command, limits=limits, **overrides))
 
-    def _call(self, coro: Coroutine[Any, Any, T], wait: bool = True) -> T | concurrent.futures.Future:
-        if self._closed:
-            coro.close()
-            raise RuntimeError("the sandbox is closed")
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return future.result() if wait else future
+  def session(self, *, limits: Limits | None = None, policy: Any = "default") -> Session:
+    """A persistent interpreter: variables survive across calls until :meth:`Session.close`."""
+    return Session(self, limits or self.limits, self.policy if policy == "default" else policy)
 
-    async def _acall(self, coro: Coroutine[Any, Any, T]) -> T:
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self._loop:
-            return await coro
-        return await asyncio.wrap_future(self._call(coro, wait=False))
+  async def warmup_async(self) -> None:
+    """Waits until ``warm_workers`` workers are started and ready."""
 
-    def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self._loop:
-            coro.close()
-            raise RuntimeError("use the async API from inside the sandbox's event loop")
-        return self._call(coro)
+    async def wait():
+      await self._top_up()
+      while self._idle.qsize() < min(self.warm_workers, self._alive):
+        await asyncio.sleep(0.02)
 
-    # -- the pool ----------------------------------------------------------------------
+    await self._acall(wait())
 
-    async def _spawn(self) -> _Worker:
-        worker = await _Worker.start(self.backend, self.limits, self.preload)
-        self._workers.add(worker)
-        return worker
+  def warmup(self) -> None:
+    self._sync(self.warmup_async())
 
-    async def _top_up(self) -> None:
-        while self._alive < self.warm_workers and not self._closed:
-            self._alive += 1
-            try:
-                worker = await self._spawn()
-            except Exception:  # noqa: BLE001  (the next call will spawn and report the error)
-                self._alive -= 1
-                return
-            self._idle.put_nowait(worker)
+  def worker_pids(self) -> list[int]:
+    """Process ids of the live workers (the outer process for bwrap)."""
+    return [w.proc.pid for w in list(self._workers) if w.proc.returncode is None]
 
-    async def _acquire(self) -> _Worker:
-        while True:
-            if not self._idle.empty():
-                worker = self._idle.get_nowait()
-                if worker.healthy():
-                    return worker
-                self._alive -= 1  # killed or stopped while idle: replace it before anyone calls it
-                await self._discard(worker)
-                continue
-            if self._alive < self.max_workers:
-                self._alive += 1
-                try:
-                    return await self._spawn()
-                except BaseException:
-                    self._alive -= 1
-                    raise
-            try:
-                return await asyncio.wait_for(self._idle.get(), 0.5)
-            except asyncio.TimeoutError:
-                continue
+  def stray_processes(self) -> list[int]:
+    """Live processes below the workers other than the workers themselves; empty between calls."""
+    table = process_table()
+    found = []
+    for worker in list(self._workers):
+      alive = [p for p in descendants(worker.proc.pid, table) if table[p][1] != "Z"]
+      found += alive[1:] if self.backend_name == "bwrap" else alive  # bwrap -> worker is expected
+    return found
 
-    async def _discard(self, worker: _Worker) -> None:
-        self._workers.discard(worker)
-        await worker.kill()
+  def close(self) -> None:
+    """Stops every worker and session; leaves no process or file behind."""
+    if self._closed:
+      return
 
-    async def _run(self, message: dict, limits: Limits) -> ExecResult:
-        async with self._sem:
-            for attempt in range(3):
-                worker = await self._acquire()
-                try:
-                    reply = await worker.request(message, limits.timeout_s + self.reply_grace_s)
-                except (WorkerDied, asyncio.CancelledError) as e:
-                    self._alive -= 1
-                    await self._discard(worker)
-                    if isinstance(e, asyncio.CancelledError):
-                        raise
-                    self._loop.create_task(self._top_up())
-                    if not e.started and attempt < 2:
-                        continue  # the call never reached the worker: run it on another one
-                    return ExecResult("killed", f"Killed: the sandbox worker died during the call ({e})",
-                                      backend=self.backend_name)
-                self._idle.put_nowait(worker)
-                return _to_result(reply, self.backend_name)
-        raise AssertionError("unreachable")
+    async def shutdown():
+      self._closed = True  # no new workers from here on
+      others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+      for task in others:  # warm-up and stderr readers; their workers are stopped below
+        task.cancel()
+      await asyncio.gather(*others, return_exceptions=True)
+      await asyncio.gather(*(w.stop() for w in list(self._workers)), return_exceptions=True)
+      self._workers.clear()
 
-    # -- public API --------------------------------------------------------------------
+    try:
+      asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=60)
+    finally:
+      self._closed = True
+      self._loop.call_soon_threadsafe(self._loop.stop)
+      self._thread.join(timeout=10)
+      atexit.unregister(self.close)
 
-    def _limits(self, limits: Limits | None, overrides: dict[str, Any]) -> Limits:
-        return (limits or self.limits).replace(**overrides)
+  def __enter__(self) -> Sandbox:
+    return self
 
-    def _policy_result(self, code: str, policy: ModulePolicy | None) -> ExecResult | None:
-        if policy is None:
-            return None
-        violation = policy.check(code)
-        if violation is None:
-            return None
-        return ExecResult("policy", policy.message(violation), backend=self.backend_name)
-
-    async def run_async(self, code: str, *, limits: Limits | None = None, policy: Any = "default",
-                        **overrides: Any) -> ExecResult:
-        """Runs ``code`` in a fresh interpreter forked from a warm worker.
-
-        ``overrides`` are fields of :class:`Limits` (``timeout_s=2``, ``memory_mb=256``, ...).
-        """
-        policy = self.policy if policy == "default" else policy
-        lim = self._limits(limits, overrides)
-        refused = self._policy_result(code, policy)
-        if refused is not None:
-            return refused
-        allowed = None if policy is None else sorted(policy.allowed)
-        message = {"op": "run", "code": code, "limits": lim.to_wire(), "allowed": allowed}
-        return await self._acall(self._run(message, lim))
-
-    def run(self, code: str, *, limits: Limits | None = None, policy: Any = "default",
-            **overrides: Any) -> ExecResult:
-        """Blocking form of :meth:`run_async`."""
-        return self._sync(self.run_async(code, limits=limits, policy=policy, **overrides))
-
-    async def run_command_async(self, command: str, *, limits: Limits | None = None,
-                                **overrides: Any) -> ExecResult:
-        """Runs a shell command with ``bash -c`` under the same isolation and limits."""
-        lim = self._limits(limits, overrides)
-        bash = shutil.which("bash") or "/bin/bash"
-        message = {"op": "run", "argv": [bash, "-c", command], "limits": lim.to_wire()}
-        return await self._acall(self._run(message, lim))
-
-    def run_command(self, command: str, *, limits: Limits | None = None, **overrides: Any) -> ExecResult:
-        return self._sync(self.run_command_async(command, limits=limits, **overrides))
-
-    def session(self, *, limits: Limits | None = None, policy: Any = "default") -> Session:
-        """A persistent interpreter: variables survive across calls until :meth:`Session.close`."""
-        return Session(self, limits or self.limits, self.policy if policy == "default" else policy)
-
-    async def warmup_async(self) -> None:
-        """Waits until ``warm_workers`` workers are started and ready."""
-        async def wait():
-            await self._top_up()
-            while self._idle.qsize() < min(self.warm_workers, self._alive):
-                await asyncio.sleep(0.02)
-        await self._acall(wait())
-
-    def warmup(self) -> None:
-        self._sync(self.warmup_async())
-
-    def worker_pids(self) -> list[int]:
-        """Process ids of the live workers (the outer process for bwrap)."""
-        return [w.proc.pid for w in list(self._workers) if w.proc.returncode is None]
-
-    def stray_processes(self) -> list[int]:
-        """Live processes below the workers other than the workers themselves; empty between calls."""
-        table = process_table()
-        found = []
-        for worker in list(self._workers):
-            alive = [p for p in descendants(worker.proc.pid, table) if table[p][1] != "Z"]
-            found += alive[1:] if self.backend_name == "bwrap" else alive  # bwrap -> worker is expected
-        return found
-
-    def close(self) -> None:
-        """Stops every worker and session; leaves no process or file behind."""
-        if self._closed:
-            return
-        async def shutdown():
-            self._closed = True  # no new workers from here on
-            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in others:  # warm-up and stderr readers; their workers are stopped below
-                task.cancel()
-            await asyncio.gather(*others, return_exceptions=True)
-            await asyncio.gather(*(w.stop() for w in list(self._workers)), return_exceptions=True)
-            self._workers.clear()
-        try:
-            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=60)
-        finally:
-            self._closed = True
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            atexit.unregister(self.close)
-
-    def __enter__(self) -> Sandbox:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 class Session:
-    """One persistent interpreter (a notebook kernel) with the sandbox's limits per call.
+  """One persistent interpreter (a notebook kernel) with the sandbox's limits per call.
 
-    Its worker is dedicated to it; a call that times out or crashes restarts the interpreter
-    (the output says so). Close it when the trajectory ends.
-    """
+  Its worker is dedicated to it; a call that times out or crashes restarts the interpreter
+  (the output says so). Close it when the trajectory ends.
+  """
 
-    def __init__(self, sandbox: Sandbox, limits: Limits, policy: ModulePolicy | None):
-        self.sandbox = sandbox
-        self.limits = limits
-        self.policy = policy
-        self._worker: _Worker | None = None
-        self._lock: asyncio.Lock | None = None
-        self._restarted = False
-        self.closed = False
+  def __init__(self, sandbox: Sandbox, limits: Limits, policy: ModulePolicy | None):
+    self.sandbox = sandbox
+    self.limits = limits
+    self.policy = policy
+    self._worker: _Worker | None = None
+    self._lock: asyncio.Lock | None = None
+    self._restarted = False
+    self.closed = False
 
-    async def _cell(self, message: dict, lim: Limits) -> ExecResult:
-        sb = self.sandbox
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            if self.closed:
-                raise RuntimeError("the session is closed")
-            if self._worker is None:
-                await sb._session_sem.acquire()
-                try:
-                    self._worker = await sb._spawn()
-                except BaseException:
-                    sb._session_sem.release()
-                    raise
-            message["restarted"] = self._restarted
-            try:
-                reply = await self._worker.request(message, lim.timeout_s + sb.reply_grace_s)
-            except WorkerDied as e:
-                await self._drop_worker()
-                self._restarted = True
-                return ExecResult("killed", f"Killed: the sandbox worker died during the call ({e})\n"
-                                  "[the interpreter will restart; variables from earlier calls are gone]",
-                                  backend=sb.backend_name)
-            self._restarted = not reply.get("session_alive", False)
-            return _to_result(reply, sb.backend_name)
+  async def _cell(self, message: dict, lim: Limits) -> ExecResult:
+    sb = self.sandbox
+    if self._lock is None:
+      self._lock = asyncio.Lock()
+    async with self._lock:
+      if self.closed:
+        raise RuntimeError("the session is closed")
+      if self._worker is None:
+        await sb._session_sem.acquire()
+        try:
+          self._worker = await sb._spawn()
+        except BaseException:
+          sb._session_sem.release()
+          raise
+      message["restarted"] = self._restarted
+      try:
+        reply = await self._worker.request(message, lim.timeout_s + sb.reply_grace_s)
+      except WorkerDied as e:
+        await self._drop_worker()
+        self._restarted = True
+        return ExecResult(
+          "killed",
+          f"Killed: the sandbox worker died during the call ({e})\n"
+          "[the interpreter will restart; variables from earlier calls are gone]",
+          backend=sb.backend_name,
+        )
+      self._restarted = not reply.get("session_alive", False)
+      return _to_result(reply, sb.backend_name)
 
-    async def _drop_worker(self) -> None:
-        if self._worker is not None:
-            await self.sandbox._discard(self._worker)
-            self._worker = None
-            self.sandbox._session_sem.release()
+  async def _drop_worker(self) -> None:
+    if self._worker is not None:
+      await self.sandbox._discard(self._worker)
+      self._worker = None
+      self.sandbox._session_sem.release()
 
-    async def run_async(self, code: str, **overrides: Any) -> ExecResult:
-        lim = self.limits.replace(**overrides)
-        refused = self.sandbox._policy_result(code, self.policy)
-        if refused is not None:
-            return refused
-        allowed = None if self.policy is None else sorted(self.policy.allowed)
-        message = {"op": "cell", "code": code, "limits": lim.to_wire(), "allowed": allowed}
-        return await self.sandbox._acall(self._cell(message, lim))
+  async def run_async(self, code: str, **overrides: Any) -> ExecResult:
+    lim = self.limits.replace(**overrides)
+    refused = self.sandbox._policy_result(code, self.policy)
+    if refused is not None:
+      return refused
+    allowed = None if self.policy is None else sorted(self.policy.allowed)
+    message = {"op": "cell", "code": code, "limits": lim.to_wire(), "allowed": allowed}
+    return await self.sandbox._acall(self._cell(message, lim))
 
-    def run(self, code: str, **overrides: Any) -> ExecResult:
-        return self.sandbox._sync(self.run_async(code, **overrides))
+  def run(self, code: str, **overrides: Any) -> ExecResult:
+    return self.sandbox._sync(self.run_async(code, **overrides))
 
-    async def aclose(self) -> None:
-        async def close():
-            self.closed = True
-            await self._drop_worker()
-        if not self.sandbox._closed:
-            await self.sandbox._acall(close())
+  async def aclose(self) -> None:
+    async def close():
+      self.closed = True
+      await self._drop_worker()
 
-    def close(self) -> None:
-        if not self.sandbox._closed and not self.closed:
-            self.sandbox._sync(self.aclose())
+    if not self.sandbox._closed:
+      await self.sandbox._acall(close())
 
-    def __enter__(self) -> Session:
-        return self
+  def close(self) -> None:
+    if not self.sandbox._closed and not self.closed:
+      self.sandbox._sync(self.aclose())
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+  def __enter__(self) -> Session:
+    return self
 
-    async def __aenter__(self) -> Session:
-        return self
+  def __exit__(self, *exc) -> None:
+    self.close()
 
-    async def __aexit__(self, *exc) -> None:
-        await self.aclose()
+  async def __aenter__(self) -> Session:
+    return self
+
+  async def __aexit__(self, *exc) -> None:
+    await self.aclose()
 
 
 _DEFAULT: Sandbox | None = None
@@ -490,16 +519,17 @@ _DEFAULT_LOCK = threading.Lock()
 
 
 def default_sandbox() -> Sandbox:
-    """The process-wide sandbox (backend from ``RETOOL_SANDBOX_BACKEND``, default ``auto``)."""
-    global _DEFAULT
-    with _DEFAULT_LOCK:
-        if _DEFAULT is None or _DEFAULT._closed:
-            _DEFAULT = Sandbox(os.environ.get("RETOOL_SANDBOX_BACKEND", "auto"))
-        return _DEFAULT
+  """The process-wide sandbox (backend from ``RETOOL_SANDBOX_BACKEND``, default ``auto``)."""
+  global _DEFAULT
+  with _DEFAULT_LOCK:
+    if _DEFAULT is None or _DEFAULT._closed:
+      _DEFAULT = Sandbox(os.environ.get("RETOOL_SANDBOX_BACKEND", "auto"))
+    return _DEFAULT
 
 
-def run_python(code: str, timeout_s: float | None = None, memory_mb: int | None = None,
-               **overrides: Any) -> ExecResult:
-    """Runs ``code`` in the default sandbox; ``.status`` is one of ok, error, timeout, memory,
-    killed, policy and ``.output`` holds stdout and stderr."""
-    return default_sandbox().run(code, timeout_s=timeout_s, memory_mb=memory_mb, **overrides)
+def run_python(
+  code: str, timeout_s: float | None = None, memory_mb: int | None = None, **overrides: Any
+) -> ExecResult:
+  """Runs ``code`` in the default sandbox; ``.status`` is one of ok, error, timeout, memory,
+  killed, policy and ``.output`` holds stdout and stderr."""
+  return default_sandbox().run(code, timeout_s=timeout_s, memory_mb=memory_mb, **overrides)

@@ -30,66 +30,66 @@ raise SystemExit(0 if result.wasSuccessful() and result.testsRun else 1)
 
 
 def _result(res: Any) -> ToolResult:
-    output = res.output if res.output.strip() else NO_OUTPUT
-    return ToolResult(output, res.status == "ok", res.status, res.elapsed_s)
+  output = res.output if res.output.strip() else NO_OUTPUT
+  return ToolResult(output, res.status == "ok", res.status, res.elapsed_s)
 
 
 def sandbox_tools(get_sandbox: Callable[[], Any]) -> list[Tool]:
-    """The code tools bound to a sandbox (called lazily, so the sandbox starts on first use)."""
+  """The code tools bound to a sandbox (called lazily, so the sandbox starts on first use)."""
 
-    @tool
-    async def code_interpreter(code: str) -> ToolResult:
-        """Execute Python code in a sandboxed interpreter and return its output. numpy, sympy and scipy are
-        available. The value of a final expression is shown if nothing was printed.
+  @tool
+  async def code_interpreter(code: str) -> ToolResult:
+    """Execute Python code in a sandboxed interpreter and return its output. numpy, sympy and scipy are
+    available. The value of a final expression is shown if nothing was printed.
 
-        Args:
-            code: Python code to execute
-        """
-        return _result(await get_sandbox().run_async(code))
+    Args:
+        code: Python code to execute
+    """
+    return _result(await get_sandbox().run_async(code))
 
-    @tool
-    async def execute_bash(command: str) -> ToolResult:
-        """Run a bash command in the sandbox (private scratch directory, resource limits) and return its output.
+  @tool
+  async def execute_bash(command: str) -> ToolResult:
+    """Run a bash command in the sandbox (private scratch directory, resource limits) and return its output.
 
-        Args:
-            command: the bash command line to run
-        """
-        return _result(await get_sandbox().run_command_async(command))
+    Args:
+        command: the bash command line to run
+    """
+    return _result(await get_sandbox().run_command_async(command))
 
-    @tool
-    async def run_tests(code: str, test_framework: Literal["pytest", "unittest"] = "pytest") -> ToolResult:
-        """Run the tests contained in Python code (test functions for pytest, TestCase classes for unittest)
-        and report which pass and fail.
+  @tool
+  async def run_tests(code: str, test_framework: Literal["pytest", "unittest"] = "pytest") -> ToolResult:
+    """Run the tests contained in Python code (test functions for pytest, TestCase classes for unittest)
+    and report which pass and fail.
 
-        Args:
-            code: Python source holding the code under test and its tests
-            test_framework: the test runner to use
-        """
-        sandbox = get_sandbox()
-        policy = sandbox.policy
-        if policy is not None:
-            policy = policy.with_modules("pytest", "unittest", "types", "sys")
-            violation = policy.check(code)
-            if violation is not None:
-                return ToolResult(policy.message(violation), False, "policy")
-        driver = _PYTEST_DRIVER if test_framework == "pytest" else _UNITTEST_DRIVER
-        res = await sandbox.run_async(driver.format(code=code), policy=policy,
-                                      max_output_bytes=max(sandbox.limits.max_output_bytes, 16384))
-        output = res.output.replace("SystemExit: 1\n", "")
-        if res.status == "error" and re.search(r"SystemExit: [2-5]\b", output):
-            output += "\n(the test run itself failed: no tests were collected or the file does not import)\n"
-        return ToolResult(output.strip() + "\n", res.status == "ok", res.status, res.elapsed_s)
+    Args:
+        code: Python source holding the code under test and its tests
+        test_framework: the test runner to use
+    """
+    sandbox = get_sandbox()
+    policy = sandbox.policy
+    if policy is not None:
+      policy = policy.with_modules("pytest", "unittest", "types", "sys")
+      violation = policy.check(code)
+      if violation is not None:
+        return ToolResult(policy.message(violation), False, "policy")
+    driver = _PYTEST_DRIVER if test_framework == "pytest" else _UNITTEST_DRIVER
+    res = await sandbox.run_async(
+      driver.format(code=code), policy=policy, max_output_bytes=max(sandbox.limits.max_output_bytes, 16384)
+    )
+    output = res.output.replace("SystemExit: 1\n", "")
+    if res.status == "error" and re.search(r"SystemExit: [2-5]\b", output):
+      output += "\n(the test run itself failed: no tests were collected or the file does not import)\n"
+    return ToolResult(output.strip() + "\n", res.status == "ok", res.status, res.elapsed_s)
 
-    @tool
-    async def debug_code(code: str, error: str = "") -> ToolResult:
-        """Rerun Python code that failed, locate the failing line and name the likely cause of the error.
+  @tool
+  async def debug_code(code: str, error: str = "") -> ToolResult:
+    """Rerun Python code that failed, locate the failing line and name the likely cause of the error.
 
-        Args:
-            code: the Python code that failed
-            error: the error message or traceback that was seen
-        """
-        res = await get_sandbox().run_async(code)
-        return ToolResult(diagnose(code, error, res.status, res.output), True, "ok", res.elapsed_s)
+    Args:
+        code: the Python code that failed
+        error: the error message or traceback that was seen
+    """
+    res = await get_sandbox().run_async(code)
+    return ToolResult(diagnose(code, error, res.status, res.output), True, "ok", res.elapsed_s)
 
-    return [code_interpreter, execute_bash, run_tests, debug_code]
-
+  return [code_interpreter, execute_bash, run_tests, debug_code]

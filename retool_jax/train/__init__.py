@@ -17,9 +17,9 @@ import ml_collections
 # config.trainer -> module. The RL trainers ("grpo", "ppo", "dpo") plug in here on the same state,
 # checkpointing and metrics.
 TRAINERS: dict[str, str] = {
-    "sft": "retool_jax.train.sft",
-    "rl": "retool_jax.train.rl_run",
-    "dpo": "retool_jax.train.dpo",
+  "sft": "retool_jax.train.sft",
+  "rl": "retool_jax.train.rl_run",
+  "dpo": "retool_jax.train.dpo",
 }
 
 
@@ -42,8 +42,13 @@ def _type_ok(value, default) -> bool:
   return isinstance(value, type(default))
 
 
-def validate_config(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, *,
-                    free_form: Iterable[str] = (), prefix: str = "config") -> None:
+def validate_config(
+  config: ml_collections.ConfigDict,
+  schema: ml_collections.ConfigDict,
+  *,
+  free_form: Iterable[str] = (),
+  prefix: str = "config",
+) -> None:
   """Raises ValueError naming the first unknown, missing or mistyped field of `config` against `schema`."""
   free = set(free_form)
   for key in config.keys():

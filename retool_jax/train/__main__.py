@@ -9,8 +9,9 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/NAME.py).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Training config file (configs/NAME.py).", lock_config=True
+)
 
 
 def main(argv: list[str]) -> None:

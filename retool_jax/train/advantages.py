@@ -18,12 +18,15 @@ def _groups(rewards_B: ArrayLike, group_size: int) -> jax.Array:
   if rewards_B.ndim != 1:
     raise ValueError(f"rewards must be 1-D [B], got shape {rewards_B.shape}")
   if group_size < 1 or rewards_B.shape[0] % group_size:
-    raise ValueError(f"batch of {rewards_B.shape[0]} rewards does not split into groups of group_size={group_size}")
+    raise ValueError(
+      f"batch of {rewards_B.shape[0]} rewards does not split into groups of group_size={group_size}"
+    )
   return rewards_B.reshape(-1, group_size)
 
 
-def grpo_advantages(rewards_B: ArrayLike, group_size: int, *, normalize_std: bool = True,
-                    eps: float = 1e-6) -> jax.Array:
+def grpo_advantages(
+  rewards_B: ArrayLike, group_size: int, *, normalize_std: bool = True, eps: float = 1e-6
+) -> jax.Array:
   """GRPO: `(r - mean_group) / (std_group + eps)`, or `r - mean_group` with `normalize_std=False` (Dr. GRPO).
 
   The standard deviation is the unbiased (n-1) one; a group of one sample gets advantage 0.
@@ -61,8 +64,9 @@ def last_token_onehot(mask_BT: ArrayLike) -> jax.Array:
   return onehot_BT * jnp.any(on_BT, axis=1, keepdims=True)
 
 
-def token_rewards(seq_rewards_B: ArrayLike, mask_BT: ArrayLike, *, kl_BT: ArrayLike | None = None,
-                  kl_coef: float = 0.0) -> jax.Array:
+def token_rewards(
+  seq_rewards_B: ArrayLike, mask_BT: ArrayLike, *, kl_BT: ArrayLike | None = None, kl_coef: float = 0.0
+) -> jax.Array:
   """Token-level rewards for PPO: the sequence reward at the last policy token, plus `-kl_coef * kl` per token."""
   rewards_BT = last_token_onehot(mask_BT) * jnp.asarray(seq_rewards_B, jnp.float32)[:, None]
   if kl_BT is not None:
@@ -70,8 +74,9 @@ def token_rewards(seq_rewards_B: ArrayLike, mask_BT: ArrayLike, *, kl_BT: ArrayL
   return rewards_BT
 
 
-def gae(rewards_BT: ArrayLike, values_BT: ArrayLike, mask_BT: ArrayLike, *, gamma: float = 1.0,
-        lam: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def gae(
+  rewards_BT: ArrayLike, values_BT: ArrayLike, mask_BT: ArrayLike, *, gamma: float = 1.0, lam: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
   """Generalised advantage estimation over the policy tokens; returns `(advantages_BT, returns_BT)`.
 
   Only policy tokens are time steps: tokens outside the mask (prompt, tool output, padding) are skipped, so the

@@ -31,22 +31,27 @@ OPT_ITEM, LORA_ITEM, TRAIN_ITEM = "opt_state", "lora", "train"
 
 
 def _restore_args(shardings: Any, abstract: Any) -> Any:
-  return jax.tree.map(lambda a, s: ocp.ArrayRestoreArgs(sharding=s, dtype=a.dtype, global_shape=a.shape),
-                      abstract, shardings)
+  return jax.tree.map(
+    lambda a, s: ocp.ArrayRestoreArgs(sharding=s, dtype=a.dtype, global_shape=a.shape), abstract, shardings
+  )
 
 
 class Checkpointer:
   """Saves and restores `TrainState`s (plus the data position and extras) under `directory`."""
 
-  def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int = 3,
-               async_save: bool = True):
+  def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(os.fspath(directory))
     self.save_every = save_every
-    options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep,
-                                           enable_async_checkpointing=async_save, create=True)
-    handlers = {PARAMS_ITEM: ocp.PyTreeCheckpointHandler(), CONFIG_ITEM: ocp.JsonCheckpointHandler(),
-                OPT_ITEM: ocp.StandardCheckpointHandler(), LORA_ITEM: ocp.StandardCheckpointHandler(),
-                TRAIN_ITEM: ocp.JsonCheckpointHandler()}
+    options = ocp.CheckpointManagerOptions(
+      save_interval_steps=save_every, max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+    )
+    handlers = {
+      PARAMS_ITEM: ocp.PyTreeCheckpointHandler(),
+      CONFIG_ITEM: ocp.JsonCheckpointHandler(),
+      OPT_ITEM: ocp.StandardCheckpointHandler(),
+      LORA_ITEM: ocp.StandardCheckpointHandler(),
+      TRAIN_ITEM: ocp.JsonCheckpointHandler(),
+    }
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
@@ -55,25 +60,39 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, state: TrainState, model_config: Qwen3Config, *, data_state: Mapping[str, Any] | None = None,
-           extra: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+  def save(
+    self,
+    state: TrainState,
+    model_config: Qwen3Config,
+    *,
+    data_state: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    force: bool = False,
+  ) -> bool:
     """Starts saving `state` if its step is due (every `save_every`) or `force`; returns whether it did."""
     step = int(jax.device_get(state.step))
     if not (force or self.manager.should_save(step)):
       return False
-    train = {"step": step, "rng": np.asarray(jax.random.key_data(state.rng)).tolist(),
-             "rng_impl": str(jax.random.key_impl(state.rng)), "data": dict(data_state or {}),
-             "extra": dict(extra or {})}
-    items = {PARAMS_ITEM: ocp.args.PyTreeSave(state.model_params()),
-             CONFIG_ITEM: ocp.args.JsonSave(config_record(model_config)),
-             OPT_ITEM: ocp.args.StandardSave(state.opt_state),
-             TRAIN_ITEM: ocp.args.JsonSave(train)}
+    train = {
+      "step": step,
+      "rng": np.asarray(jax.random.key_data(state.rng)).tolist(),
+      "rng_impl": str(jax.random.key_impl(state.rng)),
+      "data": dict(data_state or {}),
+      "extra": dict(extra or {}),
+    }
+    items = {
+      PARAMS_ITEM: ocp.args.PyTreeSave(state.model_params()),
+      CONFIG_ITEM: ocp.args.JsonSave(config_record(model_config)),
+      OPT_ITEM: ocp.args.StandardSave(state.opt_state),
+      TRAIN_ITEM: ocp.args.JsonSave(train),
+    }
     if state.lora is not None:
       items[LORA_ITEM] = ocp.args.StandardSave(state.lora)
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def restore(self, state: TrainState, shardings: TrainState, step: int | None = None
-              ) -> tuple[TrainState, dict[str, Any]]:
+  def restore(
+    self, state: TrainState, shardings: TrainState, step: int | None = None
+  ) -> tuple[TrainState, dict[str, Any]]:
     """Restores step `step` (default: the latest) into the structure of `state`, placed by `shardings`.
 
     Returns the restored state and the `train` record (with `data` and `extra`). `state` supplies the
@@ -83,21 +102,27 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     abstract = jax.eval_shape(lambda s: s, state)
-    items = {OPT_ITEM: ocp.args.StandardRestore(abstract_with_shardings(abstract.opt_state, shardings.opt_state)),
-             TRAIN_ITEM: ocp.args.JsonRestore()}
+    items = {
+      OPT_ITEM: ocp.args.StandardRestore(abstract_with_shardings(abstract.opt_state, shardings.opt_state)),
+      TRAIN_ITEM: ocp.args.JsonRestore(),
+    }
     if state.lora is not None:
       items[LORA_ITEM] = ocp.args.StandardRestore(abstract_with_shardings(abstract.lora, shardings.lora))
     else:
       items[PARAMS_ITEM] = ocp.args.PyTreeRestore(
-          item=abstract.params, restore_args=_restore_args(shardings.params, abstract.params))
+        item=abstract.params, restore_args=_restore_args(shardings.params, abstract.params)
+      )
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     train = dict(restored[TRAIN_ITEM])
     key_data = np.asarray(train["rng"], dtype=np.uint32)
     rng = jax.device_put(jax.random.wrap_key_data(key_data, impl=train.get("rng_impl") or None), shardings.rng)
-    new = state.replace(step=jax.device_put(np.int32(train["step"]), shardings.step), rng=rng,
-                        opt_state=restored[OPT_ITEM],
-                        params=state.params if state.lora is not None else restored[PARAMS_ITEM],
-                        lora=restored[LORA_ITEM] if state.lora is not None else None)
+    new = state.replace(
+      step=jax.device_put(np.int32(train["step"]), shardings.step),
+      rng=rng,
+      opt_state=restored[OPT_ITEM],
+      params=state.params if state.lora is not None else restored[PARAMS_ITEM],
+      lora=restored[LORA_ITEM] if state.lora is not None else None,
+    )
     return new, train
 
   def wait(self) -> None:

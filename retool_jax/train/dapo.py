@@ -28,6 +28,8 @@ def overlong_penalty(lengths_B: ArrayLike, max_len: int, cache_len: int, *, pena
   0 up to `max_len - cache_len` tokens, then falling linearly to `-penalty` at `max_len`, and `-penalty` beyond.
   """
   if not 0 < cache_len <= max_len:
-    raise ValueError(f"overlong shaping needs 0 < cache_len <= max_len, got cache_len={cache_len}, max_len={max_len}")
+    raise ValueError(
+      f"overlong shaping needs 0 < cache_len <= max_len, got cache_len={cache_len}, max_len={max_len}"
+    )
   lengths_B = np.asarray(lengths_B, np.float64)
   return penalty * np.clip((max_len - cache_len - lengths_B) / cache_len, -1.0, 0.0)

@@ -23,13 +23,13 @@ PureDict = dict[str, Any]
 
 # Target name -> (parameter name, input dims, output dims) of the weight, after any leading stacked dims.
 PROJECTIONS: Mapping[str, tuple[str, int, int]] = {
-    "q": ("q_proj", 1, 2),      # [d, heads, head_dim]
-    "k": ("k_proj", 1, 2),
-    "v": ("v_proj", 1, 2),
-    "o": ("o_proj", 2, 1),      # [heads, head_dim, d]
-    "gate": ("gate_proj", 1, 1),
-    "up": ("up_proj", 1, 1),
-    "down": ("down_proj", 1, 1),
+  "q": ("q_proj", 1, 2),  # [d, heads, head_dim]
+  "k": ("k_proj", 1, 2),
+  "v": ("v_proj", 1, 2),
+  "o": ("o_proj", 2, 1),  # [heads, head_dim, d]
+  "gate": ("gate_proj", 1, 1),
+  "up": ("up_proj", 1, 1),
+  "down": ("down_proj", 1, 1),
 }
 
 
@@ -73,7 +73,7 @@ def _get(tree: Mapping, keys: Sequence[str]):
 
 def _split_shape(shape, n_in: int, n_out: int) -> tuple[tuple[int, ...], int, int]:
   lead = len(shape) - n_in - n_out
-  return tuple(shape[:lead]), math.prod(shape[lead:lead + n_in]), math.prod(shape[lead + n_in:])
+  return tuple(shape[:lead]), math.prod(shape[lead : lead + n_in]), math.prod(shape[lead + n_in :])
 
 
 def init_lora(params: Mapping, cfg: LoraConfig, key: jax.Array, dtype=jnp.float32) -> PureDict:

@@ -23,8 +23,14 @@ AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean_token_sum", "seq_mean_t
 Metrics = dict[str, jax.Array]
 
 
-def aggregate(loss_BT: ArrayLike, mask_BT: ArrayLike, mode: Aggregation = "token_mean", *,
-              num_tokens: ArrayLike | None = None, num_seqs: ArrayLike | None = None) -> jax.Array:
+def aggregate(
+  loss_BT: ArrayLike,
+  mask_BT: ArrayLike,
+  mode: Aggregation = "token_mean",
+  *,
+  num_tokens: ArrayLike | None = None,
+  num_seqs: ArrayLike | None = None,
+) -> jax.Array:
   """Reduces a per-token loss to a scalar.
 
   `token_mean`: sum over all policy tokens / `num_tokens`. `seq_mean_token_sum`: each sequence's token sum,
@@ -83,15 +89,22 @@ class PolicyLossConfig:
     if self.kl_estimator not in KL_ESTIMATORS:
       raise ValueError(f"PolicyLossConfig.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
     if self.kl_coef < 0.0 or self.entropy_coef < 0.0:
-      raise ValueError(f"PolicyLossConfig.kl_coef and entropy_coef must be >= 0, got {self.kl_coef}, "
-                       f"{self.entropy_coef}")
+      raise ValueError(
+        f"PolicyLossConfig.kl_coef and entropy_coef must be >= 0, got {self.kl_coef}, {self.entropy_coef}"
+      )
     if self.tis_cap is not None and self.tis_cap <= 0.0:
       raise ValueError(f"PolicyLossConfig.tis_cap must be > 0 (or None), got {self.tis_cap}")
 
 
-def clipped_pg_loss_BT(logp_BT: jax.Array, old_logp_BT: jax.Array, adv_BT: jax.Array, *, clip_low: float,
-                       clip_high: float, dual_clip: float | None = None
-                       ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def clipped_pg_loss_BT(
+  logp_BT: jax.Array,
+  old_logp_BT: jax.Array,
+  adv_BT: jax.Array,
+  *,
+  clip_low: float,
+  clip_high: float,
+  dual_clip: float | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Per-token `max(-A r, -A clip(r, 1-clip_low, 1+clip_high))`, capped at `-dual_clip * A` where `A < 0`.
 
   Returns `(loss_BT, ratio_BT, clipped_BT, dual_clipped_BT)`; the last two are bools marking the tokens whose
@@ -115,10 +128,19 @@ def tis_weights(old_logp_BT: ArrayLike, rollout_logp_BT: ArrayLike, cap: float) 
   return jax.lax.stop_gradient(jnp.exp(jnp.minimum(log_w_BT, jnp.log(cap))))
 
 
-def policy_loss(logp_BT: ArrayLike, old_logp_BT: ArrayLike, adv_BT: ArrayLike, mask_BT: ArrayLike,
-                config: PolicyLossConfig = PolicyLossConfig(), *, ref_logp_BT: ArrayLike | None = None,
-                entropy_BT: ArrayLike | None = None, rollout_logp_BT: ArrayLike | None = None,
-                num_tokens: ArrayLike | None = None, num_seqs: ArrayLike | None = None) -> tuple[jax.Array, Metrics]:
+def policy_loss(
+  logp_BT: ArrayLike,
+  old_logp_BT: ArrayLike,
+  adv_BT: ArrayLike,
+  mask_BT: ArrayLike,
+  config: PolicyLossConfig = PolicyLossConfig(),
+  *,
+  ref_logp_BT: ArrayLike | None = None,
+  entropy_BT: ArrayLike | None = None,
+  rollout_logp_BT: ArrayLike | None = None,
+  num_tokens: ArrayLike | None = None,
+  num_seqs: ArrayLike | None = None,
+) -> tuple[jax.Array, Metrics]:
   """Clipped policy-gradient loss `+ kl_coef * KL - entropy_coef * H`, each aggregated by `config.aggregation`.
 
   `logp_BT` carries the gradient; the old/reference/rollout log-probs and advantages are treated as constants.
@@ -136,12 +158,13 @@ def policy_loss(logp_BT: ArrayLike, old_logp_BT: ArrayLike, adv_BT: ArrayLike, m
   mean = lambda x_BT: jax.lax.stop_gradient(masked_mean(x_BT, mask_BT))
 
   pg_BT, ratio_BT, clipped_BT, dual_BT = clipped_pg_loss_BT(
-      logp_BT, old_logp_BT, adv_BT, clip_low=c.clip_low, clip_high=c.clip_high, dual_clip=c.dual_clip)
+    logp_BT, old_logp_BT, adv_BT, clip_low=c.clip_low, clip_high=c.clip_high, dual_clip=c.dual_clip
+  )
   metrics: Metrics = {
-      "pg_clipfrac": mean(clipped_BT),
-      "approx_kl": mean(kl_estimate(old_logp_BT, logp_BT, "k3")),
-      "ratio_mean": mean(ratio_BT),
-      "ratio_max": jax.lax.stop_gradient(masked_max(ratio_BT, mask_BT)),
+    "pg_clipfrac": mean(clipped_BT),
+    "approx_kl": mean(kl_estimate(old_logp_BT, logp_BT, "k3")),
+    "ratio_mean": mean(ratio_BT),
+    "ratio_max": jax.lax.stop_gradient(masked_max(ratio_BT, mask_BT)),
   }
   if c.dual_clip is not None:
     metrics["pg_clipfrac_dual"] = mean(dual_BT)
@@ -179,8 +202,15 @@ def policy_loss(logp_BT: ArrayLike, old_logp_BT: ArrayLike, adv_BT: ArrayLike, m
   return loss, metrics
 
 
-def value_loss(values_BT: ArrayLike, old_values_BT: ArrayLike, returns_BT: ArrayLike, mask_BT: ArrayLike, *,
-               clip_value: float | None = None, num_tokens: ArrayLike | None = None) -> tuple[jax.Array, Metrics]:
+def value_loss(
+  values_BT: ArrayLike,
+  old_values_BT: ArrayLike,
+  returns_BT: ArrayLike,
+  mask_BT: ArrayLike,
+  *,
+  clip_value: float | None = None,
+  num_tokens: ArrayLike | None = None,
+) -> tuple[jax.Array, Metrics]:
   """PPO value loss `0.5 * max((v - R)^2, (v_clipped - R)^2)`, token mean over the policy tokens.
 
   `v_clipped = v_old + clip(v - v_old, -clip_value, clip_value)`; with `clip_value=None` it is plain
@@ -200,8 +230,9 @@ def value_loss(values_BT: ArrayLike, old_values_BT: ArrayLike, returns_BT: Array
   return loss, {"vf_loss": jax.lax.stop_gradient(loss), "vf_clipfrac": masked_mean(clipped_BT, mask_BT)}
 
 
-def sft_loss(logp_BT: ArrayLike, mask_BT: ArrayLike, *,
-             num_tokens: ArrayLike | None = None) -> tuple[jax.Array, Metrics]:
+def sft_loss(
+  logp_BT: ArrayLike, mask_BT: ArrayLike, *, num_tokens: ArrayLike | None = None
+) -> tuple[jax.Array, Metrics]:
   """Negative log-likelihood summed over the loss tokens / `num_tokens`. Metrics: `nll` (local mean), `tokens`."""
   nll_BT = -jnp.asarray(logp_BT, jnp.float32)
   loss = aggregate(nll_BT, mask_BT, "token_mean", num_tokens=num_tokens)
@@ -214,9 +245,16 @@ def sequence_logp(logp_BT: ArrayLike, mask_BT: ArrayLike) -> jax.Array:
   return masked_sum(logp_BT, mask_BT, axis=1)
 
 
-def dpo_loss(policy_chosen_B: ArrayLike, policy_rejected_B: ArrayLike, ref_chosen_B: ArrayLike,
-             ref_rejected_B: ArrayLike, *, beta: float = 0.1, label_smoothing: float = 0.0,
-             num_pairs: ArrayLike | None = None) -> tuple[jax.Array, Metrics]:
+def dpo_loss(
+  policy_chosen_B: ArrayLike,
+  policy_rejected_B: ArrayLike,
+  ref_chosen_B: ArrayLike,
+  ref_rejected_B: ArrayLike,
+  *,
+  beta: float = 0.1,
+  label_smoothing: float = 0.0,
+  num_pairs: ArrayLike | None = None,
+) -> tuple[jax.Array, Metrics]:
   """Sigmoid DPO loss from sequence log-probs, with conservative label smoothing `eps`.
 
   With `z = beta * ((pi_c - ref_c) - (pi_r - ref_r))`, each pair costs
@@ -237,9 +275,9 @@ def dpo_loss(policy_chosen_B: ArrayLike, policy_rejected_B: ArrayLike, ref_chose
   loss = jnp.sum(per_pair_B) / num_pairs
   sg = jax.lax.stop_gradient
   metrics = {
-      "rewards_chosen": sg(jnp.mean(chosen_B)),
-      "rewards_rejected": sg(jnp.mean(rejected_B)),
-      "reward_margin": sg(jnp.mean(z_B)),
-      "reward_accuracy": jnp.mean((chosen_B > rejected_B).astype(jnp.float32)),
+    "rewards_chosen": sg(jnp.mean(chosen_B)),
+    "rewards_rejected": sg(jnp.mean(rejected_B)),
+    "reward_margin": sg(jnp.mean(z_B)),
+    "reward_accuracy": jnp.mean((chosen_B > rejected_B).astype(jnp.float32)),
   }
   return loss, metrics

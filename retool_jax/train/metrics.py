@@ -74,10 +74,15 @@ class MetricsWriter:
     self._file = open(self.path, "a")
     if tensorboard:
       from tensorboardX import SummaryWriter
+
       purge = None if resume_step is None else resume_step + 1
       # one event file per (re)start; the suffix keeps two starts in the same second apart
-      self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=purge, flush_secs=30,
-                               filename_suffix=f".{os.getpid()}.{purge or 0}")
+      self._tb = SummaryWriter(
+        str(self.workdir / "tensorboard"),
+        purge_step=purge,
+        flush_secs=30,
+        filename_suffix=f".{os.getpid()}.{purge or 0}",
+      )
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.active:

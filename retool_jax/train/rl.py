@@ -33,7 +33,7 @@ from retool_jax.rollout import MultiTurnConfig, generate_multiturn
 from retool_jax.train import advantages as adv_lib
 from retool_jax.train import dapo
 from retool_jax.train.losses import PolicyLossConfig, policy_loss
-from retool_jax.train.rl_batch import TokenBatch, minibatch_indices, pack_rollouts
+from retool_jax.train.rl_batch import minibatch_indices, pack_rollouts
 from retool_jax.train.state import TrainState
 
 ALGORITHMS = ("grpo", "dr_grpo", "rloo", "ppo")
@@ -50,6 +50,7 @@ def _fields_from(cls, values: Mapping[str, Any], where: str) -> dict[str, Any]:
 @dataclasses.dataclass(frozen=True)
 class OverlongConfig:
   """DAPO's soft overlong punishment on the number of response tokens (disabled when `cache_len` is 0)."""
+
   max_len: int = 0
   cache_len: int = 0
   penalty: float = 1.0
@@ -75,6 +76,7 @@ class RLConfig:
     length_multiple: padded lengths are bucketed to multiples of this.
     seed: sampling seeds and minibatch shuffling.
   """
+
   algorithm: str = "grpo"
   num_prompts: int = 32
   group_size: int = 8
@@ -94,20 +96,30 @@ class RLConfig:
   def __post_init__(self):
     if self.algorithm not in ALGORITHMS:
       raise ValueError(f"rl.algorithm={self.algorithm!r}; expected one of {ALGORITHMS}")
-    for name in ("num_prompts", "group_size", "num_minibatches", "num_epochs", "max_sampling_rounds",
-                 "logprob_chunk", "length_multiple"):
+    for name in (
+      "num_prompts",
+      "group_size",
+      "num_minibatches",
+      "num_epochs",
+      "max_sampling_rounds",
+      "logprob_chunk",
+      "length_multiple",
+    ):
       if getattr(self, name) < 1:
         raise ValueError(f"rl.{name}={getattr(self, name)} must be >= 1")
     if self.algorithm == "rloo" and self.group_size < 2:
       raise ValueError("rl.algorithm='rloo' needs rl.group_size >= 2")
     if (self.num_prompts * self.group_size) % self.num_minibatches:
-      raise ValueError(f"rl.num_prompts * rl.group_size = {self.num_prompts * self.group_size} does not split "
-                       f"into rl.num_minibatches={self.num_minibatches}")
+      raise ValueError(
+        f"rl.num_prompts * rl.group_size = {self.num_prompts * self.group_size} does not split "
+        f"into rl.num_minibatches={self.num_minibatches}"
+      )
     if self.kl_reward_coef < 0:
       raise ValueError(f"rl.kl_reward_coef={self.kl_reward_coef} must be >= 0")
     if self.kl_reward_coef > 0 and self.algorithm != "ppo":
-      raise ValueError("rl.kl_reward_coef (KL as a reward penalty) needs rl.algorithm='ppo'; "
-                       "use rl.loss.kl_coef for a KL loss")
+      raise ValueError(
+        "rl.kl_reward_coef (KL as a reward penalty) needs rl.algorithm='ppo'; use rl.loss.kl_coef for a KL loss"
+      )
 
   @property
   def batch_size(self) -> int:
@@ -130,10 +142,15 @@ class RLConfig:
 
 # ---- scoring and rollout statistics ---------------------------------------------------------------
 
+
 def reward_info(rollout: Any) -> dict[str, Any]:
   """What the reward function is told about how a response was produced."""
   finish = rollout.turns[-1].finish_reason if rollout.turns else None
-  return {"num_tool_calls": rollout.tool_calls, "truncated": rollout.status == "truncated", "finish_reason": finish}
+  return {
+    "num_tool_calls": rollout.tool_calls,
+    "truncated": rollout.status == "truncated",
+    "finish_reason": finish,
+  }
 
 
 def score_rollouts(reward_fn: Any, rollouts: Sequence[Any], answers: Sequence[str]) -> list[Any]:
@@ -147,60 +164,104 @@ def rollout_metrics(rollouts: Sequence[Any], results: Sequence[Any]) -> dict[str
   errors = float(sum(r.tool_errors for r in rollouts))
   policy_tokens = np.asarray([sum(r.loss_mask) for r in rollouts], np.float64)
   return {
-      "reward_mean": float(rewards.mean()),
-      "reward_std": float(rewards.std()),
-      "accuracy": float(np.mean([r.correct for r in results])),
-      "format_ok": float(np.mean([r.format_ok for r in results])),
-      "tool_calls_per_traj": float(calls.mean()),
-      "tool_use_rate": float(np.mean(calls > 0)),
-      "tool_error_rate": errors / max(float(calls.sum()), 1.0),
-      "response_length": float(policy_tokens.mean()),
-      "response_length_max": float(policy_tokens.max()),
-      "truncation_rate": float(np.mean([r.status == "truncated" for r in rollouts])),
-      "abort_rate": float(np.mean([r.status == "aborted" for r in rollouts])),
+    "reward_mean": float(rewards.mean()),
+    "reward_std": float(rewards.std()),
+    "accuracy": float(np.mean([r.correct for r in results])),
+    "format_ok": float(np.mean([r.format_ok for r in results])),
+    "tool_calls_per_traj": float(calls.mean()),
+    "tool_use_rate": float(np.mean(calls > 0)),
+    "tool_error_rate": errors / max(float(calls.sum()), 1.0),
+    "response_length": float(policy_tokens.mean()),
+    "response_length_max": float(policy_tokens.max()),
+    "truncation_rate": float(np.mean([r.status == "truncated" for r in rollouts])),
+    "abort_rate": float(np.mean([r.status == "aborted" for r in rollouts])),
   }
 
 
-async def rollout_and_score(engine: Any, prompts: Sequence[Any], answers: Sequence[str], tools: Any,
-                            multiturn: MultiTurnConfig, reward_fn: Any, tokenizer: Any) -> tuple[list, list]:
+async def rollout_and_score(
+  engine: Any,
+  prompts: Sequence[Any],
+  answers: Sequence[str],
+  tools: Any,
+  multiturn: MultiTurnConfig,
+  reward_fn: Any,
+  tokenizer: Any,
+) -> tuple[list, list]:
   rollouts = await generate_multiturn(engine, prompts, tools, multiturn, tokenizer=tokenizer)
   return rollouts, score_rollouts(reward_fn, rollouts, answers)
 
 
-def evaluate(engine: Any, prompts: Sequence[Any], answers: Sequence[str], tools: Any, multiturn: MultiTurnConfig,
-             reward_fn: Any, tokenizer: Any, *, samples: int = 1) -> dict[str, float]:
+def evaluate(
+  engine: Any,
+  prompts: Sequence[Any],
+  answers: Sequence[str],
+  tools: Any,
+  multiturn: MultiTurnConfig,
+  reward_fn: Any,
+  tokenizer: Any,
+  *,
+  samples: int = 1,
+) -> dict[str, float]:
   """Rollout metrics of `samples` responses per prompt (held-out accuracy, format, tool use, ...)."""
   prompts = [p for p in prompts for _ in range(samples)]
   answers = [a for a in answers for _ in range(samples)]
   rollouts, results = asyncio.run(
-      rollout_and_score(engine, prompts, answers, tools, multiturn, reward_fn, tokenizer))
+    rollout_and_score(engine, prompts, answers, tools, multiturn, reward_fn, tokenizer)
+  )
   return rollout_metrics(rollouts, results)
 
 
 # ---- jitted pieces ----------------------------------------------------------------------------------
 
+
 @functools.partial(jax.jit, static_argnames=("temperature", "chunk", "with_entropy"))
-def policy_logprobs(state: TrainState, batch: Mapping[str, jax.Array], *, temperature: float, chunk: int,
-                    with_entropy: bool = False):
+def policy_logprobs(
+  state: TrainState, batch: Mapping[str, jax.Array], *, temperature: float, chunk: int, with_entropy: bool = False
+):
   """Per-token log-probs (and entropies) of the targets under the state's current weights."""
-  out = token_logprobs(state.model(), batch["input_ids_BT"], batch["targets_BT"],
-                       attention_mask=batch["attention_mask_BT"], temperature=temperature, chunk_size=chunk,
-                       with_entropy=with_entropy)
+  out = token_logprobs(
+    state.model(),
+    batch["input_ids_BT"],
+    batch["targets_BT"],
+    attention_mask=batch["attention_mask_BT"],
+    temperature=temperature,
+    chunk_size=chunk,
+    with_entropy=with_entropy,
+  )
   return out.logprobs_BT, out.entropy_BT
 
 
 @functools.partial(jax.jit, static_argnames=("loss_config", "temperature", "chunk"), donate_argnames=("state",))
-def policy_update(state: TrainState, batch: Mapping[str, jax.Array], *, loss_config: PolicyLossConfig,
-                  temperature: float, chunk: int) -> tuple[TrainState, dict[str, jax.Array]]:
+def policy_update(
+  state: TrainState,
+  batch: Mapping[str, jax.Array],
+  *,
+  loss_config: PolicyLossConfig,
+  temperature: float,
+  chunk: int,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the clipped policy-gradient loss of `batch`."""
 
   def loss_fn(trainable):
-    out = token_logprobs(state.model(trainable), batch["input_ids_BT"], batch["targets_BT"],
-                         attention_mask=batch["attention_mask_BT"], temperature=temperature, chunk_size=chunk,
-                         with_entropy=True)
-    return policy_loss(out.logprobs_BT, batch["old_logp_BT"], batch["adv_BT"], batch["mask_BT"], loss_config,
-                       ref_logp_BT=batch.get("ref_logp_BT"), entropy_BT=out.entropy_BT,
-                       rollout_logp_BT=batch["rollout_logp_BT"])
+    out = token_logprobs(
+      state.model(trainable),
+      batch["input_ids_BT"],
+      batch["targets_BT"],
+      attention_mask=batch["attention_mask_BT"],
+      temperature=temperature,
+      chunk_size=chunk,
+      with_entropy=True,
+    )
+    return policy_loss(
+      out.logprobs_BT,
+      batch["old_logp_BT"],
+      batch["adv_BT"],
+      batch["mask_BT"],
+      loss_config,
+      ref_logp_BT=batch.get("ref_logp_BT"),
+      entropy_BT=out.entropy_BT,
+      rollout_logp_BT=batch["rollout_logp_BT"],
+    )
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
   metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
@@ -209,7 +270,7 @@ def policy_update(state: TrainState, batch: Mapping[str, jax.Array], *, loss_con
 
 # ---- the trainer ------------------------------------------------------------------------------------
 
-PromptBatch = Sequence[Mapping[str, Any]]   # items with "prompt" (ids or chat messages) and "answer"
+PromptBatch = Sequence[Mapping[str, Any]]  # items with "prompt" (ids or chat messages) and "answer"
 
 
 class RLTrainer:
@@ -229,12 +290,25 @@ class RLTrainer:
     critic: a `Critic` (needed for PPO).
   """
 
-  def __init__(self, config: RLConfig, state: TrainState, *, engine: Any, tokenizer: Any, tools: Any,
-               multiturn: MultiTurnConfig, reward_fn: Any, prompts: Iterator[PromptBatch],
-               reference: Any = None, critic: Any = None, pad_id: int | None = None):
+  def __init__(
+    self,
+    config: RLConfig,
+    state: TrainState,
+    *,
+    engine: Any,
+    tokenizer: Any,
+    tools: Any,
+    multiturn: MultiTurnConfig,
+    reward_fn: Any,
+    prompts: Iterator[PromptBatch],
+    reference: Any = None,
+    critic: Any = None,
+    pad_id: int | None = None,
+  ):
     if config.needs_reference and reference is None:
-      raise ValueError("the RL config uses a KL term (rl.loss.kl_coef or rl.kl_reward_coef) but no reference "
-                       "model was given")
+      raise ValueError(
+        "the RL config uses a KL term (rl.loss.kl_coef or rl.kl_reward_coef) but no reference model was given"
+      )
     if config.algorithm == "ppo" and critic is None:
       raise ValueError("rl.algorithm='ppo' needs a critic")
     self.config, self.state, self.engine = config, state, engine
@@ -264,11 +338,12 @@ class RLTrainer:
   def _sample_groups(self, items: PromptBatch, round_: int) -> tuple[list, list, list[str]]:
     g = self.config.group_size
     seed = self.config.seed + 7919 * (self.step_count * self.config.max_sampling_rounds + round_)
-    mt = dataclasses.replace(self.multiturn, seed=seed * 1000 * len(items) * g % (2 ** 31))
+    mt = dataclasses.replace(self.multiturn, seed=seed * 1000 * len(items) * g % (2**31))
     prompts = [it["prompt"] for it in items for _ in range(g)]
     answers = [str(it["answer"]) for it in items for _ in range(g)]
     rollouts, results = self._loop.run_until_complete(
-        rollout_and_score(self.engine, prompts, answers, self.tools, mt, self.reward_fn, self.tokenizer))
+      rollout_and_score(self.engine, prompts, answers, self.tools, mt, self.reward_fn, self.tokenizer)
+    )
     return rollouts, results, answers
 
   def _collect(self) -> tuple[list, list, np.ndarray, dict[str, float]]:
@@ -291,8 +366,8 @@ class RLTrainer:
       stats["sampling_rounds"] = round_ + 1
       if len(rollouts) >= c.batch_size:
         break
-    rewards = np.concatenate(rewards)[:c.batch_size]
-    rollouts, results = rollouts[:c.batch_size], results[:c.batch_size]
+    rewards = np.concatenate(rewards)[: c.batch_size]
+    rollouts, results = rollouts[: c.batch_size], results[: c.batch_size]
     stats.update(rollout_metrics(all_rollouts, all_results))
     if c.dynamic_sampling:
       stats["kept_fraction"] = len(rollouts) / max(len(all_rollouts), 1)
@@ -302,8 +377,9 @@ class RLTrainer:
     r = np.asarray([x.reward for x in results], np.float64)
     o = self.config.overlong
     if o.cache_len > 0:
-      r = r + dapo.overlong_penalty([sum(x.loss_mask) for x in rollouts], o.max_len, o.cache_len,
-                                    penalty=o.penalty)
+      r = r + dapo.overlong_penalty(
+        [sum(x.loss_mask) for x in rollouts], o.max_len, o.cache_len, penalty=o.penalty
+      )
     return r
 
   # -- advantages ------------------------------------------------------------------------------------
@@ -336,8 +412,12 @@ class RLTrainer:
     batch["old_logp_BT"], _ = policy_logprobs(self.state, batch, temperature=temperature, chunk=c.logprob_chunk)
     if self.reference is not None:
       batch["ref_logp_BT"] = self.reference.logprobs(
-          batch["input_ids_BT"], batch["targets_BT"], attention_mask=batch["attention_mask_BT"],
-          temperature=temperature, chunk_size=c.logprob_chunk).logprobs_BT
+        batch["input_ids_BT"],
+        batch["targets_BT"],
+        attention_mask=batch["attention_mask_BT"],
+        temperature=temperature,
+        chunk_size=c.logprob_chunk,
+      ).logprobs_BT
     batch["adv_BT"], critic_batch = self._advantages(rewards, batch)
     jax.block_until_ready(batch["adv_BT"])
     t2 = time.perf_counter()
@@ -349,8 +429,9 @@ class RLTrainer:
     for _ in range(c.num_epochs):
       for rows in minibatch_indices(n, c.num_minibatches if n == c.batch_size else 1, self._rng):
         mb = {k: v[rows] for k, v in batch.items()}
-        self.state, m = policy_update(self.state, mb, loss_config=c.loss, temperature=temperature,
-                                      chunk=c.logprob_chunk)
+        self.state, m = policy_update(
+          self.state, mb, loss_config=c.loss, temperature=temperature, chunk=c.logprob_chunk
+        )
         if self.critic is not None:
           m = dict(m, **self.critic.update({k: v[rows] for k, v in critic_batch.items()}))
         update_metrics.append(m)
@@ -364,13 +445,19 @@ class RLTrainer:
     for key in update_metrics[0]:
       metrics[key] = float(np.mean([m[key] for m in update_metrics]))
     tokens = float(np.sum(packed.attention_mask_BT))
-    metrics.update({
+    metrics.update(
+      {
         "train_reward_mean": float(rewards.mean()),
         "batch_size": float(n),
-        "time/rollout": t1 - t0, "time/reference": t2 - t1, "time/train": t3 - t2, "time/sync": t4 - t3,
-        "perf/step_time": t4 - t0, "perf/tokens_per_s": tokens / (t4 - t0),
+        "time/rollout": t1 - t0,
+        "time/reference": t2 - t1,
+        "time/train": t3 - t2,
+        "time/sync": t4 - t3,
+        "perf/step_time": t4 - t0,
+        "perf/tokens_per_s": tokens / (t4 - t0),
         "perf/train_tokens_per_s": c.num_epochs * tokens / max(t3 - t2, 1e-9),
-    })
+      }
+    )
     return metrics
 
   def sync_weights(self) -> None:

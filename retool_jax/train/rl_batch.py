@@ -18,11 +18,12 @@ import numpy as np
 @dataclasses.dataclass
 class TokenBatch:
   """Host arrays of one rollout batch (`[B, T]` unless noted)."""
+
   input_ids_BT: np.ndarray
   targets_BT: np.ndarray
-  mask_BT: np.ndarray            # float32, 1 on policy-generated targets
+  mask_BT: np.ndarray  # float32, 1 on policy-generated targets
   attention_mask_BT: np.ndarray  # int32, 1 on real (unpadded) inputs
-  rollout_logp_BT: np.ndarray    # float32, the engine's log-probs of the targets (0 elsewhere)
+  rollout_logp_BT: np.ndarray  # float32, the engine's log-probs of the targets (0 elsewhere)
 
   @property
   def shape(self) -> tuple[int, int]:
@@ -40,8 +41,9 @@ def bucket_length(n: int, length_multiple: int = 64) -> int:
   return length_multiple * max(1, -(-n // length_multiple))
 
 
-def pack_rollouts(rollouts: Sequence[Any], *, pad_id: int, length_multiple: int = 64,
-                  max_length: int | None = None) -> TokenBatch:
+def pack_rollouts(
+  rollouts: Sequence[Any], *, pad_id: int, length_multiple: int = 64, max_length: int | None = None
+) -> TokenBatch:
   """Right-padded training arrays of `rollouts` (anything with `ids`, `loss_mask`, `logprobs`)."""
   if not rollouts:
     raise ValueError("pack_rollouts needs at least one rollout")
@@ -57,8 +59,10 @@ def pack_rollouts(rollouts: Sequence[Any], *, pad_id: int, length_multiple: int 
   logp = np.zeros((b, t + 1), np.float32)
   for i, r in enumerate(rollouts):
     if not len(r.ids) == len(r.loss_mask) == len(r.logprobs):
-      raise ValueError(f"rollout {i}: ids, loss_mask and logprobs differ in length "
-                       f"({len(r.ids)}, {len(r.loss_mask)}, {len(r.logprobs)})")
+      raise ValueError(
+        f"rollout {i}: ids, loss_mask and logprobs differ in length "
+        f"({len(r.ids)}, {len(r.loss_mask)}, {len(r.logprobs)})"
+      )
     n = len(r.ids)
     ids[i, :n] = r.ids
     mask[i, :n] = r.loss_mask

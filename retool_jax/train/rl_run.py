@@ -17,7 +17,7 @@ import numpy as np
 from retool_jax.train import sft
 from retool_jax.train.rl import RLConfig, RLTrainer
 
-FREE_FORM = ("rl", "rollout", "model.overrides")   # checked by RLConfig / MultiTurnConfig / Qwen3Config
+FREE_FORM = ("rl", "rollout", "model.overrides")  # checked by RLConfig / MultiTurnConfig / Qwen3Config
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -26,25 +26,36 @@ def default_config() -> ml_collections.ConfigDict:
   c.trainer = "rl"
   c.workdir = "runs/rl"
   c.seed = 0
-  c.num_steps = 100                 # RL steps (one rollout batch each)
-  c.model = sft.default_config().model   # checkpoint / preset / overrides / dtypes / remat, as for SFT
+  c.num_steps = 100  # RL steps (one rollout batch each)
+  c.model = sft.default_config().model  # checkpoint / preset / overrides / dtypes / remat, as for SFT
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   c.data = ml_collections.ConfigDict()
-  c.data.path = ""                  # math problems (json / jsonl / parquet), e.g. DAPO-Math-17k
-  c.data.prompt_style = "retool"    # raw | retool (see retool_jax.data.prompts)
+  c.data.path = ""  # math problems (json / jsonl / parquet), e.g. DAPO-Math-17k
+  c.data.prompt_style = "retool"  # raw | retool (see retool_jax.data.prompts)
   c.data.limit = 0
-  c.data.tokenizer = ""             # "" = the packaged Qwen3 tokenizer
+  c.data.tokenizer = ""  # "" = the packaged Qwen3 tokenizer
   c.engine = ml_collections.ConfigDict()
-  c.engine.sglang_url = ""          # "" = the embedded JAX engine
+  c.engine.sglang_url = ""  # "" = the embedded JAX engine
   c.engine.max_batch_size = 256
   c.engine.decode_chunk = 32
-  c.reward = "retool"               # a registered reward name or "module:function"
+  c.reward = "retool"  # a registered reward name or "module:function"
   c.rollout = ml_collections.ConfigDict()  # MultiTurnConfig fields
-  c.rl = ml_collections.ConfigDict()       # RLConfig fields
+  c.rl = ml_collections.ConfigDict()  # RLConfig fields
   c.reference = ml_collections.ConfigDict(dict(offload=False))
-  c.optim = ml_collections.ConfigDict(dict(
-      schedule="constant", learning_rate=1e-6, warmup_steps=0, decay_steps=0, end_lr_factor=0.0, b1=0.9,
-      b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0))
+  c.optim = ml_collections.ConfigDict(
+    dict(
+      schedule="constant",
+      learning_rate=1e-6,
+      warmup_steps=0,
+      decay_steps=0,
+      end_lr_factor=0.0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.01,
+      grad_clip_norm=1.0,
+    )
+  )
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=20, keep=3, async_save=True))
   c.log = ml_collections.ConfigDict(dict(tensorboard=True))
   return c
@@ -87,13 +98,31 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if c.engine.sglang_url:
     engine = SGLangEngine(c.engine.sglang_url, model_config=model.config)
   else:
-    engine = JaxEngine(model, tokenizer=tokenizer, max_length=multiturn.max_context,
-                       max_batch_size=c.engine.max_batch_size, decode_chunk=c.engine.decode_chunk, seed=c.seed)
-  trainer = RLTrainer(rl, state, engine=engine, tokenizer=tokenizer, tools=session_tools(default_sandbox()),
-                      multiturn=multiturn, reward_fn=get_reward(c.reward),
-                      prompts=_prompt_batches(examples, rl.num_prompts, c.seed), reference=reference)
-  ckpt = Checkpointer(Path(c.workdir) / "checkpoints", save_every=c.checkpoint.every_steps, keep=c.checkpoint.keep,
-                      async_save=c.checkpoint.async_save)
+    engine = JaxEngine(
+      model,
+      tokenizer=tokenizer,
+      max_length=multiturn.max_context,
+      max_batch_size=c.engine.max_batch_size,
+      decode_chunk=c.engine.decode_chunk,
+      seed=c.seed,
+    )
+  trainer = RLTrainer(
+    rl,
+    state,
+    engine=engine,
+    tokenizer=tokenizer,
+    tools=session_tools(default_sandbox()),
+    multiturn=multiturn,
+    reward_fn=get_reward(c.reward),
+    prompts=_prompt_batches(examples, rl.num_prompts, c.seed),
+    reference=reference,
+  )
+  ckpt = Checkpointer(
+    Path(c.workdir) / "checkpoints",
+    save_every=c.checkpoint.every_steps,
+    keep=c.checkpoint.keep,
+    async_save=c.checkpoint.async_save,
+  )
   metrics: dict[str, Any] = {}
   with MetricsWriter(c.workdir, tensorboard=c.log.tensorboard) as writer:
     for step in range(1, c.num_steps + 1):

@@ -31,6 +31,7 @@ _NO_DECAY = re.compile(r"(^|/)([^/]*norm[^/]*|[^/]*bias)(/|$)")
 
 # ---- optimizer ------------------------------------------------------------------------------------
 
+
 def make_schedule(optim: Mapping[str, Any], total_steps: int) -> optax.Schedule:
   """Learning rate by step: `constant`, or linear warmup then cosine / linear decay to `end_lr_factor * lr`.
 
@@ -51,47 +52,67 @@ def make_schedule(optim: Mapping[str, Any], total_steps: int) -> optax.Schedule:
   if kind == "warmup_cosine":
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, decay, end)
   return optax.join_schedules(
-      [optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, end, decay - warmup)], [warmup])
+    [optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, end, decay - warmup)], [warmup]
+  )
 
 
 def decay_mask(params: PureDict) -> PureDict:
   """True for weights that take weight decay; norms and biases are spared."""
+
   def decays(path, _):
     name = "/".join(str(getattr(k, "key", k)) for k in path)
     return not _NO_DECAY.search(name)
+
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  optim: Mapping[str, Any], total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with global-norm clipping (`grad_clip_norm` 0 disables it) and the decay mask above."""
   schedule = make_schedule(optim, total_steps)
   parts = []
   if float(optim.get("grad_clip_norm", 0.0)) > 0:
     parts.append(optax.clip_by_global_norm(float(optim["grad_clip_norm"])))
-  parts.append(optax.adamw(schedule, b1=float(optim.get("b1", 0.9)), b2=float(optim.get("b2", 0.999)),
-                           eps=float(optim.get("eps", 1e-8)), weight_decay=float(optim.get("weight_decay", 0.0)),
-                           mask=decay_mask))
+  parts.append(
+    optax.adamw(
+      schedule,
+      b1=float(optim.get("b1", 0.9)),
+      b2=float(optim.get("b2", 0.999)),
+      eps=float(optim.get("eps", 1e-8)),
+      weight_decay=float(optim.get("weight_decay", 0.0)),
+      mask=decay_mask,
+    )
+  )
   return optax.chain(*parts), schedule
 
 
 # ---- state ----------------------------------------------------------------------------------------
 
+
 @struct.dataclass
 class TrainState:
   """Parameters, optimizer state, step and RNG of one trained model (a pytree; the rest is static)."""
 
-  step: jax.Array                 # int32 scalar: optimizer updates applied so far
-  params: PureDict                # the model's parameters (frozen base weights when `lora` is set)
-  opt_state: optax.OptState       # over `trainable`
-  rng: jax.Array                  # typed PRNG key, split by trainers that sample
-  lora: PureDict | None = None    # LoRA adapters, the only trained tree when present
+  step: jax.Array  # int32 scalar: optimizer updates applied so far
+  params: PureDict  # the model's parameters (frozen base weights when `lora` is set)
+  opt_state: optax.OptState  # over `trainable`
+  rng: jax.Array  # typed PRNG key, split by trainers that sample
+  lora: PureDict | None = None  # LoRA adapters, the only trained tree when present
   graphdef: nnx.GraphDef = struct.field(pytree_node=False, default=None)
   tx: optax.GradientTransformation = struct.field(pytree_node=False, default=None)
   lora_config: lora_lib.LoraConfig | None = struct.field(pytree_node=False, default=None)
 
   @classmethod
-  def create(cls, model: nnx.Module, tx: optax.GradientTransformation, rng: jax.Array, *,
-             lora_config: lora_lib.LoraConfig | None = None, lora_rng: jax.Array | None = None) -> "TrainState":
+  def create(
+    cls,
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    *,
+    lora_config: lora_lib.LoraConfig | None = None,
+    lora_rng: jax.Array | None = None,
+  ) -> "TrainState":
     """Eager constructor for small models; `create_train_state` builds straight onto the mesh."""
     graphdef, state = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(state)
@@ -99,8 +120,16 @@ class TrainState:
     if lora_config is not None:
       lora = lora_lib.init_lora(params, lora_config, lora_rng if lora_rng is not None else jax.random.key(0))
     trainable = lora if lora is not None else params
-    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable), rng=rng, lora=lora,
-               graphdef=graphdef, tx=tx, lora_config=lora_config)
+    return cls(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(trainable),
+      rng=rng,
+      lora=lora,
+      graphdef=graphdef,
+      tx=tx,
+      lora_config=lora_config,
+    )
 
   @property
   def trainable(self) -> PureDict:
@@ -139,20 +168,28 @@ def state_shardings(state: TrainState, mesh, params: PureDict) -> TrainState:
   rep = _replicated(mesh)
   lora = None if state.lora is None else jax.tree.map(lambda _: rep, state.lora)
   trainable = lora if lora is not None else params
-  opt = optax.tree_map_params(state.tx, lambda _, s: s, state.opt_state, trainable,
-                              transform_non_params=lambda _: rep)
+  opt = optax.tree_map_params(
+    state.tx, lambda _, s: s, state.opt_state, trainable, transform_non_params=lambda _: rep
+  )
   return state.replace(step=rep, params=params, opt_state=opt, rng=rep, lora=lora)
 
 
-def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, rng: jax.Array, mesh, *,
-                       lora_config: lora_lib.LoraConfig | None = None,
-                       lora_rng: jax.Array | None = None) -> tuple[TrainState, TrainState]:
+def create_train_state(
+  model: nnx.Module,
+  tx: optax.GradientTransformation,
+  rng: jax.Array,
+  mesh,
+  *,
+  lora_config: lora_lib.LoraConfig | None = None,
+  lora_rng: jax.Array | None = None,
+) -> tuple[TrainState, TrainState]:
   """The state on `mesh` (optimizer state initialised in place, sharded like its parameters) and its shardings.
 
   `model` must already live on the mesh (`sharding.create_sharded` or `checkpoint.load(path, mesh)`).
   """
-  abstract = jax.eval_shape(lambda m: TrainState.create(m, tx, rng, lora_config=lora_config, lora_rng=lora_rng),
-                            model)
+  abstract = jax.eval_shape(
+    lambda m: TrainState.create(m, tx, rng, lora_config=lora_config, lora_rng=lora_rng), model
+  )
   shardings = state_shardings(abstract, mesh, param_shardings(model, mesh))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
@@ -164,8 +201,13 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, rng:
 
   with jax.set_mesh(mesh):
     opt_state, lora = jax.jit(init, out_shardings=(shardings.opt_state, shardings.lora))(params)
-  state = abstract.replace(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
-                           opt_state=opt_state, rng=jax.device_put(rng, shardings.rng), lora=lora)
+  state = abstract.replace(
+    step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
+    params=params,
+    opt_state=opt_state,
+    rng=jax.device_put(rng, shardings.rng),
+    lora=lora,
+  )
   return state, shardings
 
 
@@ -175,6 +217,7 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
 
 
 # ---- frozen reference model ----------------------------------------------------------------------
+
 
 class ReferenceModel:
   """A frozen copy of the policy for KL penalties, on the same mesh; optionally parked in host memory.
@@ -199,20 +242,47 @@ class ReferenceModel:
   def device_params(self) -> PureDict:
     return jax.device_put(self.params, self.shardings) if self.offload else self.params
 
-  def _logprobs(self, params, input_ids, targets, positions, segment_ids, attention_mask, *, temperature,
-                chunk_size):
+  def _logprobs(
+    self, params, input_ids, targets, positions, segment_ids, attention_mask, *, temperature, chunk_size
+  ):
     model = nnx.merge(self.graphdef, params)
-    return token_logprobs(model, input_ids, targets, positions=positions, segment_ids=segment_ids,
-                          attention_mask=attention_mask, temperature=temperature, chunk_size=chunk_size)
+    return token_logprobs(
+      model,
+      input_ids,
+      targets,
+      positions=positions,
+      segment_ids=segment_ids,
+      attention_mask=attention_mask,
+      temperature=temperature,
+      chunk_size=chunk_size,
+    )
 
-  def logprobs(self, input_ids_BT, targets_BT, *, positions=None, segment_ids=None, attention_mask=None,
-               temperature: float = 1.0, chunk_size: int = 256) -> TokenLogprobs:
-    return self._fn(self.device_params(), input_ids_BT, targets_BT, positions, segment_ids, attention_mask,
-                    temperature=temperature, chunk_size=chunk_size)
+  def logprobs(
+    self,
+    input_ids_BT,
+    targets_BT,
+    *,
+    positions=None,
+    segment_ids=None,
+    attention_mask=None,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+  ) -> TokenLogprobs:
+    return self._fn(
+      self.device_params(),
+      input_ids_BT,
+      targets_BT,
+      positions,
+      segment_ids,
+      attention_mask,
+      temperature=temperature,
+      chunk_size=chunk_size,
+    )
 
 
-def make_reference(coef: float, state: TrainState, shardings: TrainState, *,
-                   offload: bool = False) -> ReferenceModel | None:
+def make_reference(
+  coef: float, state: TrainState, shardings: TrainState, *, offload: bool = False
+) -> ReferenceModel | None:
   """The reference policy: the state's current full weights (for LoRA, the base weights it shares), frozen.
 
   Returns None when `coef == 0`: the reference model is then never built.

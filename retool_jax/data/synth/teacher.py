@@ -28,121 +28,123 @@ LossFn = Callable[[str, str], float]
 
 @dataclasses.dataclass(frozen=True)
 class Proposal:
-    """A call proposed at character `position` of a response (inserted before `text[position:]`)."""
+  """A call proposed at character `position` of a response (inserted before `text[position:]`)."""
 
-    position: int
-    name: str
-    arguments: dict[str, Any]
+  position: int
+  name: str
+  arguments: dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
 class KeptCall:
-    position: int
-    name: str
-    arguments: dict[str, Any]
-    output: str
-    gain: float  # L- - L+
+  position: int
+  name: str
+  arguments: dict[str, Any]
+  output: str
+  gain: float  # L- - L+
 
 
 ProposeFn = Callable[[str, str], Sequence[Proposal]]
 
 
 def render_call(name: str, arguments: dict[str, Any], output: str | None) -> str:
-    """The call (and its result, when given) as the model sees it in the Qwen chat format."""
-    call = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
-    text = f"<tool_call>\n{call}\n</tool_call>\n"
-    return text + (f"<tool_response>\n{output}\n</tool_response>\n" if output is not None else "")
+  """The call (and its result, when given) as the model sees it in the Qwen chat format."""
+  call = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+  text = f"<tool_call>\n{call}\n</tool_call>\n"
+  return text + (f"<tool_response>\n{output}\n</tool_response>\n" if output is not None else "")
 
 
 def filter_calls(
-    prompt: str,
-    response: str,
-    proposals: Iterable[Proposal],
-    registry: Any,
-    loss: LossFn,
-    *,
-    threshold: float = 0.1,
+  prompt: str,
+  response: str,
+  proposals: Iterable[Proposal],
+  registry: Any,
+  loss: LossFn,
+  *,
+  threshold: float = 0.1,
 ) -> list[KeptCall]:
-    """Executes each proposal and keeps those whose result lowers `loss` on the continuation by `threshold`."""
-    kept = []
-    for p in proposals:
-        if not 0 < p.position <= len(response):
-            continue
-        result = registry.call_sync(p.name, p.arguments)
-        if not result.ok:
-            continue
-        prefix, continuation = prompt + response[: p.position], response[p.position :]
-        with_result = loss(prefix + render_call(p.name, p.arguments, result.output), continuation)
-        without = min(loss(prefix, continuation), loss(prefix + render_call(p.name, p.arguments, ""), continuation))
-        gain = without - with_result
-        if gain >= threshold:
-            kept.append(KeptCall(p.position, p.name, dict(p.arguments), result.output, gain))
-    return kept
+  """Executes each proposal and keeps those whose result lowers `loss` on the continuation by `threshold`."""
+  kept = []
+  for p in proposals:
+    if not 0 < p.position <= len(response):
+      continue
+    result = registry.call_sync(p.name, p.arguments)
+    if not result.ok:
+      continue
+    prefix, continuation = prompt + response[: p.position], response[p.position :]
+    with_result = loss(prefix + render_call(p.name, p.arguments, result.output), continuation)
+    without = min(loss(prefix, continuation), loss(prefix + render_call(p.name, p.arguments, ""), continuation))
+    gain = without - with_result
+    if gain >= threshold:
+      kept.append(KeptCall(p.position, p.name, dict(p.arguments), result.output, gain))
+  return kept
 
 
 def to_chat(prompt: str, response: str, calls: Sequence[KeptCall], tools: list[dict] | None) -> ChatExample:
-    """A response with its kept calls as a conversation: text up to each call, the call, its real result, ..."""
-    messages: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
-    cursor = 0
-    for call in sorted(calls, key=lambda c: c.position):
-        function = {"name": call.name, "arguments": call.arguments}
-        messages.append(
-            {
-                "role": "assistant",
-                "content": response[cursor : call.position].strip(),
-                "tool_calls": [{"type": "function", "function": function}],
-            }
-        )
-        messages.append({"role": "tool", "content": call.output})
-        cursor = call.position
-    messages.append({"role": "assistant", "content": response[cursor:].strip()})
-    metadata = {"source": "synth_teacher", "gains": [round(c.gain, 4) for c in calls]}
-    return ChatExample(messages, tools, metadata)
+  """A response with its kept calls as a conversation: text up to each call, the call, its real result, ..."""
+  messages: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
+  cursor = 0
+  for call in sorted(calls, key=lambda c: c.position):
+    function = {"name": call.name, "arguments": call.arguments}
+    messages.append(
+      {
+        "role": "assistant",
+        "content": response[cursor : call.position].strip(),
+        "tool_calls": [{"type": "function", "function": function}],
+      }
+    )
+    messages.append({"role": "tool", "content": call.output})
+    cursor = call.position
+  messages.append({"role": "assistant", "content": response[cursor:].strip()})
+  metadata = {"source": "synth_teacher", "gains": [round(c.gain, 4) for c in calls]}
+  return ChatExample(messages, tools, metadata)
 
 
 def teacher_examples(
-    items: Iterable[tuple[str, str]],
-    propose: ProposeFn,
-    registry: Any,
-    loss: LossFn,
-    *,
-    threshold: float = 0.1,
-    keep_without_calls: bool = False,
+  items: Iterable[tuple[str, str]],
+  propose: ProposeFn,
+  registry: Any,
+  loss: LossFn,
+  *,
+  threshold: float = 0.1,
+  keep_without_calls: bool = False,
 ) -> list[ChatExample]:
-    """Runs teacher mode over `(prompt, response)` pairs; returns conversations with their useful calls."""
-    out = []
-    for prompt, response in items:
-        calls = filter_calls(prompt, response, propose(prompt, response), registry, loss, threshold=threshold)
-        if calls or keep_without_calls:
-            used = {c.name for c in calls}
-            tools = [s for s in registry.schemas() if s.get("function", {}).get("name") in used] or None
-            out.append(to_chat(prompt, response, calls, tools))
-    return out
+  """Runs teacher mode over `(prompt, response)` pairs; returns conversations with their useful calls."""
+  out = []
+  for prompt, response in items:
+    calls = filter_calls(prompt, response, propose(prompt, response), registry, loss, threshold=threshold)
+    if calls or keep_without_calls:
+      used = {c.name for c in calls}
+      tools = [s for s in registry.schemas() if s.get("function", {}).get("name") in used] or None
+      out.append(to_chat(prompt, response, calls, tools))
+  return out
 
 
 _CALC_ANNOTATION = re.compile(r"<<([^<>=]+)=([^<>]*)>>")
 
 
-def gsm8k_item(question: str, solution: str, answer: str, tool: str = CODE_TOOL) -> tuple[str, str, list[Proposal]]:
-    """A GSM8K problem as `(prompt, response, proposals)` for teacher mode.
+def gsm8k_item(
+  question: str, solution: str, answer: str, tool: str = CODE_TOOL
+) -> tuple[str, str, list[Proposal]]:
+  """A GSM8K problem as `(prompt, response, proposals)` for teacher mode.
 
-    The response is the worked solution without its `<<expr=result>>` annotations, ending in a boxed answer;
-    each annotation becomes a proposal to compute `expr` with the code tool at that point (GSM8K's own number
-    stays in the text, so the filter measures whether a real computation makes it easier to predict).
-    """
-    pieces, proposals, cursor, length = [], [], 0, 0
-    for m in _CALC_ANNOTATION.finditer(solution):
-        pieces.append(solution[cursor : m.start()])
-        length += m.start() - cursor
-        proposals.append(Proposal(length, tool, {"code": f"print({m.group(1).strip()})"}))
-        cursor = m.end()
-    pieces.append(solution[cursor:])
-    response = "".join(pieces).rstrip() + f"\nThe answer is \\boxed{{{answer}}}."
-    return question, response, proposals
+  The response is the worked solution without its `<<expr=result>>` annotations, ending in a boxed answer;
+  each annotation becomes a proposal to compute `expr` with the code tool at that point (GSM8K's own number
+  stays in the text, so the filter measures whether a real computation makes it easier to predict).
+  """
+  pieces, proposals, cursor, length = [], [], 0, 0
+  for m in _CALC_ANNOTATION.finditer(solution):
+    pieces.append(solution[cursor : m.start()])
+    length += m.start() - cursor
+    proposals.append(Proposal(length, tool, {"code": f"print({m.group(1).strip()})"}))
+    cursor = m.end()
+  pieces.append(solution[cursor:])
+  response = "".join(pieces).rstrip() + f"\nThe answer is \\boxed{{{answer}}}."
+  return question, response, proposals
 
 
 def table_proposer(items: Iterable[tuple[str, str, list[Proposal]]]) -> tuple[list[tuple[str, str]], ProposeFn]:
-    """Splits precomputed `(prompt, response, proposals)` into teacher inputs and a proposer that looks them up."""
-    items = list(items)
-    table = {(p, r): proposals for p, r, proposals in items}
-    return [(p, r) for p, r, _ in items], lambda prompt, response: table.get((prompt, response), [])
+  """Splits precomputed `(prompt, response, proposals)` into teacher inputs and a proposer that looks them up."""
+  items = list(items)
+  table = {(p, r): proposals for p, r, proposals in items}
+  return [(p, r) for p, r, _ in items], lambda prompt, response: table.get((prompt, response), [])

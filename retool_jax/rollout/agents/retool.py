@@ -1,6 +1,6 @@
 """The ReTool agent: reason, call the interpreter, read its output, repeat until an answer.
 
-    rollouts = await run_agent(engine, "retool_jax.rollout.agents.retool:retool_agent", questions, tools, config)
+rollouts = await run_agent(engine, "retool_jax.rollout.agents.retool:retool_agent", questions, tools, config)
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from typing import Any
 
 from retool_jax.rollout.multiturn import truncate_outputs
 
-DEFAULT_INSTRUCTION = ("Solve the problem. You may run Python with the code_interpreter tool as often as you "
-                       "need. Put the final answer in \\boxed{}.")
+DEFAULT_INSTRUCTION = (
+  "Solve the problem. You may run Python with the code_interpreter tool as often as you "
+  "need. Put the final answer in \\boxed{}."
+)
 
 
 def _messages(prompt: Any) -> list[dict]:

@@ -42,10 +42,23 @@ def default_config() -> ml_collections.ConfigDict:
   c.rollout = ml_collections.ConfigDict()  # MultiTurnConfig fields
   c.rl = ml_collections.ConfigDict()  # RLConfig fields
   c.reference = ml_collections.ConfigDict(dict(offload=False))
-  c.optim = ml_collections.ConfigDict(
+  c.optim = _optim(1e-6)
+  # PPO only (rl.algorithm="ppo"): a value model built like the policy (same checkpoint / preset) plus a head.
+  c.critic = ml_collections.ConfigDict()
+  c.critic.clip_value = 0.2  # value clipping around the rollout-time values; 0 = unclipped
+  c.critic.whiten_advantages = True
+  c.critic.head_init_scale = 0.0  # 0 = a zero-initialised value head
+  c.critic.optim = _optim(1e-5)
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=20, keep=3, async_save=True))
+  c.log = ml_collections.ConfigDict(dict(tensorboard=True))
+  return c
+
+
+def _optim(learning_rate: float) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
     dict(
       schedule="constant",
-      learning_rate=1e-6,
+      learning_rate=learning_rate,
       warmup_steps=0,
       decay_steps=0,
       end_lr_factor=0.0,
@@ -56,9 +69,21 @@ def default_config() -> ml_collections.ConfigDict:
       grad_clip_norm=1.0,
     )
   )
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=20, keep=3, async_save=True))
-  c.log = ml_collections.ConfigDict(dict(tensorboard=True))
-  return c
+
+
+def build_critic(c: ml_collections.ConfigDict, mesh: Any, total_updates: int) -> Any:
+  """The PPO critic: a second copy of the policy's backbone with a value head, and its own AdamW."""
+  from flax import nnx  # noqa: PLC0415
+
+  from retool_jax.train import state as state_lib  # noqa: PLC0415
+  from retool_jax.train.value_head import Critic, CriticConfig, ValueModel, create_critic_state  # noqa: PLC0415
+
+  backbone = sft.build_model(c.model, mesh, c.seed)
+  value_model = ValueModel(backbone, rngs=nnx.Rngs(c.seed + 1), init_scale=c.critic.head_init_scale)
+  tx, _ = state_lib.make_optimizer(c.critic.optim.to_dict(), total_updates)
+  state = create_critic_state(value_model, tx, jax.random.key(c.seed + 1), mesh)
+  config = CriticConfig(clip_value=c.critic.clip_value or None, whiten_advantages=c.critic.whiten_advantages)
+  return Critic(state, config)
 
 
 def _prompt_batches(examples: list[Any], size: int, seed: int):
@@ -95,6 +120,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   tx, _ = state_lib.make_optimizer(c.optim.to_dict(), updates)
   state, shardings = state_lib.create_train_state(model, tx, jax.random.key(c.seed), mesh)
   reference = state_lib.make_reference(float(rl.needs_reference), state, shardings, offload=c.reference.offload)
+  critic = build_critic(c, mesh, updates) if rl.algorithm == "ppo" else None
   if c.engine.sglang_url:
     engine = SGLangEngine(c.engine.sglang_url, model_config=model.config)
   else:
@@ -116,19 +142,25 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     reward_fn=get_reward(c.reward),
     prompts=_prompt_batches(examples, rl.num_prompts, c.seed),
     reference=reference,
+    critic=critic,
   )
-  ckpt = Checkpointer(
-    Path(c.workdir) / "checkpoints",
-    save_every=c.checkpoint.every_steps,
-    keep=c.checkpoint.keep,
-    async_save=c.checkpoint.async_save,
-  )
+
+  def checkpointer(name: str) -> Checkpointer:
+    cc = c.checkpoint
+    return Checkpointer(Path(c.workdir) / name, save_every=cc.every_steps, keep=cc.keep, async_save=cc.async_save)
+
+  ckpt = checkpointer("checkpoints")
+  critic_ckpt = checkpointer("critic_checkpoints") if critic is not None else None
   metrics: dict[str, Any] = {}
   with MetricsWriter(c.workdir, tensorboard=c.log.tensorboard) as writer:
     for step in range(1, c.num_steps + 1):
       metrics = trainer.step()
       writer.write(step, metrics)
       ckpt.save(trainer.state, model.config, extra={"rl_step": step}, force=step == c.num_steps)
+      if critic is not None:
+        critic_ckpt.save(critic.state, model.config, extra={"rl_step": step}, force=step == c.num_steps)
   ckpt.close()
+  if critic_ckpt is not None:
+    critic_ckpt.close()
   trainer.close()
   return metrics

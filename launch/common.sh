@@ -35,3 +35,15 @@ run_or_print() {
   fi
   exec "$@"
 }
+
+# print_or_run DRY_RUN CMD...: prints the shell-quoted command when DRY_RUN is 1, else runs it; returns its status.
+print_or_run() {
+  local dry_run="$1"
+  shift
+  if [[ "$dry_run" == 1 ]]; then
+    printf '%q ' "$@"
+    echo
+    return 0
+  fi
+  "$@"
+}

@@ -1,0 +1,319 @@
+"""`python -m retool_jax.evaluate --config=configs/eval_aime.py`: accuracy and tool use of a policy on a math set.
+
+Samples `eval.num_samples` multi-turn tool rollouts per problem with the embedded JAX engine (a checkpoint, or a
+random model for smoke tests) or an SGLang server (`engine.sglang_url`), scores them with the configured reward
+(accuracy is always the verified `correct`, never the shaped reward) and writes to `workdir`:
+
+* `trajectories.jsonl` - one line per rollout: problem, answer, response, correctness, tool and length stats;
+* `summary.json` / `summary.md` - avg@n, pass@k (unbiased estimator), tool calls per problem, execution success,
+  format correctness, tool accuracy, response length and truncation rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from retool_jax.chat.parse import ToolCall, parse_tool_calls
+
+FREE_FORM = ("rollout", "model.overrides")  # checked by MultiTurnConfig / Qwen3Config
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field an evaluation reads, with its default."""
+  from retool_jax.train import sft  # noqa: PLC0415
+
+  c = ml_collections.ConfigDict()
+  c.workdir = "runs/eval"  # trajectories.jsonl, summary.json, summary.md
+  c.seed = 0
+  c.model = sft.default_config().model  # checkpoint (Orbax or HF folder) / preset / overrides / dtypes
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
+  c.data = ml_collections.ConfigDict()
+  c.data.path = ""  # a math problem file any `load_math` schema reads (AIME, MATH-500, GSM8K, DAPO)
+  c.data.prompt_style = "retool"  # raw | retool (see retool_jax.data.prompts)
+  c.data.limit = 0  # 0 = every problem
+  c.data.tokenizer = ""  # "" = the packaged Qwen3 tokenizer
+  c.engine = ml_collections.ConfigDict()
+  c.engine.sglang_url = ""  # "" = the embedded JAX engine
+  c.engine.max_batch_size = 64
+  c.engine.decode_chunk = 32
+  c.reward = "retool"  # a registered reward name or "module:function"
+  c.tools = True  # False: plain generation, no tools shown or run
+  c.rollout = ml_collections.ConfigDict(dict(temperature=1.0, top_p=1.0))  # MultiTurnConfig fields
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_samples = 4  # responses per problem (n of avg@n)
+  c.eval.pass_k = (1, 4)  # pass@k reported for each k <= num_samples
+  return c
+
+
+# ---- metrics ---------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+  """Unbiased pass@k of a problem with `c` correct among `n` samples: 1 - C(n-c, k) / C(n, k)."""
+  if not 0 <= c <= n or not 1 <= k <= n:
+    raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+  if n - c < k:
+    return 1.0
+  return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def generated_segments(rollout: Any) -> list[tuple[list[int], bool]]:
+  """The response's runs of generated tokens, each with whether an observation (tool results) followed it."""
+  mask = rollout.loss_mask[rollout.num_prompt_tokens :]
+  ids = rollout.ids[rollout.num_prompt_tokens :]
+  runs: list[tuple[list[int], bool]] = []
+  start = None
+  for i, bit in enumerate([*mask, 0]):
+    if bit and start is None:
+      start = i
+    elif not bit and start is not None:
+      runs.append((ids[start:i], i < len(mask)))
+      start = None
+  return runs
+
+
+def call_stats(
+  rollout: Any, tokenizer: Any, formats: Sequence[str], expected_tool: str | None = None
+) -> dict[str, int]:
+  """Counts of the calls one rollout wrote: all blocks, parsable ones, executed ones and their outcomes.
+
+  A call is parsable when its block is well-formed (whatever tool it names); an executed call succeeded unless
+  its tool (or an unknown tool name) reported an error. `right_tool` counts parsable calls of `expected_tool`.
+  """
+  blocks = parsable = executed_unparsable = right_tool = 0
+  for ids, executed in generated_segments(rollout):
+    items = parse_tool_calls(tokenizer.decode(ids), None, formats=tuple(formats)).items
+    calls = [item for item in items if isinstance(item, ToolCall)]
+    blocks += len(items)
+    parsable += len(calls)
+    right_tool += sum(call.name == expected_tool for call in calls) if expected_tool else 0
+    executed_unparsable += (len(items) - len(calls)) if executed else 0
+  executed_calls = rollout.tool_calls - executed_unparsable
+  return {
+    "calls": blocks,
+    "parsable_calls": parsable,
+    "executed_calls": executed_calls,
+    "successful_calls": rollout.tool_calls - rollout.tool_errors,
+    "right_tool_calls": right_tool,
+  }
+
+
+def trajectory_record(
+  problem: int, sample: int, example: Any, rollout: Any, result: Any, calls: Mapping[str, int]
+) -> dict[str, Any]:
+  """One line of `trajectories.jsonl`."""
+  return {
+    "problem": problem,
+    "sample": sample,
+    "id": example.metadata.get("unique_id", example.metadata.get("id", problem)),
+    "question": example.metadata.get("problem", ""),
+    "ground_truth": example.ground_truth,
+    "expected_tool": example.metadata.get("expected_tool"),
+    "response": rollout.text,
+    "extracted": getattr(result, "extracted", None),
+    "correct": bool(result.correct),
+    "reward": float(result.reward),
+    "format_ok": bool(result.format_ok),
+    "status": rollout.status,
+    "stop_reason": rollout.stop_reason,
+    "response_tokens": int(sum(rollout.loss_mask)),
+    "total_tokens": len(rollout.ids),
+    "turns": len(rollout.turns),
+    "tool_calls": rollout.tool_calls,
+    "tool_errors": rollout.tool_errors,
+    **calls,
+  }
+
+
+def _ratio(num: float, den: float) -> float | None:
+  return float(num) / float(den) if den else None
+
+
+def summarize(records: Sequence[Mapping[str, Any]], pass_k: Sequence[int] = (1,)) -> dict[str, Any]:
+  """Summary metrics of trajectory records (`trajectory_record`); every problem must have the same n samples.
+
+  Ratios over calls are pooled over all calls (None when there were none); per-problem figures are means over
+  problems. Tool accuracy only counts problems whose data names the expected tool.
+  """
+  if not records:
+    raise ValueError("no trajectories to summarize")
+  by_problem: dict[int, list[Mapping[str, Any]]] = {}
+  for r in records:
+    by_problem.setdefault(r["problem"], []).append(r)
+  sizes = {len(v) for v in by_problem.values()}
+  if len(sizes) != 1:
+    raise ValueError(f"problems have different numbers of samples {sorted(sizes)}; pass@k needs the same n")
+  (n,) = sizes
+  correct = [sum(r["correct"] for r in group) for group in by_problem.values()]
+
+  def total(key: str, rs: Sequence[Mapping[str, Any]] = records) -> float:
+    return float(sum(r[key] for r in rs))
+
+  named = [r for r in records if r.get("expected_tool")]
+  summary: dict[str, Any] = {
+    "problems": len(by_problem),
+    "samples_per_problem": n,
+    "trajectories": len(records),
+    f"avg@{n}": float(np.mean([c / n for c in correct])),
+  }
+  for k in sorted(set(pass_k)):
+    if k <= n:
+      summary[f"pass@{k}"] = float(np.mean([pass_at_k(n, c, k) for c in correct]))
+  summary |= {
+    "reward_mean": float(np.mean([r["reward"] for r in records])),
+    "tool_calls_per_problem": total("tool_calls") / len(records),  # per attempt (one sample of a problem)
+    "tool_use_rate": float(np.mean([r["tool_calls"] > 0 for r in records])),
+    "execution_success_rate": _ratio(total("successful_calls"), total("executed_calls")),
+    "format_correctness": _ratio(total("parsable_calls"), total("calls")),
+    "tool_accuracy": _ratio(total("right_tool_calls", named), total("parsable_calls", named)),
+    "answer_format_rate": float(np.mean([r["format_ok"] for r in records])),
+    "response_tokens_mean": float(np.mean([r["response_tokens"] for r in records])),
+    "response_tokens_max": int(max(r["response_tokens"] for r in records)),
+    "truncation_rate": float(np.mean([r["status"] == "truncated" for r in records])),
+    "abort_rate": float(np.mean([r["status"] == "aborted" for r in records])),
+  }
+  return summary
+
+
+def markdown_table(summary: Mapping[str, Any], title: str = "") -> str:
+  """The summary as a two-column Markdown table."""
+
+  def fmt(v: Any) -> str:
+    if v is None:
+      return "n/a"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+  lines = [f"## {title}", ""] if title else []
+  lines += ["| metric | value |", "|---|---|"]
+  lines += [f"| {k} | {fmt(v)} |" for k, v in summary.items()]
+  return "\n".join(lines) + "\n"
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+
+def _engine(c: ml_collections.ConfigDict, tokenizer: Any, max_length: int) -> Any:
+  from retool_jax.rollout import JaxEngine, SGLangEngine  # noqa: PLC0415
+
+  if c.engine.sglang_url:
+    return SGLangEngine(c.engine.sglang_url)
+  from retool_jax import sharding as sharding_lib  # noqa: PLC0415
+  from retool_jax.train import sft  # noqa: PLC0415
+
+  model = sft.build_model(c.model, sharding_lib.make_mesh(**c.mesh.to_dict()), c.seed)
+  return JaxEngine(
+    model,
+    tokenizer=tokenizer,
+    max_length=max_length,
+    max_batch_size=c.engine.max_batch_size,
+    decode_chunk=c.engine.decode_chunk,
+    seed=c.seed,
+  )
+
+
+async def _rollouts(
+  engine: Any, prompts: list[Any], answers: list[str], tools: Any, multiturn, reward_fn, tokenizer
+):
+  from retool_jax.train.rl import rollout_and_score  # noqa: PLC0415
+
+  try:
+    return await rollout_and_score(engine, prompts, answers, tools, multiturn, reward_fn, tokenizer)
+  finally:
+    close = getattr(engine, "close", None)
+    if close is not None and asyncio.iscoroutinefunction(close):
+      await close()
+
+
+def evaluate(config: ml_collections.ConfigDict, engine: Any = None) -> dict[str, Any]:
+  """Runs the evaluation `config` describes, writes the trajectories and summary to `workdir`; returns the summary.
+
+  `engine` (any `retool_jax.rollout.Engine`) replaces the one the config would build.
+  """
+  from retool_jax.assets import QWEN3_TOKENIZER_DIR  # noqa: PLC0415
+  from retool_jax.chat import load_tokenizer  # noqa: PLC0415
+  from retool_jax.data import load_math  # noqa: PLC0415
+  from retool_jax.rewards import get_reward  # noqa: PLC0415
+  from retool_jax.rollout import MultiTurnConfig  # noqa: PLC0415
+  from retool_jax.rollout.multiturn import session_tools  # noqa: PLC0415
+  from retool_jax.sandbox import default_sandbox  # noqa: PLC0415
+
+  check_config(config)
+  c = config
+  n = c.eval.num_samples
+  multiturn = MultiTurnConfig.from_config({"seed": c.seed, **c.rollout.to_dict()})
+  tokenizer = load_tokenizer(c.data.tokenizer or QWEN3_TOKENIZER_DIR)
+  examples = load_math(c.data.path, prompt_style=c.data.prompt_style, limit=c.data.limit or None)
+  reward_fn = get_reward(c.reward)
+  tools = session_tools(default_sandbox()) if c.tools else None
+  engine = engine if engine is not None else _engine(c, tokenizer, multiturn.max_context)
+
+  prompts = [e.prompt for e in examples for _ in range(n)]
+  answers = [e.ground_truth for e in examples for _ in range(n)]
+  rollouts, results = asyncio.run(_rollouts(engine, prompts, answers, tools, multiturn, reward_fn, tokenizer))
+
+  records = []
+  for i, (rollout, result) in enumerate(zip(rollouts, results, strict=True)):
+    example = examples[i // n]
+    calls = call_stats(rollout, tokenizer, multiturn.call_formats, example.metadata.get("expected_tool"))
+    records.append(trajectory_record(i // n, i % n, example, rollout, result, calls))
+  summary = summarize(records, c.eval.pass_k)
+
+  workdir = Path(c.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  with open(workdir / "trajectories.jsonl", "w") as f:
+    for r in records:
+      f.write(json.dumps(r, ensure_ascii=False) + "\n")
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  (workdir / "summary.md").write_text(markdown_table(summary, Path(c.data.path).name))
+  return summary
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Fails with the name of the first field that is unknown, mistyped or out of range."""
+  from retool_jax.train import validate_config  # noqa: PLC0415
+
+  validate_config(config, default_config(), free_form=FREE_FORM)
+  if not config.data.path:
+    raise ValueError("config.data.path is empty: evaluation needs problems with answers")
+  n = config.eval.num_samples
+  if n < 1:
+    raise ValueError(f"config.eval.num_samples={n} must be >= 1")
+  bad_k = [k for k in config.eval.pass_k if not 1 <= k <= n]
+  if bad_k:
+    raise ValueError(f"config.eval.pass_k has {bad_k}; each k must be in [1, eval.num_samples={n}]")
+
+
+def main(argv: list[str]) -> None:
+  from absl import app, flags, logging  # noqa: PLC0415
+
+  from retool_jax.sharding import initialize_distributed  # noqa: PLC0415
+
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
+  config = _CONFIG.value
+  try:
+    check_config(config)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  initialize_distributed()
+  summary = evaluate(config)
+  print(markdown_table(summary, Path(config.data.path).name))
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # noqa: PLC0415
+  from ml_collections import config_flags  # noqa: PLC0415
+
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file (configs/eval_*.py).")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from retool_jax import sharding as sharding_lib
 from retool_jax.demo_task.task import make_problems, prompt_ids
 from retool_jax.demo_task.tokenizer import build_tokenizer
 from retool_jax.models.qwen3 import Qwen3, Qwen3Config
@@ -20,6 +21,7 @@ from retool_jax.train import check_config
 from retool_jax.train import state as state_lib
 from retool_jax.train.rl import RLConfig, RLTrainer
 from retool_jax.train.rl_batch import pack_rollouts
+from retool_jax.train.rl_run import build_critic
 from retool_jax.train.value_head import Critic, CriticConfig, ValueModel, create_critic_state
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -239,3 +241,18 @@ def test_critic_config_from_config():
   assert CriticConfig.from_config({"clip_value": 0.5}) == dataclasses.replace(CriticConfig(), clip_value=0.5)
   with pytest.raises(ValueError, match=r"unknown critic field\(s\) \['clip'\]"):
     CriticConfig.from_config({"clip": 0.5})
+
+
+def test_run_config_builds_a_sharded_critic():
+  c = _load("ppo_tiny")
+  c.model.overrides.vocab_size = 128
+  mesh = sharding_lib.make_mesh(**c.mesh.to_dict())
+  critic = build_critic(c, mesh, total_updates=4)
+  assert critic.config == CriticConfig(clip_value=0.2, whiten_advantages=True)
+  np.testing.assert_array_equal(critic.state.params["value_kernel"], 0.0)
+  batch = _batch()
+  _, rows = critic.advantages(np.array([1.0, 0.0]), batch, RLConfig(algorithm="ppo", group_size=1))
+  with jax.set_mesh(mesh):
+    m = critic.update(rows)
+  assert np.isfinite(float(m["vf_loss"])) and int(critic.state.step) == 1
+  assert not np.allclose(critic.state.params["value_kernel"], 0.0)

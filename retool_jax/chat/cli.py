@@ -85,10 +85,7 @@ class ChatSession:
     loop, self._loop = self._loop, None
     if loop is None or loop.is_closed():
       return
-    pending = asyncio.all_tasks(loop)
-    for task in pending:
-      task.cancel()
-    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.run_until_complete(_cancel_all(asyncio.all_tasks(loop)))
     loop.run_until_complete(loop.shutdown_asyncgens())
     loop.close()
 
@@ -174,6 +171,12 @@ class ChatSession:
           return
     finally:
       self.close()
+
+
+async def _cancel_all(tasks: set[asyncio.Task]) -> None:
+  for task in tasks:
+    task.cancel()
+  await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _yes(answer: str) -> bool:

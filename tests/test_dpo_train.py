@@ -5,10 +5,11 @@ import math
 
 import numpy as np
 from flax import nnx
+from tiny_qwen3 import tiny_config
 
 from retool_jax.checkpoint import save
 from retool_jax.demo_task.tokenizer import build_tokenizer
-from retool_jax.models.qwen3 import Qwen3, Qwen3Config
+from retool_jax.models.qwen3 import Qwen3
 from retool_jax.train import check_config
 from retool_jax.train.checkpointing import Checkpointer
 from retool_jax.train.dpo import default_config, train
@@ -16,17 +17,7 @@ from retool_jax.train.metrics import read_metrics
 
 
 def test_dpo_train_prefers_chosen_and_writes_checkpoint_and_metrics(tmp_path):
-  cfg = Qwen3Config(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=16,
-    tie_word_embeddings=True,
-    max_position_embeddings=256,
-  )
+  cfg = tiny_config()
   save(tmp_path / "policy", Qwen3(cfg, rngs=nnx.Rngs(0)), cfg)
   build_tokenizer().save_pretrained(tmp_path / "tokenizer")  # a small character-level chat tokenizer
   pairs = tmp_path / "pairs.jsonl"

@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_qwen3 import tiny_config
 
 from retool_jax import sharding as sharding_lib
 from retool_jax.demo_task.task import make_problems, prompt_ids
 from retool_jax.demo_task.tokenizer import build_tokenizer
-from retool_jax.models.qwen3 import Qwen3, Qwen3Config
+from retool_jax.models.qwen3 import Qwen3
 from retool_jax.rewards.result import RewardResult
 from retool_jax.rollout import JaxEngine, MultiTurnConfig
 from retool_jax.rollout.multiturn import Rollout, TurnStats
@@ -30,20 +31,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 @pytest.fixture(scope="module")
 def tiny():
   tokenizer = build_tokenizer()
-  cfg = Qwen3Config(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=16,
-    tie_word_embeddings=True,
-    max_position_embeddings=128,
-    bos_token_id=None,
-    eos_token_id=tokenizer.eos_token_id,
+  return tokenizer, tiny_config(
+    max_position_embeddings=128, bos_token_id=None, eos_token_id=tokenizer.eos_token_id
   )
-  return tokenizer, cfg
 
 
 def _critic(cfg, *, lr=1e-2, init_scale=0.0, config=CriticConfig()) -> Critic:

@@ -33,10 +33,15 @@ CODE_SPEC = {
 
 
 @pytest.fixture(scope="module")
-def registry():
-  sandbox = Sandbox("auto", limits=Limits(timeout_s=3.0, memory_mb=512), max_workers=2, warm_workers=1)
-  yield default_registry(sandbox)
-  sandbox.close()
+def sandbox():
+  sb = Sandbox("auto", limits=Limits(timeout_s=3.0, memory_mb=512), max_workers=2, warm_workers=1)
+  yield sb
+  sb.close()
+
+
+@pytest.fixture(scope="module")
+def registry(sandbox):
+  return default_registry(sandbox)
 
 
 # -- rendering --------------------------------------------------------------------------
@@ -205,6 +210,37 @@ def test_call_never_raises(registry):
     assert res.ok == (status == "ok")
 
 
+def test_plain_function_tools_do_not_block_each_other():
+  import threading
+
+  started = threading.Event()
+
+  @tool
+  def waiter() -> str:
+    """Waits for the other tool."""
+    return "met" if started.wait(10) else "alone"
+
+  @tool
+  def signaller() -> str:
+    """Signals the waiter."""
+    started.set()
+    return "sent"
+
+  @tool
+  def quits() -> str:
+    """Exits."""
+    raise SystemExit(2)
+
+  reg = ToolRegistry([waiter, signaller, quits])
+
+  async def both():
+    return await asyncio.gather(reg.call("waiter", {}), reg.call("signaller", {}))
+
+  assert [r.output for r in asyncio.run(both())] == ["met", "sent"]
+  res = reg.call_sync("quits", {})
+  assert (res.status, res.output) == ("error", "Error: quits failed: SystemExit: 2")
+
+
 def test_call_sync_inside_a_running_loop(registry):
   async def inner():
     return registry.call_sync("calculator", {"expression": "1/3 + 1/6"})
@@ -296,6 +332,22 @@ def test_debug_code(registry):
   assert "ran without an error this time" in reported.output and "ZeroDivisionError" in reported.output
 
 
+def test_builtins_on_a_session(sandbox):
+  """A trajectory's registry on a persistent session: state survives; commands and tests run in fresh calls."""
+  with sandbox.session() as session:
+    reg = default_registry(session)
+    assert reg.call_sync("code_interpreter", {"code": "total = 40"}).output == "(no output)"
+    assert reg.call_sync("code_interpreter", {"code": "total + 2"}).output == "42\n"
+    assert reg.call_sync("execute_bash", {"command": "echo $((6 * 7))"}).output == "42\n"
+    tests = reg.call_sync("run_tests", {"code": "def test_a():\n    assert 1 + 1 == 2\n"})
+    assert tests.ok and "1 passed" in tests.output, tests.output
+    unit = "import unittest\n\nclass T(unittest.TestCase):\n    def test_a(self):\n        self.assertTrue(True)\n"
+    assert "OK" in reg.call_sync("run_tests", {"code": unit, "test_framework": "unittest"}).output
+    debug = reg.call_sync("debug_code", {"code": "total / 0", "error": "ZeroDivisionError"}).output
+    assert "Failing line 1: total / 0" in debug
+    assert reg.call_sync("code_interpreter", {"code": "print(total)"}).output == "40\n"
+
+
 def test_debug_code_timeout_names_the_loop():
   from retool_jax.tools.analysis import diagnose
 
@@ -343,6 +395,7 @@ def test_calculator_exact(registry, expression, expected):
     ("(1).__class__", "unsupported syntax"),
     ("1 +", "cannot parse the expression"),
     ("factorial(10**6)", "factorial needs an integer"),
+    ("(2**10000)**10000", "the result has more than 5000 digits"),
   ],
 )
 def test_calculator_refuses(registry, expression, message):

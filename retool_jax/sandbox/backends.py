@@ -39,6 +39,8 @@ class ProcessBackend:
   """
 
   name = "process"
+  # Directories the worker empties after each call (none: they would be the host's).
+  private_dirs: tuple[str, ...] = ()
 
   def make_scratch(self) -> str:
     return tempfile.mkdtemp(prefix="retool-sandbox-")
@@ -58,6 +60,8 @@ class BwrapBackend:
   """
 
   name = "bwrap"
+  # The sandbox's own tmpfs mounts: what a call leaves there is removed after it.
+  private_dirs: tuple[str, ...] = ("/tmp", "/var/tmp", "/dev/shm")
 
   def __init__(self, executable: str | None = None):
     self.executable = executable or shutil.which("bwrap") or "bwrap"

@@ -18,7 +18,8 @@ class Limits:
     memory_mb: memory the code may allocate on top of the warm interpreter (address space).
     max_output_bytes: output kept per call; beyond it the head and tail are kept with a marker.
     head_fraction: share of ``max_output_bytes`` given to the head.
-    max_procs: processes the call may create (enforced by the kernel for non-root users).
+    max_procs: processes the call may create (the kernel's RLIMIT_NPROC for non-root users; for
+      root, which that limit does not bind, the worker counts them and kills the call).
     max_file_mb: largest file the call may write.
     max_open_files: open file descriptors.
     scratch_mb: size of the private scratch filesystem (bwrap backend).
@@ -63,7 +64,7 @@ class ExecResult:
   """The outcome of one sandboxed call.
 
   ``status`` is one of ``ok``, ``error`` (the code raised or exited non-zero), ``timeout``
-  (wall or CPU time), ``memory``, ``killed`` (a signal, or the sandbox itself failed) and
+  (wall or CPU time), ``memory``, ``killed`` (a signal, too many processes, or the sandbox itself failed) and
   ``policy`` (a module outside the allow-list). ``output`` is stdout and stderr interleaved.
   """
 

@@ -54,7 +54,12 @@ class _Worker:
     token = secrets.token_hex(8)
     scratch = backend.make_scratch()
     env = worker_env(token)
-    config = {"scratch": backend.scratch_in_worker(scratch), "preload": list(preload), "env": env}
+    config = {
+      "scratch": backend.scratch_in_worker(scratch),
+      "preload": list(preload),
+      "env": env,
+      "private_dirs": list(backend.private_dirs),
+    }
     argv = backend.command(json.dumps(config), limits.scratch_mb, env)
     proc = await asyncio.create_subprocess_exec(
       *argv,
@@ -488,6 +493,15 @@ class Session:
 
   def run(self, code: str, **overrides: Any) -> ExecResult:
     return self.sandbox._sync(self.run_async(code, **overrides))
+
+  async def run_command_async(self, command: str, **overrides: Any) -> ExecResult:
+    """Runs a shell command with the session's limits; commands keep no state, so it runs in a fresh call."""
+    if self.closed:
+      raise RuntimeError("the session is closed")
+    return await self.sandbox.run_command_async(command, limits=self.limits, **overrides)
+
+  def run_command(self, command: str, **overrides: Any) -> ExecResult:
+    return self.sandbox._sync(self.run_command_async(command, **overrides))
 
   async def aclose(self) -> None:
     async def close():

@@ -29,6 +29,9 @@ PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 
+# How often the process count of a call is checked where the kernel does not enforce RLIMIT_NPROC.
+_PROC_CHECK_S = 0.05
+
 # Exit codes of a child that could not report a status record.
 _EXIT_SETUP_FAILED = 121
 _EXIT_EXEC_FAILED = 127
@@ -105,6 +108,41 @@ def descendants(root: int, table: dict[int, tuple[int, str]]) -> list[int]:
       out.append(child)
       stack.append(child)
   return out
+
+
+def count_descendants(root: int) -> int | None:
+  """Live descendants of ``root``, walking /proc/PID/task/TID/children (cost grows with the tree, not
+  with the host's process count); None where the kernel does not provide those files."""
+  count, seen, stack = 0, {root}, [root]
+  while stack:
+    pid = stack.pop()
+    try:
+      tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+      continue
+    for tid in tids:
+      try:
+        with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+          kids = [int(k) for k in f.read().split()]
+      except FileNotFoundError:
+        if pid == root and tid == str(root):
+          return None
+        continue
+      except OSError:
+        continue
+      for kid in kids:
+        if kid in seen:
+          continue
+        seen.add(kid)
+        try:
+          with open(f"/proc/{kid}/stat", "rb") as f:
+            stat = f.read()
+        except OSError:
+          continue
+        if stat[stat.rfind(b")") + 2 :].split()[0] != b"Z":
+          count += 1
+          stack.append(kid)
+  return count
 
 
 def _reap() -> bool:
@@ -237,6 +275,27 @@ def _child_python(code: str | None, lim: dict, allowed: list[str] | None, sessio
 # The worker.
 
 
+def _host_uid() -> int:
+  """This process's user id outside its user namespace (0 for root, which RLIMIT_NPROC does not bind)."""
+  uid = os.getuid()
+  try:
+    with open("/proc/self/uid_map") as f:
+      for line in f:
+        inside, outside, count = map(int, line.split())
+        if inside <= uid < inside + count:
+          return outside + uid - inside
+  except (OSError, ValueError):
+    pass
+  return uid
+
+
+def _listdir(path: str) -> list[str]:
+  try:
+    return os.listdir(path)
+  except OSError:
+    return []
+
+
 class Worker:
   def __init__(self, config: dict):
     self.base = config["scratch"]
@@ -244,6 +303,9 @@ class Worker:
     self.pid = os.getpid()
     self.calls = 0
     self.session: dict | None = None
+    # Entries of the private tmpfs mounts that belong to the worker (its scratch base among them).
+    self.private = {d: set(_listdir(d)) for d in config.get("private_dirs", ()) if os.path.isdir(d)}
+    self.nproc_enforced = _host_uid() != 0
 
   # -- scratch directories --------------------------------------------------------------
 
@@ -282,6 +344,21 @@ class Worker:
           onerror(os.unlink, full, None)
     if not keep_dir:
       shutil.rmtree(path, onerror=onerror)
+
+  def _wipe_private(self) -> None:
+    """Removes what a call left next to its scratch directory and in the worker's private tmpfs mounts."""
+    own = {"call"} | ({os.path.basename(self.session["scratch"])} if self.session else set())
+    for directory, keep in [(self.base, own), *self.private.items()]:
+      for entry in _listdir(directory):
+        if entry not in keep:
+          full = os.path.join(directory, entry)
+          if os.path.isdir(full) and not os.path.islink(full):
+            self._remove(full)
+          else:
+            try:
+              os.unlink(full)
+            except OSError:
+              pass
 
   # -- spawning ------------------------------------------------------------------------
 
@@ -336,17 +413,25 @@ class Worker:
 
   # -- collecting --------------------------------------------------------------------------
 
-  def _collect(self, child: dict, lim: dict, deadline: float) -> tuple[dict | None, Output, bool, bool]:
-    """Reads output until a status record, the child's exit, or the deadline."""
+  def _collect(self, child: dict, lim: dict, deadline: float) -> tuple[dict | None, Output, bool, str | None]:
+    """Reads output until a status record, the child's exit, the deadline (``"timeout"``) or,
+    where the kernel does not limit processes, too many processes (``"procs"``)."""
     out = Output(lim["max_output_bytes"], lim.get("head_fraction", 0.5))
     watch = [child["out"], child["status"], child["pidfd"]]
-    buf, record, exited, timed_out = b"", None, False, False
+    buf, record, exited, stopped = b"", None, False, None
+    next_count = time.monotonic() + _PROC_CHECK_S if not self.nproc_enforced else float("inf")
     while True:
-      remaining = deadline - time.monotonic()
+      now = time.monotonic()
+      remaining = deadline - now
       if remaining <= 0:
-        timed_out = True
+        stopped = "timeout"
         break
-      ready, _, _ = select.select(watch, [], [], remaining)
+      if now >= next_count:
+        if self._live_processes() > lim["max_procs"]:
+          stopped = "procs"
+          break
+        next_count = now + _PROC_CHECK_S
+      ready, _, _ = select.select(watch, [], [], min(remaining, max(0.0, next_count - now)))
       if child["out"] in ready:
         self._drain(child["out"], out, watch)
       if child["status"] in ready:
@@ -368,7 +453,14 @@ class Worker:
         exited = True
         break
     self._drain(child["out"], out, watch)
-    return record, out, exited, timed_out
+    return record, out, exited, stopped
+
+  def _live_processes(self) -> int:
+    count = count_descendants(self.pid)
+    if count is None:
+      table = process_table()
+      count = sum(1 for p in descendants(self.pid, table) if table[p][1] != "Z")
+    return count
 
   @staticmethod
   def _drain(fd: int, out: Output, watch: list) -> None:
@@ -400,11 +492,13 @@ class Worker:
 
   @staticmethod
   def _classify(
-    record, out: Output, timed_out: bool, wstatus: int, cpu: float, lim: dict, cpu_s: float, kind: str
+    record, out: Output, stopped: str | None, wstatus: int, cpu: float, lim: dict, cpu_s: float, kind: str
   ) -> tuple[str, str]:
     """Returns (status, note appended to the output)."""
-    if timed_out:
+    if stopped == "timeout":
       return "timeout", f"TimeoutError: the call exceeded its wall-time limit of {lim['timeout_s']:g} s"
+    if stopped == "procs":
+      return "killed", f"Killed: the call exceeded its limit of {lim['max_procs']} processes"
     if record is not None:
       return record.get("status", "error"), ""
     if os.WIFSIGNALED(wstatus):
@@ -457,15 +551,16 @@ class Worker:
     try:
       child = self._spawn(scratch, lim, cpu_s, target)
       try:
-        record, out, _, timed_out = self._collect(child, lim, start + lim["timeout_s"])
+        record, out, _, stopped = self._collect(child, lim, start + lim["timeout_s"])
         wstatus, cpu = self._kill_and_wait(child["pid"])
       finally:
         self._close_child_fds(child)
       strays = kill_strays()
-      status, note = self._classify(record, out, timed_out, wstatus, cpu, lim, cpu_s, target[0])
+      status, note = self._classify(record, out, stopped, wstatus, cpu, lim, cpu_s, target[0])
       return self._reply(status, out, note, start, cpu_s=cpu, strays_killed=strays)
     finally:
       self._remove(scratch, keep_dir=True)
+      self._wipe_private()
 
   def session_cell(self, req: dict) -> dict:
     start = time.monotonic()
@@ -485,8 +580,8 @@ class Worker:
       os.write(child["cells"], (json.dumps({"code": req["code"]}) + "\n").encode())
     except OSError:
       pass
-    record, out, exited, timed_out = self._collect(child, lim, start + lim["timeout_s"])
-    if record is not None and not timed_out and not exited:
+    record, out, exited, stopped = self._collect(child, lim, start + lim["timeout_s"])
+    if record is not None and stopped is None and not exited:
       strays = kill_strays(keep=child["pid"])
       return self._reply(
         record.get("status", "error"), out, "", start, prefix, strays_killed=strays, session_alive=True
@@ -494,7 +589,7 @@ class Worker:
     wstatus, cpu = self._kill_and_wait(child["pid"])
     self._close_child_fds(child)
     strays = kill_strays()
-    status, note = self._classify(record, out, timed_out, wstatus, cpu, lim, child["budget"], "once")
+    status, note = self._classify(record, out, stopped, wstatus, cpu, lim, child["budget"], "once")
     self.session = None
     self._remove(child["scratch"])
     return self._reply(status, out, note, start, prefix, strays_killed=strays, session_alive=False)

@@ -94,10 +94,13 @@ class Tool:
     if problem is not None:
       return ToolResult(f"Error: invalid arguments for {self.name}: {problem}", False, "invalid_arguments")
     try:
-      value = self.fn(**arguments)
-      if inspect.isawaitable(value):
-        value = await value
-    except Exception as e:  # noqa: BLE001  (the model reads the failure)
+      if inspect.iscoroutinefunction(self.fn):
+        value = await self.fn(**arguments)
+      else:  # a plain function runs in a thread, so a slow one does not stall other trajectories
+        value = await asyncio.to_thread(self.fn, **arguments)
+        if inspect.isawaitable(value):
+          value = await value
+    except (Exception, SystemExit) as e:  # noqa: BLE001  (the model reads the failure)
       return ToolResult(
         f"Error: {self.name} failed: {type(e).__name__}: {e}", False, "error", time.monotonic() - start
       )

@@ -121,6 +121,10 @@ def evaluate(expression: str) -> Any:
       if isinstance(node.op, ast.Pow):
         if right.is_number and abs(right) > MAX_EXPONENT and abs(left) != 1:
           raise CalcError(f"exponent {right} is larger than {MAX_EXPONENT}")
+        if left.is_Rational and right.is_Integer and abs(left) not in (0, 1):
+          digits = abs(int(right)) * max(math.log10(abs(part)) for part in (left.p, left.q))
+          if digits > MAX_DIGITS:  # refused before computing it
+            raise CalcError(f"the result has more than {MAX_DIGITS} digits")
         return _check_size(left**right)
       if type(node.op) not in _BINARY:
         raise CalcError(f"unsupported operator {type(node.op).__name__}")

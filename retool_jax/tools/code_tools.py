@@ -6,10 +6,13 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal
 
+from retool_jax.sandbox import Session
 from retool_jax.tools.analysis import diagnose
 from retool_jax.tools.base import Tool, ToolResult, tool
 
 NO_OUTPUT = "(no output)"
+# Time granted to run_tests on top of the call limits for starting the test runner (pytest's import).
+RUNNER_STARTUP_S = 5.0
 
 _PYTEST_DRIVER = """\
 import pytest
@@ -27,6 +30,11 @@ suite = unittest.defaultTestLoader.loadTestsFromModule(module)
 result = unittest.TextTestRunner(stream=sys.stdout, verbosity=2).run(suite)
 raise SystemExit(0 if result.wasSuccessful() and result.testsRun else 1)
 """
+
+
+def _fresh(sandbox: Any) -> Any:
+  """What runs a call in a fresh interpreter: a session's sandbox, else the sandbox itself."""
+  return sandbox.sandbox if isinstance(sandbox, Session) else sandbox
 
 
 def _result(res: Any) -> ToolResult:
@@ -66,15 +74,22 @@ def sandbox_tools(get_sandbox: Callable[[], Any]) -> list[Tool]:
         test_framework: the test runner to use
     """
     sandbox = get_sandbox()
-    policy = sandbox.policy
+    policy = sandbox.policy  # a session's own policy, also when the run goes to its sandbox
+    runner = _fresh(sandbox)
     if policy is not None:
       policy = policy.with_modules("pytest", "unittest", "types", "sys")
       violation = policy.check(code)
       if violation is not None:
         return ToolResult(policy.message(violation), False, "policy")
     driver = _PYTEST_DRIVER if test_framework == "pytest" else _UNITTEST_DRIVER
-    res = await sandbox.run_async(
-      driver.format(code=code), policy=policy, max_output_bytes=max(sandbox.limits.max_output_bytes, 16384)
+    lim = sandbox.limits
+    res = await runner.run_async(
+      driver.format(code=code),
+      limits=lim,
+      policy=policy,
+      max_output_bytes=max(lim.max_output_bytes, 16384),
+      timeout_s=lim.timeout_s + RUNNER_STARTUP_S,
+      cpu_s=(lim.cpu_s or lim.timeout_s) + RUNNER_STARTUP_S,
     )
     output = res.output.replace("SystemExit: 1\n", "")
     if res.status == "error" and re.search(r"SystemExit: [2-5]\b", output):

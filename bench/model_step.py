@@ -96,10 +96,11 @@ def torch_train_step_rate(cfg: qwen3.Qwen3Config, batch: int, seq: int, steps: i
 
 
 def train_flops_per_token(cfg: qwen3.Qwen3Config, seq: int) -> float:
-  """6 * active matmul params + causal attention (scores and values), forward + backward."""
-  n = cfg.num_active_params() + (cfg.vocab_size * cfg.hidden_size if cfg.tie_word_embeddings else 0)
-  attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq  # 12*L*H*d*T / 2 (causal)
-  return 6 * n + attn
+  """Model FLOPs per trained token, forward + backward: 6 x the matmul parameters a token touches (the output
+  projection counted once, tied or not; no embedding lookup; top-k experts only) plus causal attention scores
+  and values (12 * layers * heads * head_dim * seq, halved for the causal mask). Recomputation is not counted."""
+  attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq
+  return 6 * cfg.num_active_params() + attn
 
 
 def main():

@@ -172,19 +172,24 @@ def shard_module(module: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
 def initialize_distributed() -> None:
   """`jax.distributed.initialize()` on multi-host runs (TPU pods, multi-node GPU); a no-op on one host.
 
-  TPU pods are detected by JAX itself; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
-  JAX_PROCESS_ID (or run under SLURM / Open MPI, which JAX also detects).
+  TPU pods, SLURM and Open MPI are detected by JAX itself; elsewhere set JAX_COORDINATOR_ADDRESS (host:port of
+  process 0) with JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host.
   """
   if jax.distributed.is_initialized():
     return
-  multi_host_env = (
-    "JAX_COORDINATOR_ADDRESS",
-    "SLURM_JOB_ID",
-    "OMPI_COMM_WORLD_SIZE",
-    "TPU_WORKER_HOSTNAMES",
-    "MEGASCALE_COORDINATOR_ADDRESS",
-  )
-  if any(os.environ.get(k) for k in multi_host_env):
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    kwargs = {}
+    for arg, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+      if env.get(var):
+        try:
+          kwargs[arg] = int(env[var])
+        except ValueError:
+          raise ValueError(f"{var}={env[var]!r} is not an integer") from None
+    jax.distributed.initialize(**kwargs)  # JAX reads the coordinator address from the environment
+    return
+  cluster_env = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+  if any(env.get(k) for k in cluster_env):
     jax.distributed.initialize()
 
 

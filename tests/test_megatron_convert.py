@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("megatron.core")
+pytestmark = pytest.mark.slow  # Megatron builds its model in gloo subprocesses: ~20-30 s per test on two cores
 
 ATOL = 1e-4
 SEQ = 9
@@ -201,23 +202,44 @@ def _megatron_checkpoint(hf: dict, ckpt: Path, tmp: Path, tp: int, pp: int, padd
   return ids, np.load(out)[..., : hf["vocab_size"]]
 
 
-def _convert_and_compare(hf: dict, ckpt_root: Path, tmp: Path, ids: np.ndarray, ref: np.ndarray):
+# The command line, in a process where `import megatron` fails: converting needs torch only.
+_CLI_WITHOUT_MEGATRON = (
+  "import sys; sys.modules['megatron'] = None; from retool_jax.convert import main; sys.exit(main())"
+)
+
+
+def _convert_and_compare(hf: dict, ckpt_root: Path, tmp: Path, ids: np.ndarray, ref: np.ndarray, cli=False):
   import jax.numpy as jnp
 
   from retool_jax import checkpoint
 
   (tmp / "hf_config").mkdir()
   (tmp / "hf_config" / "config.json").write_text(json.dumps(hf))
-  summary = checkpoint.megatron_to_orbax(ckpt_root, tmp / "hf_config", tmp / "orbax", progress=False)
+  if cli:
+    args = ["--from", "megatron", "--src", str(ckpt_root), "--hf-config", str(tmp / "hf_config" / "config.json")]
+    proc = subprocess.run(
+      [sys.executable, "-c", _CLI_WITHOUT_MEGATRON, *args, "--dst", str(tmp / "orbax"), "--no-progress"],
+      check=False,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    num_params = int(proc.stdout.split(" parameters")[0].rsplit(" ", 1)[1].replace(",", ""))
+  else:
+    num_params = checkpoint.megatron_to_orbax(
+      ckpt_root, tmp / "hf_config", tmp / "orbax", progress=False
+    ).num_params
   model = checkpoint.load(tmp / "orbax")
-  assert summary.num_params == model.config.num_params()
+  assert num_params == model.config.num_params()
   ours = np.asarray(model(jnp.asarray(ids)))
   assert np.abs(ref).max() > 0.5, "logits too small for the comparison to mean anything"
   np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
 
 
 def test_tensor_and_pipeline_parallel_dense_checkpoint(tmp_path):
-  """TP=2 x PP=2 (4 gloo ranks), untied, vocabulary padded to 128: read back as global tensors."""
+  """TP=2 x PP=2 (4 gloo ranks), untied, vocabulary padded to 128: read back as global tensors by the command
+  line, with Megatron not importable (its `common.pt` is never unpickled)."""
   root = tmp_path / "torch_dist"
   iteration = root / "iter_0000020"
   iteration.mkdir(parents=True)
@@ -228,7 +250,11 @@ def test_tensor_and_pipeline_parallel_dense_checkpoint(tmp_path):
   reader = TorchDistReader(root)
   assert reader.shape("decoder.layers.self_attention.linear_qkv.weight") == (4, 64, 32)  # stacked, global
   assert reader.shape("embedding.word_embeddings.weight") == (128, 32)
-  _convert_and_compare(DENSE, root, tmp_path, ids, ref)
+  import torch.distributed.checkpoint as dcp
+
+  on_disk = dcp.FileSystemReader(str(iteration)).read_metadata().state_dict_metadata
+  assert any("_extra_state" in k for k in on_disk) and (iteration / "common.pt").is_file()  # present, skipped
+  _convert_and_compare(DENSE, root, tmp_path, ids, ref, cli=True)
 
 
 def test_moe_tied_checkpoint(tmp_path):

@@ -14,6 +14,7 @@ import torch.distributed.checkpoint as dcp
 from hf_models import save_hf_model
 from retool_jax import checkpoint
 from retool_jax.checkpoint.megatron import MegatronCheckpointError
+from retool_jax.convert import main as convert_main
 from retool_jax.models import qwen3
 from retool_jax.models.qwen3_hf import hf_tensors
 from retool_jax.models.safetensors_io import SafetensorsDir
@@ -81,9 +82,15 @@ def test_layouts_convert_to_hf_logits(name, experts, tmp_path):
   hf, hub, cfg = _hf_case(name, tmp_path)
   _write(_state(hub, cfg, experts), tmp_path / "ckpt" / "iter_0000003")
   (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("3\n")
-  checkpoint.megatron_to_orbax(
-    tmp_path / "ckpt", tmp_path / "hf" / "config.json", tmp_path / "orbax", progress=False
-  )
+  args = [
+    "--from",
+    "megatron",
+    "--src",
+    str(tmp_path / "ckpt"),
+    "--hf-config",
+    str(tmp_path / "hf" / "config.json"),
+  ]
+  assert convert_main(args + ["--dst", str(tmp_path / "orbax"), "--no-progress"]) == 0
   model = checkpoint.load(tmp_path / "orbax")
   ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 10))
   with torch.no_grad():

@@ -73,3 +73,34 @@ def test_chunked_logprobs_gradients_equal_naive():
   naive = jax.grad(lambda p: naive_logprobs(nnx.merge(graphdef, p)(ids), targets).sum())
   for a, b in zip(jax.tree.leaves(chunked(params)), jax.tree.leaves(naive(params))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def _avals(jaxpr):
+  """Every intermediate value's abstract shape, nested jaxprs (scan, remat, jit) included."""
+  for eqn in jaxpr.eqns:
+    yield from (v.aval for v in eqn.outvars)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _avals(inner)
+
+
+def test_chunked_logprobs_never_hold_the_full_logits():
+  """Forward and backward only ever build one `[B, chunk, V]` slab of logits, never `[B, T, V]`."""
+  model = qwen3.Qwen3(DENSE, rngs=nnx.Rngs(3))
+  b, t, chunk, v = 2, 12, 4, DENSE.vocab_size
+  ids = jnp.zeros((b, t), jnp.int32)
+  graphdef, params = nnx.split(model)
+
+  def most_logit_rows(fn):
+    """The most (batch x time) rows of vocabulary-wide values any one array holds (weights are 2-D)."""
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(fn))(params).jaxpr
+    return max(a.size // v for a in _avals(jaxpr) if a.ndim >= 3 and a.shape[-1] == v)
+
+  chunked = most_logit_rows(
+    lambda p: token_logprobs(nnx.merge(graphdef, p), ids, ids, chunk_size=chunk).logprobs_BT.sum()
+  )
+  naive = most_logit_rows(lambda p: naive_logprobs(nnx.merge(graphdef, p)(ids), ids).sum())
+  assert naive == b * t  # the check does see full logits where they exist
+  assert chunked == b * chunk

@@ -102,3 +102,35 @@ def test_expert_mesh_runs_experts_locally():
   assert "shard_map" in jaxpr
   jaxpr_single = str(jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(ids))(nnx.state(model)))
   assert "shard_map" not in jaxpr_single
+
+
+def test_initialize_distributed_only_on_multi_host(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  for var in (
+    "JAX_COORDINATOR_ADDRESS",
+    "JAX_NUM_PROCESSES",
+    "JAX_PROCESS_ID",
+    "SLURM_JOB_ID",
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+  ):
+    monkeypatch.delenv(var, raising=False)
+  sharding.initialize_distributed()
+  assert calls == []  # one host: nothing to join
+  monkeypatch.setenv("SLURM_JOB_ID", "77")
+  sharding.initialize_distributed()
+  assert calls == [{}]  # a cluster JAX detects by itself
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+  monkeypatch.setenv("JAX_PROCESS_ID", "2")
+  sharding.initialize_distributed()
+  assert calls[-1] == {"num_processes": 4, "process_id": 2}  # JAX itself reads only the address
+  monkeypatch.setenv("JAX_PROCESS_ID", "two")
+  with pytest.raises(ValueError, match="JAX_PROCESS_ID='two'"):
+    sharding.initialize_distributed()
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+  sharding.initialize_distributed()
+  assert len(calls) == 2

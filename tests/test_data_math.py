@@ -86,6 +86,11 @@ def test_parquet_input(tmp_path):
   rows = [json.loads(line) for line in (DAPO / "dapo_math_17k_slime_format.first27.jsonl").open()]
   datasets.Dataset.from_list(rows).to_parquet(tmp_path / "dapo.parquet")
   assert [e.ground_truth for e in load_dapo_math(tmp_path / "dapo.parquet")] == [r["label"] for r in rows]
+  # The original DAPO-Math-17k release is parquet with a nested `reward_model` struct.
+  original = DAPO / "dapo_math_17k_original_schema.first14.jsonl"
+  rows = [json.loads(line) for line in original.open()]
+  datasets.Dataset.from_list(rows).to_parquet(tmp_path / "original.parquet")
+  assert load_dapo_math(tmp_path / "original.parquet") == load_dapo_math(original)
 
 
 def write_jsonl(path, rows):

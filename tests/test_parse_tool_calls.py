@@ -239,3 +239,30 @@ def test_with_the_real_registry():
   assert result.errors[0].startswith("Error: bad arguments for tool 'calculator': ")
   assert result.errors[1].startswith("Error: unknown tool 'browser'. Available tools: ")
   assert "code_interpreter" in result.errors[1]
+
+
+def test_reads_blocks_as_sglang_qwen25_does():
+  """Behaviour shared with SGLang's qwen25 detector: stripped normal text, stripped bodies, list payloads,
+  `parameters` before `arguments`; and where this parser deliberately differs (errors instead of skips)."""
+  text = (
+    "  Two lookups.  \n<tool_call>\n\n  "
+    + json.dumps({"name": "search", "parameters": {"query": "p"}, "arguments": {"query": "a"}})
+    + "  \n\n</tool_call>\n\n<tool_call>\n"
+    + json.dumps([{"name": "search", "arguments": {"query": "b"}}, {"name": "code_interpreter"}])
+    + "\n</tool_call>"
+  )
+  result = parse_tool_calls(text)
+  assert result.content == "Two lookups."
+  assert [(c.name, c.arguments) for c in result.calls] == [
+    ("search", {"query": "p"}),
+    ("search", {"query": "b"}),
+    ("code_interpreter", {}),
+  ]
+  # An empty `parameters` falls back to `arguments`; falsy non-object arguments are still an error.
+  assert parse_tool_calls(block({"name": "a", "parameters": {}, "arguments": {"x": 1}})).calls[0].arguments == {
+    "x": 1
+  }
+  assert "must be a JSON object, got list" in parse_tool_calls(block({"name": "a", "arguments": []})).errors[0]
+  # SGLang drops a malformed block and an unknown tool without a word; here both are errors, in text order.
+  result = parse_tool_calls("<tool_call>\n{oops}\n</tool_call>" + block({"name": "nope"}), FakeRegistry())
+  assert result.calls == [] and len(result.errors) == 2 and "unknown tool 'nope'" in result.errors[1]

@@ -215,3 +215,28 @@ def test_bad_arguments_are_named():
     pipe.restore({"seed": 0, "epoch": 0, "position": 0, "num_examples": 11})
   with pytest.raises(ValueError, match=r"missing \['position'\]"):
     pipe.restore({"seed": 0, "epoch": 0, "num_examples": 10})
+
+
+def test_everything_but_the_builders_works_without_tensorflow_datasets():
+  """`tensorflow-datasets` is an optional extra: loaders, pipeline and trainers import without it."""
+  import subprocess
+  import sys
+
+  code = f"""
+import sys
+sys.modules["tensorflow_datasets"] = None  # as if the [tfds] extra were not installed
+from retool_jax.data import InputPipeline, load_gsm8k
+import retool_jax.train.sft
+examples = load_gsm8k({str(FIXTURES / "gsm8k" / "test.jsonl")!r}, limit=8)
+batch = next(InputPipeline(examples, global_batch_size=4, process_index=1, process_count=2))
+print(len(batch.examples))
+try:
+  import retool_jax.data.tfds
+except ImportError as e:
+  print(e)
+"""
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr
+  lines = done.stdout.strip().splitlines()
+  assert lines[0] == "2"
+  assert lines[-1].startswith("retool_jax.data.tfds needs tensorflow-datasets; install it with: pip install")

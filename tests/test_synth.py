@@ -190,3 +190,99 @@ def test_cli_writes_loadable_data(tmp_path):
   names = {s["function"]["name"] for s in tools.default_registry().schemas()}
   assert {e.messages[1]["tool_calls"][0]["function"]["name"] for e in examples} <= names
   assert json.loads(out.read_text().splitlines()[0])["tools"]
+
+
+@pytest.mark.slow
+def test_teacher_mode_with_a_tiny_model_through_the_engine():
+  """Teacher mode end to end with a real (tiny) Qwen3: the engine proposes, the model's loss filters.
+
+  The model is first fitted to one conversation in which a code call's result precedes the answer, so it has
+  learnt where a call belongs and that the answer follows the result; nothing in the filter is scripted.
+  """
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+  from tiny_qwen3 import tiny_config
+
+  from retool_jax.data.synth import chat_context, engine_proposer, model_loss, number_positions, render_call
+  from retool_jax.demo_task.tokenizer import build_tokenizer
+  from retool_jax.models.logprobs import token_logprobs
+  from retool_jax.models.qwen3 import Qwen3
+  from retool_jax.rollout import JaxEngine
+
+  tok = build_tokenizer()
+  context = chat_context(tok)
+  prompt, response = "What is 6*7?", "6*7 = 42."
+  at = response.index("42")
+  assert number_positions(response) == [2, at]
+  call = {"code": "print(6*7)"}
+  text = context(prompt) + response[:at] + render_call("code_interpreter", call, "42\n") + response[at:]
+  ids = jnp.asarray([tok.encode(text + "<|im_end|>", add_special_tokens=False)], jnp.int32)
+  cfg = tiny_config(
+    vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2
+  )
+  model = Qwen3(cfg, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+  @nnx.jit
+  def fit_step(model, optimizer):
+    def nll(m):
+      return -token_logprobs(m, ids[:, :-1], ids[:, 1:]).logprobs_BT.mean()
+
+    value, grads = nnx.value_and_grad(nll)(model)
+    optimizer.update(model, grads)
+    return value
+
+  for _ in range(150):
+    value = fit_step(model, optimizer)
+  assert float(value) < 0.05
+
+  # The loss function scores exactly the continuation's tokens (bucket padding changes nothing).
+  loss = model_loss(model, tok)
+  prefix = context(prompt) + response[:at]
+  direct = jnp.asarray([tok.encode(prefix + response[at:], add_special_tokens=False)], jnp.int32)
+  n_prefix = len(tok.encode(prefix, add_special_tokens=False))
+  logprobs = nnx.jit(lambda m, x: token_logprobs(m, x[:, :-1], x[:, 1:]).logprobs_BT)(model, direct)
+  want = -logprobs[0, n_prefix - 1 :].mean()
+  assert loss(prefix, response[at:]) == pytest.approx(float(want), rel=1e-4, abs=1e-5)
+
+  # The engine writes a call at every number; only the one it learnt parses into a valid call.
+  registry = SubprocessRegistry()
+  engine = JaxEngine(model, tokenizer=tok, decode_chunk=32)
+  propose = engine_proposer(engine, tok, registry=registry, context=context, max_new_tokens=96)
+  proposals = propose(prompt, response)
+  assert proposals == [Proposal(at, "code_interpreter", call)]
+  assert engine.stats["rows"] == 2  # one request per candidate position
+
+  # The call is executed for real and kept because its result makes the answer predictable.
+  (example,) = teacher_examples([(prompt, response)], propose, registry, loss, threshold=1.0, context=context)
+  assert registry.calls == ["print(6*7)"]
+  assert [m["role"] for m in example.messages] == ["user", "assistant", "tool", "assistant"]
+  assert example.messages[1]["content"] == "6*7 =" and example.messages[2]["content"] == "42\n"
+  assert example.messages[1]["tool_calls"][0]["function"] == {"name": "code_interpreter", "arguments": call}
+  (gain,) = example.metadata["gains"]
+  without = min(loss(prefix, "42."), loss(prefix + render_call("code_interpreter", call, ""), "42."))
+  assert gain == pytest.approx(
+    without - loss(prefix + render_call("code_interpreter", call, "42\n"), "42."), abs=1e-3
+  )
+  assert gain > 1.0
+  # A threshold above the gain keeps nothing.
+  fixed = lambda p, r: proposals
+  assert teacher_examples([(prompt, response)], fixed, registry, loss, threshold=gain + 0.1, context=context) == []
+
+
+def test_cli_teacher_mode(tmp_path, capsys):
+  from retool_jax.data.synth.__main__ import main
+
+  out = tmp_path / "teacher.jsonl"
+  args = ["teacher", "--gsm8k", str(FIXTURES / "gsm8k" / "test.jsonl"), "--limit", "3", "--out", str(out)]
+  main([*args, "--loss", f"{__name__}:copy_model_loss", "--threshold", "0.3"])
+  examples = load_chat_sft(out)
+  assert examples and all(e.metadata["source"] == "synth_teacher" for e in examples)
+  for example in examples:
+    for call_turn, tool_turn in zip(example.messages[1::2], example.messages[2::2]):
+      if tool_turn["role"] == "tool":
+        ok, output = run_python(call_turn["tool_calls"][0]["function"]["arguments"]["code"])
+        assert ok and tool_turn["content"] == output
+  with pytest.raises(SystemExit, match="--loss must look like"):
+    main([*args, "--loss", "no_function_here"])

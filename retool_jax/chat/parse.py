@@ -3,9 +3,11 @@
 Formats, found in text order:
 
 * ``tool_call`` - ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` blocks, several per turn,
-  read as SGLang's ``qwen25`` parser reads them: text before the first block is normal content; each body
-  (whitespace-stripped) is JSON with ``name`` and ``arguments`` (or ``parameters``), or a list of such
-  objects; ``arguments`` may also be a JSON-encoded string. An unterminated last block is incomplete.
+  read as SGLang's ``qwen25`` parser reads them: text before the first block (stripped) is normal content;
+  each body, whitespace-stripped, is JSON with ``name`` and ``parameters`` or ``arguments`` (``parameters``
+  first when it is non-empty), or a list of such objects. Deliberate differences: a problem SGLang skips
+  silently (malformed JSON, an unknown tool) is an error here; the newlines around the body are optional;
+  ``arguments`` written as a JSON-encoded string are decoded. An unterminated last block is incomplete.
 * ``code`` - ReTool ``<code>```python ... ```</code>`` blocks; the Markdown fence is stripped and the code
   becomes a call of the code tool.
 * ``markdown`` (optional) - bare ```` ```python ... ``` ```` blocks outside the other two.
@@ -172,7 +174,10 @@ def _call_from_object(obj: Any, number: int) -> Union[ToolCall, CallError]:
   name = obj.get("name")
   if not isinstance(name, str) or not name.strip():
     return CallError(f"Error: tool call {number} has no \"name\" string. Write calls as {CALL_SYNTAX}")
-  arguments = obj["arguments"] if "arguments" in obj else obj.get("parameters", {})
+  if obj.get("parameters") or "arguments" not in obj:
+    arguments = obj.get("parameters")
+  else:
+    arguments = obj["arguments"]
   if arguments is None:
     arguments = {}
   if isinstance(arguments, str):

@@ -4,6 +4,10 @@ A trajectory starts from rendered prompt ids. Ids the policy generated are appen
 and re-tokenised) with loss-mask 1; environment text (tool results, user turns) is tokenised on its own, as the
 chat template renders it, with loss-mask 0. Every token carries its mask bit and, for generated tokens, the
 sampling log-probability when the engine reports it.
+
+The ids equal the template applied to the final message list, with one known difference: Qwen3's template
+drops the `<think>` content of assistant turns before the last user query, while a trajectory keeps what the
+policy actually generated.
 """
 
 from __future__ import annotations

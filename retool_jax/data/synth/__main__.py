@@ -4,7 +4,7 @@
     python -m retool_jax.data.synth teacher --gsm8k gsm8k/train.jsonl --loss my_module:loss_fn --out teacher.jsonl
 
 `--loss` names a callable `loss(prefix: str, continuation: str) -> float` (mean NLL of the continuation under
-the teacher model, e.g. a thin wrapper around an engine's scoring call).
+the teacher model, e.g. one made by `retool_jax.data.synth.model_loss(model, tokenizer)`).
 """
 
 from __future__ import annotations

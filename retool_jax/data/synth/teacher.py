@@ -8,22 +8,29 @@ and a model's loss on the continuation `x[i:]` is compared under three prefixes:
               loss(x[i:] | x[:i] + e(c, "")))  the call without its result
 
 The call is kept when `L- - L+ >= threshold`. `loss(prefix, continuation)` is any callable returning the mean
-negative log-likelihood of the continuation (an engine, a model, or a function in tests); calls are proposed
-by any callable. Kept calls are executed for real: every result in the output was produced by the tool.
+negative log-likelihood of the continuation (`model_loss` scores it with a `Qwen3`); calls are proposed by any
+callable (`engine_proposer` asks a model, through any `Engine`, to write a `<tool_call>` at candidate positions).
+`context` maps the prompt to the text the model sees before the response (`chat_context`: the chat template up
+to the assistant turn), the same for proposing and scoring. Kept calls are executed for real: every result in
+the output was produced by the tool.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from retool_jax.chat.parse import CODE_TOOL
+from retool_jax.chat.parse import CODE_TOOL, parse_tool_calls
+from retool_jax.chat.render import render_text
+from retool_jax.chat.tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, encode_text
 from retool_jax.data.records import ChatExample
 
 LossFn = Callable[[str, str], float]
+ContextFn = Callable[[str], str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,16 +69,21 @@ def filter_calls(
   loss: LossFn,
   *,
   threshold: float = 0.1,
+  context: ContextFn | None = None,
 ) -> list[KeptCall]:
-  """Executes each proposal and keeps those whose result lowers `loss` on the continuation by `threshold`."""
+  """Executes each proposal and keeps those whose result lowers `loss` on the continuation by `threshold`.
+
+  The scored prefix is `context(prompt)` (default: the prompt itself) followed by the response up to the call.
+  """
   kept = []
+  head = context(prompt) if context is not None else prompt
   for p in proposals:
     if not 0 < p.position <= len(response):
       continue
     result = registry.call_sync(p.name, p.arguments)
     if not result.ok:
       continue
-    prefix, continuation = prompt + response[: p.position], response[p.position :]
+    prefix, continuation = head + response[: p.position], response[p.position :]
     with_result = loss(prefix + render_call(p.name, p.arguments, result.output), continuation)
     without = min(loss(prefix, continuation), loss(prefix + render_call(p.name, p.arguments, ""), continuation))
     gain = without - with_result
@@ -108,11 +120,13 @@ def teacher_examples(
   *,
   threshold: float = 0.1,
   keep_without_calls: bool = False,
+  context: ContextFn | None = None,
 ) -> list[ChatExample]:
   """Runs teacher mode over `(prompt, response)` pairs; returns conversations with their useful calls."""
   out = []
   for prompt, response in items:
-    calls = filter_calls(prompt, response, propose(prompt, response), registry, loss, threshold=threshold)
+    proposals = propose(prompt, response)
+    calls = filter_calls(prompt, response, proposals, registry, loss, threshold=threshold, context=context)
     if calls or keep_without_calls:
       used = {c.name for c in calls}
       tools = [s for s in registry.schemas() if s.get("function", {}).get("name") in used] or None
@@ -148,3 +162,102 @@ def table_proposer(items: Iterable[tuple[str, str, list[Proposal]]]) -> tuple[li
   items = list(items)
   table = {(p, r): proposals for p, r, proposals in items}
   return [(p, r) for p, r, _ in items], lambda prompt, response: table.get((prompt, response), [])
+
+
+_NUMBER_START = re.compile(r"(?<![\w.])[-+]?\d")
+
+
+def number_positions(response: str) -> list[int]:
+  """Candidate call positions: the start of every number in `response` (where a computed result helps)."""
+  return [m.start() for m in _NUMBER_START.finditer(response) if m.start() > 0]
+
+
+def chat_context(tokenizer: Any, *, tools: Any = None, enable_thinking: bool = True) -> ContextFn:
+  """`prompt -> text`: the prompt as a user turn in the chat template, ending where the assistant's reply starts."""
+
+  def context(prompt: str) -> str:
+    messages = [{"role": "user", "content": prompt}]
+    return render_text(tokenizer, messages, tools=tools, enable_thinking=enable_thinking)
+
+  return context
+
+
+def engine_proposer(
+  engine: Any,
+  tokenizer: Any,
+  *,
+  registry: Any = None,
+  context: ContextFn | None = None,
+  positions: Callable[[str], Sequence[int]] = number_positions,
+  max_new_tokens: int = 128,
+  temperature: float = 0.0,
+  seed: int | None = 0,
+) -> ProposeFn:
+  """A proposer that asks a model to write a call at each candidate position (Toolformer's sampling step).
+
+  For each position `i` of `positions(response)`, the engine continues `context(prompt) + response[:i] +
+  "<tool_call>\n"` up to `</tool_call>`; what it writes is parsed like any model output (with `registry`,
+  unknown tools and invalid arguments are dropped), and every valid call becomes a `Proposal` at `i`. Works
+  with any `Engine` (`generate(requests)` coroutine); call it from synchronous code.
+  """
+  from retool_jax.rollout.types import GenerateRequest, SamplingParams
+
+  close_ids = encode_text(tokenizer, TOOL_CALL_CLOSE)
+  stop = {"stop_token_ids": tuple(close_ids)} if len(close_ids) == 1 else {"stop": (TOOL_CALL_CLOSE,)}
+  sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, **stop)
+  opening = f"{TOOL_CALL_OPEN}\n"
+
+  def propose(prompt: str, response: str) -> list[Proposal]:
+    head = context(prompt) if context is not None else prompt
+    points = sorted({int(i) for i in positions(response) if 0 < int(i) <= len(response)})
+    if not points:
+      return []
+    requests = [
+      GenerateRequest(tuple(encode_text(tokenizer, head + response[:i] + opening)), sampling) for i in points
+    ]
+    results = asyncio.run(engine.generate(requests))
+    proposals = []
+    for i, result in zip(points, results):
+      if result.finish_reason.type != "stop":
+        continue  # ran out of tokens or failed: no complete call
+      written = opening + tokenizer.decode(result.output_ids)
+      for call in parse_tool_calls(written, registry, formats=("tool_call",)).calls:
+        proposals.append(Proposal(i, call.name, dict(call.arguments)))
+    return proposals
+
+  return propose
+
+
+def model_loss(model: Any, tokenizer: Any, *, min_bucket: int = 64) -> LossFn:
+  """`loss(prefix, continuation)`: a `Qwen3`'s mean negative log-likelihood of the continuation's tokens.
+
+  Prefix and continuation are tokenised separately (the continuation's ids are those the model would write
+  after the prefix). Sequences are padded at the end to a power of two (at least `min_bucket`), so a handful
+  of compiled shapes serve every call; padding after the scored tokens cannot change them (causal attention).
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from retool_jax.models.logprobs import token_logprobs
+
+  graphdef, params = nnx.split(model)
+
+  @jax.jit
+  def logprobs(params, ids_1T):
+    return token_logprobs(nnx.merge(graphdef, params), ids_1T[:, :-1], ids_1T[:, 1:]).logprobs_BT[0]
+
+  def loss(prefix: str, continuation: str) -> float:
+    prefix_ids, cont_ids = encode_text(tokenizer, prefix), encode_text(tokenizer, continuation)
+    ids = prefix_ids + cont_ids
+    first = max(len(prefix_ids), 1)  # the first token of an empty prefix has nothing to be predicted from
+    if first >= len(ids):
+      return 0.0
+    size = max(min_bucket, 1 << (len(ids) - 1).bit_length())
+    padded = np.zeros((1, size), np.int32)
+    padded[0, : len(ids)] = ids
+    lp = np.asarray(logprobs(params, jnp.asarray(padded)))
+    return float(-lp[first - 1 : len(ids) - 1].mean())
+
+  return loss

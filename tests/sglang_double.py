@@ -9,7 +9,12 @@ Behaviour reproduced (SGLang `http_server.py` / `tokenizer_manager.py` / `io_str
   * Text is trimmed at a stop string (and special tokens skipped) unless `no_stop_trim` / `skip_special_tokens:
     false`; ids and log-probs never are. Log-probs are of `log_softmax(logits / T)` before top-k / top-p (T=1
     when greedy).
-  * Prompt >= context length, or prompt + max_new_tokens >= context length: 400 `{"error": {"message"}}`.
+  * After every token the budget is checked first (`length`), then stop token ids and EOS (skipped entirely
+    with `ignore_eos`), then stop strings in the whole output text, as `Req.check_finished` does: a stop on the
+    last allowed token is answered as `length`.
+  * Prompt >= context length, or prompt + max_new_tokens >= context length: 400 `{"error": {"message"}}` (the
+    check of SGLang releases up to 0.5; the newest reject only prompt + max_new_tokens > context length).
+  * `/v1/models` lists the model with `max_model_len` (the context length).
   * An aborted request answers HTTP 200 with `finish_reason.type == "abort"` and the tokens made so far.
   * `/health_generate` 503 until ready; `/get_model_info`; `/flush_cache` 400 while requests run;
     `/pause_generation` (mode abort: in-flight requests abort; new ones wait until `/continue_generation`);
@@ -194,6 +199,7 @@ class SGLangDouble:
     app.router.add_get("/health_generate", self._health)
     app.router.add_get("/health", self._health)
     app.router.add_get("/get_model_info", self._model_info)
+    app.router.add_get("/v1/models", self._models)
     app.router.add_route("*", "/flush_cache", self._flush_cache)
     app.router.add_post("/pause_generation", self._pause)
     app.router.add_post("/continue_generation", self._continue)
@@ -217,6 +223,18 @@ class SGLangDouble:
         "weight_version": self.weight_version,
       }
     )
+
+  async def _models(self, request: web.Request) -> web.Response:
+    self.log.append((request.path, None))
+    card = {
+      "id": self.model_path,
+      "object": "model",
+      "created": 0,
+      "owned_by": "sglang",
+      "root": self.model_path,
+      "max_model_len": self.context_length,
+    }
+    return web.json_response({"object": "list", "data": [card]})
 
   async def _flush_cache(self, request: web.Request) -> web.Response:
     self.log.append((request.path, None))
@@ -344,9 +362,7 @@ class SGLangDouble:
     rng = np.random.default_rng([seed, sample, *prompt] if seed is not None else [self.random_seed, self._next()])
     stops = params.get("stop") or []
     stops = [stops] if isinstance(stops, str) else list(stops)
-    stop_ids = set(params.get("stop_token_ids") or [])
-    if not params.get("ignore_eos"):
-      stop_ids.add(self.eos_token_id)
+    stop_ids = set() if params.get("ignore_eos") else {*(params.get("stop_token_ids") or []), self.eos_token_id}
     max_new = int(params.get("max_new_tokens", 128))
     ids, lps, finish = [], [], None
     try:
@@ -366,12 +382,12 @@ class SGLangDouble:
         ids.append(tok)
         lps.append(lp)
         text = detokenize(ids, skip_special_tokens=False)
-        if tok in stop_ids:
+        if len(ids) >= max_new:
+          finish = {"type": "length", "length": max_new}
+        elif tok in stop_ids:
           finish = {"type": "stop", "matched": tok}
         elif (hit := next((s for s in stops if s in text), None)) is not None:
           finish = {"type": "stop", "matched": hit}
-        elif len(ids) >= max_new:
-          finish = {"type": "length", "length": max_new}
     except _Aborted as e:
       finish = {"type": "abort", "message": str(e)}
     finally:

@@ -10,7 +10,7 @@ from flax import nnx
 from retool_jax.chat import render_ids
 from retool_jax.models import qwen3
 from retool_jax.models.logprobs import token_logprobs
-from retool_jax.rollout import JaxEngine, MultiTurnConfig, run_agent
+from retool_jax.rollout import FinishReason, JaxEngine, MultiTurnConfig, run_agent
 from retool_jax.rollout.agentic import environment_text, load_agent
 from retool_jax.rollout.agents.retool import DEFAULT_INSTRUCTION
 from scripted_engine import ScriptedEngine
@@ -183,3 +183,39 @@ def test_agent_over_the_jax_engine_matches_trainer_logprobs():
     assert mask.sum() == sum(t.generated_tokens for t in r.turns)
     np.testing.assert_allclose(np.asarray(r.logprobs[1:])[mask], ref[: len(r.ids) - 1][mask], atol=1e-5, rtol=0)
     assert "<|im_start|>user\nAgain.<|im_end|>" in r.text
+
+
+def test_retool_agent_ends_a_code_reply_at_the_closing_tag():
+  tools = make_tools()
+  p, _ = question_ids("What is 6*7?", tools)
+  code = "<think>\nrun it\n</think>\n\n<code>\n```python\nprint(6 * 7)\n```\n</code>"
+  final = "It is \\boxed{42}." + IM_END
+  engine = ScriptedEngine(TOK, {p: [code + " imagined output: 41" + IM_END, final]})
+  [out] = run(run_agent(engine, RETOOL, ["What is 6*7?"], tools, MultiTurnConfig(max_context=2048)))
+  assert out.status == "completed" and out.output == "It is \\boxed{42}."
+  assert engine.requests[0].sampling.stop == ("</code>",)
+  r = out.rollout
+  gen1, gen2 = TOK.encode(code), TOK.encode(final)
+  env = TOK.encode(
+    environment_text([{"role": "tool", "content": "42\n"}], after_im_end=False, enable_thinking=True)
+  )
+  assert r.ids == list(p) + gen1 + env + gen2 and "imagined" not in r.text
+  assert r.loss_mask == [0] * len(p) + [1] * len(gen1) + [0] * len(env) + [1] * len(gen2)
+  assert (r.turns[0].tool_calls, r.turns[0].tool_errors) == (1, 0)
+
+
+def test_an_engine_cut_below_the_budget_ends_the_agent_as_truncated():
+  class ShortContext(ScriptedEngine):  # an engine whose own context ends 10 tokens into the reply
+    async def generate(self, requests):
+      results = await super().generate(requests)
+      for res in results:
+        del res.output_ids[10:], res.output_logprobs[10:]
+        res.finish_reason = FinishReason("length")
+      return results
+
+  tools = make_tools()
+  p, _ = question_ids("loop", tools)
+  engine = ShortContext(TOK, {p: [CALL + " and more words than ten tokens here" + IM_END] * 3})
+  [out] = run(run_agent(engine, RETOOL, ["loop"], tools, MultiTurnConfig(max_context=2048)))
+  assert out.status == "truncated" and len(engine.requests) == 1
+  assert len(out.rollout.ids) == len(p) + 10 and out.rollout.status == "truncated"

@@ -136,6 +136,9 @@ def test_stop_token_ends_row_and_is_kept(tiny_model):
   )[0]
   first = free.output_ids.index(stop)
   assert res.output_ids == free.output_ids[: first + 1]
+  # the batch ends with its last row: the free run took two decode chunks (16 steps each), this one at most one
+  # (none when the prefill's token is already the stop)
+  assert engine.stats["decode_chunks"] == 2 + (first > 0)
   assert res.finish_reason.type == "stop" and res.finish_reason.matched == stop
   np.testing.assert_allclose(res.output_logprobs, free.output_logprobs[: first + 1], atol=1e-6)
 
@@ -185,6 +188,40 @@ def test_budget_and_bad_requests(tiny_model):
     run(engine.generate([GenerateRequest((1, 2), SamplingParams(stop=("x",)))]))
 
 
+def test_bucketed_shapes_compile_once_per_bucket_not_per_request():
+  model = qwen3.Qwen3(TINY.replace(num_hidden_layers=1), rngs=nnx.Rngs(2))  # programs no other test compiled
+  engine = JaxEngine(model, min_prompt_bucket=16, min_new_bucket=16)
+
+  def one(n: int, m: int):
+    [res] = run(engine.generate([GenerateRequest(tuple(range(1, n + 1)), SamplingParams(0.0, max_new_tokens=m))]))
+    assert len(res.output_ids) == m and res.finish_reason.type == "length"
+
+  before = _cache_sizes()
+  one(5, 10)
+  first = _cache_sizes()
+  assert first == (before[0] + 1, before[1] + 1)  # one prefill and one decode program for the bucket
+  for n, m in [(3, 16), (9, 7), (16, 12), (12, 2)]:  # other lengths and budgets in the same bucket
+    one(n, m)
+  assert _cache_sizes() == first
+  one(17, 10)  # a 17-token prompt pads to 32: a new bucket, compiled once
+  one(30, 16)
+  assert _cache_sizes() == (first[0] + 1, first[1] + 1)
+
+
+def test_prefill_projects_only_the_last_position_to_the_vocabulary(tiny_model):
+  """The prompt's [B, T, V] logits are never built (with Qwen3's 152k vocabulary they dominate prefill)."""
+  from retool_jax.rollout import jax_engine
+
+  engine = JaxEngine(tiny_model)
+  rows = engine._row_params([(GenerateRequest((1, 2, 3)), 4)], 2)
+  ids = jnp.ones((2, 16), jnp.int32)
+  lowered = jax_engine._prefill.lower(engine._graphdef, engine._params, ids, ids, rows, cache_len=32, new_len=16)
+  hlo = lowered.compile().as_text()
+  vocab = TINY.vocab_size  # no other dimension of TINY is 128
+  assert f"f32[2,16,{vocab}]" not in hlo and f"f32[2,15,{vocab}]" not in hlo
+  assert f"f32[2,{vocab}]" in hlo or f"f32[2,1,{vocab}]" in hlo
+
+
 def test_update_weights_swaps_params_without_recompiling(tiny_model):
   engine = JaxEngine(tiny_model)
   other = qwen3.Qwen3(TINY, rngs=nnx.Rngs(5))
@@ -213,3 +250,21 @@ def _cache_sizes():
   from retool_jax.rollout import jax_engine
 
   return jax_engine._prefill._cache_size(), jax_engine._decode_chunk._cache_size()
+
+
+def test_close_stops_the_batcher_and_the_engine_can_start_again(tiny_model):
+  engine = JaxEngine(tiny_model)
+  req = GenerateRequest((1, 2, 3), SamplingParams(temperature=0.0, max_new_tokens=4))
+
+  async def generate_then_close():
+    first = await engine.generate([req])
+    worker = engine._worker
+    await engine.close()
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    return first, worker, others
+
+  first, worker, others = run(generate_then_close())
+  assert worker.cancelled() and not others  # nothing is left pending on the loop
+  assert run(engine.generate([req]))[0].output_ids == first[0].output_ids
+  run(engine.close())
+  run(engine.close())  # closing twice is harmless

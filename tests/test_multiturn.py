@@ -13,10 +13,11 @@ from retool_jax.assets import QWEN3_TOKENIZER_DIR
 from retool_jax.chat import load_tokenizer, render_ids
 from retool_jax.models import qwen3
 from retool_jax.models.logprobs import token_logprobs
-from retool_jax.rollout import JaxEngine, MultiTurnConfig, generate_multiturn
+from retool_jax.rollout import JaxEngine, MultiTurnConfig, SGLangEngine, generate_multiturn
 from retool_jax.rollout.multiturn import TOOL_CALL_CLOSE_ID, session_tools
 from retool_jax.tools import ToolRegistry, tool
 from scripted_engine import ScriptedEngine
+from sglang_double import SGLangDouble
 
 TOK = load_tokenizer(QWEN3_TOKENIZER_DIR)
 IM_END = "<|im_end|>"
@@ -133,6 +134,25 @@ def test_limits_end_trajectories_as_truncated():
   [r] = run(generate_multiturn(ScriptedEngine(TOK, {p: many}), [p], tools, MultiTurnConfig(max_context=budget)))
   assert (r.status, r.stop_reason, len(r.ids)) == ("truncated", "max_context", budget)
   assert r.loss_mask[-5:] == [0] * 5
+
+
+def test_an_engine_context_shorter_than_the_budget_truncates_over_sglang():
+  """Over the real HTTP client: the server's context (64) cuts the turn below max_context, so the trajectory is
+  truncated rather than sent back with no room left."""
+  with SGLangDouble(eos_token_id=-1) as server:
+    engine = SGLangEngine(server.url)
+    run(engine.start(timeout_s=5))
+    prompt_ids = [5] * 10
+    [r] = run(generate_multiturn(engine, [prompt_ids], None, MultiTurnConfig(max_context=100, temperature=0.0)))
+    [r2] = run(generate_multiturn(engine, [prompt_ids], None, MultiTurnConfig(max_context=100, max_new_tokens=20)))
+  assert (r.status, r.stop_reason, len(r.ids), r.num_prompt_tokens) == ("truncated", "max_context", 63, 10)
+  assert r.loss_mask == [0] * 10 + [1] * 53 and len(r.logprobs) == 63 and r.logprobs[:10] == [0.0] * 10
+  assert (r2.status, r2.stop_reason, [t.generated_tokens for t in r2.turns]) == (
+    "truncated",
+    "max_context",
+    [20, 20, 13],
+  )
+  assert engine.stats.too_long == 0 and engine.stats.completed == 4
 
 
 def test_per_call_cap_continues_the_same_turn_and_observations_are_truncated():

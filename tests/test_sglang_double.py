@@ -62,6 +62,25 @@ def test_greedy_logprob_is_log_softmax_of_the_logits(server):
     ids.append(tok)
 
 
+def test_sampled_logprob_is_of_the_temperature_scaled_logits_before_top_k(server):
+  params = {
+    "temperature": 0.7,
+    "top_k": 3,
+    "top_p": 0.9,
+    "max_new_tokens": 8,
+    "ignore_eos": True,
+    "sampling_seed": 1,
+  }
+  out = post(server, "/generate", {"input_ids": [9, 10], "sampling_params": params, "return_logprob": True}).json()
+  ids = [9, 10]
+  for lp, tok, _ in out["meta_info"]["output_token_logprobs"]:
+    scaled = server.model.logits(ids) / 0.7
+    assert tok in np.argsort(-scaled)[:3]  # drawn from the top-k ...
+    want = scaled[tok] - scaled.max() - np.log(np.exp(scaled - scaled.max()).sum())
+    assert lp == pytest.approx(float(want))  # ... but scored over the whole vocabulary
+    ids.append(tok)
+
+
 def test_text_and_batches_answer_lists_in_prompt_major_order(server):
   single = post(server, "/generate", {"text": "hello", "sampling_params": greedy(4, ignore_eos=True)}).json()
   assert isinstance(single, dict) and single["meta_info"]["prompt_tokens"] == len(encode("hello"))
@@ -126,17 +145,53 @@ def test_stop_string_trims_text_but_not_ids_or_logprobs(server):
   assert len(trimmed["meta_info"]["output_token_logprobs"]) == len(trimmed["output_ids"])
 
 
-def test_stop_token_id_is_matched_as_int_and_kept(server):
-  free = post(server, "/generate", {"input_ids": [11], "sampling_params": greedy(6, ignore_eos=True)}).json()
-  stop_tok = free["output_ids"][2]
-  out = post(
-    server,
-    "/generate",
-    {"input_ids": [11], "sampling_params": greedy(6, ignore_eos=True, stop_token_ids=[stop_tok])},
-  ).json()
-  first = free["output_ids"].index(stop_tok)
-  assert out["output_ids"] == free["output_ids"][: first + 1]
-  assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_tok}
+def test_stop_token_id_is_matched_as_int_and_kept_and_ignore_eos_skips_it():
+  with SGLangDouble(eos_token_id=-1) as s:
+    free = post(s, "/generate", {"input_ids": [11], "sampling_params": greedy(6)}).json()
+    stop_tok = free["output_ids"][2]
+    out = post(s, "/generate", {"input_ids": [11], "sampling_params": greedy(6, stop_token_ids=[stop_tok])}).json()
+    first = free["output_ids"].index(stop_tok)
+    assert out["output_ids"] == free["output_ids"][: first + 1]
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_tok}
+    # SGLang skips every token-based stop (EOS and stop_token_ids) under ignore_eos
+    ignored = post(
+      s, "/generate", {"input_ids": [11], "sampling_params": greedy(6, stop_token_ids=[stop_tok], ignore_eos=True)}
+    ).json()
+    assert ignored["output_ids"] == free["output_ids"]
+
+
+def test_the_budget_is_checked_before_stops():
+  """A stop token or stop string on the last allowed token is answered as `length`, as SGLang does."""
+  with SGLangDouble(eos_token_id=-1) as server:
+    free = post(
+      server,
+      "/generate",
+      {"input_ids": [5, 6], "sampling_params": greedy(12, ignore_eos=True), "return_logprob": True},
+    ).json()
+    ids = free["output_ids"]
+    k = next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])
+    at_budget = post(
+      server, "/generate", {"input_ids": [5, 6], "sampling_params": greedy(k + 1, stop_token_ids=[ids[k]])}
+    ).json()
+    assert at_budget["output_ids"] == ids[: k + 1]
+    assert at_budget["meta_info"]["finish_reason"] == {"type": "length", "length": k + 1}
+    text = detokenize(ids, skip_special_tokens=False)
+    j = next(
+      i
+      for i in range(1, len(ids))
+      if (stop := detokenize(ids[i - 1 : i + 1], False)) not in detokenize(ids[:i], False) and stop.strip()
+    )
+    stop = detokenize(ids[j - 1 : j + 1], False)
+    assert stop in text
+    string_at_budget = post(
+      server, "/generate", {"input_ids": [5, 6], "sampling_params": greedy(j + 1, stop=[stop], ignore_eos=True)}
+    ).json()
+    assert string_at_budget["meta_info"]["finish_reason"] == {"type": "length", "length": j + 1}
+    roomier = post(
+      server, "/generate", {"input_ids": [5, 6], "sampling_params": greedy(j + 5, stop=[stop], ignore_eos=True)}
+    ).json()
+    assert roomier["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert roomier["output_ids"] == string_at_budget["output_ids"] == ids[: j + 1]
 
 
 def test_too_long_requests_are_400_with_an_error_message(server):
@@ -165,6 +220,8 @@ def test_health_is_503_until_ready():
     assert requests.get(s.url + "/health_generate", timeout=5).status_code == 200
     info = requests.get(s.url + "/get_model_info", timeout=5).json()
     assert info["is_generation"] is True and info["weight_version"] == "default"
+    models = requests.get(s.url + "/v1/models", timeout=5).json()
+    assert models["object"] == "list" and models["data"][0]["max_model_len"] == 64
 
 
 def _in_thread(fn):

@@ -21,7 +21,7 @@ from retool_jax.rollout.sglang_engine import (
   parse_generate_output,
 )
 from retool_jax.rollout.weight_sync import prune_versions, write_hf_checkpoint
-from sglang_double import FakeModel, QwenModel, SGLangDouble
+from sglang_double import FakeModel, QwenModel, SGLangDouble, detokenize
 
 FAST = dict(backoff_s=0.01, max_backoff_s=0.02, poll_s=0.02)
 TINY = qwen3.Qwen3Config(
@@ -371,3 +371,60 @@ def test_a_session_opened_with_async_with_is_reused_and_closed():
 
     first, second = run(scenario())
     assert first[0].output_ids == second[0].output_ids
+
+
+def test_requests_are_fitted_to_the_served_context_length():
+  """SGLang answers 400 unless prompt + max_new_tokens < its context length: the engine cuts the budget."""
+  with SGLangDouble(eos_token_id=-1) as s:  # context length 64
+    engine = SGLangEngine(s.url, options=SGLangOptions(**FAST))
+    with pytest.raises(SGLangError, match="maximum context length of 64"):  # not yet known: the server refuses
+      run(engine.generate([req([5] * 10, 100)]))
+    run(engine.start(timeout_s=5))
+    assert engine.context_length == 64
+    [res] = run(engine.generate([req([5] * 10, 100, temperature=0.0)]))
+    assert generate_bodies(s)[-1]["sampling_params"]["max_new_tokens"] == 53
+    assert len(res.output_ids) == 53 and res.finish_reason.type == "length"
+    sent = len(generate_bodies(s))
+    [full] = run(engine.generate([req([5] * 63, 4)]))
+    assert full.finish_reason.type == "abort" and "context length 64" in full.finish_reason.message
+    assert engine.stats.too_long == 1 and len(generate_bodies(s)) == sent  # answered without a call
+    explicit = SGLangEngine(s.url, options=SGLangOptions(context_length=32, **FAST))  # no start() needed
+    [res] = run(explicit.generate([req([5] * 10, 100)]))
+    assert len(res.output_ids) == 21 and res.finish_reason.type == "length"
+
+
+def test_a_stop_on_the_last_allowed_token_is_reported_as_stop():
+  """SGLang checks the budget first and answers `length`; the engine reports the stop, as the JaxEngine does."""
+  with SGLangDouble(eos_token_id=-1) as s:
+    engine = SGLangEngine(s.url, options=SGLangOptions(**FAST))
+    [free] = run(engine.generate([req([5, 6], 12, temperature=0.0)]))
+    ids = free.output_ids
+    k = next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])
+    [res] = run(engine.generate([req([5, 6], k + 1, temperature=0.0, stop_token_ids=(ids[k],))]))
+    assert generate_bodies(s)[-1]["sampling_params"]["stop_token_ids"] == [ids[k]]
+    assert res.output_ids == ids[: k + 1] and res.output_logprobs == free.output_logprobs[: k + 1]
+    assert (res.finish_reason.type, res.finish_reason.matched) == ("stop", ids[k])
+    assert res.meta["server_finish_reason"] == "length"
+
+    text = detokenize(ids, skip_special_tokens=False)
+    j = next(
+      i
+      for i in range(1, len(ids))
+      if (two := detokenize(ids[i - 1 : i + 1], False)).strip() and two not in detokenize(ids[:i], False)
+    )
+    stop = detokenize(ids[j - 1 : j + 1], False)
+    assert stop in text
+    [res] = run(engine.generate([req([5, 6], j + 1, temperature=0.0, stop=(stop, "never"))]))
+    assert res.output_ids == ids[: j + 1]
+    assert (res.finish_reason.type, res.finish_reason.matched) == ("stop", stop)
+    assert res.meta["server_finish_reason"] == "length"
+    [cut] = run(engine.generate([req([5, 6], j, temperature=0.0, stop=(stop,))]))  # a true `length`
+    assert cut.finish_reason.type == "length" and "server_finish_reason" not in cut.meta
+
+
+def test_a_request_past_its_timeout_is_retried_then_raised():
+  with SGLangDouble(token_delay_s=0.05, eos_token_id=-1) as s:
+    engine = SGLangEngine(s.url, options=SGLangOptions(request_timeout_s=0.2, max_retries=1, **FAST))
+    with pytest.raises(SGLangError, match=r"POST .*/generate failed after 2 attempts: .*Timeout"):
+      run(engine.generate([req([5], 40)]))
+    assert engine.stats.transport_retries == 1 and len(generate_bodies(s)) == 2

@@ -106,7 +106,7 @@ class ChatClient:
     check_messages(messages)
     seg = self._segment_for(messages, tool_schemas(tools))
     room = self.config.max_context - len(seg.ids)
-    if room <= 0:
+    if room <= 0 or seg.truncated:
       seg.truncated, self.last_finish_reason = True, "length"
       return self._remember(seg, messages, {"role": "assistant", "content": ""})
     cfg = self.config
@@ -130,8 +130,10 @@ class ChatClient:
     seg.turns.append(TurnStats(len(result.output_ids), result.finish_reason.type))
     seg.versions.append(result.weight_version)
     self.last_finish_reason = result.finish_reason.type
-    if result.finish_reason.type == "length" and len(seg.ids) >= cfg.max_context:
-      seg.truncated = True
+    if result.finish_reason.type == "length" and (
+      len(seg.ids) >= cfg.max_context or len(result.output_ids) < sampling.max_new_tokens
+    ):
+      seg.truncated = True  # the budget, or the engine's own context length, is used up
     return self._remember(seg, messages, self._reply(result.output_ids, seg.turns[-1]))
 
   def record_tool_stats(self, calls: int, errors: int, seconds: float) -> None:

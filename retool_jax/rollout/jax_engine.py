@@ -6,10 +6,10 @@
 
 Concurrent `generate` calls are gathered for `batch_window_s` and run together (up to `max_batch_size` rows).
 Shapes are bucketed (rows, prompt length and new-token budget to powers of two), so a steady workload compiles
-a handful of programs once. A batch is one left-padded prefill followed by jitted decode chunks of
-`decode_chunk` steps; stop tokens end a row inside the chunk, stop strings are matched on the host between
-chunks, and the batch ends as soon as every row has finished. The device work runs in a worker thread, so the
-event loop keeps serving tool calls while the model decodes.
+a handful of programs once. A batch is one left-padded prefill (only its last position is projected to the
+vocabulary) followed by jitted decode chunks of `decode_chunk` steps; stop tokens end a row inside the chunk,
+stop strings are matched on the host between chunks, and the batch ends as soon as every row has finished.
+The device work runs in a worker thread, so the event loop keeps serving tool calls while the model decodes.
 """
 
 from __future__ import annotations
@@ -88,9 +88,11 @@ def _finish_step(state: _DecodeState, tokens_B, logprobs_B, rows: _RowParams) ->
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "new_len"), donate_argnames=())
 def _prefill(graphdef, params, ids_BT, mask_BT, rows: _RowParams, *, cache_len: int, new_len: int):
   model = nnx.merge(graphdef, params)
-  b = ids_BT.shape[0]
+  b, t = ids_BT.shape
   cache = model.init_cache(b, cache_len)
-  logits, cache = model.forward_cached(ids_BT, cache, attention_mask=mask_BT)
+  if t > 1:  # only the last position's logits are used: the [B, T-1, V] projection of the rest is never built
+    _, cache = model.forward_cached(ids_BT[:, :-1], cache, attention_mask=mask_BT[:, :-1])
+  logits, cache = model.forward_cached(ids_BT[:, -1:], cache, attention_mask=mask_BT[:, -1:])
   state = _DecodeState(
     cache,
     jnp.zeros((b,), jnp.int32),
@@ -218,6 +220,22 @@ class JaxEngine:
   async def health(self) -> bool:
     worker = self._worker
     return worker is None or not worker.done() or worker.cancelled()
+
+  async def close(self) -> None:
+    """Stops the batcher on the running loop; requests still queued fail with `CancelledError`.
+
+    The engine stays usable: the next `generate` starts a new batcher.
+    """
+    worker, queue = self._worker, self._queue
+    self._worker = self._queue = self._loop = None
+    if worker is None or worker.done():
+      return
+    worker.cancel()
+    await asyncio.gather(worker, return_exceptions=True)
+    while queue is not None and not queue.empty():
+      pending = queue.get_nowait()
+      if not pending.future.done():
+        pending.future.cancel()
 
   # ---- batching ----------------------------------------------------------------------------------
 

@@ -47,7 +47,8 @@ TRUNCATION_NOTE = "\n... [output truncated]"
 class MultiTurnConfig:
   """Limits and sampling of a multi-turn rollout.
 
-  `max_context` bounds the whole trajectory (prompt + every turn + every observation). `max_new_tokens` caps one
+  `max_context` bounds the whole trajectory (prompt + every turn + every observation); an engine whose own
+  context is shorter ends the trajectory `truncated` when it cuts a turn. `max_new_tokens` caps one
   generation call (None: whatever is left of `max_context`). An observation longer than
   `max_observation_tokens` keeps its head and says it was cut. The retool format cannot follow a closed
   turn (`<|im_end|>`); tool results after one are always a `<tool_response>` turn.
@@ -294,6 +295,8 @@ async def _loop(
     if len(traj) >= config.max_context:
       return "truncated", "max_context"
     if finish.type == "length":
+      if len(result.output_ids) < sampling.max_new_tokens:
+        return "truncated", "max_context"  # the engine's own context length ended the turn early
       continue  # the per-call cap cut the text: keep generating it
     parsed = parse_tool_calls(tokenizer.decode(traj.ids[segment:]), registry, formats=config.call_formats)
     if registry is None or not parsed.found:

@@ -46,8 +46,7 @@ def sample(
   noise = jax.vmap(lambda key, step: jax.random.gumbel(jax.random.fold_in(key, step), scaled.shape[-1:]))(
     keys_B2, step_B
   )
-  sampled = jnp.argmax(filtered + noise, axis=-1)
-  tokens = jnp.where(greedy_B, jnp.argmax(logits_BV, axis=-1), sampled).astype(jnp.int32)
+  tokens = jnp.argmax(jnp.where(greedy_B[:, None], logits_BV, filtered + noise), axis=-1).astype(jnp.int32)
   return tokens, jnp.take_along_axis(logprobs_BV, tokens[:, None], axis=-1)[:, 0]
 
 

@@ -9,6 +9,13 @@
 Tokens and log-probs are read from `meta_info.output_token_logprobs`, never re-tokenised from text. An aborted
 request (HTTP 200, `finish_reason.type == "abort"`) is retried or returned marked as dropped, and counted in
 `engine.stats`. Every result is checked against the weight version the engine last pushed.
+
+Requests are fitted to the servers' context length (from `SGLangOptions.context_length`, or read from
+`/v1/models` at `start()`): `max_new_tokens` is cut so that prompt + max_new_tokens stays below it, which SGLang
+requires (it answers 400 otherwise), and the result then ends with `length`, as the embedded engine does.
+SGLang checks the token budget before stop tokens and strings, so a stop that lands on the last allowed token
+comes back as `length`; such results are reported as the `stop` they are (`meta["server_finish_reason"]` keeps
+what the server said), so both engines end turns the same way.
 """
 
 from __future__ import annotations
@@ -74,6 +81,7 @@ class SGLangOptions:
   sync_dir: str | None = None  # weight checkpoints go to <sync_dir>/weight_v<N>
   sync_dtype: str | None = "bfloat16"  # dtype of the written checkpoint (None: the policy's param dtype)
   keep_versions: int = 2  # weight_v<N> folders kept after a sync
+  context_length: int | None = None  # the servers' --context-length (None: read from /v1/models at start())
 
   def __post_init__(self):
     if self.on_abort not in ON_ABORT:
@@ -86,6 +94,8 @@ class SGLangOptions:
     for name in ("max_retries", "max_abort_retries"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+    if self.context_length is not None and self.context_length < 2:
+      raise ValueError(f"context_length={self.context_length} must be >= 2 or None")
 
 
 @dataclasses.dataclass
@@ -101,6 +111,7 @@ class EngineStats:
   off_policy: int = 0  # results whose weight_version is not the engine's current one
   weight_syncs: int = 0
   flush_retries: int = 0  # /flush_cache answered 400 (requests still in flight) and was retried
+  too_long: int = 0  # requests answered `abort` without a call: the prompt fills the servers' context length
 
   def as_dict(self) -> dict[str, int]:
     return dataclasses.asdict(self)
@@ -181,6 +192,28 @@ def parse_generate_output(out: Mapping[str, Any], where: str = "/generate") -> G
   )
 
 
+def finish_at_budget(result: GenerateResult, request: GenerateRequest) -> GenerateResult:
+  """Reports a `length` finish whose last token is one of the request's stops as that `stop`.
+
+  SGLang checks `max_new_tokens` before stop tokens and stop strings, so a stop on the last allowed token is
+  answered as `length`. A stop token is seen in the last id; a stop string in the untrimmed text (SGLang checks
+  the whole output text after every token, so a stop string in it can only have been completed by the last
+  token). The server's own answer stays in `meta["server_finish_reason"]`.
+  """
+  if result.finish_reason.type != "length" or not result.output_ids:
+    return result
+  sampling = request.sampling
+  matched: int | str | None = None
+  if result.output_ids[-1] in sampling.stop_token_ids:
+    matched = result.output_ids[-1]
+  elif isinstance(text := result.meta.get("text"), str):
+    matched = next((s for s in sampling.stop if s in text), None)
+  if matched is not None:
+    result.meta["server_finish_reason"] = "length"
+    result.finish_reason = FinishReason("stop", matched)
+  return result
+
+
 def _error_message(body: str) -> str:
   with contextlib.suppress(ValueError, TypeError, AttributeError):
     data = json.loads(body)
@@ -242,6 +275,7 @@ class SGLangEngine:
     self.options = options or SGLangOptions()
     self.stats = EngineStats()
     self.weight_version: str | None = None  # the version the server should be serving
+    self.context_length: int | None = self.options.context_length  # prompt + max_new_tokens stay below it
     self.model_info: dict[str, Any] = {}
     self._session = None
     self._session_loop = None
@@ -333,7 +367,11 @@ class SGLangEngine:
   # ---- start-up and health ----------------------------------------------------------------------
 
   async def start(self, timeout_s: float | None = None) -> dict[str, Any]:
-    """Waits until every worker answers `/health_generate` 200, then checks `/get_model_info`."""
+    """Waits until every worker answers `/health_generate` 200, then checks `/get_model_info`.
+
+    Also reads the context length from `/v1/models` (`max_model_len`) unless `SGLangOptions.context_length`
+    gives it.
+    """
     deadline = asyncio.get_running_loop().time() + (timeout_s or self.options.startup_timeout_s)
     async with self._client() as session:
       for base in dict.fromkeys((self.url, *self.worker_urls)):
@@ -357,10 +395,26 @@ class SGLangEngine:
         check_served_model(info, self.model_config, f"{base}/get_model_info")
         versions.add(info.get("weight_version"))
         self.model_info = info
+      if self.context_length is None:
+        self.context_length = await self._served_context_length(session)
     if len(versions) > 1:
       raise SGLangError(f"workers serve different weight versions {sorted(map(str, versions))}")
     self.weight_version = None if versions == {None} else str(versions.pop())
     return self.model_info
+
+  async def _served_context_length(self, session) -> int | None:
+    """The smallest `max_model_len` the workers' `/v1/models` report (None when a server does not say)."""
+    lengths = []
+    for base in self.worker_urls:
+      status, body = await self._call(session, "GET", base, "/v1/models")
+      if status != 200:
+        return None
+      try:
+        cards = json.loads(body)["data"]
+        lengths += [int(card["max_model_len"]) for card in cards if card.get("max_model_len")]
+      except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return min(lengths) if lengths else None
 
   async def _healthy(self, session, base: str) -> bool:
     import aiohttp
@@ -392,6 +446,19 @@ class SGLangEngine:
     opts = self.options
     payload = generate_payload(request, opts.seed_field)
     where = f"/generate (request {request.request_id or '<unnamed>'})"
+    if self.context_length is not None:
+      # SGLang answers 400 unless prompt + max_new_tokens < its context length (the newest releases allow ==).
+      room = self.context_length - 1 - len(request.prompt_ids)
+      if room < 1:
+        self.stats.too_long += 1
+        message = (
+          f"prompt of {len(request.prompt_ids)} tokens leaves no room within the servers' context length "
+          f"{self.context_length}"
+        )
+        return GenerateResult(
+          [], [], FinishReason("abort", message=message), self.weight_version, {"too_long": True}
+        )
+      payload["sampling_params"]["max_new_tokens"] = min(request.sampling.max_new_tokens, room)
     attempt = 0
     while True:
       await state.open_gate.wait()
@@ -424,7 +491,7 @@ class SGLangEngine:
       self.stats.completed += 1
       result.meta["abort_retries"] = attempt
       self._check_version(result, sent_version)
-      return result
+      return finish_at_budget(result, request)
 
   def _check_version(self, result: GenerateResult, sent_version: str | None) -> None:
     expected = self.weight_version

@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from retool_jax.rollout.multiturn import truncate_outputs
+from retool_jax.rollout.multiturn import CODE_CLOSE, truncate_outputs
 
 DEFAULT_INSTRUCTION = (
   "Solve the problem. You may run Python with the code_interpreter tool as often as you "
@@ -35,14 +35,18 @@ async def retool_agent(client: Any, prompt: Any, tools: Any) -> str:
 
   `prompt` is a question, a dataset row with a question, or chat messages. Limits come from `client.config`
   (`max_turns`, `max_tool_calls`, `max_observation_tokens`); malformed calls are answered with their error.
+  As in the ReTool loop, a reply ends at `</code>` (when the `code` format is on), so the model reads the
+  interpreter's output instead of imagining it; `<tool_call>` replies end with the turn, so one reply may hold
+  several calls.
   """
   config = client.config
   messages = _messages(prompt)
   schemas = tools.schemas() if tools is not None else None
+  stop = (CODE_CLOSE,) if tools is not None and "code" in config.call_formats else ()
   calls = 0
   reply: dict = {"content": ""}
   for _ in range(config.max_turns):
-    reply = await client.chat(messages, tools=schemas)
+    reply = await client.chat(messages, tools=schemas, stop=stop)
     messages.append(reply)
     items = sorted(reply.get("tool_calls", []) + reply.get("invalid_tool_calls", []), key=lambda c: c["index"])
     if not items or tools is None or client.last_finish_reason == "length":

@@ -18,8 +18,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.path = "../shared/fixtures/dapo_math_17k/dapo_math_17k_slime_format.first27.jsonl"
   c.data.prompt_style = "raw"  # the dataset's own "Answer:" instruction
   c.reward = "math"
+  c.tools = "none"  # plain DAPO: no interpreter, so no tool schema in the prompt
   c.rollout = ml_collections.ConfigDict(
-    dict(max_context=21504, max_turns=1, max_tool_calls=0, temperature=1.0, call_formats=("code",))
+    dict(
+      max_context=21504,  # prompt (<= 1024) + the response
+      max_response_tokens=20480,  # = rl.overlong.max_len: 16k + the 4k overlong buffer
+      max_turns=1,
+      max_tool_calls=0,
+      temperature=1.0,
+      call_formats=("code",),
+    )
   )
   c.rl = ml_collections.ConfigDict(
     dict(

@@ -22,7 +22,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.reward = "retool"
   c.rollout = ml_collections.ConfigDict(
     dict(
-      max_context=17408,  # prompt (<= 1024) + 16384 response tokens
+      max_context=17408,  # prompt (<= 1024) + the response
+      max_response_tokens=16384,
       max_turns=16,
       max_tool_calls=16,
       max_observation_tokens=1024,

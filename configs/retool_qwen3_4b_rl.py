@@ -23,7 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.reward = "retool"  # <answer>\boxed{}</answer>; wrong after k calls: min(-0.6, -1 + 0.1 k)
   c.rollout = ml_collections.ConfigDict(
     dict(
-      max_context=9216,  # prompt (<= 1024) + 8192 response tokens
+      max_context=9216,  # prompt (<= 1024) + the response
+      max_response_tokens=8192,  # every turn and interpreter output after the prompt
       max_turns=16,
       max_tool_calls=16,
       max_observation_tokens=1024,

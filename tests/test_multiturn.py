@@ -136,6 +136,25 @@ def test_limits_end_trajectories_as_truncated():
   assert r.loss_mask[-5:] == [0] * 5
 
 
+def test_response_cap_bounds_what_follows_the_prompt():
+  tools = make_tools()
+  many = [CALL_TURN] * 5
+  p = ids_of("loop", tools)
+  cap = len(TOK.encode(CALL_TURN)) + 20  # turn 1, its observation, then part of turn 2
+  config = MultiTurnConfig(max_context=4096, max_response_tokens=cap)
+  engine = ScriptedEngine(TOK, {p: many})
+  [r] = run(generate_multiturn(engine, [p], tools, config))
+  assert (r.status, r.stop_reason, len(r.ids) - r.num_prompt_tokens) == ("truncated", "max_response_tokens", cap)
+  assert len(r.loss_mask) == len(r.logprobs) == len(r.ids)
+  assert engine.requests[-1].sampling.max_new_tokens == len(p) + cap - len(engine.requests[-1].prompt_ids)
+  # whichever limit comes first ends the trajectory
+  tight = MultiTurnConfig(max_context=len(p) + 10, max_response_tokens=cap)
+  [r] = run(generate_multiturn(ScriptedEngine(TOK, {p: many}), [p], tools, tight))
+  assert (r.stop_reason, len(r.ids)) == ("max_context", len(p) + 10)
+  with pytest.raises(ValueError, match="max_response_tokens=0"):
+    MultiTurnConfig(max_response_tokens=0)
+
+
 def test_an_engine_context_shorter_than_the_budget_truncates_over_sglang():
   """Over the real HTTP client: the server's context (64) cuts the turn below max_context, so the trajectory is
   truncated rather than sent back with no room left."""

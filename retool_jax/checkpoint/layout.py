@@ -12,6 +12,7 @@ accepts such a folder or a CheckpointManager root (it then takes the latest step
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any, Mapping
 
@@ -78,6 +79,17 @@ def resolve(path: str | os.PathLike) -> epath.Path:
   if steps:
     return path / str(max(steps))
   raise FileNotFoundError(f"{path}: not an Orbax checkpoint (no '{PARAMS_ITEM}' item and no step folders)")
+
+
+class _SkipTrainingItemsNotice(logging.Filter):
+  """Hides Orbax's notice that a trainer checkpoint's other items (optimizer, position, ...) were not restored:
+  reading only the model out of a training checkpoint is what this module does on purpose."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "was found in the checkpoint, but could not be restored" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_SkipTrainingItemsNotice())
 
 
 def _checkpointer(params_handler: ocp.PyTreeCheckpointHandler | None = None) -> ocp.Checkpointer:

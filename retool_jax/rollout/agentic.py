@@ -28,7 +28,14 @@ from retool_jax.chat import check_messages, parse_tool_calls, render_ids, tool_s
 from retool_jax.chat.observation import assistant_header
 from retool_jax.chat.parse import ToolCall
 from retool_jax.chat.tokenizer import IM_END, IM_START, TOOL_RESPONSE_CLOSE, TOOL_RESPONSE_OPEN, encode_text
-from retool_jax.rollout.multiturn import MultiTurnConfig, Rollout, TurnStats, default_tokenizer, open_tools
+from retool_jax.rollout.multiturn import (
+  MultiTurnConfig,
+  Rollout,
+  TurnStats,
+  default_tokenizer,
+  open_tools,
+  trajectory_budget,
+)
 from retool_jax.rollout.types import Engine, GenerateRequest, SamplingParams
 
 __all__ = ["AgentRollout", "ChatClient", "environment_text", "load_agent", "run_agent"]
@@ -105,7 +112,8 @@ class ChatClient:
     """
     check_messages(messages)
     seg = self._segment_for(messages, tool_schemas(tools))
-    room = self.config.max_context - len(seg.ids)
+    limit, _ = trajectory_budget(self.config, seg.num_prompt_tokens)
+    room = limit - len(seg.ids)
     if room <= 0 or seg.truncated:
       seg.truncated, self.last_finish_reason = True, "length"
       return self._remember(seg, messages, {"role": "assistant", "content": ""})
@@ -131,7 +139,7 @@ class ChatClient:
     seg.versions.append(result.weight_version)
     self.last_finish_reason = result.finish_reason.type
     if result.finish_reason.type == "length" and (
-      len(seg.ids) >= cfg.max_context or len(result.output_ids) < sampling.max_new_tokens
+      len(seg.ids) >= limit or len(result.output_ids) < sampling.max_new_tokens
     ):
       seg.truncated = True  # the budget, or the engine's own context length, is used up
     return self._remember(seg, messages, self._reply(result.output_ids, seg.turns[-1]))
@@ -269,15 +277,16 @@ async def run_agent(
 
 
 def _as_rollout(seg: _Segment, tokenizer, config: MultiTurnConfig) -> Rollout:
-  n = min(len(seg.ids), config.max_context)
-  status = "truncated" if seg.truncated or len(seg.ids) > config.max_context else "completed"
+  limit, limit_reason = trajectory_budget(config, seg.num_prompt_tokens)
+  n = min(len(seg.ids), limit)
+  status = "truncated" if seg.truncated or len(seg.ids) > limit else "completed"
   return Rollout(
     seg.ids[:n],
     seg.loss_mask[:n],
     seg.logprobs[:n],
     seg.num_prompt_tokens,
     status,
-    "max_context" if status == "truncated" else "agent",
+    limit_reason if status == "truncated" else "agent",
     seg.turns,
     tokenizer.decode(seg.ids[seg.num_prompt_tokens : n]),
     seg.versions,

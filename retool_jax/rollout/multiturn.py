@@ -32,6 +32,7 @@ __all__ = [
   "run_tool_calls",
   "session_tools",
   "stop_criteria",
+  "trajectory_budget",
   "truncate_outputs",
 ]
 
@@ -48,7 +49,9 @@ class MultiTurnConfig:
   """Limits and sampling of a multi-turn rollout.
 
   `max_context` bounds the whole trajectory (prompt + every turn + every observation); an engine whose own
-  context is shorter ends the trajectory `truncated` when it cuts a turn. `max_new_tokens` caps one
+  context is shorter ends the trajectory `truncated` when it cuts a turn. `max_response_tokens` (None: no cap
+  of its own) bounds what follows the prompt (every turn + every observation), the "response length" of RL
+  recipes; a trajectory ends at whichever of the two comes first. `max_new_tokens` caps one
   generation call (None: whatever is left of `max_context`). An observation longer than
   `max_observation_tokens` keeps its head and says it was cut. The retool format cannot follow a closed
   turn (`<|im_end|>`); tool results after one are always a `<tool_response>` turn.
@@ -57,6 +60,7 @@ class MultiTurnConfig:
   max_context: int = 8192
   max_turns: int = 16
   max_tool_calls: int = 16
+  max_response_tokens: int | None = None
   max_new_tokens: int | None = None
   max_observation_tokens: int = 1024
   observation_format: str = "auto"  # "auto", "qwen" (<tool_response> turn), "retool" (<interpreter>)
@@ -75,8 +79,9 @@ class MultiTurnConfig:
         raise ValueError(f"MultiTurnConfig.{name}={getattr(self, name)} must be >= 1")
     if self.max_tool_calls < 0:
       raise ValueError(f"MultiTurnConfig.max_tool_calls={self.max_tool_calls} must be >= 0")
-    if self.max_new_tokens is not None and self.max_new_tokens < 1:
-      raise ValueError(f"MultiTurnConfig.max_new_tokens={self.max_new_tokens} must be >= 1 or None")
+    for name in ("max_new_tokens", "max_response_tokens"):
+      if getattr(self, name) is not None and getattr(self, name) < 1:
+        raise ValueError(f"MultiTurnConfig.{name}={getattr(self, name)} must be >= 1 or None")
     if self.observation_format not in OBSERVATION_FORMATS:
       raise ValueError(
         f"MultiTurnConfig.observation_format={self.observation_format!r}; expected one of {OBSERVATION_FORMATS}"
@@ -131,7 +136,7 @@ class Rollout:
   logprobs: list[float]
   num_prompt_tokens: int
   status: str  # completed | truncated | aborted
-  stop_reason: str  # eos, stop, max_context, max_turns, max_tool_calls, or an abort message
+  stop_reason: str  # eos, stop, max_context, max_response_tokens, max_turns, max_tool_calls, or an abort message
   turns: list[TurnStats]
   text: str  # the response (everything after the prompt), for the reward
   weight_versions: list[Any] = dataclasses.field(default_factory=list)
@@ -239,8 +244,9 @@ async def _one_trajectory(engine, prompt, tools, config: MultiTurnConfig, tokeni
     versions: list[Any] = []
     status, reason = await _loop(engine, registry, config, tokenizer, traj, turns, versions, index)
   ids, mask, logprobs = traj.ids, traj.loss_mask, traj.logprobs
-  if len(ids) > config.max_context:  # an observation overflowed the budget: keep exactly max_context tokens
-    ids, mask, logprobs = ids[: config.max_context], mask[: config.max_context], logprobs[: config.max_context]
+  limit, _ = trajectory_budget(config, traj.num_prompt_tokens)
+  if len(ids) > limit:  # an observation overflowed the budget: keep exactly the budget's tokens
+    ids, mask, logprobs = ids[:limit], mask[:limit], logprobs[:limit]
   return Rollout(
     ids,
     mask,
@@ -265,13 +271,14 @@ async def _loop(
   index: int,
 ) -> tuple[str, str]:
   stops, stop_ids = stop_criteria(config, tokenizer)
-  if len(traj) >= config.max_context:
-    return "truncated", "max_context"
+  limit, limit_reason = trajectory_budget(config, traj.num_prompt_tokens)
+  if len(traj) >= limit:
+    return "truncated", limit_reason
   segment = len(traj)  # where the policy's current stretch of text began (calls are parsed over all of it)
   while True:
     if len(turns) >= config.max_turns:
       return "truncated", "max_turns"
-    room = config.max_context - len(traj)
+    room = limit - len(traj)
     sampling = SamplingParams(
       temperature=config.temperature,
       top_p=config.top_p,
@@ -292,8 +299,8 @@ async def _loop(
     turns.append(turn)
     if finish.type == "abort":
       return "aborted", finish.message or "engine aborted the request"
-    if len(traj) >= config.max_context:
-      return "truncated", "max_context"
+    if len(traj) >= limit:
+      return "truncated", limit_reason
     if finish.type == "length":
       if len(result.output_ids) < sampling.max_new_tokens:
         return "truncated", "max_context"  # the engine's own context length ended the turn early
@@ -312,8 +319,15 @@ async def _loop(
     added = traj.add_tool_results(outputs, fmt=_observation_format(config, parsed, traj))
     turn.observation_tokens = len(added)
     segment = len(traj)
-    if len(traj) >= config.max_context:
-      return "truncated", "max_context"
+    if len(traj) >= limit:
+      return "truncated", limit_reason
+
+
+def trajectory_budget(config: MultiTurnConfig, num_prompt_tokens: int) -> tuple[int, str]:
+  """The trajectory's length limit, and the stop reason when it is reached."""
+  if config.max_response_tokens is not None and num_prompt_tokens + config.max_response_tokens < config.max_context:
+    return num_prompt_tokens + config.max_response_tokens, "max_response_tokens"
+  return config.max_context, "max_context"
 
 
 def _observation_format(config: MultiTurnConfig, parsed: Any, traj: Trajectory) -> str:

@@ -46,6 +46,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.engine.decode_chunk = 32
   c.reward = "retool"  # a registered reward name or "module:function"
   c.tools = True  # False: plain generation, no tools shown or run
+  c.tools_in_prompt = True  # False: tools run, but their schemas stay out of the system prompt (prompts that
+  # describe the interpreter in words, as models trained on such prompts expect)
   c.rollout = ml_collections.ConfigDict(dict(temperature=1.0, top_p=1.0))  # MultiTurnConfig fields
   c.eval = ml_collections.ConfigDict()
   c.eval.num_samples = 4  # responses per problem (n of avg@n)
@@ -256,6 +258,10 @@ def evaluate(config: ml_collections.ConfigDict, engine: Any = None) -> dict[str,
   engine = engine if engine is not None else _engine(c, tokenizer, multiturn.max_context)
 
   prompts = [e.prompt for e in examples for _ in range(n)]
+  if not c.tools_in_prompt:
+    from retool_jax.chat import render_ids  # noqa: PLC0415
+
+    prompts = [render_ids(tokenizer, p, enable_thinking=multiturn.enable_thinking) for p in prompts]
   answers = [e.ground_truth for e in examples for _ in range(n)]
   rollouts, results = asyncio.run(_rollouts(engine, prompts, answers, tools, multiturn, reward_fn, tokenizer))
 

@@ -244,6 +244,30 @@ def test_evaluate_with_a_scripted_engine_writes_trajectories_and_summary(tmp_pat
   assert "| avg@3 | 0.3333 |" in (tmp_path / "eval" / "summary.md").read_text()
 
 
+def test_tools_can_run_without_their_schemas_in_the_prompt(tmp_path, tokenizer, fixtures_dir):
+  engine = ScriptedEngine(tokenizer)
+  seen = []
+  generate = engine.generate
+
+  async def record(requests):
+    seen.extend(tokenizer.decode(r.prompt_ids) for r in requests)
+    return await generate(requests)
+
+  engine.generate = record
+  c = ev.default_config()
+  c.workdir = str(tmp_path / "eval")
+  c.data.path = str(fixtures_dir / "gsm8k" / "test.jsonl")
+  c.data.limit = 1
+  c.eval.num_samples = 1
+  c.eval.pass_k = (1,)
+  c.rollout.max_context = 4096
+  c.tools_in_prompt = False
+  summary = ev.evaluate(c, engine=engine)
+  assert summary["avg@1"] == 1.0 and summary["execution_success_rate"] == 1.0  # the interpreter still ran
+  assert "<tools>" not in seen[0] and seen[0].startswith("<|im_start|>user\n")
+  assert "<interpreter>\n18" in seen[1]  # the second turn continues after the tool's output
+
+
 def test_config_errors_name_the_field(tmp_path):
   c = ev.default_config()
   with pytest.raises(ValueError, match="config.data.path is empty"):
@@ -284,3 +308,19 @@ def test_cli_on_a_tiny_random_model_writes_the_files(tmp_path, fixtures_dir):
   lines = (workdir / "trajectories.jsonl").read_text().splitlines()
   assert len(lines) == 4
   assert "| pass@2 |" in proc.stdout
+
+
+@pytest.mark.parametrize("variant", ["rl", "sft"])
+def test_demo_eval_config_checks(variant):
+  import importlib.util
+  from pathlib import Path
+
+  path = Path(__file__).resolve().parents[1] / "configs" / "eval_demo.py"
+  spec = importlib.util.spec_from_file_location("eval_demo", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(variant)
+  ev.check_config(c)
+  assert c.model.checkpoint.endswith(f"{variant}/checkpoints") and not c.tools_in_prompt
+  with pytest.raises(ValueError, match="unknown variant"):
+    module.get_config("ppo")

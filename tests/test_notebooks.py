@@ -4,6 +4,7 @@ Each run gets its own work folder through an injected cell after the notebook's 
 injects parameters); everything else runs exactly as written.
 """
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -59,6 +60,24 @@ def test_quickstart_trains_and_writes_a_run(tmp_path):
     assert all(0.0 <= results[phase][k] <= 1.0 for k in ("accuracy", "format_ok", "tool_use_rate")), results
   assert (workdir / "sft" / "metrics.jsonl").is_file() and (workdir / "rl" / "metrics.jsonl").is_file()
   assert any((workdir / "rl" / "checkpoints").iterdir())
+
+  # The run's RL checkpoint evaluates through the CLI's code path with configs/eval_demo.py.
+  from retool_jax import evaluate as ev
+
+  spec = importlib.util.spec_from_file_location("eval_demo", COLAB.parent / "configs" / "eval_demo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("rl")
+  c.workdir, c.data.path = str(workdir / "eval"), str(workdir / "heldout.jsonl")
+  c.model.checkpoint, c.data.tokenizer = str(workdir / "rl" / "checkpoints"), str(workdir / "tokenizer")
+  c.eval.num_samples, c.eval.pass_k = 2, (1, 2)
+  summary = ev.evaluate(c)
+  records = [json.loads(line) for line in (workdir / "eval" / "trajectories.jsonl").read_text().splitlines()]
+  assert len(records) == 2 * len((workdir / "heldout.jsonl").read_text().splitlines())
+  for r in records:
+    a, b = (int(x) for x in r["question"].removeprefix("Compute ").rstrip(".").split(" * "))
+    assert r["ground_truth"] == str(a * b)
+  assert summary["avg@2"] == sum(r["correct"] for r in records) / len(records)
 
 
 def test_convert_and_chat_runs_a_converted_checkpoint(tmp_path):

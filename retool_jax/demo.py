@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from retool_jax.demo_task import run_demo
@@ -24,6 +24,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 
 def main(_):
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   results = run_demo(_CONFIG.value)
   print(json.dumps(results, indent=2, default=str))
 

@@ -73,6 +73,17 @@ def test_export_loads_in_transformers(converted):
   np.testing.assert_array_equal(_hf_logits(reloaded, ids), _hf_logits(hf, ids))
 
 
+def test_relative_paths_convert_load_and_export(tmp_path, monkeypatch):
+  save_hf_model("dense_tied_mqa_hd12", tmp_path / "hf")
+  monkeypatch.chdir(tmp_path)  # Orbax itself only takes absolute paths
+  checkpoint.hf_to_orbax("hf", "orbax", progress=False)
+  model = checkpoint.load("orbax")
+  checkpoint.orbax_to_hf("orbax", "hf_again", progress=False)
+  ids = jnp.array([[3, 1, 4, 1, 5]])
+  np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(checkpoint.load(tmp_path / "orbax")(ids)))
+  assert (tmp_path / "hf_again" / "config.json").is_file()
+
+
 def test_load_onto_mesh_with_cast(tmp_path):
   save_hf_model("moe_8x2", tmp_path / "hf")
   checkpoint.hf_to_orbax(tmp_path / "hf", tmp_path / "orbax", progress=False)

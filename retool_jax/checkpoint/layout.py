@@ -68,9 +68,15 @@ def config_from_record(record: Mapping[str, Any], dtype=None, where: str = "chec
 # ---- locating a checkpoint ----------------------------------------------------------------------
 
 
+def absolute(path: str | os.PathLike) -> epath.Path:
+  """`path` made absolute (Orbax reads and writes absolute paths only); URLs such as gs://... are kept."""
+  path = os.fspath(path)
+  return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 def resolve(path: str | os.PathLike) -> epath.Path:
   """The checkpoint folder at `path`: the folder itself, or the latest step of a CheckpointManager root."""
-  path = epath.Path(path)
+  path = absolute(path)
   if not path.exists():
     raise FileNotFoundError(f"no checkpoint at {path}")
   if (path / PARAMS_ITEM).is_dir():
@@ -113,7 +119,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _write(path, params: dict, record: dict, params_handler=None) -> None:
-  path = epath.Path(path)
+  path = absolute(path)
   if path.exists():
     raise FileExistsError(f"{path} already exists; choose a new destination or remove it")
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Training curves: `python -m retool_jax.plot RUN_DIR [--out FILE] [--keys loss,eval_loss]` -> a PNG.
 
 Reads `RUN_DIR/metrics.jsonl` and draws one panel per metric against the step (default: every numeric
-metric; wall-clock `perf/` figures last). Writes `RUN_DIR/curves.png` unless `--out` says otherwise.
+metric; wall-clock `perf/` and `time/` figures last). Writes `RUN_DIR/curves.png` unless `--out` says otherwise.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from retool_jax.train.metrics import METRICS_FILE, PERF_PREFIX, read_metrics
+from retool_jax.train.metrics import METRICS_FILE, WALL_CLOCK_PREFIXES, read_metrics
 
 
 def series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
@@ -44,7 +44,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, keys: Sequence[
       raise ValueError(f"{run_dir / METRICS_FILE}: no metric {missing}; have {sorted(data)}")
     names = list(keys)
   else:
-    names = sorted(data, key=lambda k: (k.startswith(PERF_PREFIX), k))
+    names = sorted(data, key=lambda k: (k.startswith(WALL_CLOCK_PREFIXES), k))
   if not names:
     raise ValueError(f"{run_dir / METRICS_FILE}: no numeric metrics to plot")
   cols = min(3, len(names))

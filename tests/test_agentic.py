@@ -151,7 +151,9 @@ def test_budget_truncates_and_limits_apply():
   [out] = run(run_agent(engine, RETOOL, ["loop"], tools, MultiTurnConfig(max_context=budget)))
   assert out.status == "truncated" and len(out.rollout.ids) == budget
   engine = ScriptedEngine(TOK, {p: [CALL + IM_END] * 6})
-  [out] = run(run_agent(engine, RETOOL, ["loop"], tools, MultiTurnConfig(max_context=4096, max_response_tokens=40)))
+  [out] = run(
+    run_agent(engine, RETOOL, ["loop"], tools, MultiTurnConfig(max_context=4096, max_response_tokens=40))
+  )
   assert out.status == "truncated" and out.rollout.stop_reason == "max_response_tokens"
   assert len(out.rollout.ids) == len(p) + 40
 

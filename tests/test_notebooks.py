@@ -22,7 +22,9 @@ def execute(name: str, after_cell: str, parameters: str, timeout_s: int = 900) -
     i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "".join(c.source).startswith(after_cell)
   )
   nb.cells.insert(index + 1, nbformat.v4.new_code_cell(parameters))
-  NotebookClient(nb, timeout=timeout_s, kernel_name="python3", resources={"metadata": {"path": str(COLAB)}}).execute()
+  NotebookClient(
+    nb, timeout=timeout_s, kernel_name="python3", resources={"metadata": {"path": str(COLAB)}}
+  ).execute()
   return nb
 
 
@@ -40,7 +42,11 @@ def test_notebooks_are_clean_and_valid():
     for cell in nb.cells:
       if cell.cell_type == "code":
         assert not cell.outputs and cell.execution_count is None, f"{path.name}: commit notebooks without outputs"
-  assert {p.name for p in COLAB.glob("*.ipynb")} >= {"quickstart.ipynb", "convert_and_chat.ipynb", "retool_recipe.ipynb"}
+  assert {p.name for p in COLAB.glob("*.ipynb")} >= {
+    "quickstart.ipynb",
+    "convert_and_chat.ipynb",
+    "retool_recipe.ipynb",
+  }
 
 
 @pytest.mark.slow

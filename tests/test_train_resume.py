@@ -5,10 +5,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from training_process import wait_for_step
 
 from retool_jax.train.metrics import PERF_PREFIX, read_metrics
 
@@ -47,17 +47,6 @@ def _deterministic(records: list[dict]) -> list[dict]:
   return [{k: v for k, v in r.items() if not k.startswith(PERF_PREFIX)} for r in records]
 
 
-def _wait_for_step(path: Path, step: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    if path.exists() and any(r["step"] >= step for r in read_metrics(path)):
-      return
-    if proc.poll() is not None:
-      raise AssertionError(f"training exited with {proc.returncode} before step {step}:\n{proc.stderr.read()}")
-    time.sleep(0.02)
-  raise AssertionError(f"no step {step} within {timeout}s")
-
-
 @pytest.mark.slow  # three short training processes, ~45 s on two cores (mostly XLA compilation)
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, env):
   straight = tmp_path / "straight"
@@ -70,7 +59,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, env):
     _command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
   )
   try:
-    _wait_for_step(killed / "metrics.jsonl", 8, proc)
+    wait_for_step(killed / "metrics.jsonl", 8, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
   finally:

@@ -116,7 +116,9 @@ def run_demo(config: ml_collections.ConfigDict) -> dict[str, Any]:
   timings: dict[str, float] = {}
 
   heldout = make_problems(cfg.eval.num_problems, seed=cfg.seed + 1)
-  with open(workdir / "heldout.jsonl", "w") as f:  # for `python -m retool_jax.evaluate --config=configs/eval_demo.py`
+  with open(
+    workdir / "heldout.jsonl", "w"
+  ) as f:  # for `python -m retool_jax.evaluate --config=configs/eval_demo.py`
     for i, p in enumerate(heldout):
       f.write(json.dumps({"problem": p.question, "answer": p.answer, "unique_id": f"demo/{i}"}) + "\n")
   sft_problems = make_problems(cfg.sft.num_examples, seed=cfg.seed + 2, exclude=heldout)

@@ -325,7 +325,9 @@ async def _loop(
 
 def trajectory_budget(config: MultiTurnConfig, num_prompt_tokens: int) -> tuple[int, str]:
   """The trajectory's length limit, and the stop reason when it is reached."""
-  if config.max_response_tokens is not None and num_prompt_tokens + config.max_response_tokens < config.max_context:
+  if (
+    config.max_response_tokens is not None and num_prompt_tokens + config.max_response_tokens < config.max_context
+  ):
     return num_prompt_tokens + config.max_response_tokens, "max_response_tokens"
   return config.max_context, "max_context"
 

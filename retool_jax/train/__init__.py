@@ -14,8 +14,7 @@ from typing import Iterable
 
 import ml_collections
 
-# config.trainer -> module. The RL trainers ("grpo", "ppo", "dpo") plug in here on the same state,
-# checkpointing and metrics.
+# config.trainer -> module; every trainer shares the train state, checkpointing and metrics.
 TRAINERS: dict[str, str] = {
   "sft": "retool_jax.train.sft",
   "rl": "retool_jax.train.rl_run",

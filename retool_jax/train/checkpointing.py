@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from retool_jax.checkpoint.layout import CONFIG_ITEM, PARAMS_ITEM, config_record
+from retool_jax.checkpoint.layout import CONFIG_ITEM, PARAMS_ITEM, absolute, config_record
 from retool_jax.models.qwen3_config import Qwen3Config
 from retool_jax.train.state import TrainState, abstract_with_shardings
 
@@ -40,7 +40,7 @@ class Checkpointer:
   """Saves and restores `TrainState`s (plus the data position and extras) under `directory`."""
 
   def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(os.fspath(directory))
+    self.directory = absolute(directory)  # gs://... stays a URL
     self.save_every = save_every
     options = ocp.CheckpointManagerOptions(
       save_interval_steps=save_every, max_to_keep=keep, enable_async_checkpointing=async_save, create=True
@@ -58,7 +58,13 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
+    return sorted(self.manager.all_steps())
+
+  def delete_after(self, step: int | None) -> None:
+    """Deletes the checkpoints of steps after `step` (all of them for None), e.g. ones a resume replays."""
+    for s in self.all_steps():
+      if step is None or s > step:
+        self.manager.delete(s)
 
   def save(
     self,
@@ -68,13 +74,19 @@ class Checkpointer:
     data_state: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     force: bool = False,
+    step: int | None = None,
   ) -> bool:
-    """Starts saving `state` if its step is due (every `save_every`) or `force`; returns whether it did."""
-    step = int(jax.device_get(state.step))
+    """Starts saving `state` if its step is due (every `save_every`) or `force`; returns whether it did.
+
+    Checkpoints are numbered by `step`, by default the state's optimizer step (an RL run numbers them by RL
+    step, which may take several updates); the optimizer step is always recorded in the `train` item.
+    """
+    updates = int(jax.device_get(state.step))
+    step = updates if step is None else int(step)
     if not (force or self.manager.should_save(step)):
       return False
     train = {
-      "step": step,
+      "step": updates,
       "rng": np.asarray(jax.random.key_data(state.rng)).tolist(),
       "rng_impl": str(jax.random.key_impl(state.rng)),
       "data": dict(data_state or {}),
@@ -91,16 +103,19 @@ class Checkpointer:
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(
-    self, state: TrainState, shardings: TrainState, step: int | None = None
+    self, state: TrainState, shardings: TrainState | None = None, step: int | None = None
   ) -> tuple[TrainState, dict[str, Any]]:
-    """Restores step `step` (default: the latest) into the structure of `state`, placed by `shardings`.
+    """Restores step `step` (default: the latest) into the structure of `state`, placed by `shardings`
+    (default: where the arrays of `state` are).
 
-    Returns the restored state and the `train` record (with `data` and `extra`). `state` supplies the
-    static parts and, under LoRA, the frozen base weights.
+    Returns the restored state and the `train` record (`step`: optimizer updates, `data`, `extra`). `state`
+    supplies the static parts and, under LoRA, the frozen base weights.
     """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    if shardings is None:
+      shardings = jax.tree.map(lambda a: a.sharding, state)
     abstract = jax.eval_shape(lambda s: s, state)
     items = {
       OPT_ITEM: ocp.args.StandardRestore(abstract_with_shardings(abstract.opt_state, shardings.opt_state)),
@@ -124,6 +139,14 @@ class Checkpointer:
       lora=restored[LORA_ITEM] if state.lora is not None else None,
     )
     return new, train
+
+  def record(self, step: int | None = None) -> dict[str, Any]:
+    """The `train` record of step `step` (default: the latest) alone: optimizer step, data position, extras."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    restored = self.manager.restore(step, args=ocp.args.Composite(**{TRAIN_ITEM: ocp.args.JsonRestore()}))
+    return dict(restored[TRAIN_ITEM])
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""

@@ -3,13 +3,24 @@
 `python -m retool_jax.train --config=configs/dpo_tools.py`. Reference log-probs are computed once before
 training (`reference.precompute = True`, the frozen model is then dropped) or on the fly from a frozen copy.
 A batch stacks its chosen rows over its rejected rows (`[2B, T]`), so one forward pass scores both sides.
+Master weights and AdamW state stay in `model.param_dtype` (float32) while the model computes in `model.dtype`;
+with `lora.rank > 0` only adapters train and the frozen base is the reference. A run started again in the same
+`workdir` resumes from its latest checkpoint (the reference is always the starting policy).
+
+Pairs are read through the shared `InputPipeline`: reshuffled every epoch by `(seed, epoch)`, each host reading
+its own slice of every global batch of `batch_size` pairs, and epochs laid end to end (``carry``) so a run takes
+`floor(pairs * num_epochs / batch_size)` updates, all on whole batches. The pipeline's position is saved with
+every checkpoint, so a resumed run continues with the very next batch. On device a batch is two global arrays
+(chosen rows, rejected rows) laid out along the data axes, stacked as `[2B, T]` inside the jitted step; hosts pad
+to one length they all know (per batch on one process, the dataset's longest pair, bucketed, on several).
+Precomputed reference log-probs are stored per pair, so any epoch's order selects them by pair index.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +30,23 @@ import ml_collections
 import numpy as np
 import optax
 
+from retool_jax.data.pipeline import InputPipeline, global_batch
 from retool_jax.models.logprobs import token_logprobs
 from retool_jax.train import state as state_lib
 from retool_jax.train.losses import dpo_loss, sequence_logp
 
-__all__ = ["default_config", "pack_pairs", "pair_logps", "dpo_update", "precompute_reference", "train"]
+__all__ = [
+  "default_config",
+  "dpo_update",
+  "num_updates",
+  "pack_pairs",
+  "pair_logps",
+  "pair_pipeline",
+  "precompute_reference",
+  "split_sides",
+  "stack_sides",
+  "train",
+]
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -33,11 +56,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.workdir = "runs/dpo"
   c.seed = 0
   c.num_epochs = 1
-  c.batch_size = 8  # pairs per update
+  c.batch_size = 8  # pairs per update, over all hosts
   c.model = ml_collections.ConfigDict()
-  c.model.checkpoint = ""  # Orbax (retool_jax layout) or Hugging Face folder
-  c.model.dtype = "bfloat16"
-  c.model.param_dtype = "float32"
+  c.model.checkpoint = ""  # Orbax (retool_jax layout, or a trainer's checkpoints folder) or Hugging Face folder
+  c.model.dtype = "bfloat16"  # compute
+  c.model.param_dtype = "float32"  # master weights and optimizer state
+  c.model.remat = "none"  # none | full | dots | dots_with_no_batch_dims | attention_out
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="q,k,v,o,gate,up,down"))  # rank 0 = full
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # json / jsonl / parquet rows {"prompt", "chosen", "rejected"[, "tools"]}
@@ -66,7 +91,7 @@ def default_config() -> ml_collections.ConfigDict:
     )
   )
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
-  c.log = ml_collections.ConfigDict(dict(every_steps=1, tensorboard=True))
+  c.log = ml_collections.ConfigDict(dict(every_steps=1, tensorboard=True, progress=True))
   return c
 
 
@@ -75,13 +100,19 @@ def pack_pairs(
   *,
   pad_id: int,
   length_multiple: int = 64,
+  length: int | None = None,
 ) -> dict[str, np.ndarray]:
-  """`[2B, T]` arrays (chosen rows, then rejected rows): inputs, targets, target loss mask, attention mask."""
+  """`[2B, T]` arrays (chosen rows, then rejected rows): inputs, targets, target loss mask, attention mask.
+
+  `T` is the longest row bucketed to `length_multiple`, or exactly `length` when given.
+  """
   if not pairs:
     raise ValueError("pack_pairs needs at least one pair")
   rows = [c for c, _ in pairs] + [r for _, r in pairs]
   longest = max(len(ids) for ids, _ in rows) - 1
-  t = length_multiple * max(1, -(-longest // length_multiple))
+  t = length_multiple * max(1, -(-longest // length_multiple)) if length is None else length
+  if t < longest:
+    raise ValueError(f"pack_pairs: a row of {longest + 1} tokens does not fit length={length}")
   ids = np.full((len(rows), t + 1), pad_id, np.int32)
   mask = np.zeros((len(rows), t + 1), np.float32)
   for i, (row_ids, row_mask) in enumerate(rows):
@@ -93,6 +124,48 @@ def pack_pairs(
     "mask_BT": mask[:, 1:],
     "attention_mask_BT": (np.arange(t)[None] < lengths[:, None]).astype(np.int32),
   }
+
+
+def split_sides(packed: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+  """`pack_pairs` output as `{"chosen": [B, T] arrays, "rejected": [B, T] arrays}`.
+
+  Each side is then a batch of pairs that can be laid out along the data axes like any other batch.
+  """
+  half = next(iter(packed.values())).shape[0] // 2
+  return {"chosen": {k: v[:half] for k, v in packed.items()}, "rejected": {k: v[half:] for k, v in packed.items()}}
+
+
+def stack_sides(sides: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, jax.Array]:
+  """The inverse of `split_sides`: chosen rows over rejected rows, `[2B, T]`."""
+  return {k: jnp.concatenate([v, sides["rejected"][k]]) for k, v in sides["chosen"].items()}
+
+
+def pair_pipeline(
+  pairs: Sequence[Any],
+  *,
+  batch_size: int,
+  num_epochs: int,
+  seed: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> InputPipeline:
+  """The training order: `batch_size` pairs per global batch (this host's slice of each), reshuffled each epoch
+  by `(seed, epoch)`, epochs end to end (``carry``); read `num_updates(...)` batches, all of them whole."""
+  return InputPipeline(
+    pairs,
+    global_batch_size=batch_size,
+    seed=seed,
+    remainder="carry",
+    num_epochs=num_epochs,
+    process_index=process_index,
+    process_count=process_count,
+    collate=list,
+  )
+
+
+def num_updates(num_pairs: int, batch_size: int, num_epochs: int) -> int:
+  """Optimizer updates of a run: the whole global batches in `num_epochs` passes over `num_pairs` pairs."""
+  return num_pairs * num_epochs // batch_size
 
 
 def pair_logps(model: Any, batch: dict[str, jax.Array], *, chunk_size: int) -> tuple[jax.Array, jax.Array]:
@@ -116,6 +189,13 @@ def _reference_logps(graphdef, params, batch, *, chunk_size: int):
   return pair_logps(nnx.merge(graphdef, params), batch, chunk_size=chunk_size)
 
 
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def _sides_reference_logps(graphdef, params, sides, *, chunk_size: int):
+  from flax import nnx
+
+  return pair_logps(nnx.merge(graphdef, params), stack_sides(sides), chunk_size=chunk_size)
+
+
 def precompute_reference(
   state: state_lib.TrainState, batches: Sequence[dict[str, np.ndarray]], *, chunk_size: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -131,6 +211,15 @@ def precompute_reference(
   ]
 
 
+def _dpo_step(state, batch, ref_chosen_B, ref_rejected_B, *, beta, label_smoothing, chunk_size):
+  def loss_fn(trainable):
+    chosen_B, rejected_B = pair_logps(state.model(trainable), batch, chunk_size=chunk_size)
+    return dpo_loss(chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, beta=beta, label_smoothing=label_smoothing)
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+  return state.apply_gradients(grads), dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+
+
 @functools.partial(jax.jit, static_argnames=("beta", "label_smoothing", "chunk_size"), donate_argnames=("state",))
 def dpo_update(
   state: state_lib.TrainState,
@@ -142,14 +231,78 @@ def dpo_update(
   label_smoothing: float,
   chunk_size: int,
 ):
-  """One optimizer step on the sigmoid DPO loss of `batch`."""
+  """One optimizer step on the sigmoid DPO loss of `batch` (`pack_pairs` layout)."""
+  return _dpo_step(
+    state, batch, ref_chosen_B, ref_rejected_B, beta=beta, label_smoothing=label_smoothing, chunk_size=chunk_size
+  )
 
-  def loss_fn(trainable):
-    chosen_B, rejected_B = pair_logps(state.model(trainable), batch, chunk_size=chunk_size)
-    return dpo_loss(chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, beta=beta, label_smoothing=label_smoothing)
 
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
-  return state.apply_gradients(grads), dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+@functools.partial(jax.jit, static_argnames=("beta", "label_smoothing", "chunk_size"), donate_argnames=("state",))
+def _sides_update(state, sides, ref_chosen_B, ref_rejected_B, *, beta, label_smoothing, chunk_size):
+  return _dpo_step(
+    state,
+    stack_sides(sides),
+    ref_chosen_B,
+    ref_rejected_B,
+    beta=beta,
+    label_smoothing=label_smoothing,
+    chunk_size=chunk_size,
+  )
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  """The whole value of a global array, on every host."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _batch_placer(mesh: jax.sharding.Mesh, global_rows: int) -> Callable[[Any], Any]:
+  """Places this host's `[B, ...]` arrays as global `[G, ...]` arrays along the data axes (`global_batch`).
+
+  On one process a batch the data axes do not divide is replicated instead (several hosts need them to divide).
+  """
+  from retool_jax import sharding as sharding_lib
+
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if global_rows % shards and jax.process_count() > 1:
+    raise ValueError(
+      f"batch_size={global_rows} must be a multiple of the {shards} batch shards (mesh data x fsdp) on several hosts"
+    )
+
+  def sharding(ndim: int) -> jax.sharding.Sharding:
+    if global_rows % shards:
+      return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return sharding_lib.data_sharding(mesh, ndim)
+
+  return lambda tree: jax.tree.map(
+    lambda x: global_batch(x, sharding(np.ndim(x))), tree, is_leaf=lambda x: isinstance(x, np.ndarray)
+  )
+
+
+def _precompute_by_pair(
+  state: state_lib.TrainState,
+  pairs: Sequence[Any],
+  place: Callable[[Any], Any],
+  *,
+  batch_size: int,
+  pad_id: int,
+  length: int | None,
+  chunk_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Reference log-probs `(chosen_N, rejected_N)` of every pair, indexed like `pairs` (each host scores its slice)."""
+  pipeline = InputPipeline(pairs, global_batch_size=batch_size, shuffle=False, num_epochs=1, collate=list)
+  chosen, rejected = np.zeros(len(pairs), np.float32), np.zeros(len(pairs), np.float32)
+  for batch in pipeline:
+    sides = place(split_sides(pack_pairs(batch.examples, pad_id=pad_id, length=length)))
+    index = place(np.where(batch.mask, batch.indices, -1).astype(np.int32))  # -1: a padding slot
+    c, r = _sides_reference_logps(state.graphdef, state.model_params(), sides, chunk_size=chunk_size)
+    c, r, index = _to_host(c), _to_host(r), _to_host(index)
+    keep = index >= 0
+    chosen[index[keep]], rejected[index[keep]] = c[keep], r[keep]
+  return chosen, rejected
 
 
 def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -157,8 +310,8 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   from retool_jax import sharding as sharding_lib  # noqa: PLC0415
   from retool_jax.assets import QWEN3_TOKENIZER_DIR  # noqa: PLC0415
   from retool_jax.chat import load_tokenizer  # noqa: PLC0415
-  from retool_jax.checkpoint import load as load_checkpoint  # noqa: PLC0415
   from retool_jax.data.chat_sft import load_preference_pairs  # noqa: PLC0415
+  from retool_jax.train import sft  # noqa: PLC0415
   from retool_jax.train.checkpointing import Checkpointer  # noqa: PLC0415
   from retool_jax.train.metrics import MetricsWriter  # noqa: PLC0415
 
@@ -179,23 +332,28 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
       f"batch_size={c.batch_size}"
     )
   mesh = sharding_lib.make_mesh(**c.mesh.to_dict())
-  model = load_checkpoint(c.model.checkpoint, mesh=mesh, dtype=c.model.dtype)
-  steps_per_epoch = len(encoded) // c.batch_size
-  total = steps_per_epoch * c.num_epochs
+  model_fields = sft.default_config().model
+  model_fields.update(c.model.to_dict())
+  model = sft.build_model(model_fields, mesh, c.seed)
+  pipeline = pair_pipeline(encoded, batch_size=c.batch_size, num_epochs=c.num_epochs, seed=c.seed)
+  total = num_updates(len(encoded), c.batch_size, c.num_epochs)
   tx, _ = state_lib.make_optimizer(c.optim.to_dict(), total)
-  state, shardings = state_lib.create_train_state(model, tx, jax.random.key(c.seed), mesh)
-  rng = np.random.default_rng(c.seed)
+  root = jax.random.key(c.seed)
+  state, shardings = state_lib.create_train_state(
+    model, tx, root, mesh, lora_config=sft.lora_config(c.lora), lora_rng=jax.random.fold_in(root, 2)
+  )
+  del model
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  epochs = [
-    [
-      pack_pairs([encoded[i] for i in order[s * c.batch_size : (s + 1) * c.batch_size]], pad_id=pad)
-      for s in range(steps_per_epoch)
-    ]
-    for order in (rng.permutation(len(encoded)) for _ in range(c.num_epochs))
-  ]
-  reference = None
+  length = None  # one process: each batch bucketed to its longest row
+  if jax.process_count() > 1:  # every host pads to the same length, computed from the pairs all of them hold
+    longest = max(len(ids) for pair in encoded for ids, _ in pair) - 1
+    length = 64 * -(-longest // 64)
+  place = _batch_placer(mesh, c.batch_size)
+  reference = refs = None  # scored from the starting policy, before any restore
   if c.reference.precompute:
-    refs = [precompute_reference(state, e, chunk_size=c.loss.chunk_size) for e in epochs]
+    refs = _precompute_by_pair(
+      state, encoded, place, batch_size=c.batch_size, pad_id=pad, length=length, chunk_size=c.loss.chunk_size
+    )
   else:
     reference = state_lib.make_reference(1.0, state, shardings)
   ckpt = Checkpointer(
@@ -204,32 +362,42 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     keep=c.checkpoint.keep,
     async_save=c.checkpoint.async_save,
   )
+  start = ckpt.latest_step() or 0
+  if start:
+    state, record = ckpt.restore(state, shardings, start)
+    pipeline.restore(record["data"])
+  from tqdm.auto import tqdm  # noqa: PLC0415
+
+  bar = tqdm(total=total, initial=start, desc="dpo", disable=not c.log.progress or jax.process_index() != 0)
+  cfg = state.model().config
   last: dict[str, Any] = {}
-  with MetricsWriter(c.workdir, tensorboard=c.log.tensorboard) as writer:
-    for e, batches in enumerate(epochs):
-      for s, batch in enumerate(batches):
-        t0 = time.perf_counter()
-        dev = {k: jnp.asarray(v) for k, v in batch.items()}
-        if reference is None:
-          ref_c, ref_r = refs[e][s]
-        else:
-          ref_c, ref_r = _reference_logps(
-            state.graphdef, reference.device_params(), dev, chunk_size=c.loss.chunk_size
-          )
-        state, m = dpo_update(
-          state,
-          dev,
-          jnp.asarray(ref_c),
-          jnp.asarray(ref_r),
-          beta=c.loss.beta,
-          label_smoothing=c.loss.label_smoothing,
-          chunk_size=c.loss.chunk_size,
+  with MetricsWriter(c.workdir, resume_step=start or None, tensorboard=c.log.tensorboard) as writer:
+    for step in range(start + 1, total + 1):
+      t0 = time.perf_counter()
+      batch = next(pipeline)  # whole: only a run's unfinished last batch would hold padding, and it is never read
+      sides = place(split_sides(pack_pairs(batch.examples, pad_id=pad, length=length)))
+      if refs is not None:
+        ref_c, ref_r = place((refs[0][batch.indices], refs[1][batch.indices]))
+      else:
+        ref_c, ref_r = _sides_reference_logps(
+          state.graphdef, reference.device_params(), sides, chunk_size=c.loss.chunk_size
         )
-        step = int(state.step)
-        if step % c.log.every_steps == 0 or step == total:
-          last = {k: float(v) for k, v in jax.device_get(m).items()}
-          last["perf/step_time"] = time.perf_counter() - t0
-          writer.write(step, last)
-        ckpt.save(state, model.config, force=step == total)
+      state, m = _sides_update(
+        state,
+        sides,
+        ref_c,
+        ref_r,
+        beta=c.loss.beta,
+        label_smoothing=c.loss.label_smoothing,
+        chunk_size=c.loss.chunk_size,
+      )
+      if step % c.log.every_steps == 0 or step == total:
+        last = {k: float(v) for k, v in jax.device_get(m).items()}
+        last["perf/step_time"] = time.perf_counter() - t0
+        writer.write(step, last)
+      ckpt.save(state, cfg, data_state=pipeline.state(), force=step == total)
+      bar.update(1)
+      bar.set_postfix(loss=f"{float(m['loss']):.4f}", acc=f"{float(m['reward_accuracy']):.2f}")
+  bar.close()
   ckpt.close()
   return last

@@ -2,8 +2,8 @@
 
 On resume from step `s`, lines for steps after `s` (written before the run died, and about to be recomputed)
 are dropped and TensorBoard is told to purge them, so a resumed run's records equal an uninterrupted run's.
-Keys starting with `perf/` are wall-clock figures (throughput, step time) and naturally differ between runs.
-Only process 0 writes.
+Keys starting with `perf/` or `time/` are wall-clock figures (throughput, step and phase times) and naturally
+differ between runs; `without_wall_clock` drops them. Only process 0 writes.
 """
 
 from __future__ import annotations
@@ -19,6 +19,12 @@ import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
 PERF_PREFIX = "perf/"
+WALL_CLOCK_PREFIXES = (PERF_PREFIX, "time/")
+
+
+def without_wall_clock(record: Mapping[str, Any]) -> dict[str, Any]:
+  """`record` without its wall-clock figures: what two runs of the same config must agree on."""
+  return {k: v for k, v in record.items() if not k.startswith(WALL_CLOCK_PREFIXES)}
 
 
 def _plain(value: Any) -> Any:

@@ -6,6 +6,11 @@ advantages -> `num_epochs x num_minibatches` clipped policy-gradient updates, wi
 recomputed by the trainer -> weight sync to the engine (in memory for the embedded engine, the disk protocol
 for SGLang).
 
+On several hosts each host rolls out and scores its own share of the prompts (its slice of the prompt
+`InputPipeline`, whole groups), then the hosts exchange their trajectories (`multihost.gather_rows`), so every
+host builds the same global batch, in host order, and computes group advantages and updates on it. On one
+process nothing is exchanged.
+
     trainer = RLTrainer(RLConfig.from_config(config.rl), state, engine=engine, tokenizer=tokenizer,
                         tools=tools, multiturn=MultiTurnConfig(...), reward_fn=get_reward("retool"),
                         prompts=batches)
@@ -27,11 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from retool_jax.data.pipeline import InputPipeline
 from retool_jax.models.logprobs import token_logprobs
 from retool_jax.rewards import score_batch
 from retool_jax.rollout import MultiTurnConfig, generate_multiturn
 from retool_jax.train import advantages as adv_lib
-from retool_jax.train import dapo
+from retool_jax.train import dapo, multihost
 from retool_jax.train.losses import PolicyLossConfig, policy_loss
 from retool_jax.train.rl_batch import minibatch_indices, pack_rollouts
 from retool_jax.train.state import TrainState
@@ -157,25 +163,41 @@ def score_rollouts(reward_fn: Any, rollouts: Sequence[Any], answers: Sequence[st
   return score_batch(reward_fn, [r.text for r in rollouts], list(answers), [reward_info(r) for r in rollouts])
 
 
-def rollout_metrics(rollouts: Sequence[Any], results: Sequence[Any]) -> dict[str, float]:
-  """Batch means of the rollouts and their scores (`accuracy` is verified correctness, never the reward)."""
-  rewards = np.asarray([r.reward for r in results], np.float64)
-  calls = np.asarray([r.tool_calls for r in rollouts], np.float64)
-  errors = float(sum(r.tool_errors for r in rollouts))
-  policy_tokens = np.asarray([sum(r.loss_mask) for r in rollouts], np.float64)
+def rollout_stats(rollouts: Sequence[Any], results: Sequence[Any]) -> dict[str, np.ndarray]:
+  """Per-trajectory figures `rollout_metrics` averages (arrays of one row per rollout, easy to gather)."""
+  return {
+    "reward": np.asarray([r.reward for r in results], np.float64),
+    "correct": np.asarray([bool(r.correct) for r in results], bool),
+    "format_ok": np.asarray([bool(r.format_ok) for r in results], bool),
+    "tool_calls": np.asarray([r.tool_calls for r in rollouts], np.float64),
+    "tool_errors": np.asarray([r.tool_errors for r in rollouts], np.float64),
+    "policy_tokens": np.asarray([sum(r.loss_mask) for r in rollouts], np.float64),
+    "truncated": np.asarray([r.status == "truncated" for r in rollouts], bool),
+    "aborted": np.asarray([r.status == "aborted" for r in rollouts], bool),
+  }
+
+
+def metrics_of_stats(stats: Mapping[str, np.ndarray]) -> dict[str, float]:
+  """Batch means of `rollout_stats` (`accuracy` is verified correctness, never the reward)."""
+  rewards, calls, tokens = stats["reward"], stats["tool_calls"], stats["policy_tokens"]
   return {
     "reward_mean": float(rewards.mean()),
     "reward_std": float(rewards.std()),
-    "accuracy": float(np.mean([r.correct for r in results])),
-    "format_ok": float(np.mean([r.format_ok for r in results])),
+    "accuracy": float(np.mean(stats["correct"])),
+    "format_ok": float(np.mean(stats["format_ok"])),
     "tool_calls_per_traj": float(calls.mean()),
     "tool_use_rate": float(np.mean(calls > 0)),
-    "tool_error_rate": errors / max(float(calls.sum()), 1.0),
-    "response_length": float(policy_tokens.mean()),
-    "response_length_max": float(policy_tokens.max()),
-    "truncation_rate": float(np.mean([r.status == "truncated" for r in rollouts])),
-    "abort_rate": float(np.mean([r.status == "aborted" for r in rollouts])),
+    "tool_error_rate": float(stats["tool_errors"].sum()) / max(float(calls.sum()), 1.0),
+    "response_length": float(tokens.mean()),
+    "response_length_max": float(tokens.max()),
+    "truncation_rate": float(np.mean(stats["truncated"])),
+    "abort_rate": float(np.mean(stats["aborted"])),
   }
+
+
+def rollout_metrics(rollouts: Sequence[Any], results: Sequence[Any]) -> dict[str, float]:
+  """Batch means of the rollouts and their scores (`accuracy` is verified correctness, never the reward)."""
+  return metrics_of_stats(rollout_stats(rollouts, results))
 
 
 async def rollout_and_score(
@@ -284,10 +306,16 @@ class RLTrainer:
     tools: a tool registry or per-trajectory factory for `generate_multiturn`.
     multiturn: limits and sampling of the rollouts (its `temperature` is also the trainer's).
     reward_fn: `fn(response, ground_truth, info) -> RewardResult`.
-    prompts: an iterator of prompt batches (items with `prompt` and `answer`); batches of any size are
-      regrouped into `num_prompts`.
+    prompts: an `InputPipeline` of prompt items (`prompt` and `answer`) with `global_batch_size ==
+      num_prompts`, read one global batch (this host's slice) per sampling round, whose `state()` is part of
+      `position()`; or any iterator of prompt batches, regrouped into this host's `num_prompts / hosts`.
     reference: a `ReferenceModel` (needed when the config uses a KL term).
     critic: a `Critic` (needed for PPO).
+    step_count: RL steps already taken (a resumed run's; default: derived from the state's optimizer step).
+      Sampling seeds and minibatch orders are functions of `(config.seed, step)`, so a resumed run draws what
+      an uninterrupted one would, given `prompts` restored to the position it had saved.
+    gather: how hosts exchange their trajectories (see `multihost`); default `process_allgather` on a
+      multi-process run and nothing on one process.
   """
 
   def __init__(
@@ -300,10 +328,12 @@ class RLTrainer:
     tools: Any,
     multiturn: MultiTurnConfig,
     reward_fn: Any,
-    prompts: Iterator[PromptBatch],
+    prompts: InputPipeline | Iterator[PromptBatch],
     reference: Any = None,
     critic: Any = None,
     pad_id: int | None = None,
+    step_count: int | None = None,
+    gather: multihost.Gather | None = None,
   ):
     if config.needs_reference and reference is None:
       raise ValueError(
@@ -316,10 +346,33 @@ class RLTrainer:
     self.multiturn = multiturn
     self.reference, self.critic = reference, critic
     self.pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
-    self._prompts = _regroup(prompts, config.num_prompts)
-    self._rng = np.random.default_rng(config.seed)
+    self.pipeline = prompts if isinstance(prompts, InputPipeline) else None
+    if self.pipeline is not None:
+      if self.pipeline.global_batch_size != config.num_prompts:
+        raise ValueError(
+          f"the prompt pipeline's global_batch_size={self.pipeline.global_batch_size} is not "
+          f"rl.num_prompts={config.num_prompts}"
+        )
+      self._host, self._hosts = self.pipeline.process_index, self.pipeline.process_count
+      self._prompts = (batch.examples for batch in self.pipeline)
+    else:
+      self._host, self._hosts = jax.process_index(), jax.process_count()
+      if config.num_prompts % self._hosts:
+        raise ValueError(f"rl.num_prompts={config.num_prompts} does not split over {self._hosts} hosts")
+      self._prompts = _regroup(prompts, config.num_prompts // self._hosts)
+    self._gather = gather if gather is not None else multihost.default_gather()
+    self._mesh = multihost.mesh_of(state.params) if jax.process_count() > 1 else None
     self._loop = asyncio.new_event_loop()
-    self.step_count = int(jax.device_get(state.step)) // (config.num_minibatches * config.num_epochs)
+    if step_count is None:
+      step_count = int(jax.device_get(state.step)) // (config.num_minibatches * config.num_epochs)
+    self.step_count = step_count
+    self.prompts_used = 0  # prompts drawn by this trainer, over all hosts
+
+  def position(self) -> dict[str, int]:
+    """Where the run is (what a checkpoint needs to resume exactly): RL steps taken, prompts drawn and, with a
+    prompt pipeline, its `state()`."""
+    position = {"rl_step": self.step_count, "prompts_used": self.prompts_used}
+    return position | self.pipeline.state() if self.pipeline is not None else position
 
   def close(self) -> None:
     """Stops what the rollouts left running on the trainer's event loop (e.g. the engine's batcher)."""
@@ -338,7 +391,7 @@ class RLTrainer:
   def _sample_groups(self, items: PromptBatch, round_: int) -> tuple[list, list, list[str]]:
     g = self.config.group_size
     seed = self.config.seed + 7919 * (self.step_count * self.config.max_sampling_rounds + round_)
-    mt = dataclasses.replace(self.multiturn, seed=seed * 1000 * len(items) * g % (2**31))
+    mt = dataclasses.replace(self.multiturn, seed=(seed * 1000 * len(items) * g + self._host) % (2**31))
     prompts = [it["prompt"] for it in items for _ in range(g)]
     answers = [str(it["answer"]) for it in items for _ in range(g)]
     rollouts, results = self._loop.run_until_complete(
@@ -346,32 +399,53 @@ class RLTrainer:
     )
     return rollouts, results, answers
 
-  def _collect(self) -> tuple[list, list, np.ndarray, dict[str, float]]:
-    """Rollouts, their scores and training rewards; with dynamic sampling, only informative groups."""
+  def _collect(self) -> tuple[list, np.ndarray, dict[str, float]]:
+    """Trajectories of whole groups and their training rewards (with dynamic sampling, only informative
+    groups), and the rollout metrics; on several hosts, every host's, in host order."""
     c, g = self.config, self.config.group_size
-    rollouts, results, rewards, stats = [], [], [], {}
-    all_rollouts, all_results = [], []
+    rollouts, rewards, stats = [], [], {}
+    all_stats = []
     for round_ in range(c.max_sampling_rounds if c.dynamic_sampling else 1):
       items = next(self._prompts)
+      self.prompts_used += len(items) * self._hosts
       ro, res, _ = self._sample_groups(items, round_)
-      all_rollouts += ro
-      all_results += res
+      all_stats.append(rollout_stats(ro, res))
       r = self._training_rewards(ro, res)
       if c.dynamic_sampling:
         keep = np.repeat(dapo.informative_groups(r, g), g)
-        ro, res, r = [x for x, k in zip(ro, keep) if k], [x for x, k in zip(res, keep) if k], r[keep]
+        ro, r = [x for x, k in zip(ro, keep) if k], r[keep]
       rollouts += ro
-      results += res
       rewards.append(r)
       stats["sampling_rounds"] = round_ + 1
-      if len(rollouts) >= c.batch_size:
+      kept = len(rollouts) if self._gather is None else multihost.global_sum(len(rollouts), self._gather)
+      if kept >= c.batch_size:  # every host takes the same decision
         break
-    rewards = np.concatenate(rewards)[: c.batch_size]
-    rollouts, results = rollouts[: c.batch_size], results[: c.batch_size]
-    stats.update(rollout_metrics(all_rollouts, all_results))
+    rewards = np.concatenate(rewards)
+    all_stats = {k: np.concatenate([s[k] for s in all_stats]) for k in all_stats[0]}
+    if self._gather is not None:
+      rollouts, rewards, all_stats = self._gather_hosts(rollouts, rewards, all_stats)
+    rewards, rollouts = rewards[: c.batch_size], rollouts[: c.batch_size]
+    stats.update(metrics_of_stats(all_stats))
     if c.dynamic_sampling:
-      stats["kept_fraction"] = len(rollouts) / max(len(all_rollouts), 1)
-    return rollouts, results, rewards, stats
+      stats["kept_fraction"] = len(rollouts) / max(len(all_stats["reward"]), 1)
+    return rollouts, rewards, stats
+
+  def _gather_hosts(
+    self, rollouts: Sequence[Any], rewards: np.ndarray, stats: dict[str, np.ndarray]
+  ) -> tuple[list, np.ndarray, dict[str, np.ndarray]]:
+    """Every host's trajectories (whole groups, host after host), training rewards and rollout figures."""
+    fields = {
+      "ids": multihost.Ragged.from_rows([r.ids for r in rollouts], np.int32),
+      "loss_mask": multihost.Ragged.from_rows([r.loss_mask for r in rollouts], np.float32),
+      "logprobs": multihost.Ragged.from_rows([r.logprobs for r in rollouts], np.float32),
+      "reward": rewards,
+    }
+    rows = multihost.gather_rows(fields, self._gather)
+    trajectories = [
+      Trajectory(ids, mask, logp)
+      for ids, mask, logp in zip(rows["ids"].rows(), rows["loss_mask"].rows(), rows["logprobs"].rows())
+    ]
+    return trajectories, rows["reward"], multihost.gather_rows(stats, self._gather)
 
   def _training_rewards(self, rollouts: Sequence[Any], results: Sequence[Any]) -> np.ndarray:
     r = np.asarray([x.reward for x in results], np.float64)
@@ -384,8 +458,17 @@ class RLTrainer:
 
   # -- advantages ------------------------------------------------------------------------------------
 
+  def _place(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Host arrays, the same on every host, on device: as they are on one process, replicated global arrays
+    over the policy's mesh on several."""
+    if self._mesh is None:
+      return {k: jnp.asarray(v) for k, v in arrays.items()}
+    return multihost.replicate(arrays, self._mesh)
+
   def _advantages(self, rewards: np.ndarray, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, Any]]:
     c = self.config
+    if self._mesh is not None:
+      rewards = self._place({"rewards": rewards.astype(np.float32)})["rewards"]
     if c.algorithm == "ppo":
       return self.critic.advantages(rewards, batch, c)
     if c.algorithm == "rloo":
@@ -400,13 +483,13 @@ class RLTrainer:
     """One rollout batch and its updates; returns the step's metrics."""
     c, temperature = self.config, self.multiturn.temperature
     t0 = time.perf_counter()
-    rollouts, results, rewards, metrics = self._collect()
+    rollouts, rewards, metrics = self._collect()
     if len(rollouts) < c.group_size:
       metrics.update({"skipped": 1.0, "time/rollout": time.perf_counter() - t0})
       self.step_count += 1
       return metrics
     packed = pack_rollouts(rollouts, pad_id=self.pad_id, length_multiple=c.length_multiple)
-    batch = {k: jnp.asarray(v) for k, v in packed.arrays().items()}
+    batch = self._place(packed.arrays())
     t1 = time.perf_counter()
 
     batch["old_logp_BT"], _ = policy_logprobs(self.state, batch, temperature=temperature, chunk=c.logprob_chunk)
@@ -426,8 +509,9 @@ class RLTrainer:
       batch.pop("ref_logp_BT")  # a reward penalty only: the loss does not need it
     update_metrics = []
     n = len(rollouts)
+    order_rng = np.random.default_rng((c.seed, self.step_count))
     for _ in range(c.num_epochs):
-      for rows in minibatch_indices(n, c.num_minibatches if n == c.batch_size else 1, self._rng):
+      for rows in minibatch_indices(n, c.num_minibatches if n == c.batch_size else 1, order_rng):
         mb = {k: v[rows] for k, v in batch.items()}
         self.state, m = policy_update(
           self.state, mb, loss_config=c.loss, temperature=temperature, chunk=c.logprob_chunk
@@ -461,8 +545,17 @@ class RLTrainer:
     return metrics
 
   def sync_weights(self) -> None:
-    """Sends the current weights to the engine, versioned by the RL step."""
-    self._loop.run_until_complete(self.engine.update_weights(self.state.model_params(), version=self.step_count))
+    """Sends the current weights (adapters merged) to the engine as a model, versioned by the RL step."""
+    self._loop.run_until_complete(self.engine.update_weights(self.state.model(), version=self.step_count))
+
+
+@dataclasses.dataclass(frozen=True)
+class Trajectory:
+  """What a policy update needs of a rollout (as another host sent it): tokens, loss mask, engine log-probs."""
+
+  ids: np.ndarray
+  loss_mask: np.ndarray
+  logprobs: np.ndarray
 
 
 def _regroup(batches: Iterator[PromptBatch], size: int) -> Iterator[list[Mapping[str, Any]]]:

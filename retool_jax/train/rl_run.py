@@ -3,17 +3,29 @@
 Builds the policy (a checkpoint, or a random preset for smoke tests), the engine (embedded, or an SGLang server
 when `engine.sglang_url` is set), per-trajectory interpreter sessions, the reward and the prompt stream, then
 runs `RLTrainer` steps with metrics and checkpoints in `workdir`.
+
+Prompts come from the shared `InputPipeline` (`prompt_pipeline`): reshuffled every pass by `(seed, pass)`,
+passes end to end, `rl.num_prompts` per sampling round over all hosts, each host rolling out its own slice.
+
+Checkpoints are numbered by RL step and hold the policy (and, for PPO, the critic under `critic_checkpoints/`)
+with its optimizer state, RNG and the prompt pipeline's position. A run started again in the same `workdir`
+resumes from the latest step both hold: the reference model is rebuilt from `model.checkpoint`, the engine gets
+the restored weights, and the prompt pipeline and sampling seeds continue where they were, so the resumed run
+logs the metrics an uninterrupted one would (wall-clock figures aside).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
+from retool_jax.data.pipeline import InputPipeline
 from retool_jax.train import sft
 from retool_jax.train.rl import RLConfig, RLTrainer
 
@@ -36,21 +48,25 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = ""  # "" = the packaged Qwen3 tokenizer
   c.engine = ml_collections.ConfigDict()
   c.engine.sglang_url = ""  # "" = the embedded JAX engine
+  c.engine.sync_dir = ""  # SGLang: weights go to <sync_dir>/weight_v<step>; "" = <workdir>/weight_sync
+  c.engine.sync_dtype = "bfloat16"  # SGLang: dtype of the synced weights
   c.engine.max_batch_size = 256
   c.engine.decode_chunk = 32
   c.reward = "retool"  # a registered reward name or "module:function"
+  c.tools = "interpreter"  # interpreter (a sandboxed session per trajectory) | none (no tool schema in the prompt)
   c.rollout = ml_collections.ConfigDict()  # MultiTurnConfig fields
   c.rl = ml_collections.ConfigDict()  # RLConfig fields
-  c.reference = ml_collections.ConfigDict(dict(offload=False))
+  c.reference = ml_collections.ConfigDict(dict(offload=False))  # offload: park it in host memory between uses
   c.optim = _optim(1e-6)
+  c.lora = sft.default_config().lora  # rank 0 = full fine-tuning; else only adapters train (merged on export)
   # PPO only (rl.algorithm="ppo"): a value model built like the policy (same checkpoint / preset) plus a head.
   c.critic = ml_collections.ConfigDict()
   c.critic.clip_value = 0.2  # value clipping around the rollout-time values; 0 = unclipped
   c.critic.whiten_advantages = True
   c.critic.head_init_scale = 0.0  # 0 = a zero-initialised value head
   c.critic.optim = _optim(1e-5)
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=20, keep=3, async_save=True))
-  c.log = ml_collections.ConfigDict(dict(tensorboard=True))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=20, keep=3, async_save=True))  # every N RL steps
+  c.log = ml_collections.ConfigDict(dict(tensorboard=True, progress=True))  # progress: a tqdm bar
   return c
 
 
@@ -86,11 +102,43 @@ def build_critic(c: ml_collections.ConfigDict, mesh: Any, total_updates: int) ->
   return Critic(state, config)
 
 
-def _prompt_batches(examples: list[Any], size: int, seed: int):
-  rng = np.random.default_rng(seed)
-  while True:
-    for i in rng.permutation(len(examples)):
-      yield [{"prompt": examples[i].prompt, "answer": examples[i].ground_truth}]
+def prompt_item(example: Any) -> dict[str, Any]:
+  """What `RLTrainer` samples from: the prompt and the answer the reward checks against."""
+  return {"prompt": example.prompt, "answer": example.ground_truth}
+
+
+def prompt_pipeline(
+  examples: Sequence[Any],
+  *,
+  num_prompts: int,
+  seed: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> InputPipeline:
+  """The prompts, `num_prompts` per draw over all hosts (this host's slice of each), without end: a fresh
+  shuffle by `(seed, pass)` each pass, passes laid end to end (``carry``) so every draw is whole."""
+  if not examples:
+    raise ValueError("no prompts to train on")
+  return InputPipeline(
+    examples,
+    global_batch_size=num_prompts,
+    seed=seed,
+    remainder="carry",
+    num_epochs=None,
+    process_index=process_index,
+    process_count=process_count,
+    transform=prompt_item,
+    collate=list,
+  )
+
+
+TOOLS = ("interpreter", "none")
+
+
+def _resume_step(checkpointers: list[Any]) -> int | None:
+  """The latest RL step every checkpointer holds (policy and critic are saved side by side)."""
+  common = set.intersection(*(set(ck.all_steps()) for ck in checkpointers))
+  return max(common) if common else None
 
 
 def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -102,6 +150,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   from retool_jax.rewards import get_reward  # noqa: PLC0415
   from retool_jax.rollout import JaxEngine, MultiTurnConfig, SGLangEngine  # noqa: PLC0415
   from retool_jax.rollout.multiturn import session_tools  # noqa: PLC0415
+  from retool_jax.rollout.sglang_engine import SGLangOptions  # noqa: PLC0415
   from retool_jax.sandbox import default_sandbox  # noqa: PLC0415
   from retool_jax.train import state as state_lib  # noqa: PLC0415
   from retool_jax.train.checkpointing import Checkpointer  # noqa: PLC0415
@@ -112,17 +161,49 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   multiturn = MultiTurnConfig.from_config(c.rollout)
   if not c.data.path:
     raise ValueError("config.data.path is empty: RL needs prompts with answers")
+  if c.tools not in TOOLS:
+    raise ValueError(f"config.tools={c.tools!r}; expected one of {TOOLS}")
+  workdir = Path(c.workdir)
   tokenizer = load_tokenizer(c.data.tokenizer or QWEN3_TOKENIZER_DIR)
   examples = load_math(c.data.path, prompt_style=c.data.prompt_style, limit=c.data.limit or None)
+  if rl.num_prompts % jax.process_count():
+    raise ValueError(f"rl.num_prompts={rl.num_prompts} must be a multiple of the {jax.process_count()} hosts")
+  prompts = prompt_pipeline(examples, num_prompts=rl.num_prompts, seed=c.seed)
   mesh = sharding_lib.make_mesh(**c.mesh.to_dict())
   model = sft.build_model(c.model, mesh, c.seed)
   updates = c.num_steps * rl.num_minibatches * rl.num_epochs
   tx, _ = state_lib.make_optimizer(c.optim.to_dict(), updates)
-  state, shardings = state_lib.create_train_state(model, tx, jax.random.key(c.seed), mesh)
+  root = jax.random.key(c.seed)
+  state, shardings = state_lib.create_train_state(
+    model, tx, root, mesh, lora_config=sft.lora_config(c.lora), lora_rng=jax.random.fold_in(root, 2)
+  )
+  # the reference is the starting policy: built before any restore
   reference = state_lib.make_reference(float(rl.needs_reference), state, shardings, offload=c.reference.offload)
   critic = build_critic(c, mesh, updates) if rl.algorithm == "ppo" else None
+
+  def checkpointer(name: str) -> Checkpointer:
+    cc = c.checkpoint
+    return Checkpointer(workdir / name, save_every=cc.every_steps, keep=cc.keep, async_save=cc.async_save)
+
+  ckpt = checkpointer("checkpoints")
+  critic_ckpt = checkpointer("critic_checkpoints") if critic is not None else None
+  checkpointers = [ckpt] + ([critic_ckpt] if critic_ckpt is not None else [])
+  start = _resume_step(checkpointers)
+  for ck in checkpointers:
+    ck.delete_after(start)  # a step only one of them reached is replayed
+  prompts_used = 0
+  if start is not None:
+    state, record = ckpt.restore(state, shardings, start)
+    prompts.restore(record["data"])
+    prompts_used = int(record["data"].get("prompts_used", 0))
+    if critic is not None:
+      critic.state, _ = critic_ckpt.restore(critic.state, None, start)
+  start = start or 0
   if c.engine.sglang_url:
-    engine = SGLangEngine(c.engine.sglang_url, model_config=model.config)
+    sync_dir = c.engine.sync_dir or str((workdir / "weight_sync").absolute())  # the server must read it
+    options = SGLangOptions(sync_dir=sync_dir, sync_dtype=c.engine.sync_dtype)
+    engine = SGLangEngine(c.engine.sglang_url, model_config=model.config, options=options)
+    asyncio.run(engine.start())  # waits for the server; checks that it serves the policy's architecture
   else:
     engine = JaxEngine(
       model,
@@ -137,28 +218,50 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     state,
     engine=engine,
     tokenizer=tokenizer,
-    tools=session_tools(default_sandbox()),
+    tools=session_tools(default_sandbox()) if c.tools == "interpreter" else None,
     multiturn=multiturn,
     reward_fn=get_reward(c.reward),
-    prompts=_prompt_batches(examples, rl.num_prompts, c.seed),
+    prompts=prompts,
     reference=reference,
     critic=critic,
+    step_count=start,
   )
+  trainer.prompts_used = prompts_used
+  if start:
+    trainer.sync_weights()  # the engine starts from the restored policy
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(c.to_json_best_effort(indent=2) + "\n")
 
-  def checkpointer(name: str) -> Checkpointer:
-    cc = c.checkpoint
-    return Checkpointer(Path(c.workdir) / name, save_every=cc.every_steps, keep=cc.keep, async_save=cc.async_save)
+  from tqdm.auto import tqdm  # noqa: PLC0415
 
-  ckpt = checkpointer("checkpoints")
-  critic_ckpt = checkpointer("critic_checkpoints") if critic is not None else None
+  bar = tqdm(
+    total=c.num_steps,
+    initial=start,
+    desc=f"rl:{rl.algorithm}",
+    disable=not c.log.progress or jax.process_index() != 0,
+    dynamic_ncols=True,
+  )
   metrics: dict[str, Any] = {}
-  with MetricsWriter(c.workdir, tensorboard=c.log.tensorboard) as writer:
-    for step in range(1, c.num_steps + 1):
+  with MetricsWriter(workdir, resume_step=start or None, tensorboard=c.log.tensorboard) as writer:
+    for step in range(start + 1, c.num_steps + 1):
+      t0 = time.perf_counter()
       metrics = trainer.step()
       writer.write(step, metrics)
-      ckpt.save(trainer.state, model.config, extra={"rl_step": step}, force=step == c.num_steps)
+      last = step == c.num_steps
+      position = trainer.position()
+      ckpt.save(trainer.state, model.config, data_state=position, step=step, force=last)
       if critic is not None:
-        critic_ckpt.save(critic.state, model.config, extra={"rl_step": step}, force=step == c.num_steps)
+        critic_ckpt.save(critic.state, model.config, extra=position, step=step, force=last)
+      bar.update(1)
+      bar.set_postfix(
+        reward=f"{metrics['reward_mean']:+.3f}",
+        acc=f"{metrics['accuracy']:.3f}",
+        tools=f"{metrics['tool_calls_per_traj']:.2f}",
+        len=f"{metrics['response_length']:.0f}",
+        s=f"{time.perf_counter() - t0:.1f}",
+      )
+  bar.close()
   ckpt.close()
   if critic_ckpt is not None:
     critic_ckpt.close()

@@ -283,14 +283,13 @@ class ReferenceModel:
 def make_reference(
   coef: float, state: TrainState, shardings: TrainState, *, offload: bool = False
 ) -> ReferenceModel | None:
-  """The reference policy: the state's current full weights (for LoRA, the base weights it shares), frozen.
+  """The reference policy: a frozen copy of the state's current weights (for LoRA, of the frozen base).
 
-  Returns None when `coef == 0`: the reference model is then never built.
+  Returns None when `coef == 0`: the reference model is then never built. The weights are copied even under
+  LoRA, where they equal the policy's base: the update steps donate the whole state, base included, so the
+  reference cannot share its buffers (with `offload=True` the copy lives in host memory).
   """
   if coef == 0:
     return None
-  if state.lora is not None:
-    params = state.params  # the frozen base model is the reference; no copy needed
-  else:
-    params = jax.tree.map(jnp.copy, state.params)  # the policy's buffers are donated on the next update
+  params = jax.tree.map(jnp.copy, state.params)
   return ReferenceModel(state.graphdef, params, shardings.params, offload=offload)

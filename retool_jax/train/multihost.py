@@ -1,0 +1,123 @@
+"""Multi-host helpers: rows produced on each host, gathered so that every host holds the same global batch.
+
+A gather function takes a pytree of numpy arrays, of the same shapes and dtypes on every host, and returns each
+stacked along a new leading host axis, in host order: `jax.experimental.multihost_utils.process_allgather`
+on a multi-process run (`default_gather`); tests pass a simulated one. On one process there is nothing to
+gather and `default_gather` returns None, so callers skip the exchange entirely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from numpy.typing import DTypeLike
+
+Gather = Callable[[Any], Any]
+
+__all__ = ["Gather", "Ragged", "default_gather", "gather_rows", "global_sum", "mesh_of", "replicate"]
+
+
+def default_gather() -> Gather | None:
+  """`process_allgather` when this run has several processes, else None (nothing to exchange)."""
+  if jax.process_count() == 1:
+    return None
+  from jax.experimental import multihost_utils
+
+  return multihost_utils.process_allgather
+
+
+def global_sum(value: int, gather: Gather) -> int:
+  """The sum over hosts of an integer each host holds."""
+  return int(np.sum(gather(np.asarray(value, np.int32))))
+
+
+class Ragged(NamedTuple):
+  """Rows of different lengths: their values end to end (1-D, of one dtype) and each row's length."""
+
+  values: np.ndarray
+  lengths: np.ndarray
+
+  @classmethod
+  def from_rows(cls, rows: Sequence[Any], dtype: DTypeLike) -> Ragged:
+    lengths = np.asarray([len(row) for row in rows], np.int64)
+    values = np.concatenate([np.asarray(row, dtype) for row in rows]) if rows else np.zeros(0, dtype)
+    return cls(values.astype(dtype, copy=False), lengths)
+
+  def __len__(self) -> int:
+    return len(self.lengths)
+
+  def rows(self) -> list[np.ndarray]:
+    return np.split(self.values, np.cumsum(self.lengths)[:-1]) if len(self.lengths) else []
+
+
+def gather_rows(fields: Mapping[str, np.ndarray | Ragged], gather: Gather) -> dict[str, np.ndarray | Ragged]:
+  """Every host's rows of `fields`, host after host, on every host.
+
+  A field is an array whose first dimension is the row, or `Ragged` rows of any lengths (token ids, masks,
+  ...); every field holds the same number of rows on a host, and each field has the same dtype (and trailing
+  shape) on every host. Hosts may hold different numbers of rows and rows of different lengths: a first
+  gather agrees on the padded sizes, the second moves the padded fields as raw bytes (so every dtype, float64
+  included, comes back bit for bit), and the padding is dropped again.
+  """
+  counts = {name: len(field) for name, field in fields.items()}
+  if len(set(counts.values())) > 1:
+    raise ValueError(f"fields hold different numbers of rows: {counts}")
+  sizes = {name: len(field.values) if isinstance(field, Ragged) else len(field) for name, field in fields.items()}
+  local = np.asarray([next(iter(counts.values()), 0), *sizes.values()], np.int32)
+  # most rows, most values of each field, over hosts (at least one: no zero-sized transfers)
+  padded_to = np.maximum(np.asarray(gather(local)).max(axis=0), 1)
+  rows = int(padded_to[0])
+
+  padded: dict[str, np.ndarray] = {"_count": np.asarray([local[0]], np.int64)}
+  for (name, field), size in zip(fields.items(), padded_to[1:]):
+    data = field.values if isinstance(field, Ragged) else np.asarray(field)
+    out = np.zeros((int(size), *data.shape[1:]), data.dtype)
+    out[: len(data)] = data
+    padded[name] = out
+    if isinstance(field, Ragged):
+      padded[f"_lengths/{name}"] = np.zeros(rows, np.int64)
+      padded[f"_lengths/{name}"][: len(field)] = field.lengths
+  layouts = {name: (out.dtype, out.shape) for name, out in padded.items()}
+  received = gather({name: np.ascontiguousarray(out).reshape(-1).view(np.uint8) for name, out in padded.items()})
+
+  def per_host(name: str) -> np.ndarray:
+    dtype, shape = layouts[name]
+    data = np.asarray(received[name])
+    return data.reshape(data.shape[0], -1).view(dtype).reshape(data.shape[0], *shape)
+
+  count = per_host("_count")[:, 0]
+  out: dict[str, np.ndarray | Ragged] = {}
+  for name, field in fields.items():
+    data = per_host(name)
+    if isinstance(field, Ragged):
+      lengths = per_host(f"_lengths/{name}")
+      out[name] = Ragged(
+        np.concatenate([data[h, : lengths[h, : count[h]].sum()] for h in range(len(count))]),
+        np.concatenate([lengths[h, : count[h]] for h in range(len(count))]),
+      )
+    else:
+      out[name] = np.concatenate([data[h, : count[h]] for h in range(len(count))])
+  return out
+
+
+def mesh_of(tree: Any) -> jax.sharding.Mesh:
+  """The mesh the arrays of `tree` are laid out on (the first `NamedSharding` found)."""
+  for leaf in jax.tree.leaves(tree):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return sharding.mesh
+  raise ValueError("no array of the tree is laid out on a mesh (NamedSharding)")
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Host arrays that are the same on every host, as global arrays replicated over `mesh`."""
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def place(x: Any) -> jax.Array:
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree.map(place, tree)

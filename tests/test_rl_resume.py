@@ -1,0 +1,177 @@
+"""RL runs from a config: the prompt pipeline resumes in place, and a run killed with SIGKILL at a random moment
+and started again logs exactly the metrics of an uninterrupted run (policy, optimizer, critic, reference,
+prompt position and sampling seeds all restored)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from training_process import wait_for_step
+
+from retool_jax.data.records import Example
+from retool_jax.demo_task.task import make_problems
+from retool_jax.demo_task.tokenizer import build_tokenizer, save_tokenizer
+from retool_jax.train.metrics import read_metrics, without_wall_clock
+from retool_jax.train.rl_run import prompt_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_STEPS = 14
+
+# A reward a tiny random policy can climb and that differs between samples: the share of '7' characters.
+REWARD_MODULE = '''
+def sevens(response, ground_truth, info):
+  text = response.replace("<|im_end|>", "")
+  return text.count("7") / max(len(text), 1)
+'''
+
+CONFIG = '''
+import ml_collections
+from retool_jax.train.rl_run import default_config
+
+
+def get_config(algorithm="grpo"):
+  c = default_config()
+  c.workdir = "{workdir}"
+  c.num_steps = {num_steps}
+  c.model.overrides = ml_collections.ConfigDict(dict(
+    vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    num_key_value_heads=1, head_dim=16, tie_word_embeddings=True, max_position_embeddings=128,
+    eos_token_id={eos}))
+  c.model.dtype = "float32"
+  c.data.path = "{data}"
+  c.data.tokenizer = "{tokenizer}"
+  c.data.prompt_style = "problem"
+  c.reward = "rl_resume_reward:sevens"
+  # no interpreter (its schema would make the character-level prompts ~3k tokens long) and one turn: every
+  # step's rows reach the engine together, so both runs decode the same batches
+  c.tools = "none"
+  c.rollout = ml_collections.ConfigDict(dict(
+    max_context=96, max_turns=1, max_new_tokens=12, call_formats=("code",), enable_thinking=False))
+  rl = dict(algorithm=algorithm, num_prompts=2, group_size=4, num_minibatches=2, length_multiple=32)
+  if algorithm == "ppo":
+    rl.update(kl_reward_coef=0.05, lam=0.95)
+  else:
+    rl.update(loss=dict(kl_coef=0.05, tis_cap=2.0, entropy_coef=0.01))
+  c.rl = ml_collections.ConfigDict(rl)
+  c.engine.max_batch_size = 8
+  c.optim.learning_rate = 3e-2
+  c.critic.optim.learning_rate = 1e-2
+  c.checkpoint.every_steps = 2
+  c.log.tensorboard = False
+  c.log.progress = False
+  return c
+'''
+
+
+def _examples(n: int) -> list[Example]:
+  return [Example(prompt=[{"role": "user", "content": str(i)}], ground_truth=str(i)) for i in range(n)]
+
+
+def test_prompt_pipeline_resumes_in_place():
+  examples = _examples(5)
+
+  def hosts():
+    return [prompt_pipeline(examples, num_prompts=2, seed=3, process_index=h, process_count=2) for h in range(2)]
+
+  def draw(pipes):
+    return [item["answer"] for p in pipes for item in next(p).examples]
+
+  straight = hosts()
+  drawn = [draw(straight) for _ in range(9)]  # 18 prompts: 3 passes and a bit
+  flat = [answer for answers in drawn for answer in answers]
+  assert sorted(flat[:5]) == sorted(flat[5:10]) == [str(i) for i in range(5)]  # every pass covers all
+  assert flat[:5] != flat[5:10]  # a fresh shuffle per pass
+  for start in (0, 2, 5, 7):
+    first = hosts()
+    for _ in range(start):
+      draw(first)
+    saved = first[0].state()  # what a checkpoint holds (the same on every host)
+    assert saved == first[1].state() and saved["position"] == 2 * start % 5
+    resumed = hosts()
+    for p in resumed:
+      p.restore(saved)
+    assert [draw(resumed) for _ in range(9 - start)] == drawn[start:]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, dict]:
+  root = tmp_path_factory.mktemp("rl_resume")
+  tokenizer = build_tokenizer()
+  save_tokenizer(tokenizer, root / "tokenizer")
+  with open(root / "problems.jsonl", "w") as f:
+    for p in make_problems(40, seed=0):
+      f.write(json.dumps({"problem": p.question, "answer": p.answer}) + "\n")
+  (root / "rl_resume_reward.py").write_text(REWARD_MODULE)
+  env = dict(os.environ)
+  env.update(
+    PYTHONPATH=os.pathsep.join([str(root), env.get("PYTHONPATH", "")]),
+    XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    JAX_PLATFORMS="cpu",
+    JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
+  return root, env | {"RL_RESUME_EOS": str(tokenizer.eos_token_id)}
+
+
+def _command(root: Path, workdir: Path, algorithm: str, eos: str) -> list[str]:
+  config = root / f"config_{workdir.name}.py"
+  config.write_text(
+    CONFIG.format(
+      workdir=workdir,
+      num_steps=NUM_STEPS,
+      eos=eos,
+      data=root / "problems.jsonl",
+      tokenizer=root / "tokenizer",
+    )
+  )
+  return [sys.executable, "-m", "retool_jax.train", f"--config={config}:{algorithm}"]
+
+
+@pytest.mark.slow  # three short RL runs in subprocesses (mostly XLA compilation)
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_sigkill_then_resume_matches_uninterrupted_run(setup, algorithm):
+  root, env = setup
+  eos = env["RL_RESUME_EOS"]
+  straight = root / f"straight_{algorithm}"
+  done = subprocess.run(
+    _command(root, straight, algorithm, eos), cwd=ROOT, env=env, capture_output=True, text=True
+  )
+  assert done.returncode == 0, done.stderr
+  expected = read_metrics(straight)
+  assert [r["step"] for r in expected] == list(range(1, NUM_STEPS + 1))
+  assert len({r["reward_mean"] for r in expected}) > 1 and any(r["grad_norm"] > 0 for r in expected)  # it learns
+
+  killed = root / f"killed_{algorithm}"
+  command = _command(root, killed, algorithm, eos)
+  proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  # a random moment after a random step (in a rollout, an update, a checkpoint save, ...)
+  after, delay = random.randint(2, 6), random.uniform(0.0, 0.1)
+  moment = f"killed {delay:.3f}s after step {after}"
+  try:
+    wait_for_step(killed / "metrics.jsonl", after, proc)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == -signal.SIGKILL
+  partial = read_metrics(killed)
+  assert after <= partial[-1]["step"] < NUM_STEPS, f"not {moment}"
+
+  resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+  assert resumed.returncode == 0, resumed.stderr
+  got = read_metrics(killed)
+  assert [r["step"] for r in got] == list(range(1, NUM_STEPS + 1))
+  assert [without_wall_clock(r) for r in got] == [without_wall_clock(r) for r in expected], moment
+  steps = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] == NUM_STEPS
+  if algorithm == "ppo":
+    assert (killed / "critic_checkpoints" / str(NUM_STEPS)).is_dir()

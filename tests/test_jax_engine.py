@@ -2,6 +2,7 @@
 
 import asyncio
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from retool_jax.chat import load_tokenizer
 from retool_jax.models import qwen3
 from retool_jax.models.logprobs import token_logprobs
 from retool_jax.rollout import Engine, GenerateRequest, JaxEngine, SamplingParams
-from retool_jax.rollout.sampling import filter_logits, find_stop_string
+from retool_jax.rollout.sampling import filter_logits, find_stop_string, sample
 
 TINY = qwen3.Qwen3Config(
   vocab_size=128,
@@ -112,6 +113,26 @@ def test_filter_logits_top_k_and_top_p():
   kept = np.isfinite(np.asarray(out))
   # row 0: top-2; row 1: nucleus 0.7 needs the two largest; row 2: top-3 renormalised (.2,.3,.4)/.9, 0.5 -> 2
   np.testing.assert_array_equal(kept, [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1]])
+
+
+def test_sampled_tokens_follow_the_filtered_distribution():
+  logits = jnp.log(jnp.asarray([0.05, 0.4, 0.3, 0.15, 0.1]))
+  n = 20000
+  keys = jax.random.split(jax.random.key(0), n)
+  keys = jax.vmap(jax.random.key_data)(keys)
+  rows = lambda x: jnp.broadcast_to(jnp.asarray(x), (n,))
+  draw = jax.jit(sample)
+  tokens, lps = draw(jnp.broadcast_to(logits, (n, 5)), rows(1.0), rows(1.0), rows(-1), keys, rows(3))
+  freq = np.bincount(np.asarray(tokens), minlength=5) / n
+  np.testing.assert_allclose(freq, [0.05, 0.4, 0.3, 0.15, 0.1], atol=0.015)
+  np.testing.assert_allclose(np.asarray(lps), np.log([0.05, 0.4, 0.3, 0.15, 0.1])[np.asarray(tokens)], rtol=1e-5)
+  # top-k 2 keeps tokens 1 and 2 in proportion 4 : 3; the log-probs stay those of the unfiltered distribution
+  tokens, lps = draw(jnp.broadcast_to(logits, (n, 5)), rows(1.0), rows(1.0), rows(2), keys, rows(3))
+  freq = np.bincount(np.asarray(tokens), minlength=5) / n
+  np.testing.assert_allclose(freq, [0, 4 / 7, 3 / 7, 0, 0], atol=0.015)
+  # greedy rows take the argmax whatever their key
+  tokens, _ = draw(jnp.broadcast_to(logits, (n, 5)), rows(0.0), rows(1.0), rows(-1), keys, rows(3))
+  assert set(np.asarray(tokens).tolist()) == {1}
 
 
 def test_top_k_1_sampling_is_greedy(tiny_model):

@@ -41,13 +41,25 @@ def sample(
   greedy_B = temperature_B <= 0
   scaled = logits_BV / jnp.where(greedy_B, 1.0, temperature_B)[:, None]
   logprobs_BV = jax.nn.log_softmax(scaled, axis=-1)
-  filters = jnp.any(~greedy_B & ((top_p_B < 1.0) | (top_k_B > 0)))
-  filtered = jax.lax.cond(filters, filter_logits, lambda s, *_: s, scaled, top_p_B, top_k_B)
-  noise = jax.vmap(lambda key, step: jax.random.gumbel(jax.random.fold_in(key, step), scaled.shape[-1:]))(
-    keys_B2, step_B
-  )
-  tokens = jnp.argmax(jnp.where(greedy_B[:, None], logits_BV, filtered + noise), axis=-1).astype(jnp.int32)
+
+  def draw(scaled_BV):
+    filters = jnp.any(~greedy_B & ((top_p_B < 1.0) | (top_k_B > 0)))
+    filtered = jax.lax.cond(filters, filter_logits, lambda s, *_: s, scaled_BV, top_p_B, top_k_B)
+    return inverse_cdf_draw(filtered, keys_B2, step_B)
+
+  greedy_tokens = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  drawn = jax.lax.cond(jnp.all(greedy_B), lambda s: greedy_tokens, draw, scaled)  # all greedy: no draw at all
+  tokens = jnp.where(greedy_B, greedy_tokens, drawn)
   return tokens, jnp.take_along_axis(logprobs_BV, tokens[:, None], axis=-1)[:, 0]
+
+
+def inverse_cdf_draw(logits_BV: jax.Array, keys_B2: jax.Array, step_B: jax.Array) -> jax.Array:
+  """One token per row from `softmax(logits)` by inverse-CDF sampling: a single uniform number per row (from
+  the row's key and step), where Gumbel-max would draw one per vocabulary entry."""
+  u_B = jax.vmap(lambda key, step: jax.random.uniform(jax.random.fold_in(key, step), minval=1e-7))(keys_B2, step_B)
+  cdf_BV = jnp.cumsum(jax.nn.softmax(logits_BV, axis=-1), axis=-1)
+  index_B = jnp.sum(cdf_BV < (u_B * cdf_BV[:, -1])[:, None], axis=-1)
+  return jnp.minimum(index_B, logits_BV.shape[-1] - 1).astype(jnp.int32)
 
 
 def find_stop_string(

@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sft = ml_collections.ConfigDict(
     dict(
       num_examples=2048,
-      epochs=4,
+      epochs=6,
       batch_size=32,
       log_every=10,
       optim=dict(

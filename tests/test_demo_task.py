@@ -10,7 +10,7 @@ from retool_jax.chat import SpecialIds, load_tokenizer, render_ids
 from retool_jax.demo_task.task import Problem, answer_turn, code_turn, make_problems, prompt_ids
 from retool_jax.demo_task.teacher import TeacherConfig, TeacherEngine, estimate, slip, teacher_rollouts
 from retool_jax.demo_task.tokenizer import build_tokenizer, save_tokenizer
-from retool_jax.rollout import MultiTurnConfig
+from retool_jax.rollout import GenerateRequest, MultiTurnConfig, SamplingParams
 
 MULTITURN = MultiTurnConfig(
   max_context=192, max_turns=4, max_new_tokens=64, call_formats=("code",), enable_thinking=False
@@ -116,3 +116,15 @@ def test_teacher_slips_make_wrong_copies(tokenizer):
     result = reward(r.text, p.answer, {"num_tool_calls": r.tool_calls})
     assert r.tool_calls == 1 and not result.correct and result.format_ok
     assert result.reward == pytest.approx(-0.9)  # the ReTool shaping for a wrong answer after one call
+  # the slipped digit depends on the trajectory only, not on the order the sandbox returns results in
+  engine = TeacherEngine(tokenizer, problems, TeacherConfig(tool_rate=1.0, slip_rate=1.0), seed=0)
+  requests = [
+    GenerateRequest(
+      tuple(tokenizer.encode(f"<interpreter>\n{p.answer}\n</interpreter>")), SamplingParams(), f"{i}-1"
+    )
+    for i, p in enumerate(problems)
+  ]
+  forward = asyncio.run(engine.generate(requests))
+  backward = asyncio.run(engine.generate(requests[::-1]))[::-1]
+  assert [r.output_ids for r in forward] == [r.output_ids for r in backward]
+  assert all(tokenizer.decode(r.output_ids) != answer_turn(p.answer) for r, p in zip(forward, problems))

@@ -56,7 +56,7 @@ class TeacherEngine:
     rng = np.random.default_rng(seed)
     self.uses_tool = rng.random(len(self.problems)) < config.tool_rate
     self.slips = rng.random(len(self.problems)) < config.slip_rate
-    self._rng = rng
+    self.seed = seed
     self.weight_version = "teacher"
 
   async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
@@ -79,7 +79,8 @@ class TeacherEngine:
       seen = _INTERPRETER.findall(self.tokenizer.decode(list(request.prompt_ids)))
       result = seen[-1].strip() if seen else estimate(problem)
       if self.slips[index] and result.isdigit():
-        result = slip(result, self._rng)
+        # a generator per trajectory: the data must not depend on the order the sandbox finishes calls in
+        result = slip(result, np.random.default_rng([self.seed, index]))
       text = answer_turn(result)
     ids = self.tokenizer.encode(text, add_special_tokens=False)
     matched = "</code>" if text.endswith("</code>") else ids[-1]

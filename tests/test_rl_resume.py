@@ -5,14 +5,12 @@ prompt position and sampling seeds all restored)."""
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from training_process import wait_for_step
+from training_process import sigkill_after_step
 
 from retool_jax.data.records import Example
 from retool_jax.demo_task.task import make_problems
@@ -154,15 +152,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(setup, algorithm):
   # a random moment after a random step (in a rollout, an update, a checkpoint save, ...)
   after, delay = random.randint(2, 6), random.uniform(0.0, 0.1)
   moment = f"killed {delay:.3f}s after step {after}"
-  try:
-    wait_for_step(killed / "metrics.jsonl", after, proc)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == -signal.SIGKILL
+  sigkill_after_step(proc, killed / "metrics.jsonl", after, delay)
   partial = read_metrics(killed)
   assert after <= partial[-1]["step"] < NUM_STEPS, f"not {moment}"
 

@@ -2,13 +2,12 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from training_process import wait_for_step
+from training_process import sigkill_after_step
 
 from retool_jax.train.metrics import PERF_PREFIX, read_metrics
 
@@ -58,14 +57,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, env):
   proc = subprocess.Popen(
     _command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
   )
-  try:
-    wait_for_step(killed / "metrics.jsonl", 8, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == -signal.SIGKILL
+  sigkill_after_step(proc, killed / "metrics.jsonl", 8, timeout=120.0)
   saved = [p.name for p in (killed / "checkpoints").iterdir() if p.name.isdigit()]
   assert saved, "killed before the first checkpoint: the resume would start from scratch"
   partial = read_metrics(killed)

@@ -12,7 +12,6 @@ accepts such a folder or a CheckpointManager root (it then takes the latest step
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from typing import Any, Mapping
 
@@ -87,17 +86,6 @@ def resolve(path: str | os.PathLike) -> epath.Path:
   raise FileNotFoundError(f"{path}: not an Orbax checkpoint (no '{PARAMS_ITEM}' item and no step folders)")
 
 
-class _SkipTrainingItemsNotice(logging.Filter):
-  """Hides Orbax's notice that a trainer checkpoint's other items (optimizer, position, ...) were not restored:
-  reading only the model out of a training checkpoint is what this module does on purpose."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return "was found in the checkpoint, but could not be restored" not in record.getMessage()
-
-
-logging.getLogger("absl").addFilter(_SkipTrainingItemsNotice())
-
-
 def _checkpointer(params_handler: ocp.PyTreeCheckpointHandler | None = None) -> ocp.Checkpointer:
   registry = ocp.DefaultCheckpointHandlerRegistry()
   registry.add(PARAMS_ITEM, ocp.args.PyTreeSave, params_handler or ocp.PyTreeCheckpointHandler())
@@ -169,8 +157,13 @@ def _flat(tree: Mapping, prefix=()) -> dict[tuple[str, ...], Any]:
 
 def stored_params(step: epath.Path) -> dict[tuple[str, ...], Any]:
   """Orbax array metadata (name, shape, dtype) of each stored parameter, by path."""
-  meta = _checkpointer().metadata(step).item_metadata[PARAMS_ITEM]
+  meta = _params_metadata(step)
   return _flat(meta.tree if hasattr(meta, "tree") else meta)
+
+
+def _params_metadata(step: epath.Path) -> Any:
+  # The params item alone: a trainer checkpoint's other items (optimizer, position) are none of this module's.
+  return ocp.PyTreeCheckpointHandler().metadata(step / PARAMS_ITEM)
 
 
 def check_matches(step, stored: dict, expected: dict) -> None:
@@ -222,7 +215,7 @@ class ParamReader:
     self.step = resolve(path)
     self.stored = stored_params(self.step)
     self._context = ocp.type_handlers.get_ts_context(use_ocdbt=True)
-    meta = _checkpointer().metadata(self.step).item_metadata[PARAMS_ITEM]
+    meta = _params_metadata(self.step)
     self._zarr3 = bool(getattr(meta, "use_zarr3", False))
     self._ocdbt = (self.step / PARAMS_ITEM / "manifest.ocdbt").exists()
 

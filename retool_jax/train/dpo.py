@@ -168,8 +168,11 @@ def num_updates(num_pairs: int, batch_size: int, num_epochs: int) -> int:
   return num_pairs * num_epochs // batch_size
 
 
-def pair_logps(model: Any, batch: dict[str, jax.Array], *, chunk_size: int) -> tuple[jax.Array, jax.Array]:
-  """Sequence log-probs `(chosen_B, rejected_B)` of the assistant tokens."""
+def pair_logps(model: Any, batch: dict[str, Any], *, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+  """Sequence log-probs `(chosen_B, rejected_B)` of the assistant tokens of a `pack_pairs` batch, or of its
+  `split_sides` form."""
+  if "chosen" in batch:
+    batch = stack_sides(batch)
   out = token_logprobs(
     model,
     batch["input_ids_BT"],
@@ -189,13 +192,6 @@ def _reference_logps(graphdef, params, batch, *, chunk_size: int):
   return pair_logps(nnx.merge(graphdef, params), batch, chunk_size=chunk_size)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size",))
-def _sides_reference_logps(graphdef, params, sides, *, chunk_size: int):
-  from flax import nnx
-
-  return pair_logps(nnx.merge(graphdef, params), stack_sides(sides), chunk_size=chunk_size)
-
-
 def precompute_reference(
   state: state_lib.TrainState, batches: Sequence[dict[str, np.ndarray]], *, chunk_size: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -211,15 +207,6 @@ def precompute_reference(
   ]
 
 
-def _dpo_step(state, batch, ref_chosen_B, ref_rejected_B, *, beta, label_smoothing, chunk_size):
-  def loss_fn(trainable):
-    chosen_B, rejected_B = pair_logps(state.model(trainable), batch, chunk_size=chunk_size)
-    return dpo_loss(chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, beta=beta, label_smoothing=label_smoothing)
-
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
-  return state.apply_gradients(grads), dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-
-
 @functools.partial(jax.jit, static_argnames=("beta", "label_smoothing", "chunk_size"), donate_argnames=("state",))
 def dpo_update(
   state: state_lib.TrainState,
@@ -231,23 +218,14 @@ def dpo_update(
   label_smoothing: float,
   chunk_size: int,
 ):
-  """One optimizer step on the sigmoid DPO loss of `batch` (`pack_pairs` layout)."""
-  return _dpo_step(
-    state, batch, ref_chosen_B, ref_rejected_B, beta=beta, label_smoothing=label_smoothing, chunk_size=chunk_size
-  )
+  """One optimizer step on the sigmoid DPO loss of `batch` (`pack_pairs` layout, or its `split_sides` form)."""
 
+  def loss_fn(trainable):
+    chosen_B, rejected_B = pair_logps(state.model(trainable), batch, chunk_size=chunk_size)
+    return dpo_loss(chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, beta=beta, label_smoothing=label_smoothing)
 
-@functools.partial(jax.jit, static_argnames=("beta", "label_smoothing", "chunk_size"), donate_argnames=("state",))
-def _sides_update(state, sides, ref_chosen_B, ref_rejected_B, *, beta, label_smoothing, chunk_size):
-  return _dpo_step(
-    state,
-    stack_sides(sides),
-    ref_chosen_B,
-    ref_rejected_B,
-    beta=beta,
-    label_smoothing=label_smoothing,
-    chunk_size=chunk_size,
-  )
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+  return state.apply_gradients(grads), dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -298,7 +276,7 @@ def _precompute_by_pair(
   for batch in pipeline:
     sides = place(split_sides(pack_pairs(batch.examples, pad_id=pad_id, length=length)))
     index = place(np.where(batch.mask, batch.indices, -1).astype(np.int32))  # -1: a padding slot
-    c, r = _sides_reference_logps(state.graphdef, state.model_params(), sides, chunk_size=chunk_size)
+    c, r = _reference_logps(state.graphdef, state.model_params(), sides, chunk_size=chunk_size)
     c, r, index = _to_host(c), _to_host(r), _to_host(index)
     keep = index >= 0
     chosen[index[keep]], rejected[index[keep]] = c[keep], r[keep]
@@ -379,10 +357,10 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
       if refs is not None:
         ref_c, ref_r = place((refs[0][batch.indices], refs[1][batch.indices]))
       else:
-        ref_c, ref_r = _sides_reference_logps(
+        ref_c, ref_r = _reference_logps(
           state.graphdef, reference.device_params(), sides, chunk_size=c.loss.chunk_size
         )
-      state, m = _sides_update(
+      state, m = dpo_update(
         state,
         sides,
         ref_c,

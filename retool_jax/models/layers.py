@@ -10,10 +10,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from retool_jax.models.attention import AttentionMask, attend
 from retool_jax.models.qwen3_config import Qwen3Config
 from retool_jax.sharding import constrain
-
-_NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, std: float = 0.02) -> jax.Array:
@@ -91,8 +90,9 @@ class Attention(nnx.Module):
     return y if b is None else y + b[...].astype(x.dtype)
 
   def __call__(
-    self, x_BTD: jax.Array, rope: Rope, mask_BTS: jax.Array | None, cache: LayerCache | None = None
+    self, x_BTD: jax.Array, rope: Rope, mask: AttentionMask | None, cache: LayerCache | None = None
   ) -> tuple[jax.Array, LayerCache | None]:
+    """`mask=None` is plain causal attention over these tokens (no cache, no padding, no packing)."""
     q = self.q_norm(self._project(x_BTD, self.q_proj, self.q_bias))
     k = self.k_norm(self._project(x_BTD, self.k_proj, self.k_bias))
     v = self._project(x_BTD, self.v_proj, self.v_bias)
@@ -103,29 +103,12 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice_in_dim(cache.v_BSKH, v.astype(cache.v_BSKH.dtype), cache.index, axis=1)
       cache = LayerCache(k, v, cache.index)
       k, v = k.astype(x_BTD.dtype), v.astype(x_BTD.dtype)
-    if self.attention_impl == "cudnn" and mask_BTS is None:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    else:
-      out = self._attend(q, k, v, mask_BTS)
+    out = attend(q, k, v, mask, impl=self.attention_impl)
     out = constrain(out, ("batch", "length", "act_heads", None))
     y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(x_BTD.dtype))
     if self.o_bias is not None:
       y = y + self.o_bias[...].astype(y.dtype)
     return y, cache
-
-  def _attend(self, q_BTNH, k_BSKH, v_BSKH, mask_BTS):
-    b, t, n, h = q_BTNH.shape
-    kv = self.num_kv_heads
-    q = q_BTNH.reshape(b, t, kv, n // kv, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k_BSKH, preferred_element_type=jnp.float32)
-    logits = logits * (1.0 / math.sqrt(h))
-    if mask_BTS is None:
-      s = k_BSKH.shape[1]
-      mask_BTS = (jnp.arange(t)[:, None] >= jnp.arange(s)[None, :])[None]
-    logits = jnp.where(mask_BTS[:, None, None, :, :], logits, _NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
-    return out.reshape(b, t, n, h)
 
 
 class MLP(nnx.Module):
@@ -260,8 +243,8 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd, axes=("embed",))
     self.mlp = MoE(cfg, rngs=rngs) if kind == "moe" else MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BTD, rope, mask_BTS, valid_BT, cache: LayerCache | None = None):
-    h, cache = self.self_attn(self.input_layernorm(x_BTD), rope, mask_BTS, cache)
+  def __call__(self, x_BTD, rope, mask: AttentionMask | None, valid_BT, cache: LayerCache | None = None):
+    h, cache = self.self_attn(self.input_layernorm(x_BTD), rope, mask, cache)
     h = checkpoint_name(h, "attn_out")
     x_BTD = x_BTD + h
     y, stats = self.mlp(self.post_attention_layernorm(x_BTD), valid_BT)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from retool_jax.models.attention import AttentionMask, causal_mask
 from retool_jax.models.kv_cache import KVCache, init_cache
 from retool_jax.models.layers import DecoderLayer, LayerCache, RMSNorm, RouterStats, rope_tables
 from retool_jax.models.qwen3_config import PRESETS, Qwen3Config, preset
@@ -106,11 +107,11 @@ class Qwen3(nnx.Module):
     """Final hidden states and the router auxiliary loss, without the `[B, T, V]` logits."""
     if positions is None:
       positions = default_positions(input_ids_BT, segment_ids, attention_mask)
-    mask_BTS = _training_mask(input_ids_BT.shape, segment_ids, attention_mask)
-    if self.config.attention_impl == "cudnn" and segment_ids is None and attention_mask is None:
-      mask_BTS = None  # plain causal: let the fused kernel build it
+    mask = None  # plain causal
+    if segment_ids is not None or attention_mask is not None:
+      mask = causal_mask(input_ids_BT.shape, segment_ids, attention_mask)
     valid_BT = _valid_tokens(segment_ids, attention_mask)
-    h, _, stats = self._decode_layers(self._embed(input_ids_BT), positions, mask_BTS, valid_BT, cache=None)
+    h, _, stats = self._decode_layers(self._embed(input_ids_BT), positions, mask, valid_BT, cache=None)
     return ModelOutput(self.norm(h), self._aux_loss(stats))
 
   def logits(self, hidden_BTD: jax.Array) -> jax.Array:
@@ -148,13 +149,15 @@ class Qwen3(nnx.Module):
     if positions is None:
       positions = cache.num_tokens()[:, None] + jnp.maximum(jnp.cumsum(new_valid, axis=1) - 1, 0)
     valid_BS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BS, new_valid, cache.index, axis=1)
-    s = cache.max_length
-    causal_TS = (cache.index + jnp.arange(t))[:, None] >= jnp.arange(s)[None, :]
-    mask_BTS = causal_TS[None] & valid_BS[:, None, :]
+    mask = AttentionMask(
+      q_segment_BT=new_valid.astype(jnp.int32),
+      kv_segment_BS=valid_BS.astype(jnp.int32),
+      q_index_BT=jnp.broadcast_to(cache.index + jnp.arange(t, dtype=jnp.int32), (b, t)),
+    )
     h, cache, _ = self._decode_layers(
       self._embed(input_ids_BT),
       positions,
-      mask_BTS,
+      mask,
       new_valid,
       cache=cache.__class__(cache.k, cache.v, valid_BS, cache.index),
     )
@@ -168,7 +171,7 @@ class Qwen3(nnx.Module):
     return constrain(x, ("batch", "length", "act_embed"))
 
   def _layer_fn(self, graphdef):
-    def apply(state, x, rope, mask, valid, layer_cache):
+    def apply(state, x, rope, mask: AttentionMask | None, valid, layer_cache):
       layer = nnx.merge(graphdef, state)
       return layer(x, rope, mask, valid, layer_cache)
 
@@ -177,7 +180,7 @@ class Qwen3(nnx.Module):
       return apply
     return jax.checkpoint(apply, policy=_REMAT_POLICIES[policy])
 
-  def _decode_layers(self, x_BTD, positions_BT, mask_BTS, valid_BT, cache: KVCache | None):
+  def _decode_layers(self, x_BTD, positions_BT, mask: AttentionMask | None, valid_BT, cache: KVCache | None):
     cfg = self.config
     rope = rope_tables(positions_BT, cfg.head_dim, cfg.rope_theta, x_BTD.dtype)
     stacks = {"dense": self.dense_layers, "moe": self.moe_layers}
@@ -194,7 +197,7 @@ class Qwen3(nnx.Module):
       def body(x, xs):
         layer_state, kc, vc = xs
         lc = None if cache is None else LayerCache(kc, vc, cache.index)
-        x, lc, stats = fn(layer_state, x, rope, mask_BTS, valid_BT, lc)
+        x, lc, stats = fn(layer_state, x, rope, mask, valid_BT, lc)
         return x, (None if lc is None else lc.k_BSKH, None if lc is None else lc.v_BSKH, stats)
 
       xs = (state, None if cache is None else cache.k[kind], None if cache is None else cache.v[kind])
@@ -207,7 +210,7 @@ class Qwen3(nnx.Module):
       for kind, i in self.layer_plan:
         state = jax.tree.map(lambda a: a[i], split[kind][1])
         lc = None if cache is None else LayerCache(new_k[kind][i], new_v[kind][i], cache.index)
-        x_BTD, lc, stats = fns[kind](state, x_BTD, rope, mask_BTS, valid_BT, lc)
+        x_BTD, lc, stats = fns[kind](state, x_BTD, rope, mask, valid_BT, lc)
         if cache is not None:
           new_k[kind] = new_k[kind].at[i].set(lc.k_BSKH)
           new_v[kind] = new_v[kind].at[i].set(lc.v_BSKH)
@@ -232,17 +235,6 @@ def _valid_tokens(segment_ids, attention_mask):
   if segment_ids is not None:
     return segment_ids > 0
   return None
-
-
-def _training_mask(shape, segment_ids, attention_mask):
-  """Causal mask `[B, T, T]`, restricted to the same packed segment and to unpadded keys."""
-  b, t = shape
-  mask = jnp.broadcast_to((jnp.arange(t)[:, None] >= jnp.arange(t)[None, :])[None], (b, t, t))
-  if segment_ids is not None:
-    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-  if attention_mask is not None:
-    mask = mask & attention_mask.astype(bool)[:, None, :]
-  return mask
 
 
 def load_hf(hf_dir, *, dtype=None, mesh=None, **config_overrides) -> Qwen3:

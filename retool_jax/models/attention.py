@@ -1,0 +1,72 @@
+"""Grouped-query attention over a structured mask.
+
+Letters: B batch, T queries, S keys, N query heads, K key/value heads, G = N // K, H head dim.
+
+A query may see a key when both carry the same segment id and the key's column is at or before the query's
+own column in the key axis (`s <= q_index[b, t]`). One rule covers every caller:
+
+- training, packed rows: segments are the packing ids, `q_index = arange(T)`;
+- training, padded rows: segment 1 for real tokens and 0 for padding on both sides, `q_index = arange(T)`;
+- prefill / decode over a KV cache: key segments mark written slots, `q_index` is each query's cache column.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+
+class AttentionMask(NamedTuple):
+  q_segment_BT: jax.Array  # int32 segment id of each query
+  kv_segment_BS: jax.Array  # int32 segment id of each key
+  q_index_BT: jax.Array  # int32 column of each query in the key axis (causality)
+
+  def dense_BTS(self) -> jax.Array:
+    """The boolean `[B, T, S]` mask (the reference; memory-efficient kernels never build it)."""
+    s = self.kv_segment_BS.shape[1]
+    same = self.q_segment_BT[:, :, None] == self.kv_segment_BS[:, None, :]
+    causal = jnp.arange(s)[None, None, :] <= self.q_index_BT[:, :, None]
+    return same & causal
+
+
+def causal_mask(
+  shape_BT: tuple[int, int], segment_ids_BT: jax.Array | None = None, attention_mask_BT: jax.Array | None = None
+) -> AttentionMask:
+  """The training mask: causal, within one packed segment, padding apart from real tokens."""
+  b, t = shape_BT
+  seg = jnp.ones((b, t), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
+  if attention_mask_BT is not None:
+    seg = jnp.where(attention_mask_BT.astype(bool), seg, 0)
+  index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  return AttentionMask(seg, seg, index)
+
+
+def xla_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: AttentionMask) -> jax.Array:
+  """Reference attention: materialises the float32 `[B, K, G, T, S]` scores."""
+  b, t, n, h = q_BTNH.shape
+  kv = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
+  logits = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+  logits = logits * (1.0 / math.sqrt(h))
+  logits = jnp.where(mask.dense_BTS()[:, None, None, :, :], logits, _NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKH.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
+  return out.reshape(b, t, n, h)
+
+
+def attend(
+  q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: AttentionMask | None, *, impl: str = "xla"
+) -> jax.Array:
+  """Attention output `[B, T, N, H]` by the chosen implementation; `mask=None` is plain causal (T == S)."""
+  if impl == "cudnn" and mask is None:
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True, implementation="cudnn")
+  if mask is None:
+    mask = causal_mask(q_BTNH.shape[:2])
+  if impl in ("xla", "cudnn"):
+    return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask)
+  raise ValueError(f"attention_impl={impl!r} is not available here")

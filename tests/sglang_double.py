@@ -16,10 +16,27 @@ Behaviour reproduced (SGLang `http_server.py` / `tokenizer_manager.py` / `io_str
     check of SGLang releases up to 0.5; the newest reject only prompt + max_new_tokens > context length).
   * `/v1/models` lists the model with `max_model_len` (the context length).
   * An aborted request answers HTTP 200 with `finish_reason.type == "abort"` and the tokens made so far.
-  * `/health_generate` 503 until ready; `/get_model_info`; `/flush_cache` 400 while requests run;
-    `/pause_generation` (mode abort: in-flight requests abort; new ones wait until `/continue_generation`);
-    `/update_weights_from_disk {"model_path", "weight_version"}` -> `{"success", "message", "num_paused_requests"}`
-    (400 with `success: false` on a bad path), after which `meta_info.weight_version` changes.
+  * A `rid` that is still live (registered and unfinished) is refused with 400 `Duplicate request ID detected:
+    <rid>`; a batch repeating a rid is refused too. A request waiting behind a pause is not registered yet.
+  * `/abort_request {"rid", "abort_all"}` answers 200 with an empty body; a rid that is not live is ignored, a
+    live one aborts every live request whose rid starts with it (the scheduler matches prefixes).
+  * `/health_generate` 503 until ready; `/get_model_info`; `/flush_cache` 400 while any request is live (running,
+    or kept by a `retract` / `in_place` pause).
+  * `/pause_generation {"mode"}`: new requests wait until `/continue_generation`. `abort` aborts every live
+    request and answers once they are gone; `retract` and `in_place` keep them, frozen, in the scheduler.
+  * `/update_weights_from_disk {"model_path", "weight_version", "abort_all_requests", "flush_cache",
+    "keep_pause"}` -> `{"success", "message", "num_paused_requests"}` (400 with `success: false` when loading
+    fails). Unpaused, it waits for live requests to finish (SGLang's writer lock); paused, it loads at once. With
+    `flush_cache` (the default) the cache is flushed afterwards, which SGLang asserts: with requests still kept
+    the scheduler dies, here a 500 after which the server is no longer healthy. Unless `keep_pause`, the
+    scheduler resumes the kept requests right after the load (new requests still wait for the continue).
+  * The server does not notice a client that gave up: the request runs on, live, until it finishes or is
+    aborted (SGLang notices a disconnect only at its next poll, seconds later).
+
+Faults to inject: `fail_next` (503s), `disconnect_next` (connections closed unanswered), `abort_next` (aborts after
+`abort_after_tokens`), `hold_next` / `hold_s` (requests held live before decoding, e.g. past a client's timeout),
+`update_delay_s` (a slow worker) and `fail_update` (a worker whose update fails at once). `events` records
+(monotonic time, path, "start" | "end") for every control call, so several workers' orders can be compared.
 
 The "model" is either a seeded hash (`FakeModel`) or a real retool_jax Qwen3 read from an HF folder
 (`QwenModel`), reloaded from disk on every weight update.
@@ -155,11 +172,19 @@ class SGLangDouble:
     self.disconnect_next = 0  # next /generate calls closed without an answer
     self.abort_next = 0  # next /generate requests aborted ...
     self.abort_after_tokens = 1  # ... after this many tokens
-    self.paused = False
+    self.hold_next = 0  # next /generate requests held live for hold_s before decoding
+    self.hold_s = 0.0
+    self.update_delay_s = 0.0  # /update_weights_from_disk takes this long (a slow worker)
+    self.fail_update: str | None = None  # /update_weights_from_disk fails at once with this message
+    self.paused = False  # new requests wait (the tokenizer manager's pause)
     self.pause_mode = None
-    self.running: set[str] = set()
+    self.scheduler_paused = False  # live requests are frozen (retract / in_place)
+    self.running: set[str] = set()  # live rids: registered and unfinished
+    self.finished: dict[str, dict] = {}  # rid -> finish_reason of every request that ended
+    self.events: list[tuple[float, str, str]] = []
     self.max_running = 0
     self._abort_epoch = 0
+    self._aborted: set[str] = set()  # live rids aborted by /abort_request
     self._counter = 0
     self._loop: asyncio.AbstractEventLoop | None = None
     self._thread: threading.Thread | None = None
@@ -204,7 +229,11 @@ class SGLangDouble:
     app.router.add_post("/pause_generation", self._pause)
     app.router.add_post("/continue_generation", self._continue)
     app.router.add_post("/update_weights_from_disk", self._update_weights)
+    app.router.add_post("/abort_request", self._abort_request)
     return app
+
+  def _event(self, path: str, phase: str) -> None:
+    self.events.append((time.monotonic(), path, phase))
 
   # ---- control endpoints ---------------------------------------------------------------------------
 
@@ -238,9 +267,8 @@ class SGLangDouble:
 
   async def _flush_cache(self, request: web.Request) -> web.Response:
     self.log.append((request.path, None))
-    busy = bool(self.running) and self.pause_mode != "retract"  # requests held by a pause are not queued yet
     return web.Response(
-      status=400 if busy else 200,
+      status=400 if self.running else 200,
       text="Cache flushed.\nPlease check backend logs for more details. (When there are running "
       "or waiting requests, the operation will not be performed.)\n",
     )
@@ -248,35 +276,71 @@ class SGLangDouble:
   async def _pause(self, request: web.Request) -> web.Response:
     body = await request.json() if request.can_read_body else {}
     self.log.append((request.path, body))
+    self._event(request.path, "start")
     self.paused, self.pause_mode = True, body.get("mode", "abort")
     if self.pause_mode == "abort":
       self._abort_epoch += 1
       while self.running:
         await asyncio.sleep(0.001)
+    else:
+      self.scheduler_paused = True
+    self._event(request.path, "end")
     return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
 
   async def _continue(self, request: web.Request) -> web.Response:
     self.log.append((request.path, await request.json() if request.can_read_body else None))
+    self._event(request.path, "start")
     async with self._resume:
-      self.paused, self.pause_mode = False, None
+      self.paused, self.pause_mode, self.scheduler_paused = False, None, False
       self._resume.notify_all()
+    self._event(request.path, "end")
     return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
+
+  async def _abort_request(self, request: web.Request) -> web.Response:
+    body = await request.json() if request.can_read_body else {}
+    self.log.append((request.path, body))
+    rid = body.get("rid") or ""
+    if body.get("abort_all"):
+      self._aborted |= self.running
+    elif rid in self.running:
+      self._aborted |= {r for r in self.running if r.startswith(rid)}
+    return web.Response(status=200)
 
   async def _update_weights(self, request: web.Request) -> web.Response:
     body = await request.json()
     self.log.append((request.path, body))
+    self._event(request.path, "start")
+    try:
+      return await self._load(body)
+    finally:
+      self._event(request.path, "end")
+
+  async def _load(self, body) -> web.Response:
+    def failed(message: str) -> web.Response:
+      return web.json_response({"success": False, "message": message, "num_paused_requests": 0}, status=400)
+
+    if self.fail_update is not None:
+      return failed(self.fail_update)
+    if body.get("abort_all_requests"):
+      self._aborted |= self.running
+    if not self.paused:  # the update waits for running requests; a paused server loads at once
+      while self.running:
+        await asyncio.sleep(0.001)
+    if self.update_delay_s:
+      await asyncio.sleep(self.update_delay_s)
     path = body.get("model_path")
-    while self.running and self.pause_mode != "in_place":  # the update waits for running requests
-      await asyncio.sleep(0.001)
     try:
       if not path or not os.path.isdir(path):
         raise FileNotFoundError(f"model path {path!r} does not exist")
       await asyncio.to_thread(self.model.load, path)
     except Exception as e:  # noqa: BLE001 - the server reports any load failure as success: false
-      return web.json_response(
-        {"success": False, "message": f"Failed to update weights: {e}.", "num_paused_requests": 0}, status=400
-      )
+      return failed(f"Failed to update weights: {e}.")
     self.model_path = path
+    if body.get("flush_cache", True) and self.running:
+      self.ready = False  # SGLang's scheduler fails its assertion and the server goes down
+      return web.json_response({"error": {"message": "Cache flush failed after updating weights"}}, status=500)
+    if not body.get("keep_pause", False):
+      self.scheduler_paused = False
     message = "Succeeded to update model weights."
     if body.get("weight_version") is not None:
       self.weight_version = str(body["weight_version"])
@@ -305,6 +369,8 @@ class SGLangDouble:
         self._check_length(ids, params)
     except ValueError as e:
       return web.json_response({"error": {"message": str(e)}}, status=400)
+    async with self._resume:  # a paused server holds new requests before they are registered
+      await self._resume.wait_for(lambda: not self.paused)
     rids = body.get("rid")
     jobs = []
     for i, ids in enumerate(prompts):
@@ -313,8 +379,24 @@ class SGLangDouble:
           rid = rids[i] if n == 1 else f"{rids[i]}-{j}"
         else:
           rid = rids if rids and len(prompts) * n == 1 else f"req-{self._next()}"
-        jobs.append(self._one(ids, params, rid, j, bool(body.get("return_logprob"))))
-    outs = await asyncio.gather(*jobs)
+        jobs.append((ids, rid, j))
+    batch = [rid for _, rid, _ in jobs]
+    if len(set(batch)) < len(batch):
+      return web.json_response(
+        {"error": {"message": f"Duplicate request IDs detected within the request: {batch}"}}, status=400
+      )
+    for rid in batch:
+      if rid in self.running:
+        return web.json_response({"error": {"message": f"Duplicate request ID detected: {rid}"}}, status=400)
+    self.running.update(batch)
+    self.max_running = max(self.max_running, len(self.running))
+    hold = 0.0
+    if self.hold_next:
+      self.hold_next -= 1
+      hold = self.hold_s
+    outs = await asyncio.gather(
+      *(self._one(ids, params, rid, j, bool(body.get("return_logprob")), hold) for ids, rid, j in jobs)
+    )
     return web.json_response(outs[0] if single and n == 1 else outs)
 
   def _next(self) -> int:
@@ -345,12 +427,10 @@ class SGLangDouble:
         f"within the limit."
       )
 
-  async def _one(self, prompt: list[int], params, rid: str, sample: int, return_logprob: bool) -> dict:
+  async def _one(
+    self, prompt: list[int], params, rid: str, sample: int, return_logprob: bool, hold_s: float = 0.0
+  ) -> dict:
     start = time.perf_counter()
-    async with self._resume:  # a paused server holds new requests before they reach the scheduler
-      await self._resume.wait_for(lambda: not self.paused)
-    self.running.add(rid)
-    self.max_running = max(self.max_running, len(self.running))
     epoch = self._abort_epoch
     abort_at = None
     if self.abort_next:
@@ -366,12 +446,15 @@ class SGLangDouble:
     max_new = int(params.get("max_new_tokens", 128))
     ids, lps, finish = [], [], None
     try:
+      held_until = time.monotonic() + hold_s
+      while time.monotonic() < held_until and rid not in self._aborted and self._abort_epoch == epoch:
+        await asyncio.sleep(0.005)
       while finish is None:
         if abort_at is not None and len(ids) >= abort_at:
           raise _Aborted("Abort by the double's fault injection")
-        while self.paused and self.pause_mode != "abort":  # in_place / retract: frozen, not aborted
+        while self.scheduler_paused and rid not in self._aborted:  # retract / in_place: kept, frozen
           await asyncio.sleep(0.001)
-        if self._abort_epoch != epoch:
+        if self._abort_epoch != epoch or rid in self._aborted:
           raise _Aborted("Abort before prefill" if not ids else "Abort in running batch")
         if self.token_delay_s:
           await asyncio.sleep(self.token_delay_s)
@@ -392,6 +475,8 @@ class SGLangDouble:
       finish = {"type": "abort", "message": str(e)}
     finally:
       self.running.discard(rid)
+      self._aborted.discard(rid)
+    self.finished[rid] = finish
     text = detokenize(ids, bool(params.get("skip_special_tokens", True)))
     if not params.get("no_stop_trim") and finish["type"] == "stop" and isinstance(finish["matched"], str):
       text = text[: text.find(finish["matched"])]

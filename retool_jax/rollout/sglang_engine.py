@@ -10,12 +10,34 @@ Tokens and log-probs are read from `meta_info.output_token_logprobs`, never re-t
 request (HTTP 200, `finish_reason.type == "abort"`) is retried or returned marked as dropped, and counted in
 `engine.stats`. Every result is checked against the weight version the engine last pushed.
 
+Faults stay with the request they hit. Every submission carries its own `rid` (`<request_id>`, then
+`<request_id>-retry<n>`; unnamed requests get a random one), so a resubmission never collides with a copy the
+server still holds (SGLang refuses a live rid with 400 "Duplicate request ID detected"). After a timeout or a
+dropped connection the old rid is first cancelled with `/abort_request`, so the server stops spending compute on
+it. A request the server refuses (4xx) or that gets no answer after `max_retries` comes back as finish `abort` with
+`meta["error"]` (and `meta["status"]`), counted in `stats.failed`; the other results of the batch are unaffected.
+
+Control calls go to every worker and wait for all of them before deciding, so each worker sees pause -> (flush)
+-> update -> continue in that order even when one fails fast and another is slow; a failure names the workers
+(`WorkerError`). What a sync does with requests in flight depends on `SGLangOptions.pause_mode`:
+  * `abort` (default): in-flight requests come back aborted and are resubmitted under the new weights. The cache
+    is flushed (`/flush_cache` is polled until the workers are idle) before the update.
+  * `retract` / `in_place`: SGLang keeps the requests in its scheduler (retracted to the waiting queue, or
+    frozen in the running batch), so `/flush_cache` would answer 400 until they finish, and an update that
+    flushes would trip SGLang's post-update flush. The update is sent at once with `flush_cache: false` and
+    `keep_pause: true`; after `/continue_generation` the kept requests finish on the new weights (their results
+    span two versions and are flagged `off_policy`), and this engine's new requests wait until `/flush_cache`
+    succeeds, so none of them reuses KV computed under the old weights. The wait is bounded by
+    `flush_timeout_s`.
+
 Requests are fitted to the servers' context length (from `SGLangOptions.context_length`, or read from
 `/v1/models` at `start()`): `max_new_tokens` is cut so that prompt + max_new_tokens stays below it, which SGLang
 requires (it answers 400 otherwise), and the result then ends with `length`, as the embedded engine does.
-SGLang checks the token budget before stop tokens and strings, so a stop that lands on the last allowed token
-comes back as `length`; such results are reported as the `stop` they are (`meta["server_finish_reason"]` keeps
-what the server said), so both engines end turns the same way.
+SGLang checks the token budget before stop tokens, EOS and stop strings, so a stop that lands on the last allowed
+token comes back as `length`; such results are reported as the `stop` they are (`meta["server_finish_reason"]`
+keeps what the server said), so both engines end turns the same way. EOS ids come from `eos_token_ids`, else the
+policy config's `eos_token_id` and the served model's `config.json` / `generation_config.json` (read at `start()`
+when the folder is visible).
 """
 
 from __future__ import annotations
@@ -26,6 +48,7 @@ import dataclasses
 import json
 import os
 import random
+import uuid
 import weakref
 from typing import Any, AsyncIterator, Mapping, Sequence
 
@@ -77,7 +100,7 @@ class SGLangOptions:
   startup_timeout_s: float = 1800.0
   poll_s: float = 1.0  # /health_generate and /flush_cache polling period
   flush_timeout_s: float = 300.0
-  pause_mode: str = "abort"  # /pause_generation mode: in-flight requests come back aborted
+  pause_mode: str = "abort"  # /pause_generation mode: "abort" resubmits in-flight requests, the others keep them
   sync_dir: str | None = None  # weight checkpoints go to <sync_dir>/weight_v<N>
   sync_dtype: str | None = "bfloat16"  # dtype of the written checkpoint (None: the policy's param dtype)
   keep_versions: int = 2  # weight_v<N> folders kept after a sync
@@ -112,6 +135,9 @@ class EngineStats:
   weight_syncs: int = 0
   flush_retries: int = 0  # /flush_cache answered 400 (requests still in flight) and was retried
   too_long: int = 0  # requests answered `abort` without a call: the prompt fills the servers' context length
+  failed: int = 0  # requests returned marked with `meta["error"]`: refused (4xx) or unanswered after retries
+  rid_aborts: int = 0  # /abort_request calls for a rid given up after a timeout or a dropped connection
+  duplicate_rids: int = 0  # 400 "Duplicate request ID" answers (resubmitted under a fresh rid)
 
   def as_dict(self) -> dict[str, int]:
     return dataclasses.asdict(self)
@@ -125,6 +151,20 @@ class _LoopState:
 
 class _Retryable(Exception):
   pass
+
+
+class WorkerError(SGLangError):
+  """A control call that failed on some workers; `failed` maps each such worker to its error."""
+
+  def __init__(self, path: str, failed: Mapping[str, str], succeeded: Sequence[str]):
+    detail = "; ".join(f"{u}: {m}" for u, m in failed.items())
+    ok = f" (succeeded on {', '.join(succeeded)})" if succeeded else ""
+    super().__init__(
+      f"POST {path} failed on {len(failed)} of {len(failed) + len(succeeded)} workers: {detail}{ok}"
+    )
+    self.path = path
+    self.failed = dict(failed)
+    self.succeeded = list(succeeded)
 
 
 def generate_payload(request: GenerateRequest, seed_field: str | None = "sampling_seed") -> dict[str, Any]:
@@ -192,19 +232,21 @@ def parse_generate_output(out: Mapping[str, Any], where: str = "/generate") -> G
   )
 
 
-def finish_at_budget(result: GenerateResult, request: GenerateRequest) -> GenerateResult:
-  """Reports a `length` finish whose last token is one of the request's stops as that `stop`.
+def finish_at_budget(
+  result: GenerateResult, request: GenerateRequest, eos_token_ids: Sequence[int] = ()
+) -> GenerateResult:
+  """Reports a `length` finish whose last token is EOS or one of the request's stops as that `stop`.
 
-  SGLang checks `max_new_tokens` before stop tokens and stop strings, so a stop on the last allowed token is
-  answered as `length`. A stop token is seen in the last id; a stop string in the untrimmed text (SGLang checks
-  the whole output text after every token, so a stop string in it can only have been completed by the last
+  SGLang checks `max_new_tokens` before EOS, stop tokens and stop strings, so a stop on the last allowed token is
+  answered as `length`. EOS and stop tokens are seen in the last id; a stop string in the untrimmed text (SGLang
+  checks the whole output text after every token, so a stop string in it can only have been completed by the last
   token). The server's own answer stays in `meta["server_finish_reason"]`.
   """
   if result.finish_reason.type != "length" or not result.output_ids:
     return result
   sampling = request.sampling
   matched: int | str | None = None
-  if result.output_ids[-1] in sampling.stop_token_ids:
+  if result.output_ids[-1] in (*eos_token_ids, *sampling.stop_token_ids):
     matched = result.output_ids[-1]
   elif isinstance(text := result.meta.get("text"), str):
     matched = next((s for s in sampling.stop if s in text), None)
@@ -222,6 +264,19 @@ def _error_message(body: str) -> str:
     if "message" in data:
       return str(data["message"])
   return body.strip()[:500]
+
+
+def served_eos_ids(model_path: Any) -> set[int]:
+  """EOS ids in a served model folder's `config.json` and `generation_config.json` (empty when not visible)."""
+  ids: set[int] = set()
+  if not isinstance(model_path, str):
+    return ids
+  for name in ("config.json", "generation_config.json"):
+    with contextlib.suppress(OSError, ValueError, TypeError):
+      with open(os.path.join(model_path, name)) as f:
+        eos = json.load(f).get("eos_token_id")
+      ids.update(int(t) for t in (eos if isinstance(eos, list) else [eos]) if t is not None)
+  return ids
 
 
 def check_served_model(info: Mapping[str, Any], policy: Qwen3Config | None, where: str) -> None:
@@ -257,6 +312,8 @@ class SGLangEngine:
   Generation goes to `url`. Control calls (pause, flush, weight update, continue) go to every worker in
   `worker_urls` (default: `url` itself). `model_config` is the policy's config; it is checked against the
   served model at `start()` and used to write checkpoints when `update_weights` gets bare parameters.
+  `eos_token_ids` (default: the policy's EOS plus the served model's) turn a `length` whose last token is EOS
+  into `stop`, as `JaxEngine` reports it.
   """
 
   def __init__(
@@ -266,6 +323,7 @@ class SGLangEngine:
     worker_urls: Sequence[str] | None = None,
     model_config: Qwen3Config | None = None,
     options: SGLangOptions | None = None,
+    eos_token_ids: Sequence[int] | None = None,
   ):
     if not url.startswith(("http://", "https://")):
       raise ValueError(f"SGLang url {url!r} must start with http:// or https://")
@@ -277,6 +335,12 @@ class SGLangEngine:
     self.weight_version: str | None = None  # the version the server should be serving
     self.context_length: int | None = self.options.context_length  # prompt + max_new_tokens stay below it
     self.model_info: dict[str, Any] = {}
+    self._eos_given = eos_token_ids is not None
+    if eos_token_ids is None:
+      eos_token_ids = (
+        () if model_config is None or model_config.eos_token_id is None else (model_config.eos_token_id,)
+      )
+    self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
     self._session = None
     self._session_loop = None
     self._loops: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -321,6 +385,24 @@ class SGLangEngine:
     ) as session:
       yield session
 
+  def _timeout(self, timeout_s: float | None = None):
+    import aiohttp
+
+    opts = self.options
+    return aiohttp.ClientTimeout(total=timeout_s or opts.request_timeout_s, sock_connect=opts.connect_timeout_s)
+
+  async def _send(self, session, method: str, endpoint: str, payload: Any, timeout) -> tuple[int, str]:
+    """One HTTP call; a 5xx raises `_Retryable` (as connection errors and timeouts raise their own errors)."""
+    async with session.request(method, endpoint, json=payload, timeout=timeout) as resp:
+      body = await resp.text()
+      if resp.status >= 500:
+        raise _Retryable(f"HTTP {resp.status}: {_error_message(body)}")
+      return resp.status, body
+
+  def _backoff(self, attempt: int) -> float:
+    opts = self.options
+    return min(opts.max_backoff_s, opts.backoff_s * 2**attempt) * (0.5 + 0.5 * random.random())
+
   async def _call(
     self, session, method: str, base: str, path: str, payload: Any = None, timeout_s: float | None = None
   ) -> tuple[int, str]:
@@ -328,27 +410,25 @@ class SGLangEngine:
     import aiohttp
 
     opts = self.options
-    timeout = aiohttp.ClientTimeout(total=timeout_s or opts.request_timeout_s, sock_connect=opts.connect_timeout_s)
+    timeout = self._timeout(timeout_s)
     endpoint = base + path
     for attempt in range(opts.max_retries + 1):
       try:
-        async with session.request(method, endpoint, json=payload, timeout=timeout) as resp:
-          body = await resp.text()
-          if resp.status >= 500:
-            raise _Retryable(f"HTTP {resp.status}: {_error_message(body)}")
-          return resp.status, body
+        return await self._send(session, method, endpoint, payload, timeout)
       except (aiohttp.ClientError, asyncio.TimeoutError, _Retryable) as e:
         if attempt == opts.max_retries:
           raise SGLangError(
             f"{method} {endpoint} failed after {attempt + 1} attempts: {e!r}", endpoint=endpoint
           ) from e
         self.stats.transport_retries += 1
-        delay = min(opts.max_backoff_s, opts.backoff_s * 2**attempt)
-        await asyncio.sleep(delay * (0.5 + 0.5 * random.random()))
+        await asyncio.sleep(self._backoff(attempt))
     raise AssertionError("unreachable")
 
-  async def _control(self, session, path: str, payload: Any = None) -> list[dict[str, Any]]:
-    """POSTs a control call to every worker; raises on any non-200 or `success: false`."""
+  async def _control(self, session, path: str, payload: Any = None) -> dict[str, dict[str, Any]]:
+    """POSTs a control call to every worker and waits for all of them; raises `WorkerError` naming the failures.
+
+    A worker fails on a non-200, on `success: false` or when it cannot be reached.
+    """
 
     async def one(base: str) -> dict[str, Any]:
       status, body = await self._call(session, "POST", base, path, payload)
@@ -362,7 +442,17 @@ class SGLangEngine:
         )
       return data
 
-    return list(await asyncio.gather(*(one(u) for u in self.worker_urls)))
+    return await self._on_every_worker(path, one)
+
+  async def _on_every_worker(self, path: str, fn) -> dict[str, Any]:
+    outs = await asyncio.gather(*(fn(u) for u in self.worker_urls), return_exceptions=True)
+    for out in outs:
+      if isinstance(out, BaseException) and not isinstance(out, Exception):
+        raise out  # cancellation and the like
+    failed = {u: str(o) for u, o in zip(self.worker_urls, outs) if isinstance(o, Exception)}
+    if failed:
+      raise WorkerError(path, failed, [u for u in self.worker_urls if u not in failed])
+    return dict(zip(self.worker_urls, outs))
 
   # ---- start-up and health ----------------------------------------------------------------------
 
@@ -393,6 +483,8 @@ class SGLangEngine:
           )
         info = json.loads(body)
         check_served_model(info, self.model_config, f"{base}/get_model_info")
+        if not self._eos_given:
+          self.eos_token_ids = tuple(sorted({*self.eos_token_ids, *served_eos_ids(info.get("model_path"))}))
         versions.add(info.get("weight_version"))
         self.model_info = info
       if self.context_length is None:
@@ -440,11 +532,41 @@ class SGLangEngine:
   async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
     state = self._state()
     async with self._client() as session:
-      return list(await asyncio.gather(*(self._generate_one(session, state, r) for r in requests)))
+      outs = await asyncio.gather(
+        *(self._generate_one(session, state, r) for r in requests), return_exceptions=True
+      )
+    results = []
+    for r, out in zip(requests, outs):
+      if isinstance(out, SGLangError):
+        out = self._failed(str(out), out.status, r.request_id)
+      elif isinstance(out, BaseException):
+        raise out
+      results.append(out)
+    return results
+
+  def _failed(self, message: str, status: int | None, rid: str | None) -> GenerateResult:
+    """A request that fails alone: finish `abort` with the reason in `meta["error"]`, counted in `stats.failed`."""
+    self.stats.failed += 1
+    meta = {"error": message, "status": status, "rid": rid}
+    return GenerateResult([], [], FinishReason("abort", message=message), self.weight_version, meta)
+
+  async def _abort_rid(self, session, rid: str) -> None:
+    """Asks the servers to drop a submission given up on (a no-op where the rid is not live)."""
+    import aiohttp
+
+    self.stats.rid_aborts += 1
+    timeout = aiohttp.ClientTimeout(total=max(5.0, self.options.connect_timeout_s))
+    for base in dict.fromkeys((self.url, *self.worker_urls)):
+      with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+        async with session.post(base + "/abort_request", json={"rid": rid}, timeout=timeout) as resp:
+          await resp.read()
 
   async def _generate_one(self, session, state: _LoopState, request: GenerateRequest) -> GenerateResult:
+    import aiohttp
+
     opts = self.options
     payload = generate_payload(request, opts.seed_field)
+    base_rid = request.request_id if request.request_id is not None else uuid.uuid4().hex
     where = f"/generate (request {request.request_id or '<unnamed>'})"
     if self.context_length is not None:
       # SGLang answers 400 unless prompt + max_new_tokens < its context length (the newest releases allow ==).
@@ -459,39 +581,59 @@ class SGLangEngine:
           [], [], FinishReason("abort", message=message), self.weight_version, {"too_long": True}
         )
       payload["sampling_params"]["max_new_tokens"] = min(request.sampling.max_new_tokens, room)
-    attempt = 0
+    timeout = self._timeout()
+    submissions = aborts = transport_failures = duplicates = 0
     while True:
       await state.open_gate.wait()
       sent_version = self.weight_version
-      if attempt and request.request_id is not None:
-        payload["rid"] = f"{request.request_id}-retry{attempt}"
+      rid = payload["rid"] = base_rid if not submissions else f"{base_rid}-retry{submissions}"
+      submissions += 1
+      error: Exception | None = None
       async with state.semaphore:
         self.stats.requests += 1
-        status, body = await self._call(session, "POST", self.url, "/generate", payload)
+        try:
+          status, body = await self._send(session, "POST", self.url + "/generate", payload, timeout)
+        except (aiohttp.ClientError, asyncio.TimeoutError, _Retryable) as e:
+          error = e
+      if error is not None:
+        transport_failures += 1
+        if not isinstance(error, _Retryable):  # the server may still hold it: stop it before going on
+          await self._abort_rid(session, rid)
+        if transport_failures > opts.max_retries:
+          message = f"{where}: POST {self.url}/generate failed after {transport_failures} attempts: {error!r}"
+          return self._failed(message, None, rid)
+        self.stats.transport_retries += 1
+        await asyncio.sleep(self._backoff(transport_failures - 1))
+        continue
       if status != 200:
-        raise SGLangError(f"{where}: HTTP {status}: {_error_message(body)}", status=status, endpoint=self.url)
+        message = _error_message(body)
+        if status == 400 and "Duplicate request ID" in message and duplicates < opts.max_retries:
+          duplicates += 1
+          self.stats.duplicate_rids += 1
+          continue
+        return self._failed(f"{where}: HTTP {status}: {message}", status, rid)
       try:
         out = json.loads(body)
-      except ValueError as e:
-        raise SGLangError(f"{where}: response is not JSON: {body[:200]!r}", endpoint=self.url) from e
+      except ValueError:
+        return self._failed(f"{where}: response is not JSON: {body[:200]!r}", status, rid)
       if isinstance(out, list) and len(out) == 1:
         out = out[0]
       result = parse_generate_output(out, where)
       if result.finish_reason.type == "abort":
         self.stats.aborts += 1
-        if opts.on_abort == "retry" and attempt < opts.max_abort_retries:
-          attempt += 1
+        if opts.on_abort == "retry" and aborts < opts.max_abort_retries:
+          aborts += 1
           self.stats.abort_retries += 1
-          await asyncio.sleep(min(opts.max_backoff_s, opts.backoff_s * 2 ** (attempt - 1)) * random.random())
+          await asyncio.sleep(min(opts.max_backoff_s, opts.backoff_s * 2 ** (aborts - 1)) * random.random())
           continue
         self.stats.dropped += 1
         result.meta["dropped"] = True
-        result.meta["abort_retries"] = attempt
+        result.meta["abort_retries"] = aborts
         return result
       self.stats.completed += 1
-      result.meta["abort_retries"] = attempt
+      result.meta["abort_retries"] = aborts
       self._check_version(result, sent_version)
-      return finish_at_budget(result, request)
+      return finish_at_budget(result, request, self.eos_token_ids)
 
   def _check_version(self, result: GenerateResult, sent_version: str | None) -> None:
     expected = self.weight_version
@@ -520,25 +662,34 @@ class SGLangEngine:
     await asyncio.to_thread(prune_versions, self.options.sync_dir, self.options.keep_versions)
 
   async def load_weights_from_disk(self, path: str, version: int | str) -> None:
-    """Pause -> flush the cache -> `/update_weights_from_disk` -> continue, on every worker.
+    """Pause -> (flush) -> `/update_weights_from_disk` -> continue, each step on every worker before the next.
 
-    New requests from this engine wait until the swap is done; in-flight ones come back aborted (with the
-    default `pause_mode`) and are retried under the new weights.
+    New requests from this engine wait until the swap is done. With `pause_mode="abort"` in-flight requests
+    come back aborted and are resubmitted under the new weights; with `retract` / `in_place` they are kept and
+    finish on the new weights, and new requests also wait for the cache flush that follows them (see the module
+    docstring). A step that fails on any worker still waits for the others; generation is resumed everywhere
+    and the `WorkerError` names the workers that failed. `weight_version` changes only when every worker
+    updated.
     """
+    keeps = self.options.pause_mode != "abort"
+    body: dict[str, Any] = {"model_path": os.fspath(path), "weight_version": str(version)}
+    if keeps:
+      body.update(flush_cache=False, keep_pause=True)
     state = self._state()
     state.open_gate.clear()
     try:
       async with self._client() as session:
         try:
           await self._control(session, "/pause_generation", {"mode": self.options.pause_mode})
-          await self._flush(session)
-          await self._control(
-            session, "/update_weights_from_disk", {"model_path": os.fspath(path), "weight_version": str(version)}
-          )
+          if not keeps:
+            await self._flush(session)
+          await self._control(session, "/update_weights_from_disk", body)
           self.weight_version = str(version)
           self.stats.weight_syncs += 1
         finally:
           await self._control(session, "/continue_generation", {})
+        if keeps:
+          await self._flush(session)  # once the kept requests finished: no new request reads old-weight KV
     finally:
       state.open_gate.set()
 
@@ -560,4 +711,4 @@ class SGLangEngine:
         self.stats.flush_retries += 1
         await asyncio.sleep(self.options.poll_s)
 
-    await asyncio.gather(*(one(u) for u in self.worker_urls))
+    await self._on_every_worker("/flush_cache", one)

@@ -4,6 +4,7 @@ import asyncio
 import json
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -145,16 +146,21 @@ def test_connection_errors_and_5xx_are_retried_with_backoff():
     assert len(res.output_ids) >= 1 and engine.stats.transport_retries == 3
     s.fail_next = 10
     engine = SGLangEngine(s.url, options=SGLangOptions(max_retries=2, **FAST))
-    with pytest.raises(SGLangError, match="failed after 3 attempts"):
-      run(engine.generate([req([5], 4)]))
+    [res] = run(engine.generate([req([5], 4, rid="gone")]))
+    assert res.finish_reason.type == "abort" and "failed after 3 attempts" in res.meta["error"]
+    assert res.meta["status"] is None and engine.stats.failed == 1 and engine.stats.rid_aborts == 0
+    assert [b["rid"] for b in generate_bodies(s)[-3:]] == ["gone", "gone-retry1", "gone-retry2"]
 
 
-def test_a_400_is_raised_with_the_servers_message_and_not_retried():
+def test_a_400_fails_that_request_only_with_the_servers_message_and_is_not_retried():
   with SGLangDouble(eos_token_id=-1) as s:
     engine = SGLangEngine(s.url, options=SGLangOptions(**FAST))
-    with pytest.raises(SGLangError, match="request long.*maximum context length") as e:
-      run(engine.generate([req([5] * 60, 10, rid="long")]))
-    assert e.value.status == 400 and len(generate_bodies(s)) == 1
+    long, fine = run(engine.generate([req([5] * 60, 10, rid="long"), req([6], 4, rid="fine")]))
+    assert long.finish_reason.type == "abort" and long.meta["status"] == 400
+    assert "request long" in long.meta["error"] and "maximum context length" in long.finish_reason.message
+    assert fine.finish_reason.type in ("stop", "length") and len(fine.output_ids) >= 1
+    assert engine.stats.failed == 1 and engine.stats.completed == 1
+    assert sorted(b["rid"] for b in generate_bodies(s)) == ["fine", "long"]
 
 
 def test_aborts_are_retried_then_counted():
@@ -297,17 +303,15 @@ def test_flush_is_retried_while_requests_run_and_gives_up_at_the_timeout():
     run(flush())
     assert engine.stats.flush_retries >= 1 and not s.running
     outside.join()
-    # With in-place pausing the running request stays in the batch, so the flush can never succeed.
-    engine = SGLangEngine(s.url, options=SGLangOptions(pause_mode="in_place", flush_timeout_s=0.2, **FAST))
+    engine = SGLangEngine(s.url, options=SGLangOptions(flush_timeout_s=0.2, **FAST))
     outside = threading.Thread(
-      target=lambda: requests.post(s.url + "/generate", json=generate_payload(req([6], 25)), timeout=10)
+      target=lambda: requests.post(s.url + "/generate", json=generate_payload(req([6], 60)), timeout=10)
     )
     outside.start()
     while not s.running:
       pass
     with pytest.raises(SGLangError, match="flush_cache: HTTP 400"):
-      run(engine.load_weights_from_disk("/unused", 1))
-    assert s.paused is False
+      run(flush())
     outside.join()
 
 
@@ -377,8 +381,8 @@ def test_requests_are_fitted_to_the_served_context_length():
   """SGLang answers 400 unless prompt + max_new_tokens < its context length: the engine cuts the budget."""
   with SGLangDouble(eos_token_id=-1) as s:  # context length 64
     engine = SGLangEngine(s.url, options=SGLangOptions(**FAST))
-    with pytest.raises(SGLangError, match="maximum context length of 64"):  # not yet known: the server refuses
-      run(engine.generate([req([5] * 10, 100)]))
+    [refused] = run(engine.generate([req([5] * 10, 100)]))  # not yet known: the server refuses
+    assert refused.meta["status"] == 400 and "maximum context length of 64" in refused.meta["error"]
     run(engine.start(timeout_s=5))
     assert engine.context_length == 64
     [res] = run(engine.generate([req([5] * 10, 100, temperature=0.0)]))
@@ -422,9 +426,16 @@ def test_a_stop_on_the_last_allowed_token_is_reported_as_stop():
     assert cut.finish_reason.type == "length" and "server_finish_reason" not in cut.meta
 
 
-def test_a_request_past_its_timeout_is_retried_then_raised():
+def test_a_request_past_its_timeout_is_aborted_retried_under_fresh_rids_then_marked():
   with SGLangDouble(token_delay_s=0.05, eos_token_id=-1) as s:
     engine = SGLangEngine(s.url, options=SGLangOptions(request_timeout_s=0.2, max_retries=1, **FAST))
-    with pytest.raises(SGLangError, match=r"POST .*/generate failed after 2 attempts: .*Timeout"):
-      run(engine.generate([req([5], 40)]))
-    assert engine.stats.transport_retries == 1 and len(generate_bodies(s)) == 2
+    [res] = run(engine.generate([req([5], 40, rid="slow")]))
+    assert res.finish_reason.type == "abort" and res.meta["status"] is None
+    assert "failed after 2 attempts" in res.meta["error"] and "Timeout" in res.meta["error"]
+    assert engine.stats.transport_retries == 1 and engine.stats.failed == 1
+    assert [b["rid"] for b in generate_bodies(s)] == ["slow", "slow-retry1"]
+    assert [b for p, b in s.log if p == "/abort_request"] == [{"rid": "slow"}, {"rid": "slow-retry1"}]
+    deadline = time.monotonic() + 5
+    while s.running and time.monotonic() < deadline:
+      time.sleep(0.01)
+    assert {rid: f["type"] for rid, f in s.finished.items()} == {"slow": "abort", "slow-retry1": "abort"}

@@ -276,3 +276,145 @@ def test_update_weights_from_disk_answers_success_and_message(server, tmp_path):
   assert after["meta_info"]["weight_version"] == "3" and after["output_ids"] != before["output_ids"]
   info = requests.get(server.url + "/get_model_info", timeout=5).json()
   assert info["weight_version"] == "3" and info["model_path"] == str(ckpt)
+
+
+def _wait(cond, timeout_s=10.0):
+  deadline = time.monotonic() + timeout_s
+  while not cond():
+    assert time.monotonic() < deadline, "condition not reached in time"
+    time.sleep(0.005)
+
+
+def test_a_live_rid_is_refused_as_a_duplicate_until_it_ends():
+  with SGLangDouble(token_delay_s=0.01) as s:
+    body = {"input_ids": [5], "rid": "a", "sampling_params": greedy(30, ignore_eos=True)}
+    t, first = _in_thread(lambda: post(s, "/generate", body).json())
+    _wait(lambda: "a" in s.running)
+    again = post(s, "/generate", {**body, "sampling_params": greedy(2)})
+    assert again.status_code == 400 and again.json() == {"error": {"message": "Duplicate request ID detected: a"}}
+    t.join(5)
+    assert first["r"]["meta_info"]["finish_reason"]["type"] == "length"
+    assert post(s, "/generate", {**body, "sampling_params": greedy(2)}).status_code == 200  # no longer live
+    twice = post(s, "/generate", {"input_ids": [[5], [6]], "rid": ["b", "b"], "sampling_params": greedy(2)})
+    assert twice.status_code == 400 and "Duplicate request IDs detected within the request" in twice.text
+
+
+def test_abort_request_aborts_live_rids_by_prefix_and_ignores_unknown_ones():
+  with SGLangDouble(token_delay_s=0.01) as s:
+    threads = {
+      rid: _in_thread(
+        lambda rid=rid: post(
+          s, "/generate", {"input_ids": [5], "rid": rid, "sampling_params": greedy(40, ignore_eos=True)}
+        ).json()
+      )
+      for rid in ("x", "x-retry1", "y")
+    }
+    _wait(lambda: len(s.running) == 3)
+    r = post(s, "/abort_request", {"rid": "nope"})
+    assert r.status_code == 200 and r.text == "" and len(s.running) == 3
+    assert post(s, "/abort_request", {"rid": "x"}).status_code == 200
+    for rid in ("x", "x-retry1"):
+      threads[rid][0].join(5)
+      meta = threads[rid][1]["r"]["meta_info"]
+      assert meta["finish_reason"]["type"] == "abort" and meta["completion_tokens"] < 40
+    assert "y" in s.running
+    assert post(s, "/abort_request", {"rid": "", "abort_all": True}).status_code == 200
+    threads["y"][0].join(5)
+    assert threads["y"][1]["r"]["meta_info"]["finish_reason"]["type"] == "abort" and not s.running
+
+
+def test_a_held_request_outlives_a_client_that_gave_up():
+  with SGLangDouble() as s:
+    s.hold_next, s.hold_s = 1, 0.5
+    body = {"input_ids": [5], "rid": "h", "sampling_params": greedy(3, ignore_eos=True)}
+    with pytest.raises(requests.Timeout):
+      post(s, "/generate", body, timeout=0.1)
+    assert "h" in s.running  # still held, and still registered under its rid
+    assert post(s, "/generate", body).status_code == 400
+    _wait(lambda: "h" in s.finished)
+    assert s.finished["h"] == {"type": "length", "length": 3}
+
+
+def _checkpoint(tmp_path, name="weight_v1"):
+  ckpt = tmp_path / name
+  ckpt.mkdir()
+  (ckpt / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+  (ckpt / "model.safetensors").write_bytes(b"new weights")
+  return str(ckpt)
+
+
+@pytest.mark.parametrize("mode", ["retract", "in_place"])
+def test_kept_pauses_freeze_requests_and_block_flushes_until_they_finish(tmp_path, mode):
+  ckpt = _checkpoint(tmp_path)
+  with SGLangDouble(token_delay_s=0.01) as s:
+    body = {"input_ids": [5], "rid": "k", "sampling_params": greedy(30, ignore_eos=True)}
+    t, kept = _in_thread(lambda: post(s, "/generate", body).json())
+    _wait(lambda: "k" in s.running)
+    assert post(s, "/pause_generation", {"mode": mode}).json()["status"] == "ok"
+    assert post(s, "/flush_cache").status_code == 400  # kept requests are still in the scheduler
+    t2, new = _in_thread(lambda: post(s, "/generate", {**body, "rid": "n", "sampling_params": greedy(2)}).json())
+    time.sleep(0.2)
+    assert t.is_alive() and t2.is_alive() and "n" not in s.running  # frozen, and new requests wait
+    ok = post(s, "/update_weights_from_disk", {"model_path": ckpt, "weight_version": "1", "flush_cache": False})
+    assert ok.status_code == 200 and ok.json()["success"] is True  # paused: loaded at once, kept requests stay
+    assert post(s, "/continue_generation", {}).status_code == 200
+    t.join(5), t2.join(5)
+    assert kept["r"]["meta_info"]["finish_reason"]["type"] == "length" and len(kept["r"]["output_ids"]) == 30
+    assert kept["r"]["meta_info"]["weight_version"] == "1" and new["r"]["meta_info"]["weight_version"] == "1"
+    assert post(s, "/flush_cache").status_code == 200
+
+
+def test_an_update_that_must_flush_under_kept_requests_takes_the_server_down(tmp_path):
+  ckpt = _checkpoint(tmp_path)
+  with SGLangDouble(token_delay_s=0.01) as s:
+    t, _ = _in_thread(
+      lambda: post(s, "/generate", {"input_ids": [5], "sampling_params": greedy(30, ignore_eos=True)})
+    )
+    _wait(lambda: s.running)
+    post(s, "/pause_generation", {"mode": "retract"})
+    r = post(s, "/update_weights_from_disk", {"model_path": ckpt, "weight_version": "1"})
+    assert r.status_code == 500 and "Cache flush failed after updating weights" in r.json()["error"]["message"]
+    assert requests.get(s.url + "/health_generate", timeout=5).status_code == 503
+    post(s, "/continue_generation", {})
+    t.join(5)
+
+
+def test_an_unpaused_update_waits_for_running_requests_and_abort_all_requests_ends_them(tmp_path):
+  ckpt = _checkpoint(tmp_path)
+  with SGLangDouble(token_delay_s=0.01) as s:
+    t, running = _in_thread(
+      lambda: post(s, "/generate", {"input_ids": [5], "sampling_params": greedy(15, ignore_eos=True)}).json()
+    )
+    _wait(lambda: s.running)
+    assert post(s, "/update_weights_from_disk", {"model_path": ckpt}).json()["success"] is True
+    t.join(5)
+    assert running["r"]["meta_info"]["finish_reason"]["type"] == "length"  # it ran to the end first
+    t, running = _in_thread(
+      lambda: post(s, "/generate", {"input_ids": [5], "sampling_params": greedy(60, ignore_eos=True)}).json()
+    )
+    _wait(lambda: s.running)
+    r = post(s, "/update_weights_from_disk", {"model_path": ckpt, "abort_all_requests": True})
+    t.join(5)
+    assert r.json()["success"] is True and running["r"]["meta_info"]["finish_reason"]["type"] == "abort"
+
+
+def test_slow_and_failing_workers_and_the_event_record(tmp_path):
+  ckpt = _checkpoint(tmp_path)
+  with SGLangDouble() as s:
+    s.fail_update = "Failed to update weights: disk quota exceeded."
+    start = time.monotonic()
+    r = post(s, "/update_weights_from_disk", {"model_path": ckpt, "weight_version": "1"})
+    assert r.status_code == 400 and r.json() == {
+      "success": False,
+      "message": "Failed to update weights: disk quota exceeded.",
+      "num_paused_requests": 0,
+    }
+    assert time.monotonic() - start < 0.3 and s.weight_version == "default"
+    s.fail_update, s.update_delay_s = None, 0.3
+    start = time.monotonic()
+    assert post(s, "/update_weights_from_disk", {"model_path": ckpt, "weight_version": "1"}).json()["success"]
+    assert time.monotonic() - start >= 0.3 and s.weight_version == "1"
+    assert [(p, phase) for _, p, phase in s.events] == [
+      ("/update_weights_from_disk", "start"),
+      ("/update_weights_from_disk", "end"),
+    ] * 2

@@ -188,3 +188,44 @@ def test_an_eos_on_the_last_allowed_token_is_stop(tmp_path):
     assert served.eos_token_ids == tuple(sorted((ids[k], 7777)))
     [res] = run(served.generate([req([5, 6], k + 1, temperature=0.0)]))
     assert (res.finish_reason.type, res.finish_reason.matched) == ("stop", ids[k])
+
+
+@pytest.mark.slow  # compiles the embedded engine
+def test_both_engines_report_an_eos_on_the_last_allowed_token_as_stop(tmp_path):
+  import dataclasses
+
+  from flax import nnx
+
+  from retool_jax.models import qwen3
+  from retool_jax.models.generate import greedy_generate
+  from retool_jax.rollout import JaxEngine
+  from retool_jax.rollout.weight_sync import write_hf_checkpoint
+  from sglang_double import QwenModel
+
+  tiny = qwen3.Qwen3Config(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+  )
+  model = qwen3.Qwen3(tiny, rngs=nnx.Rngs(1))
+  write_hf_checkpoint(model, tiny, tmp_path / "base", dtype="float32")
+  prompt = [3, 17, 40, 8]
+  free = greedy_generate(model, [prompt], max_new_tokens=12)[0]
+  k = next(i for i in range(1, len(free)) if free[i] not in free[:i])
+  eos = free[k]
+  request = req(prompt, k + 1, temperature=0.0)
+  [jax_res] = run(JaxEngine(model, eos_token_ids=(eos,)).generate([request]))
+  base = str(tmp_path / "base")
+  with SGLangDouble(QwenModel(base), model_path=base, eos_token_id=eos) as s:
+    engine = SGLangEngine(
+      s.url, model_config=dataclasses.replace(tiny, eos_token_id=eos), options=SGLangOptions(**FAST)
+    )
+    [sgl_res] = run(engine.generate([request]))
+  assert jax_res.output_ids == sgl_res.output_ids == free[: k + 1]
+  assert (jax_res.finish_reason.type, jax_res.finish_reason.matched) == ("stop", eos)
+  assert (sgl_res.finish_reason.type, sgl_res.finish_reason.matched) == ("stop", eos)
+  assert sgl_res.meta["server_finish_reason"] == "length"

@@ -300,7 +300,7 @@ def test_a_live_rid_is_refused_as_a_duplicate_until_it_ends():
 
 
 def test_abort_request_aborts_live_rids_by_prefix_and_ignores_unknown_ones():
-  with SGLangDouble(token_delay_s=0.01) as s:
+  with SGLangDouble(token_delay_s=0.03) as s:
     threads = {
       rid: _in_thread(
         lambda rid=rid: post(
@@ -325,7 +325,7 @@ def test_abort_request_aborts_live_rids_by_prefix_and_ignores_unknown_ones():
 
 def test_a_held_request_outlives_a_client_that_gave_up():
   with SGLangDouble() as s:
-    s.hold_next, s.hold_s = 1, 0.5
+    s.hold_next, s.hold_s = 1, 2.0
     body = {"input_ids": [5], "rid": "h", "sampling_params": greedy(3, ignore_eos=True)}
     with pytest.raises(requests.Timeout):
       post(s, "/generate", body, timeout=0.1)
@@ -346,8 +346,8 @@ def _checkpoint(tmp_path, name="weight_v1"):
 @pytest.mark.parametrize("mode", ["retract", "in_place"])
 def test_kept_pauses_freeze_requests_and_block_flushes_until_they_finish(tmp_path, mode):
   ckpt = _checkpoint(tmp_path)
-  with SGLangDouble(token_delay_s=0.01) as s:
-    body = {"input_ids": [5], "rid": "k", "sampling_params": greedy(30, ignore_eos=True)}
+  with SGLangDouble(token_delay_s=0.02) as s:
+    body = {"input_ids": [5], "rid": "k", "sampling_params": greedy(50, ignore_eos=True)}
     t, kept = _in_thread(lambda: post(s, "/generate", body).json())
     _wait(lambda: "k" in s.running)
     assert post(s, "/pause_generation", {"mode": mode}).json()["status"] == "ok"
@@ -359,7 +359,7 @@ def test_kept_pauses_freeze_requests_and_block_flushes_until_they_finish(tmp_pat
     assert ok.status_code == 200 and ok.json()["success"] is True  # paused: loaded at once, kept requests stay
     assert post(s, "/continue_generation", {}).status_code == 200
     t.join(5), t2.join(5)
-    assert kept["r"]["meta_info"]["finish_reason"]["type"] == "length" and len(kept["r"]["output_ids"]) == 30
+    assert kept["r"]["meta_info"]["finish_reason"]["type"] == "length" and len(kept["r"]["output_ids"]) == 50
     assert kept["r"]["meta_info"]["weight_version"] == "1" and new["r"]["meta_info"]["weight_version"] == "1"
     assert post(s, "/flush_cache").status_code == 200
 
@@ -381,7 +381,7 @@ def test_an_update_that_must_flush_under_kept_requests_takes_the_server_down(tmp
 
 def test_an_unpaused_update_waits_for_running_requests_and_abort_all_requests_ends_them(tmp_path):
   ckpt = _checkpoint(tmp_path)
-  with SGLangDouble(token_delay_s=0.01) as s:
+  with SGLangDouble(token_delay_s=0.03) as s:
     t, running = _in_thread(
       lambda: post(s, "/generate", {"input_ids": [5], "sampling_params": greedy(15, ignore_eos=True)}).json()
     )

@@ -44,8 +44,8 @@ def wait_until(cond, timeout_s=10.0):
 def test_a_timed_out_request_is_aborted_and_resubmitted_under_a_fresh_rid_without_losing_the_batch():
   """The server still holds the timed-out rid: resubmitting it as is would be refused as a duplicate."""
   with SGLangDouble(eos_token_id=-1) as s:
-    s.hold_next, s.hold_s = 1, 2.0
-    engine = SGLangEngine(s.url, options=SGLangOptions(request_timeout_s=0.5, **FAST))
+    s.hold_next, s.hold_s = 1, 6.0
+    engine = SGLangEngine(s.url, options=SGLangOptions(request_timeout_s=2.0, **FAST))
     results = run(engine.generate([req([5 + i], 4, rid=f"r{i}", temperature=0.0) for i in range(3)]))
     assert all(r.finish_reason.type == "length" and len(r.output_ids) == 4 for r in results)
     sent = [b["rid"] for b in bodies(s)]
@@ -73,7 +73,7 @@ def test_a_dropped_connection_is_resubmitted_under_a_fresh_rid():
 def test_a_duplicate_rid_400_is_resubmitted_under_a_fresh_rid():
   """Another client holds the same rid: SGLang answers 400 "Duplicate request ID detected"."""
   with SGLangDouble(eos_token_id=-1) as s:
-    s.hold_next, s.hold_s = 1, 1.0
+    s.hold_next, s.hold_s = 1, 3.0
     other = threading.Thread(
       target=lambda: requests.post(s.url + "/generate", json=generate_payload(req([9], 2, rid="dup")), timeout=10)
     )
@@ -129,12 +129,12 @@ def test_a_worker_failing_fast_does_not_let_continue_overtake_a_slow_workers_upd
 @pytest.mark.parametrize("mode", ["retract", "in_place"])
 def test_kept_pauses_sync_without_flushing_the_requests_they_keep(tmp_path, mode):
   ckpt = checkpoint(tmp_path / "weight_v1")
-  with SGLangDouble(token_delay_s=0.01, eos_token_id=-1) as s:
+  with SGLangDouble(token_delay_s=0.02, eos_token_id=-1) as s:
     engine = SGLangEngine(s.url, options=SGLangOptions(pause_mode=mode, flush_timeout_s=20, **FAST))
 
     async def scenario():
       await engine.start(timeout_s=5)
-      kept = asyncio.create_task(engine.generate([req([5 + i], 30, rid=f"k{i}") for i in range(3)]))
+      kept = asyncio.create_task(engine.generate([req([5 + i], 50, rid=f"k{i}") for i in range(3)]))
       while len(s.running) < 3:
         await asyncio.sleep(0.005)
       sync = asyncio.create_task(engine.load_weights_from_disk(ckpt, 1))
@@ -146,7 +146,7 @@ def test_kept_pauses_sync_without_flushing_the_requests_they_keep(tmp_path, mode
 
     kept, [late] = run(scenario())
     assert s.ready  # the server never had to flush under kept requests
-    assert all(r.finish_reason.type == "length" and len(r.output_ids) == 30 for r in kept)
+    assert all(r.finish_reason.type == "length" and len(r.output_ids) == 50 for r in kept)
     assert all(r.weight_version == "1" and r.meta["off_policy"] is True for r in kept)  # tokens of two versions
     assert engine.stats.aborts == 0 and engine.stats.weight_syncs == 1 and engine.weight_version == "1"
     update = bodies(s, "/update_weights_from_disk")

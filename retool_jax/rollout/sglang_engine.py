@@ -272,7 +272,7 @@ def served_eos_ids(model_path: Any) -> set[int]:
   if not isinstance(model_path, str):
     return ids
   for name in ("config.json", "generation_config.json"):
-    with contextlib.suppress(OSError, ValueError, TypeError):
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
       with open(os.path.join(model_path, name)) as f:
         eos = json.load(f).get("eos_token_id")
       ids.update(int(t) for t in (eos if isinstance(eos, list) else [eos]) if t is not None)

@@ -126,6 +126,22 @@ def test_a_worker_failing_fast_does_not_let_continue_overtake_a_slow_workers_upd
     assert res.weight_version == "default" and "off_policy" not in res.meta
 
 
+def test_a_worker_that_cannot_be_reached_fails_the_pause_and_the_others_are_resumed(tmp_path):
+  import socket
+
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+  with SGLangDouble(eos_token_id=-1) as s:
+    engine = SGLangEngine(s.url, worker_urls=[s.url, dead], options=SGLangOptions(max_retries=1, **FAST))
+    with pytest.raises(WorkerError, match="pause_generation failed on 1 of 2 workers") as e:
+      run(engine.load_weights_from_disk(checkpoint(tmp_path / "weight_v1"), 1))
+    assert list(e.value.failed) == [dead] and e.value.succeeded == [s.url]
+    assert "; then POST /continue_generation failed on 1 of 2 workers" in str(e.value)  # reported, not hiding it
+    assert [p for _, p, phase in s.events if phase == "start"] == ["/pause_generation", "/continue_generation"]
+    assert not s.paused and engine.weight_version is None and engine.stats.weight_syncs == 0
+
+
 @pytest.mark.parametrize("mode", ["retract", "in_place"])
 def test_kept_pauses_sync_without_flushing_the_requests_they_keep(tmp_path, mode):
   ckpt = checkpoint(tmp_path / "weight_v1")

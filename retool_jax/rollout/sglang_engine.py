@@ -686,8 +686,14 @@ class SGLangEngine:
           await self._control(session, "/update_weights_from_disk", body)
           self.weight_version = str(version)
           self.stats.weight_syncs += 1
-        finally:
-          await self._control(session, "/continue_generation", {})
+        except BaseException as failure:
+          try:
+            await self._control(session, "/continue_generation", {})
+          except SGLangError as e:  # the first failure stays the one raised
+            if isinstance(failure, SGLangError):
+              failure.args = (f"{failure}; then {e}",)
+          raise
+        await self._control(session, "/continue_generation", {})
         if keeps:
           await self._flush(session)  # once the kept requests finished: no new request reads old-weight KV
     finally:

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from retool_jax.sandbox.backends import TOKEN_VAR, resolve_backend, worker_env
+from retool_jax.sandbox.backends import BACKEND_VAR, TOKEN_VAR, select_backend, worker_config, worker_env
 from retool_jax.sandbox.limits import ExecResult, Limits
 from retool_jax.sandbox.policy import DEFAULT_POLICY, ModulePolicy
 from retool_jax.sandbox.worker import descendants, process_table
@@ -54,12 +54,7 @@ class _Worker:
     token = secrets.token_hex(8)
     scratch = backend.make_scratch()
     env = worker_env(token)
-    config = {
-      "scratch": backend.scratch_in_worker(scratch),
-      "preload": list(preload),
-      "env": env,
-      "private_dirs": list(backend.private_dirs),
-    }
+    config = worker_config(backend.scratch_in_worker(scratch), preload, env, backend)
     argv = backend.command(json.dumps(config), limits.scratch_mb, env)
     proc = await asyncio.create_subprocess_exec(
       *argv,
@@ -188,7 +183,8 @@ class Sandbox:
   """Runs untrusted Python (or shell commands) in warm, isolated workers.
 
   Args:
-    backend: ``"auto"`` (bubblewrap where it works, else ``"process"``), ``"bwrap"`` or ``"process"``.
+    backend: ``"auto"`` (bubblewrap where it works, else ``"process"`` with a logged warning), ``"bwrap"``
+      (raises when bubblewrap cannot run here) or ``"process"``. ``backend_reason`` says why it runs.
     limits: default per-call limits; each call may override fields.
     policy: module allow-list checked before running code; ``None`` disables it.
     max_workers: the concurrency limit of stateless calls.
@@ -211,7 +207,7 @@ class Sandbox:
     max_sessions: int = 64,
     reply_grace_s: float = _REPLY_GRACE_S,
   ):
-    self.backend = resolve_backend(backend)
+    self.backend, self.backend_reason = select_backend(backend)
     self.limits = limits or Limits()
     self.policy = policy
     self.max_workers = max_workers or max(2, os.cpu_count() or 2)
@@ -537,7 +533,7 @@ def default_sandbox() -> Sandbox:
   global _DEFAULT
   with _DEFAULT_LOCK:
     if _DEFAULT is None or _DEFAULT._closed:
-      _DEFAULT = Sandbox(os.environ.get("RETOOL_SANDBOX_BACKEND", "auto"))
+      _DEFAULT = Sandbox(os.environ.get(BACKEND_VAR) or "auto")
     return _DEFAULT
 
 

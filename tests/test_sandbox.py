@@ -11,8 +11,9 @@ import time
 
 import pytest
 
+import retool_jax.sandbox as sandbox_module
 from retool_jax.sandbox import ExecResult, Limits, ModulePolicy, Sandbox, probe_bwrap
-from retool_jax.sandbox.worker import Output, process_table
+from retool_jax.sandbox.worker import Output, descendants, process_table
 
 # Skipped only where bubblewrap is missing or the kernel refuses its namespaces; a bwrap that runs but cannot
 # start this interpreter is the sandbox's failure, and the tests report it.
@@ -239,6 +240,32 @@ def test_close_leaves_nothing_behind():
     sb.run("1")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_close_while_workers_start_is_prompt(backend):
+  """Closing right after construction (a short script, a stubbed demo) does not wait out a timeout."""
+  started = time.monotonic()
+  sb = Sandbox(backend, limits=FAST, max_workers=2)
+  sb.close()
+  assert time.monotonic() - started < 15.0
+  deadline = time.monotonic() + 5.0
+  while time.monotonic() < deadline and _worker_processes():
+    time.sleep(0.05)
+  assert _worker_processes() == []
+
+
+def _worker_processes() -> list[int]:
+  table = process_table()
+  found = []
+  for pid in descendants(os.getpid(), table):
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        if b"worker.py" in f.read() and table[pid][1] != "Z":
+          found.append(pid)
+    except OSError:
+      pass
+  return found
+
+
 # -- small parts ------------------------------------------------------------------------
 
 
@@ -391,9 +418,10 @@ def test_bwrap_filesystem_is_private_and_read_only(sandbox, tmp_path):
     pytest.skip("the process backend shares the host filesystem (documented); the guard test covers it")
   secret = tmp_path / "secret.txt"
   secret.write_text("top secret")
+  evil = os.path.join(os.path.dirname(sandbox_module.__file__), "evil")  # bound read-only wherever it lives
   code = (
     f"import os\ntry:\n    print(open({str(secret)!r}).read())\nexcept OSError as e:\n    print(type(e).__name__)\n"
-    f"for path in ['/usr/evil', {str(os.getcwd() + '/evil')!r}]:\n    try:\n        open(path, 'w')\n"
+    f"for path in ['/usr/evil', {evil!r}]:\n    try:\n        open(path, 'w')\n"
     "    except OSError as e:\n        print(e.strerror)\nopen('/tmp/dropped', 'w').write('x')\n"
     "print(sorted(os.listdir('/root')))"
   )
@@ -402,7 +430,7 @@ def test_bwrap_filesystem_is_private_and_read_only(sandbox, tmp_path):
   lines = res.output.splitlines()
   assert lines[0] == "FileNotFoundError"  # the host's /tmp is not visible
   assert lines[1:3] == ["Read-only file system"] * 2
-  assert not os.path.exists("/tmp/dropped") and not os.path.exists(os.getcwd() + "/evil")
+  assert not os.path.exists("/tmp/dropped") and not os.path.exists(evil)
   assert ".bashrc" not in lines[3] and ".ssh" not in lines[3]  # home directories are hidden
   assert_clean(sandbox)
 

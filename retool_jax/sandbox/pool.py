@@ -56,15 +56,25 @@ class _Worker:
     env = worker_env(token)
     config = worker_config(backend.scratch_in_worker(scratch), preload, env, backend)
     argv = backend.command(json.dumps(config), limits.scratch_mb, env)
-    proc = await asyncio.create_subprocess_exec(
-      *argv,
-      stdin=asyncio.subprocess.PIPE,
-      stdout=asyncio.subprocess.PIPE,
-      stderr=asyncio.subprocess.PIPE,
-      env=env,
-      start_new_session=True,
-      limit=1 << 26,
+    creating = asyncio.ensure_future(
+      asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+        limit=1 << 26,
+      )
     )
+    try:
+      # Cancelling the creation itself can leave it waiting forever for the child's exit (asyncio on
+      # Python 3.11): let it finish, then kill the worker it made.
+      proc = await asyncio.shield(creating)
+    except asyncio.CancelledError:
+      proc = await creating
+      await cls(proc, backend, scratch, token).kill()
+      raise
     worker = cls(proc, backend, scratch, token)
     try:
       line = await asyncio.wait_for(proc.stdout.readline(), _START_TIMEOUT_S)

@@ -6,12 +6,14 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
+import functools
 import json
 import os
 import secrets
 import shutil
 import signal
 import threading
+import weakref
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -25,9 +27,12 @@ T = TypeVar("T")
 DEFAULT_PRELOAD = ("numpy", "sympy", "scipy", "fractions", "decimal", "statistics", "itertools")
 _START_TIMEOUT_S = 120.0
 _REPLY_GRACE_S = 10.0
+_CLOSE_CREATING_S = 5.0
 
 
 _HAVE_PROC = os.path.exists("/proc/self/stat")
+# Worker process creations in flight: closing the sandbox lets them finish (see _Worker.start).
+_CREATING: weakref.WeakSet[asyncio.Future] = weakref.WeakSet()
 
 
 class WorkerDied(Exception):
@@ -67,13 +72,14 @@ class _Worker:
         limit=1 << 26,
       )
     )
+    # A cancelled process creation can wait forever for the child's exit, and one started while the
+    # interpreter exits may never finish: closing neither cancels nor waits for it, and the worker it
+    # makes is killed when it is made.
+    _CREATING.add(creating)
     try:
-      # Cancelling the creation itself can leave it waiting forever for the child's exit (asyncio on
-      # Python 3.11): let it finish, then kill the worker it made.
       proc = await asyncio.shield(creating)
     except asyncio.CancelledError:
-      proc = await creating
-      await cls(proc, backend, scratch, token).kill()
+      creating.add_done_callback(functools.partial(_kill_created, scratch=scratch))
       raise
     worker = cls(proc, backend, scratch, token)
     try:
@@ -151,6 +157,22 @@ class _Worker:
     except (asyncio.TimeoutError, OSError):
       pass
     await self.kill()
+
+
+def _kill_created(creating: asyncio.Future, scratch: str | None) -> None:
+  """Kills a worker whose start was abandoned while its process was being created."""
+  if scratch:
+    shutil.rmtree(scratch, ignore_errors=True)
+  if creating.cancelled() or creating.exception() is not None:
+    return
+  proc = creating.result()
+  try:
+    os.killpg(proc.pid, signal.SIGKILL)
+  except (ProcessLookupError, PermissionError):
+    pass
+  transport = getattr(proc, "_transport", None)
+  if transport is not None:
+    transport.close()
 
 
 def kill_marked(token: str) -> int:
@@ -415,10 +437,14 @@ class Sandbox:
 
     async def shutdown():
       self._closed = True  # no new workers from here on
-      others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+      others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and t not in _CREATING]
       for task in others:  # warm-up and stderr readers; their workers are stopped below
         task.cancel()
       await asyncio.gather(*others, return_exceptions=True)
+      creating = [t for t in _CREATING if t.get_loop() is self._loop and not t.done()]
+      if creating:  # abandoned starts: their workers are killed as they complete (bounded: see _Worker.start)
+        await asyncio.wait(creating, timeout=_CLOSE_CREATING_S)
+        await asyncio.sleep(0)
       await asyncio.gather(*(w.stop() for w in list(self._workers)), return_exceptions=True)
       self._workers.clear()
 

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import textwrap
 from pathlib import Path
@@ -187,7 +186,8 @@ def test_interpreter_and_project_under_tmp(layout):
       capture_output=True,
       text=True,
     ).stdout.strip()
-    Path(site, "host_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    packages = [p for p in backends._isolated_sys_path() if p.endswith(("site-packages", "dist-packages"))]
+    Path(site, "host_packages.pth").write_text("".join(p + "\n" for p in packages))
     checkout = os.path.join(root, "checkout")
     shutil.copytree(
       PROJECT / "retool_jax",

@@ -73,8 +73,8 @@ class _Worker:
       )
     )
     # A cancelled process creation can wait forever for the child's exit, and one started while the
-    # interpreter exits may never finish: closing neither cancels nor waits for it, and the worker it
-    # makes is killed when it is made.
+    # interpreter exits may never finish: closing does not cancel it, waits for it only briefly, and the
+    # worker it makes is killed when it is made.
     _CREATING.add(creating)
     try:
       proc = await asyncio.shield(creating)

@@ -21,13 +21,14 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install -e .
 	touch $@
 
-# bubblewrap gives the sandbox OS-level isolation; without it (no root, no apt) the process backend is used.
+# bubblewrap gives the sandbox OS-level isolation; without it (no root, no apt) the sandbox's "auto" backend
+# falls back to its process backend with a logged warning (RETOOL_SANDBOX_BACKEND=bwrap refuses instead).
 sysdeps:
 	@command -v bwrap >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null 2>&1 \
-	      || echo "note: could not install bubblewrap; the sandbox falls back to its process backend"; \
-	  else echo "note: bubblewrap not installed; the sandbox uses its process backend (see README)"; fi; }
+	      || echo "note: could not install bubblewrap; the sandbox falls back to its process backend (not isolated)"; \
+	  else echo "note: bubblewrap not installed; the sandbox uses its process backend, not isolated (see README)"; fi; }
 
 demo: sysdeps $(VENV)/.installed
 	$(PY) -m retool_jax.demo

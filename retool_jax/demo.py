@@ -17,6 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from retool_jax.demo_task import run_demo
+from retool_jax.sandbox import default_sandbox
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo_cpu.py"), "Demo configuration."
@@ -26,6 +27,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(_):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+  sandbox = default_sandbox()  # the tool calls' sandbox: say which isolation the model's code runs under
+  print(f"sandbox backend: {sandbox.backend_name} ({sandbox.backend_reason})", flush=True)
   results = run_demo(_CONFIG.value)
   print(json.dumps(results, indent=2, default=str))
 

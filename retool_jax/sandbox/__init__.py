@@ -5,7 +5,13 @@ Backends: ``bwrap`` (bubblewrap namespaces, chosen automatically where it works)
 ``/run_code`` service).
 """
 
-from retool_jax.sandbox.backends import BwrapBackend, ProcessBackend, bwrap_unavailable_reason
+from retool_jax.sandbox.backends import (
+  BwrapBackend,
+  BwrapProbe,
+  ProcessBackend,
+  bwrap_unavailable_reason,
+  probe_bwrap,
+)
 from retool_jax.sandbox.limits import STATUSES, ExecResult, Limits
 from retool_jax.sandbox.policy import DEFAULT_ALLOWED, DEFAULT_POLICY, ModulePolicy
 from retool_jax.sandbox.pool import Sandbox, Session, default_sandbox, run_python
@@ -16,6 +22,7 @@ __all__ = [
   "DEFAULT_POLICY",
   "STATUSES",
   "BwrapBackend",
+  "BwrapProbe",
   "ExecResult",
   "Limits",
   "ModulePolicy",
@@ -26,5 +33,6 @@ __all__ = [
   "bwrap_unavailable_reason",
   "create_sandbox",
   "default_sandbox",
+  "probe_bwrap",
   "run_python",
 ]

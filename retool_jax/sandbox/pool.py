@@ -6,16 +6,18 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
+import functools
 import json
 import os
 import secrets
 import shutil
 import signal
 import threading
+import weakref
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from retool_jax.sandbox.backends import TOKEN_VAR, resolve_backend, worker_env
+from retool_jax.sandbox.backends import BACKEND_VAR, TOKEN_VAR, select_backend, worker_config, worker_env
 from retool_jax.sandbox.limits import ExecResult, Limits
 from retool_jax.sandbox.policy import DEFAULT_POLICY, ModulePolicy
 from retool_jax.sandbox.worker import descendants, process_table
@@ -25,9 +27,12 @@ T = TypeVar("T")
 DEFAULT_PRELOAD = ("numpy", "sympy", "scipy", "fractions", "decimal", "statistics", "itertools")
 _START_TIMEOUT_S = 120.0
 _REPLY_GRACE_S = 10.0
+_CLOSE_CREATING_S = 5.0
 
 
 _HAVE_PROC = os.path.exists("/proc/self/stat")
+# Worker process creations in flight: closing the sandbox lets them finish (see _Worker.start).
+_CREATING: weakref.WeakSet[asyncio.Future] = weakref.WeakSet()
 
 
 class WorkerDied(Exception):
@@ -54,22 +59,28 @@ class _Worker:
     token = secrets.token_hex(8)
     scratch = backend.make_scratch()
     env = worker_env(token)
-    config = {
-      "scratch": backend.scratch_in_worker(scratch),
-      "preload": list(preload),
-      "env": env,
-      "private_dirs": list(backend.private_dirs),
-    }
+    config = worker_config(backend.scratch_in_worker(scratch), preload, env, backend)
     argv = backend.command(json.dumps(config), limits.scratch_mb, env)
-    proc = await asyncio.create_subprocess_exec(
-      *argv,
-      stdin=asyncio.subprocess.PIPE,
-      stdout=asyncio.subprocess.PIPE,
-      stderr=asyncio.subprocess.PIPE,
-      env=env,
-      start_new_session=True,
-      limit=1 << 26,
+    creating = asyncio.ensure_future(
+      asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+        limit=1 << 26,
+      )
     )
+    # A cancelled process creation can wait forever for the child's exit, and one started while the
+    # interpreter exits may never finish: closing does not cancel it, waits for it only briefly, and the
+    # worker it makes is killed when it is made.
+    _CREATING.add(creating)
+    try:
+      proc = await asyncio.shield(creating)
+    except asyncio.CancelledError:
+      creating.add_done_callback(functools.partial(_kill_created, scratch=scratch))
+      raise
     worker = cls(proc, backend, scratch, token)
     try:
       line = await asyncio.wait_for(proc.stdout.readline(), _START_TIMEOUT_S)
@@ -148,6 +159,22 @@ class _Worker:
     await self.kill()
 
 
+def _kill_created(creating: asyncio.Future, scratch: str | None) -> None:
+  """Kills a worker whose start was abandoned while its process was being created."""
+  if scratch:
+    shutil.rmtree(scratch, ignore_errors=True)
+  if creating.cancelled() or creating.exception() is not None:
+    return
+  proc = creating.result()
+  try:
+    os.killpg(proc.pid, signal.SIGKILL)
+  except (ProcessLookupError, PermissionError):
+    pass
+  transport = getattr(proc, "_transport", None)
+  if transport is not None:
+    transport.close()
+
+
 def kill_marked(token: str) -> int:
   """SIGKILLs processes whose environment carries a worker's token (strays of a dead
   process-backend worker that escaped its session); returns how many."""
@@ -188,7 +215,8 @@ class Sandbox:
   """Runs untrusted Python (or shell commands) in warm, isolated workers.
 
   Args:
-    backend: ``"auto"`` (bubblewrap where it works, else ``"process"``), ``"bwrap"`` or ``"process"``.
+    backend: ``"auto"`` (bubblewrap where it works, else ``"process"`` with a logged warning), ``"bwrap"``
+      (raises when bubblewrap cannot run here) or ``"process"``. ``backend_reason`` says why it runs.
     limits: default per-call limits; each call may override fields.
     policy: module allow-list checked before running code; ``None`` disables it.
     max_workers: the concurrency limit of stateless calls.
@@ -211,7 +239,7 @@ class Sandbox:
     max_sessions: int = 64,
     reply_grace_s: float = _REPLY_GRACE_S,
   ):
-    self.backend = resolve_backend(backend)
+    self.backend, self.backend_reason = select_backend(backend)
     self.limits = limits or Limits()
     self.policy = policy
     self.max_workers = max_workers or max(2, os.cpu_count() or 2)
@@ -409,10 +437,14 @@ class Sandbox:
 
     async def shutdown():
       self._closed = True  # no new workers from here on
-      others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+      others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and t not in _CREATING]
       for task in others:  # warm-up and stderr readers; their workers are stopped below
         task.cancel()
       await asyncio.gather(*others, return_exceptions=True)
+      creating = [t for t in _CREATING if t.get_loop() is self._loop and not t.done()]
+      if creating:  # abandoned starts: their workers are killed as they complete (bounded: see _Worker.start)
+        await asyncio.wait(creating, timeout=_CLOSE_CREATING_S)
+        await asyncio.sleep(0)
       await asyncio.gather(*(w.stop() for w in list(self._workers)), return_exceptions=True)
       self._workers.clear()
 
@@ -537,7 +569,7 @@ def default_sandbox() -> Sandbox:
   global _DEFAULT
   with _DEFAULT_LOCK:
     if _DEFAULT is None or _DEFAULT._closed:
-      _DEFAULT = Sandbox(os.environ.get("RETOOL_SANDBOX_BACKEND", "auto"))
+      _DEFAULT = Sandbox(os.environ.get(BACKEND_VAR) or "auto")
     return _DEFAULT
 
 

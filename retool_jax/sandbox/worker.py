@@ -305,6 +305,8 @@ class Worker:
     self.session: dict | None = None
     # Entries of the private tmpfs mounts that belong to the worker (its scratch base among them).
     self.private = {d: set(_listdir(d)) for d in config.get("private_dirs", ()) if os.path.isdir(d)}
+    # Host paths bound read-only inside those mounts; the directories leading to them are the call's to clean.
+    self.bound = frozenset(config.get("bound", ()))
     self.nproc_enforced = _host_uid() != 0
 
   # -- scratch directories --------------------------------------------------------------
@@ -349,16 +351,23 @@ class Worker:
     """Removes what a call left next to its scratch directory and in the worker's private tmpfs mounts."""
     own = {"call"} | ({os.path.basename(self.session["scratch"])} if self.session else set())
     for directory, keep in [(self.base, own), *self.private.items()]:
-      for entry in _listdir(directory):
-        if entry not in keep:
-          full = os.path.join(directory, entry)
-          if os.path.isdir(full) and not os.path.islink(full):
-            self._remove(full)
-          else:
-            try:
-              os.unlink(full)
-            except OSError:
-              pass
+      self._wipe(directory, keep)
+
+  def _wipe(self, directory: str, keep: set[str] | frozenset[str]) -> None:
+    for entry in _listdir(directory):
+      full = os.path.join(directory, entry)
+      if full in self.bound:
+        continue
+      if any(b.startswith(full + "/") for b in self.bound):
+        self._wipe(full, frozenset())  # a directory leading to a bound path: only the path is kept
+      elif entry not in keep:
+        if os.path.isdir(full) and not os.path.islink(full):
+          self._remove(full)
+        else:
+          try:
+            os.unlink(full)
+          except OSError:
+            pass
 
   # -- spawning ------------------------------------------------------------------------
 

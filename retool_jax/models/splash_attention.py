@@ -7,7 +7,6 @@ without repeating keys) and runs under `jax.shard_map` over the batch axes (`dat
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -20,7 +19,6 @@ HEAD_AXIS = "tensor"
 LANES = 128  # the kernel's blocks are whole multiples of this
 
 
-@functools.lru_cache(maxsize=32)
 def _kernel(num_heads: int, length: int, block: int, interpret: bool):
   mask = splash.MultiHeadMask([splash.CausalMask((length, length)) for _ in range(num_heads)])
   sizes = splash.BlockSizes(

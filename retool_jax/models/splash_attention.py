@@ -33,6 +33,27 @@ def _kernel(num_heads: int, length: int, block: int, interpret: bool):
   return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
+def _default_precision(fn):
+  """`fn` traced under the default matmul precision in its forward and its backward pass: Mosaic cannot lower a
+  bfloat16 matmul at the float32 precision a process-wide `jax_default_matmul_precision="highest"` asks for."""
+
+  @jax.custom_vjp
+  def call(*args):
+    with jax.default_matmul_precision("default"):
+      return fn(*args)
+
+  def fwd(*args):
+    with jax.default_matmul_precision("default"):
+      return jax.vjp(fn, *args)  # the pullback is a pytree of arrays: it is the residual
+
+  def bwd(pullback, d_out):
+    with jax.default_matmul_precision("default"):
+      return pullback(d_out)
+
+  call.defvjp(fwd, bwd)
+  return call
+
+
 def _mesh_axes(batch: int, num_heads: int, num_kv_heads: int):
   """The mesh and the axes that split rows and heads (an axis is used only where it divides evenly)."""
   mesh = jax.sharding.get_abstract_mesh()
@@ -85,6 +106,8 @@ def splash_attention(
     per_row = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s)))
     return heads_first(per_row(heads_first(q_BTNH), heads_first(k_BSKH), heads_first(v_BSKH), seg_BT))
 
+  if q.dtype != jnp.float32:
+    local = _default_precision(local)
   if mesh is None:
     out = local(q, k, v, segment_ids_BT)
   else:

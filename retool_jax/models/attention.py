@@ -33,9 +33,7 @@ from retool_jax.models.blockwise_attention import blockwise_attention
 from retool_jax.models.qwen3_config import ATTENTION_IMPLS as IMPLS
 
 _NEG_INF = float(jnp.finfo(jnp.float32).min)
-
-
-BLOCK_SIZE = 512
+BLOCK_SIZE = 512  # query and key block length of the blockwise and splash paths
 
 
 class AttentionMask(NamedTuple):

@@ -54,7 +54,7 @@ def _default_precision(fn):
   return call
 
 
-def _mesh_axes(batch: int, num_heads: int, num_kv_heads: int):
+def _mesh_axes(batch: int, num_kv_heads: int):
   """The mesh and the axes that split rows and heads (an axis is used only where it divides evenly)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty:
@@ -79,8 +79,7 @@ def splash_attention(
   """Causal attention within segments (`segment_ids_BT`; None: one segment per row), T == S.
 
   The length is padded to a whole number of blocks (multiples of 128, at most `block`) with a segment of its
-  own. `interpret=True` runs the
-  kernel in the Pallas interpreter (any backend, slow; for tests).
+  own. `interpret=True` runs the kernel in the Pallas interpreter (any backend, slow; for tests).
   """
   b, t, n, h = q_BTNH.shape
   if k_BSKH.shape[1] != t:
@@ -97,7 +96,7 @@ def splash_attention(
   q = jnp.pad(q_BTNH * jnp.asarray(1.0 / math.sqrt(h), q_BTNH.dtype), pad)
   k, v = jnp.pad(k_BSKH, pad), jnp.pad(v_BSKH, pad)
 
-  mesh, batch_axes, head_axis = _mesh_axes(b, n, kv)
+  mesh, batch_axes, head_axis = _mesh_axes(b, kv)
   local_heads = n // (mesh.shape[head_axis] if head_axis else 1)
 
   def local(q_BTNH, k_BSKH, v_BSKH, seg_BT):

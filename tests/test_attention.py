@@ -318,17 +318,20 @@ def test_qwen3_blockwise_equals_xla(batch, policy):
 
 
 def test_qwen3_cached_decoding_with_blockwise_equals_xla():
+  """Prefill of left-padded prompts into a cache, then decode steps: the engine's use of `forward_cached`."""
   ids = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (B, 7)).astype(np.int32))
   prompt_mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
   outs = {}
   for impl in ("xla", "blockwise"):
-    model = qwen3.Qwen3(CFG.replace(attention_impl=impl), rngs=nnx.Rngs(0))
-    cache = model.init_cache(B, 16)
-    logits, cache = model.forward_cached(ids, cache, attention_mask=prompt_mask)
+    graphdef, state = nnx.split(qwen3.Qwen3(CFG.replace(attention_impl=impl), rngs=nnx.Rngs(0)))
+    step = jax.jit(
+      lambda st, ids, cache, mask: nnx.merge(graphdef, st).forward_cached(ids, cache, attention_mask=mask)
+    )
+    logits, cache = step(state, ids, nnx.merge(graphdef, state).init_cache(B, 16), prompt_mask)
     steps = [logits]
-    for i in range(3):
-      step, cache = model.forward_cached(ids[:, i : i + 1], cache)
-      steps.append(step)
+    for i in range(2):
+      logits, cache = step(state, ids[:, i : i + 1], cache, jnp.ones((B, 1), jnp.int32))
+      steps.append(logits)
     outs[impl] = steps
   for a, b in zip(outs["blockwise"], outs["xla"]):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)

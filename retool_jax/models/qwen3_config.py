@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "attention_out")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "blockwise", "splash", "cudnn")
 MOE_IMPLS = ("ragged", "dense")
 
 
@@ -47,7 +47,7 @@ class Qwen3Config:
   dtype: str = "float32"
   remat: str = "none"
   scan_layers: bool = False
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   moe_impl: str = "ragged"
 
   def __post_init__(self):

@@ -202,6 +202,36 @@ def record_rollout_contract(
   )
 
 
+def _bundled_tokenizer() -> str:
+  from retool_jax.assets import QWEN3_TOKENIZER_DIR  # noqa: PLC0415
+
+  return str(QWEN3_TOKENIZER_DIR)
+
+
+def record_sft_contract(folder: str | os.PathLike, data: Any) -> PromptContract | None:
+  """The contract of an SFT run on `data` (the trainer's `config.data`); None for pre-tokenised data."""
+  if data.format not in ("retool_sft", "chat"):
+    return None  # token rows and synthetic sequences carry no prompt format
+  inline = data.format == "retool_sft" and data.style == "inline"
+  return record_contract(
+    folder,
+    data.tokenizer or _bundled_tokenizer(),
+    call_formats=("code",) if inline else ("tool_call", "code"),
+    enable_thinking=data.enable_thinking,
+  )
+
+
+def record_rl_contract(folder: str | os.PathLike, config: Any, multiturn: Any) -> PromptContract:
+  """The contract of an RL run (`config.data`, `config.tools`) with rollouts `multiturn`."""
+  return record_rollout_contract(
+    folder,
+    config.data.tokenizer or _bundled_tokenizer(),
+    multiturn,
+    tools_in_prompt=config.tools == "interpreter",
+    prompt_style=config.data.prompt_style,
+  )
+
+
 def load_contract(path: str | os.PathLike) -> PromptContract:
   """Reads a `prompt_contract.json` (or the one in folder `path`)."""
   path = Path(path)

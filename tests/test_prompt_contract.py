@@ -27,9 +27,12 @@ from retool_jax.chat.prompt_contract import (
   find_contract,
   load_contract,
   record_contract,
+  record_rl_contract,
   record_rollout_contract,
+  record_sft_contract,
 )
 from retool_jax.checkpoint import save as save_checkpoint
+from retool_jax.checkpoint.converters import orbax_to_hf
 from retool_jax.checkpoint.hf_export import write_hf
 from retool_jax.demo_task.pipeline import next_commands, sft_rows
 from retool_jax.demo_task.task import Problem, prompt_ids
@@ -38,6 +41,7 @@ from retool_jax.demo_task.tokenizer import build_tokenizer, save_tokenizer
 from retool_jax.models.qwen3 import Qwen3
 from retool_jax.rollout import MultiTurnConfig
 from retool_jax.tools import default_registry
+from retool_jax.train import rl_run
 from retool_jax.train import state as state_lib
 from retool_jax.train.checkpointing import Checkpointer
 from retool_jax.train.sft import make_train_step
@@ -139,6 +143,29 @@ def test_hf_export_writes_the_contract_and_tokenizer_beside_the_weights(tmp_path
   record = json.loads((tmp_path / "hf" / CONTRACT_FILE).read_text())
   assert record["tokenizer"] == "." and record["call_formats"] == ["code"] and not record["tools_in_prompt"]
   assert find_contract(tmp_path / "hf").tokenizer_path() == (tmp_path / "hf").resolve()
+
+
+def test_convert_to_hf_carries_the_recorded_contract(tmp_path, orbax_run):
+  orbax_to_hf(orbax_run / "checkpoints", tmp_path / "hf", progress=False)
+  contract = find_contract(tmp_path / "hf")
+  assert contract.prompt_style == "raw" and contract.tokenizer_path() == (tmp_path / "hf").resolve()
+  assert load_tokenizer(tmp_path / "hf").convert_tokens_to_ids("<code>") < 128
+
+
+def test_trainers_record_what_their_config_says(tmp_path, demo_tok_dir):
+  c = rl_run.default_config()
+  c.data.tokenizer, c.data.prompt_style, c.tools = str(demo_tok_dir), "raw", "none"
+  record_rl_contract(tmp_path / "rl", c, DEMO_ROLLOUT)
+  rl = load_contract(tmp_path / "rl")
+  assert not rl.tools_in_prompt and rl.call_formats == ("code",) and rl.prompt_style == "raw"
+  data = ml_collections.ConfigDict(
+    dict(format="retool_sft", style="tool_calls", tokenizer="", enable_thinking=False)
+  )
+  sft = record_sft_contract(tmp_path / "sft", data)
+  assert sft.call_formats == ("tool_call", "code") and not sft.enable_thinking and sft.tools_in_prompt
+  assert (tmp_path / "sft" / "tokenizer" / "tokenizer.json").is_file()  # the bundled Qwen3 tokenizer, copied
+  data.format = "tokens"
+  assert record_sft_contract(tmp_path / "tokens", data) is None
 
 
 # ---- the chat ------------------------------------------------------------------------------------

@@ -172,7 +172,8 @@ class ChatSession:
     for _ in range(self.settings.max_turns):
       room = config.max_context - len(traj)
       if room <= 0:
-        self.last_finish_reason = "length"
+        self.say(f"(the conversation is {len(traj)} tokens; the context holds {config.max_context}: /reset)")
+        self.last_finish_reason = None
         break
       sampling = SamplingParams(
         temperature=config.temperature,
@@ -426,7 +427,7 @@ def main(
   if contract is not None:
     say(f"prompt contract {contract_file(args.checkpoint)}: {contract.describe()}")
   elif args.checkpoint:
-    say(f"(no {CONTRACT_FILE} found with {args.checkpoint}: Qwen3 defaults, tool schemas in the prompt)")
+    say(f"(no {CONTRACT_FILE} with {args.checkpoint}: Qwen3 prompt defaults, tool schemas in the prompt)")
   tok_dir = tokenizer_dir(args.checkpoint, args.tokenizer, contract)
   tokenizer = load_tokenizer(tok_dir)
   max_positions = None

@@ -275,7 +275,9 @@ def check_tokenizer_fits(tokenizer: Any, vocab_size: int, *, tokenizer_name: str
     return
   what = f"{size} tokens"
   if outside:
-    what += ", special token(s) " + ", ".join(f"{t!r}={i}" for t, i in sorted(outside.items(), key=lambda x: x[1]))
+    shown = sorted(outside.items(), key=lambda x: x[1])
+    what += ", special token(s) " + ", ".join(f"{t!r}={i}" for t, i in shown[:3])
+    what += f" and {len(shown) - 3} more" if len(shown) > 3 else ""
   raise TokenizerMismatchError(
     f"tokenizer {tokenizer_name} does not fit model {model_name}: the tokenizer has {what}, the model's "
     f"vocabulary has {vocab_size} ids. Use the tokenizer the model was trained with (--tokenizer, or the "

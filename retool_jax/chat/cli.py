@@ -50,7 +50,7 @@ DEFAULT_MAX_CONTEXT = 8192
 @dataclasses.dataclass
 class ChatSettings:
   """Sampling, limits and prompt format of a chat. `confirm`: ask before code-running tools; `timeout_s`: per
-  tool call; `tools_in_prompt` .. `observation_format`: as in `PromptContract` (`settings_for` copies them)."""
+  tool call; `tools_in_prompt` .. `observation_format`: as in `PromptContract` (`settings_from` fills them in)."""
 
   temperature: float = 0.7
   top_p: float = 0.95

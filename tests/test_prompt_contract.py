@@ -264,6 +264,16 @@ def test_evaluate_takes_its_prompt_settings_from_the_contract(orbax_run, demo_to
   assert s["tools_in_prompt"] and s["prompt_style"] == "retool" and s["contract"] is None
 
 
+def test_evaluate_refuses_a_tokenizer_that_does_not_fit(tmp_path, orbax_run, fixtures_dir):
+  c = ev.default_config()
+  c.workdir = str(tmp_path / "eval")
+  c.model.checkpoint = str(orbax_run / "checkpoints")
+  c.data.path = str(fixtures_dir / "gsm8k" / "test.jsonl")
+  c.data.tokenizer = str(QWEN3_TOKENIZER_DIR)
+  with pytest.raises(TokenizerMismatchError, match=f"does not fit model {orbax_run / 'checkpoints'}"):
+    ev.evaluate(c)
+
+
 def test_demo_prints_commands_for_its_run_folder():
   assert next_commands("runs/demo_cpu") == [
     "python -m retool_jax.chat --checkpoint runs/demo_cpu/rl/checkpoints",

@@ -17,7 +17,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from retool_jax.demo_task import run_demo
-from retool_jax.demo_task.pipeline import next_commands
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", os.path.join(os.path.dirname(__file__), "..", "configs", "demo_cpu.py"), "Demo configuration."
@@ -29,7 +28,7 @@ def main(_):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   results = run_demo(_CONFIG.value)
   print(json.dumps(results, indent=2, default=str))
-  print("Talk to the trained model, then re-evaluate it:\n  " + "\n  ".join(next_commands(_CONFIG.value.workdir)))
+  print("Talk to the trained model, then re-evaluate it:\n  " + "\n  ".join(results["next_commands"]))
 
 
 if __name__ == "__main__":

@@ -122,7 +122,8 @@ def next_commands(workdir: str | Path, default_workdir: str = "runs/demo_cpu") -
 
 
 def run_demo(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Runs the whole demo; returns `{"sft": eval, "rl": eval, "timings": ..., "rl_step": ...}`."""
+  """Runs the whole demo; returns `{"sft": eval, "rl": eval, "timings": ..., "rl_step_time": ...,
+  "next_commands": [chat, evaluate]}`."""
   cfg = config
   t0 = time.perf_counter()
   workdir = Path(cfg.workdir)
@@ -252,6 +253,7 @@ def run_demo(config: ml_collections.ConfigDict) -> dict[str, Any]:
     "teacher_accuracy": teacher_acc,
     "timings": timings,
     "rl_step_time": rl_step,
+    "next_commands": next_commands(workdir),
   }
   (workdir / "results.json").write_text(json.dumps(figures, indent=2))
   _plots(workdir)

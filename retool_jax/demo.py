@@ -31,6 +31,7 @@ def main(_):
   print(f"sandbox backend: {sandbox.backend_name} ({sandbox.backend_reason})", flush=True)
   results = run_demo(_CONFIG.value)
   print(json.dumps(results, indent=2, default=str))
+  print("Talk to the trained model, then re-evaluate it:\n  " + "\n  ".join(results["next_commands"]))
 
 
 if __name__ == "__main__":

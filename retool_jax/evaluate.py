@@ -7,6 +7,10 @@ random model for smoke tests) or an SGLang server (`engine.sglang_url`), scores 
 * `trajectories.jsonl` - one line per rollout: problem, answer, response, correctness, tool and length stats;
 * `summary.json` / `summary.md` - avg@n, pass@k (unbiased estimator), tool calls per problem, execution success,
   format correctness, tool accuracy, response length and truncation rate.
+
+Prompts are rendered as the checkpoint's prompt contract (`prompt_contract.json` of its run or export folder)
+says: tokenizer, prompt style, system prompt, tool schemas in the prompt or not, call and observation formats,
+thinking. A config field set explicitly (or a `rollout` field given) wins over the contract.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from retool_jax.chat.parse import ToolCall, parse_tool_calls
+from retool_jax.chat.prompt_contract import ContractError, PromptContract, check_tokenizer_fits, find_contract
 
 FREE_FORM = ("rollout", "model.overrides")  # checked by MultiTurnConfig / Qwen3Config
 
@@ -37,17 +42,19 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # a math problem file any `load_math` schema reads (AIME, MATH-500, GSM8K, DAPO)
-  c.data.prompt_style = "retool"  # raw | retool (see retool_jax.data.prompts)
+  c.data.prompt_style = ""  # raw | problem | retool (retool_jax.data.prompts); "" = the contract's, else retool
   c.data.limit = 0  # 0 = every problem
-  c.data.tokenizer = ""  # "" = the packaged Qwen3 tokenizer
+  c.data.tokenizer = ""  # "" = the checkpoint's prompt contract, else the packaged Qwen3 tokenizer
   c.engine = ml_collections.ConfigDict()
   c.engine.sglang_url = ""  # "" = the embedded JAX engine
   c.engine.max_batch_size = 64
   c.engine.decode_chunk = 32
   c.reward = "retool"  # a registered reward name or "module:function"
   c.tools = True  # False: plain generation, no tools shown or run
-  c.tools_in_prompt = True  # False: tools run, but their schemas stay out of the system prompt (prompts that
-  # describe the interpreter in words, as models trained on such prompts expect)
+  # False: tools run, but their schemas stay out of the system prompt (prompts that describe the interpreter in
+  # words, as models trained on such prompts expect). None: the checkpoint's prompt contract, else True.
+  c.tools_in_prompt = ml_collections.config_dict.placeholder(bool)
+  c.system_prompt = ml_collections.config_dict.placeholder(str)  # None: the contract's (else none); "": none
   c.rollout = ml_collections.ConfigDict(dict(temperature=1.0, top_p=1.0))  # MultiTurnConfig fields
   c.eval = ml_collections.ConfigDict()
   c.eval.num_samples = 4  # responses per problem (n of avg@n)
@@ -201,8 +208,32 @@ def markdown_table(summary: Mapping[str, Any], title: str = "") -> str:
 
 # ---- the run ---------------------------------------------------------------------------------------
 
+CONTRACT_ROLLOUT_FIELDS = ("call_formats", "observation_format", "enable_thinking")
 
-def _engine(c: ml_collections.ConfigDict, tokenizer: Any, max_length: int) -> Any:
+
+def prompt_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """How prompts are rendered: explicit config fields, else the checkpoint's prompt contract, else the defaults.
+
+  Returns `tokenizer`, `prompt_style`, `tools_in_prompt`, `system_prompt`, `rollout` (the `MultiTurnConfig`
+  fields) and `contract` (None when the checkpoint has none).
+  """
+  from retool_jax.assets import QWEN3_TOKENIZER_DIR  # noqa: PLC0415
+
+  c = config
+  contract = find_contract(c.model.checkpoint) if c.model.checkpoint else None
+  recorded = contract or PromptContract(tokenizer=str(QWEN3_TOKENIZER_DIR), prompt_style="retool")
+  rollout = {k: getattr(recorded, k) for k in CONTRACT_ROLLOUT_FIELDS} if contract is not None else {}
+  return {
+    "contract": contract,
+    "tokenizer": c.data.tokenizer or str(recorded.tokenizer_path()),
+    "prompt_style": c.data.prompt_style or recorded.prompt_style or "retool",
+    "tools_in_prompt": recorded.tools_in_prompt if c.tools_in_prompt is None else c.tools_in_prompt,
+    "system_prompt": recorded.system_prompt if c.system_prompt is None else (c.system_prompt or None),
+    "rollout": {"seed": c.seed, **rollout, **c.rollout.to_dict()},
+  }
+
+
+def _engine(c: ml_collections.ConfigDict, tokenizer: Any, tokenizer_name: str, max_length: int) -> Any:
   from retool_jax.rollout import JaxEngine, SGLangEngine  # noqa: PLC0415
 
   if c.engine.sglang_url:
@@ -211,6 +242,12 @@ def _engine(c: ml_collections.ConfigDict, tokenizer: Any, max_length: int) -> An
   from retool_jax.train import sft  # noqa: PLC0415
 
   model = sft.build_model(c.model, sharding_lib.make_mesh(**c.mesh.to_dict()), c.seed)
+  check_tokenizer_fits(
+    tokenizer,
+    model.config.vocab_size,
+    tokenizer_name=tokenizer_name,
+    model_name=c.model.checkpoint or "(randomly initialised from config.model)",
+  )
   return JaxEngine(
     model,
     tokenizer=tokenizer,
@@ -239,7 +276,6 @@ def evaluate(config: ml_collections.ConfigDict, engine: Any = None) -> dict[str,
 
   `engine` (any `retool_jax.rollout.Engine`) replaces the one the config would build.
   """
-  from retool_jax.assets import QWEN3_TOKENIZER_DIR  # noqa: PLC0415
   from retool_jax.chat import load_tokenizer  # noqa: PLC0415
   from retool_jax.data import load_math  # noqa: PLC0415
   from retool_jax.rewards import get_reward  # noqa: PLC0415
@@ -250,15 +286,17 @@ def evaluate(config: ml_collections.ConfigDict, engine: Any = None) -> dict[str,
   check_config(config)
   c = config
   n = c.eval.num_samples
-  multiturn = MultiTurnConfig.from_config({"seed": c.seed, **c.rollout.to_dict()})
-  tokenizer = load_tokenizer(c.data.tokenizer or QWEN3_TOKENIZER_DIR)
-  examples = load_math(c.data.path, prompt_style=c.data.prompt_style, limit=c.data.limit or None)
+  prompt = prompt_settings(c)
+  multiturn = MultiTurnConfig.from_config(prompt["rollout"])
+  tokenizer = load_tokenizer(prompt["tokenizer"])
+  examples = load_math(c.data.path, prompt_style=prompt["prompt_style"], limit=c.data.limit or None)
   reward_fn = get_reward(c.reward)
   tools = session_tools(default_sandbox()) if c.tools else None
-  engine = engine if engine is not None else _engine(c, tokenizer, multiturn.max_context)
+  engine = engine if engine is not None else _engine(c, tokenizer, prompt["tokenizer"], multiturn.max_context)
 
-  prompts = [e.prompt for e in examples for _ in range(n)]
-  if not c.tools_in_prompt:
+  system = [{"role": "system", "content": prompt["system_prompt"]}] if prompt["system_prompt"] else []
+  prompts = [_with_system(e.prompt, system) for e in examples for _ in range(n)]
+  if not prompt["tools_in_prompt"]:
     from retool_jax.chat import render_ids  # noqa: PLC0415
 
     prompts = [render_ids(tokenizer, p, enable_thinking=multiturn.enable_thinking) for p in prompts]
@@ -280,6 +318,12 @@ def evaluate(config: ml_collections.ConfigDict, engine: Any = None) -> dict[str,
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   (workdir / "summary.md").write_text(markdown_table(summary, Path(c.data.path).name))
   return summary
+
+
+def _with_system(messages: list[dict], system: list[dict]) -> list[dict]:
+  if not system or (messages and messages[0].get("role") == "system"):
+    return messages
+  return system + list(messages)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -312,7 +356,10 @@ def main(argv: list[str]) -> None:
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   initialize_distributed()
-  summary = evaluate(config)
+  try:
+    summary = evaluate(config)
+  except ContractError as e:
+    raise app.UsageError(str(e)) from None
   print(markdown_table(summary, Path(config.data.path).name))
 
 

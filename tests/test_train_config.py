@@ -11,6 +11,7 @@ import ml_collections
 import pytest
 
 from retool_jax import plot
+from retool_jax.chat.prompt_contract import find_contract
 from retool_jax.train import check_config, get_trainer, sft, validate_config
 from retool_jax.train.metrics import MetricsWriter, read_metrics
 
@@ -192,3 +193,5 @@ def test_sft_end_to_end_on_retool_records(tmp_path, fixtures_dir):
   assert "eval_loss" in records[1] and "eval_loss" in records[2] and "eval_loss" not in records[0]
   assert (Path(config.workdir) / "checkpoints" / "3" / "params").is_dir()
   assert any(tag == "loss" for _, tag, _ in _events(Path(config.workdir) / "tensorboard"))
+  contract = find_contract(Path(config.workdir) / "checkpoints" / "3")  # the run's prompt contract
+  assert contract.call_formats == ("code",) and contract.tools_in_prompt and contract.tokenizer == "tokenizer"

@@ -1,6 +1,6 @@
 """`python -m retool_jax.chat`: a terminal chat with tools (see `retool_jax.chat.cli`)."""
 
-from retool_jax.chat.cli import main
+from retool_jax.chat.cli import run
 
 if __name__ == "__main__":
-  main()
+  run()

@@ -1,7 +1,12 @@
-"""A terminal chat with tools over any engine, on the agentic `ChatClient` (the same turn handling as rollouts).
+"""A terminal chat with tools over any engine, with the same turn handling as rollouts.
 
     python -m retool_jax.chat --checkpoint ckpt/qwen3-1.7b              # Orbax or Hugging Face folder
     python -m retool_jax.chat --checkpoint ckpt/qwen3-1.7b --sglang-url http://localhost:30000
+    python -m retool_jax.chat --checkpoint runs/demo_cpu/rl/checkpoints  # what `make demo` trained
+
+Prompts are rendered as the model was trained: the tokenizer, system prompt, tool schemas (or none), call and
+observation formats and thinking come from the checkpoint's prompt contract (`prompt_contract.json` in the run
+or export folder); flags override them. A tokenizer whose ids do not fit the model is refused before loading.
 
 Every tool call and its result are shown. By default code-running tools ask before they run ("no" tells the
 model the user declined); `--no-confirm` runs them straight away. Commands: /reset, /tools, /exit.
@@ -19,32 +24,52 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from retool_jax.rollout.agentic import ChatClient
-from retool_jax.rollout.multiturn import MultiTurnConfig, truncate_outputs
+from retool_jax.chat.parse import FORMATS, CallError, ToolCall, parse_tool_calls
+from retool_jax.chat.prompt_contract import (
+  CONTRACT_FILE,
+  OBSERVATION_FORMATS,
+  ContractError,
+  PromptContract,
+  check_tokenizer_fits,
+  contract_file,
+  find_contract,
+)
+from retool_jax.chat.render import render_ids
+from retool_jax.chat.tokenizer import IM_END, load_tokenizer
+from retool_jax.chat.trajectory import Trajectory
+from retool_jax.rollout.multiturn import MultiTurnConfig, stop_criteria, truncate_outputs
+from retool_jax.rollout.types import GenerateRequest, SamplingParams
 
 CODE_TOOLS = frozenset({"code_interpreter", "execute_bash", "run_tests", "debug_code"})
 DECLINED = "The user declined to run this tool call."
 COMMANDS = {"/reset": "clear the conversation", "/tools": "list the tools", "/exit": "leave the chat"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+DEFAULT_MAX_CONTEXT = 8192
 
 
 @dataclasses.dataclass
 class ChatSettings:
-  """Sampling and limits of a chat. `confirm`: ask before code-running tools; `timeout_s`: per tool call."""
+  """Sampling, limits and prompt format of a chat. `confirm`: ask before code-running tools; `timeout_s`: per
+  tool call; `tools_in_prompt` .. `observation_format`: as in `PromptContract` (`settings_from` fills them in)."""
 
   temperature: float = 0.7
   top_p: float = 0.95
   max_new_tokens: int = 1024
-  max_context: int = 8192
+  max_context: int = DEFAULT_MAX_CONTEXT
   max_turns: int = 8
   max_observation_tokens: int = 1024
   enable_thinking: bool = True
   confirm: bool = True
   timeout_s: float = 30.0
   system: str | None = None
+  tools_in_prompt: bool = True
+  call_formats: tuple[str, ...] = ("tool_call", "code")
+  observation_format: str = "auto"
 
   def multiturn(self) -> MultiTurnConfig:
     return MultiTurnConfig(
+      call_formats=tuple(self.call_formats),
+      observation_format=self.observation_format,
       max_context=self.max_context,
       max_turns=self.max_turns,
       max_new_tokens=self.max_new_tokens,
@@ -56,7 +81,11 @@ class ChatSettings:
 
 
 class ChatSession:
-  """One conversation: user turns in, assistant replies and tool calls out (through `say`)."""
+  """One conversation: user turns in, assistant replies and tool calls out (through `say`).
+
+  The conversation is kept as token ids: what the model generated is never re-tokenised, and tool results are
+  appended in the settings' observation format, exactly as rollouts append them.
+  """
 
   def __init__(
     self,
@@ -91,7 +120,8 @@ class ChatSession:
 
   def reset(self) -> None:
     """Forgets the conversation."""
-    self.client = ChatClient(self.engine, self.tokenizer, self.settings.multiturn())
+    self.trajectory: Trajectory | None = None
+    self.last_finish_reason: str | None = None
     system = self.settings.system
     self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
 
@@ -121,31 +151,79 @@ class ChatSession:
       self.run(self.send(text))
     return True
 
+  def _open(self, text: str) -> Trajectory:
+    """The conversation's ids with the new user turn added and the assistant turn opened."""
+    self.messages.append({"role": "user", "content": text})
+    thinking = self.settings.enable_thinking
+    if self.trajectory is None:
+      schemas = self.tools.schemas() if self.tools is not None and self.settings.tools_in_prompt else None
+      prompt = render_ids(self.tokenizer, self.messages, tools=schemas, enable_thinking=thinking)
+      self.trajectory = Trajectory(self.tokenizer, prompt, enable_thinking=thinking)
+    else:
+      self.trajectory.add_user(text)
+    return self.trajectory
+
   async def send(self, text: str) -> str:
     """Adds a user turn and runs the tool loop until the model answers without calls; returns that answer."""
-    self.messages.append({"role": "user", "content": text})
-    schemas = self.tools.schemas() if self.tools is not None else None
-    reply: dict = {"content": ""}
+    traj = self._open(text)
+    config = self.settings.multiturn()
+    stops, stop_ids = stop_criteria(config, self.tokenizer)
+    content = ""
     for _ in range(self.settings.max_turns):
-      reply = await self.client.chat(self.messages, tools=schemas)
-      self.messages.append(reply)
-      if reply["content"]:
-        self.say(f"assistant> {reply['content']}")
-      items = sorted(reply.get("tool_calls", []) + reply.get("invalid_tool_calls", []), key=lambda c: c["index"])
-      if not items or self.tools is None or self.client.last_finish_reason == "length":
+      room = config.max_context - len(traj)
+      if room <= 0:
+        self.say(f"(the conversation is {len(traj)} tokens; the context holds {config.max_context}: /reset)")
+        self.last_finish_reason = None
         break
-      outputs = [await self._answer(item) for item in items]
+      sampling = SamplingParams(
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_new_tokens=min(room, config.max_new_tokens or room),
+        stop=stops,
+        stop_token_ids=stop_ids,
+      )
+      [result] = await self.engine.generate([GenerateRequest(tuple(traj.ids), sampling)])
+      if result.finish_reason.type == "abort":
+        raise RuntimeError(f"the engine aborted the request: {result.finish_reason.message}")
+      traj.add_generated(result.output_ids, result.output_logprobs)
+      self.last_finish_reason = result.finish_reason.type
+      parsed = parse_tool_calls(self._text(result.output_ids), None, formats=config.call_formats)
+      content = parsed.content
+      if content:
+        self.say(f"assistant> {content}")
+      reply: dict[str, Any] = {"role": "assistant", "content": content}
+      if parsed.calls:
+        reply["tool_calls"] = [{"name": c.name, "arguments": c.arguments} for c in parsed.calls]
+      self.messages.append(reply)
+      if not parsed.found or self.tools is None or self.last_finish_reason == "length":
+        break
+      outputs = [await self._answer(item) for item in parsed.items]
       outputs, _ = truncate_outputs(outputs, self.tokenizer, self.settings.max_observation_tokens)
+      traj.add_tool_results(outputs, fmt=self._observation_format(parsed.items[-1].format, traj))
       self.messages += [{"role": "tool", "content": out} for out in outputs]
-    if self.client.last_finish_reason == "length":
+    if self.last_finish_reason == "length":
       self.say("(reply cut at the token limit)")
-    return reply.get("content", "")
+    return content
 
-  async def _answer(self, item: dict) -> str:
-    if "error" in item:
-      self.say(f"tool call error> {item['error']}")
-      return item["error"]
-    name, arguments = item["function"]["name"], json.loads(item["function"]["arguments"])
+  def _text(self, ids: Sequence[int]) -> str:
+    text = self.tokenizer.decode(list(ids))
+    for marker in (IM_END, self.tokenizer.eos_token):
+      if marker and text.endswith(marker):
+        text = text[: -len(marker)]
+    return text
+
+  def _observation_format(self, call_format: str, traj: Trajectory) -> str:
+    if traj.ends_turn:
+      return "qwen"  # results after a closed turn are always a <tool_response> turn
+    if self.settings.observation_format != "auto":
+      return self.settings.observation_format
+    return "qwen" if call_format == "tool_call" else "retool"
+
+  async def _answer(self, item: ToolCall | CallError) -> str:
+    if isinstance(item, CallError):
+      self.say(f"tool call error> {item.message}")
+      return item.message
+    name, arguments = item.name, item.arguments
     self.say(f"tool call> {name}({_show_arguments(arguments)})")
     if self.settings.confirm and name in CODE_TOOLS and not _yes(self.ask(f"run {name}? [y/N] ")):
       self.say(f"tool result> {DECLINED}")
@@ -208,10 +286,31 @@ def load_model(path: str | os.PathLike, dtype: str | None = None) -> Any:
   return load(path, dtype=dtype)
 
 
-def tokenizer_dir(checkpoint: str | os.PathLike | None, tokenizer: str | os.PathLike | None = None) -> Path:
-  """`tokenizer` if given, else the checkpoint folder when it holds tokenizer files, else the bundled Qwen3 one."""
+def model_shape(path: str | os.PathLike) -> tuple[int, int]:
+  """`(vocab_size, max_position_embeddings)` of a checkpoint, read from its config without loading weights."""
+  if not Path(path).exists():
+    raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
+  if is_hf_folder(path):
+    record = json.loads((Path(path) / "config.json").read_text())
+    record = record.get("text_config", record)
+  else:
+    from retool_jax.checkpoint.layout import read_config  # noqa: PLC0415
+
+    record = read_config(path)["model"]
+  return int(record["vocab_size"]), int(record.get("max_position_embeddings") or DEFAULT_MAX_CONTEXT)
+
+
+def tokenizer_dir(
+  checkpoint: str | os.PathLike | None,
+  tokenizer: str | os.PathLike | None = None,
+  contract: PromptContract | None = None,
+) -> Path:
+  """`tokenizer` if given, else the contract's, else the checkpoint folder when it holds tokenizer files, else
+  the bundled Qwen3 one."""
   if tokenizer is not None:
     return Path(tokenizer)
+  if contract is not None:
+    return contract.tokenizer_path()
   if checkpoint is not None and any((Path(checkpoint) / f).is_file() for f in _TOKENIZER_FILES):
     return Path(checkpoint)
   from retool_jax.assets import QWEN3_TOKENIZER_DIR  # noqa: PLC0415
@@ -219,7 +318,7 @@ def tokenizer_dir(checkpoint: str | os.PathLike | None, tokenizer: str | os.Path
   return QWEN3_TOKENIZER_DIR
 
 
-def make_engine(args: argparse.Namespace, tokenizer: Any) -> Any:
+def make_engine(args: argparse.Namespace, tokenizer: Any, max_context: int) -> Any:
   if args.sglang_url:
     from retool_jax.rollout import SGLangEngine  # noqa: PLC0415
 
@@ -229,7 +328,7 @@ def make_engine(args: argparse.Namespace, tokenizer: Any) -> Any:
   from retool_jax.rollout import JaxEngine  # noqa: PLC0415
 
   model = load_model(args.checkpoint, args.dtype)
-  return JaxEngine(model, tokenizer=tokenizer, max_length=args.max_context, max_batch_size=1)
+  return JaxEngine(model, tokenizer=tokenizer, max_length=max_context, max_batch_size=1)
 
 
 def make_tools(timeout_s: float) -> Any:
@@ -251,7 +350,9 @@ def make_tools(timeout_s: float) -> Any:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m retool_jax.chat", description=__doc__.split("\n")[0])
   p.add_argument("--checkpoint", help="an Orbax checkpoint or a Hugging Face folder")
-  p.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's, else the bundled Qwen3 one)")
+  p.add_argument(
+    "--tokenizer", help="tokenizer folder (default: the checkpoint's prompt contract, else its folder, else Qwen3)"
+  )
   p.add_argument("--sglang-url", help="generate on this SGLang server instead of in-process")
   p.add_argument("--dtype", default=None, help="parameter / compute dtype, e.g. bfloat16 (default: checkpoint's)")
   p.add_argument("--no-confirm", action="store_true", help="run code without asking first")
@@ -259,25 +360,56 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--temperature", type=float, default=0.7)
   p.add_argument("--top-p", type=float, default=0.95)
   p.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per model turn")
-  p.add_argument("--max-context", type=int, default=8192, help="tokens in the whole conversation")
-  p.add_argument("--no-thinking", action="store_true", help="ask the model not to think first")
+  p.add_argument(
+    "--max-context",
+    type=int,
+    default=None,
+    help=f"tokens in the whole conversation (default: the model's positions, at most {DEFAULT_MAX_CONTEXT})",
+  )
+  # The prompt format; each default comes from the checkpoint's prompt contract when it has one.
+  p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None, help="let the model think")
   p.add_argument("--system", default=None, help="a system prompt")
+  p.add_argument(
+    "--tools-in-prompt",
+    action=argparse.BooleanOptionalAction,
+    default=None,
+    help="render the tool schemas into the system prompt",
+  )
+  p.add_argument("--call-formats", default=None, help=f"comma-separated tool-call formats, some of {FORMATS}")
+  p.add_argument("--observation-format", default=None, choices=OBSERVATION_FORMATS, help="how results are shown")
   args = p.parse_args(argv)
-  if args.timeout <= 0 or args.max_new_tokens < 1 or args.max_context < 2:
+  if args.timeout <= 0 or args.max_new_tokens < 1 or (args.max_context is not None and args.max_context < 2):
     p.error("--timeout, --max-new-tokens and --max-context must be positive")
+  if args.call_formats is not None:
+    args.call_formats = tuple(f.strip() for f in args.call_formats.split(",") if f.strip())
+    unknown = sorted(set(args.call_formats) - set(FORMATS)) or ([] if args.call_formats else ["(none)"])
+    if unknown:
+      p.error(f"--call-formats: unknown format(s) {unknown}; expected some of {FORMATS}")
   return args
 
 
-def settings_from(args: argparse.Namespace) -> ChatSettings:
+def settings_from(
+  args: argparse.Namespace, contract: PromptContract | None = None, max_positions: int | None = None
+) -> ChatSettings:
+  """The chat's settings: flags first, then the prompt contract, then the defaults."""
+  base = contract or PromptContract(tokenizer=".")
+
+  def pick(flag: Any, recorded: Any) -> Any:
+    return recorded if flag is None else flag
+
+  max_context = args.max_context or min(DEFAULT_MAX_CONTEXT, max_positions or DEFAULT_MAX_CONTEXT)
   return ChatSettings(
     temperature=args.temperature,
     top_p=args.top_p,
     max_new_tokens=args.max_new_tokens,
-    max_context=args.max_context,
-    enable_thinking=not args.no_thinking,
+    max_context=max_context,
+    enable_thinking=pick(args.thinking, base.enable_thinking),
     confirm=not args.no_confirm,
     timeout_s=args.timeout,
-    system=args.system,
+    system=pick(args.system, base.system_prompt),
+    tools_in_prompt=pick(args.tools_in_prompt, base.tools_in_prompt),
+    call_formats=tuple(pick(args.call_formats, base.call_formats)),
+    observation_format=pick(args.observation_format, base.observation_format),
   )
 
 
@@ -290,13 +422,30 @@ def main(
   tools: Any = None,
 ) -> None:
   """The chat command; `engine` / `tools` replace the ones the flags would build."""
-  from retool_jax.chat.tokenizer import load_tokenizer  # noqa: PLC0415
-
   args = parse_args(argv)
-  tokenizer = load_tokenizer(tokenizer_dir(args.checkpoint, args.tokenizer))
-  engine = engine if engine is not None else make_engine(args, tokenizer)
+  contract = find_contract(args.checkpoint) if args.checkpoint else None
+  if contract is not None:
+    say(f"prompt contract {contract_file(args.checkpoint)}: {contract.describe()}")
+  elif args.checkpoint:
+    say(f"(no {CONTRACT_FILE} with {args.checkpoint}: Qwen3 prompt defaults, tool schemas in the prompt)")
+  tok_dir = tokenizer_dir(args.checkpoint, args.tokenizer, contract)
+  tokenizer = load_tokenizer(tok_dir)
+  max_positions = None
+  if args.checkpoint:
+    vocab_size, max_positions = model_shape(args.checkpoint)
+    check_tokenizer_fits(tokenizer, vocab_size, tokenizer_name=os.fspath(tok_dir), model_name=args.checkpoint)
+  settings = settings_from(args, contract, max_positions)
+  engine = engine if engine is not None else make_engine(args, tokenizer, settings.max_context)
   tools = tools if tools is not None else make_tools(args.timeout)
-  session = ChatSession(engine, tokenizer, tools, settings_from(args), ask=ask, say=say)
+  session = ChatSession(engine, tokenizer, tools, settings, ask=ask, say=say)
   if args.sglang_url and hasattr(engine, "start"):
     session.run(engine.start())
   session.loop()
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+  """`python -m retool_jax.chat`: `main`, with a bad checkpoint, tokenizer or contract reported in one line."""
+  try:
+    main(argv)
+  except (ContractError, FileNotFoundError) as e:
+    raise SystemExit(f"error: {e}") from None

@@ -21,6 +21,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from retool_jax.checkpoint import layout
+from retool_jax.chat.prompt_contract import find_contract
 from retool_jax.checkpoint.hf_export import GENERATION_CONFIG, write_hf
 from retool_jax.checkpoint.streaming import StreamedArray
 from retool_jax.models.qwen3_config import Qwen3Config
@@ -244,9 +245,14 @@ class _StoredParam:
 def orbax_to_hf(
   src, dst, *, dtype=None, tokenizer=None, max_shard_bytes: int = 4 << 30, progress: bool = True
 ) -> ConversionSummary:
-  """An Orbax checkpoint -> a Hugging Face folder (config, generation config, sharded safetensors, index)."""
+  """An Orbax checkpoint -> a Hugging Face folder (config, generation config, sharded safetensors, index).
+
+  The prompt contract recorded with the checkpoint (`find_contract`) is written beside the weights, with its
+  tokenizer unless `tokenizer` names another folder.
+  """
   start = time.perf_counter()
   reader = layout.ParamReader(src)
+  contract = find_contract(os.fspath(reader.step))
   record = layout.read_config(reader.step)
   cfg = layout.config_from_record(record, where=os.fspath(reader.step / layout.CONFIG_ITEM))
   out_dtype = np.dtype(dtype if dtype is not None else cfg.param_dtype)
@@ -262,6 +268,7 @@ def orbax_to_hf(
       hf_config=record.get("hf_config"),
       generation_config=record.get("generation_config"),
       tokenizer=tokenizer,
+      contract=contract,
       max_shard_bytes=max_shard_bytes,
       on_tensor=lambda _: bar.update(1),
     )

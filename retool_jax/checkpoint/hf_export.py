@@ -1,4 +1,5 @@
-"""Parameters -> a Hugging Face folder (sharded safetensors, index, config, generation config, tokenizer).
+"""Parameters -> a Hugging Face folder (sharded safetensors, index, config, generation config, tokenizer, and the
+prompt contract `prompt_contract.json` when one is given: how prompts must be rendered for this model).
 
 Used by `orbax_to_hf`, by weight sync to SGLang and by the demo. The folder is written beside its destination
 and renamed into place, so a reader (an inference server, `from_pretrained`) never sees half a checkpoint.
@@ -7,8 +8,8 @@ and renamed into place, so a reader (an inference server, `from_pretrained`) nev
 from __future__ import annotations
 
 import json
+import dataclasses
 import os
-import re
 import shutil
 import uuid
 from typing import Any, Callable, Mapping
@@ -16,16 +17,18 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from flax import nnx
 
+from retool_jax.chat.prompt_contract import (
+  CONTRACT_FILE,
+  PromptContract,
+  copy_tokenizer_files,
+  write_contract,
+)
 from retool_jax.models.qwen3 import Qwen3
 from retool_jax.models.qwen3_config import Qwen3Config
 from retool_jax.models.qwen3_hf import hf_shapes, hf_tensors
 from retool_jax.models.safetensors_io import write_sharded
 
 GENERATION_CONFIG = "generation_config.json"
-_TOKENIZER_FILES = re.compile(
-  r"^(tokenizer.*|vocab\..*|merges\.txt|special_tokens_map\.json|added_tokens\.json"
-  r"|chat_template.*|.*\.tiktoken|.*\.model)$"
-)
 
 
 def hf_config_json(cfg: Qwen3Config, dtype: np.dtype, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -44,18 +47,7 @@ def generation_config_json(cfg: Qwen3Config) -> dict[str, Any]:
 
 
 def copy_tokenizer(tokenizer_dir: str | os.PathLike, out_dir: str) -> list[str]:
-  tokenizer_dir = os.fspath(tokenizer_dir)
-  if not os.path.isdir(tokenizer_dir):
-    raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} does not exist")
-  copied = []
-  for name in sorted(os.listdir(tokenizer_dir)):
-    path = os.path.join(tokenizer_dir, name)
-    if os.path.isfile(path) and _TOKENIZER_FILES.match(name):
-      shutil.copy2(path, os.path.join(out_dir, name))
-      copied.append(name)
-  if not copied:
-    raise FileNotFoundError(f"no tokenizer files in {tokenizer_dir}")
-  return copied
+  return copy_tokenizer_files(tokenizer_dir, out_dir)
 
 
 def write_hf(
@@ -67,6 +59,7 @@ def write_hf(
   hf_config: Mapping[str, Any] | None = None,
   generation_config: Mapping[str, Any] | None = None,
   tokenizer: str | os.PathLike | None = None,
+  contract: PromptContract | None = None,
   max_shard_bytes: int = 4 << 30,
   overwrite: bool = False,
   on_tensor: Callable[[str], None] | None = None,
@@ -74,7 +67,8 @@ def write_hf(
   """Writes `params` (a model, or a state whose leaves index by layer) as a HF folder; returns the file names.
 
   `cfg` may be None for a `Qwen3` model. `dtype` defaults to the config's `param_dtype`. `hf_config` entries
-  (e.g. the original checkpoint's config) override the generated `config.json`. An existing `dst` is an error
+  (e.g. the original checkpoint's config) override the generated `config.json`. `contract` is written beside the
+  weights, with its tokenizer copied into the folder (from `tokenizer` if given). An existing `dst` is an error
   unless `overwrite`, in which case it is replaced only once the new folder is complete.
   """
   if cfg is None:
@@ -104,8 +98,13 @@ def write_hf(
     with open(os.path.join(tmp, GENERATION_CONFIG), "w") as f:
       json.dump(dict(generation_config or generation_config_json(cfg)), f, indent=2)
     files += ["config.json", GENERATION_CONFIG]
+    if contract is not None and tokenizer is None:
+      tokenizer = contract.tokenizer_path()
     if tokenizer is not None:
       files += copy_tokenizer(tokenizer, tmp)
+    if contract is not None:
+      write_contract(tmp, dataclasses.replace(contract, tokenizer=".", base=None))
+      files.append(CONTRACT_FILE)
     if os.path.exists(dst):
       old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
       os.rename(dst, old)

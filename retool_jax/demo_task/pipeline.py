@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from retool_jax.chat.prompt_contract import record_rollout_contract
 from retool_jax.demo_task.task import make_problems, prompt_ids
 from retool_jax.demo_task.teacher import TeacherConfig, teacher_rollouts
 from retool_jax.demo_task.tokenizer import build_tokenizer, save_tokenizer
@@ -103,8 +104,26 @@ def _save(directory: Path, state: state_lib.TrainState, model_cfg: Qwen3Config, 
   ckpt.close()
 
 
+def _record_contract(folder: Path, tokenizer_dir: Path, multiturn: MultiTurnConfig) -> None:
+  # the task's prompts: the bare question (`prompt_ids`), no tool schemas, ReTool <code> calls
+  record_rollout_contract(folder, tokenizer_dir, multiturn, tools_in_prompt=False, prompt_style="raw")
+
+
+def next_commands(workdir: str | Path, default_workdir: str = "runs/demo_cpu") -> list[str]:
+  """The chat and evaluation commands for the checkpoints a demo run left in `workdir`."""
+  w = Path(workdir).as_posix()
+  evaluate = "python -m retool_jax.evaluate --config=configs/eval_demo.py"
+  if w != default_workdir:
+    evaluate += (
+      f" --config.workdir={w}/eval_rl --config.model.checkpoint={w}/rl/checkpoints"
+      f" --config.data.path={w}/heldout.jsonl --config.data.tokenizer={w}/tokenizer"
+    )
+  return [f"python -m retool_jax.chat --checkpoint {w}/rl/checkpoints", evaluate]
+
+
 def run_demo(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Runs the whole demo; returns `{"sft": eval, "rl": eval, "timings": ..., "rl_step": ...}`."""
+  """Runs the whole demo; returns `{"sft": eval, "rl": eval, "timings": ..., "rl_step_time": ...,
+  "next_commands": [chat, evaluate]}`."""
   cfg = config
   t0 = time.perf_counter()
   workdir = Path(cfg.workdir)
@@ -148,6 +167,7 @@ def run_demo(config: ml_collections.ConfigDict) -> dict[str, Any]:
   state = run_sft(cfg, model, sft_rows(sft_traj, tokenizer.pad_token_id), workdir, t0)
   timings["sft_s"] = time.perf_counter() - t
   _save(workdir / "sft" / "checkpoints", state, model_cfg, {"phase": "sft"})
+  _record_contract(workdir / "sft", workdir / "tokenizer", multiturn)
 
   # 3. Held-out evaluation after SFT.
   engine = JaxEngine(
@@ -220,6 +240,7 @@ def run_demo(config: ml_collections.ConfigDict) -> dict[str, Any]:
   trainer.close()
   timings["rl_s"] = time.perf_counter() - t
   _save(workdir / "rl" / "checkpoints", trainer.state, model_cfg, {"phase": "rl"})
+  _record_contract(workdir / "rl", workdir / "tokenizer", multiturn)
 
   # 5. Held-out evaluation after RL.
   after_rl = held_out()
@@ -232,6 +253,7 @@ def run_demo(config: ml_collections.ConfigDict) -> dict[str, Any]:
     "teacher_accuracy": teacher_acc,
     "timings": timings,
     "rl_step_time": rl_step,
+    "next_commands": next_commands(workdir),
   }
   (workdir / "results.json").write_text(json.dumps(figures, indent=2))
   _plots(workdir)

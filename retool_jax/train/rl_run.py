@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from retool_jax.chat.prompt_contract import record_rl_contract
 from retool_jax.data.pipeline import InputPipeline
 from retool_jax.train import sft
 from retool_jax.train.rl import RLConfig, RLTrainer
@@ -232,6 +233,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(c.to_json_best_effort(indent=2) + "\n")
+    record_rl_contract(workdir, c, multiturn)
 
   from tqdm.auto import tqdm  # noqa: PLC0415
 

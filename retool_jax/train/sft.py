@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 from retool_jax import sharding as sharding_lib
+from retool_jax.chat.prompt_contract import record_sft_contract
 from retool_jax.data.packing import PACKED_FIELDS, PackedRows, pack_sequences
 from retool_jax.data.pipeline import InputPipeline, global_batch
 from retool_jax.models.logprobs import token_logprobs
@@ -420,6 +421,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    record_sft_contract(workdir, config.data)
 
   batch_shardings = {k: sharding_lib.data_sharding(mesh) for k in PACKED_FIELDS}
   train_step = jax.jit(

@@ -17,7 +17,16 @@ from numpy.typing import DTypeLike
 
 Gather = Callable[[Any], Any]
 
-__all__ = ["Gather", "Ragged", "default_gather", "gather_rows", "global_sum", "mesh_of", "replicate"]
+__all__ = [
+  "Gather",
+  "Ragged",
+  "default_gather",
+  "gather_rows",
+  "global_sum",
+  "host_to_global",
+  "mesh_of",
+  "replicate",
+]
 
 
 def default_gather() -> Gather | None:
@@ -112,12 +121,25 @@ def mesh_of(tree: Any) -> jax.sharding.Mesh:
   raise ValueError("no array of the tree is laid out on a mesh (NamedSharding)")
 
 
+def host_to_global(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+  """A value every host holds in full (numpy, a local `jax.Array`, a typed PRNG key) as a global array laid
+  out by `sharding`; each process fills only its own devices (`jax.device_put` cannot place onto devices of
+  other processes)."""
+  if sharding.is_fully_addressable:
+    return jax.device_put(x, sharding)
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    impl = jax.random.key_impl(x)
+    data = np.asarray(jax.random.key_data(x))
+    trailing = (None,) * (data.ndim - x.ndim)
+    spec = jax.sharding.PartitionSpec(*tuple(sharding.spec), *trailing)
+    data_sharding = jax.sharding.NamedSharding(sharding.mesh, spec)
+    data = jax.make_array_from_callback(data.shape, data_sharding, lambda index: data[index])
+    return jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=sharding)(data)
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   """Host arrays that are the same on every host, as global arrays replicated over `mesh`."""
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-  def place(x: Any) -> jax.Array:
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-  return jax.tree.map(place, tree)
+  return jax.tree.map(lambda x: host_to_global(x, sharding), tree)

@@ -51,6 +51,8 @@ fi
 export JAX_COORDINATOR_ADDRESS="127.0.0.1:$port"
 export JAX_NUM_PROCESSES="$num"
 export JAX_PLATFORMS="$platform"
+# processes sharing one machine can stall each other for a while (compilation, swapping): be patient with them
+export RETOOL_HEARTBEAT_TIMEOUT_S="${RETOOL_HEARTBEAT_TIMEOUT_S:-600}"
 if [[ "$platform" == cpu ]]; then
   export JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo
   export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$devices"

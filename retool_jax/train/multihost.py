@@ -143,3 +143,53 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   """Host arrays that are the same on every host, as global arrays replicated over `mesh`."""
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.tree.map(lambda x: host_to_global(x, sharding), tree)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole value of a (possibly sharded over processes) array, on every host."""
+  if x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def local_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+  """A mesh of this process's own devices, sharded like `mesh` where its axes fit (the rest goes to fsdp)."""
+  from retool_jax import sharding as sharding_lib
+
+  devices = jax.local_devices()
+  tensor = mesh.shape["tensor"] if len(devices) % mesh.shape["tensor"] == 0 else 1
+  return sharding_lib.make_mesh(data=1, fsdp=-1, tensor=tensor, expert=1, devices=devices)
+
+
+def to_local(module: Any, mesh: jax.sharding.Mesh) -> Any:
+  """A copy of an NNX module whose arrays live on the process-local `mesh` (from `local_mesh`), laid out by the
+  logical-axis table: what a process runs on its own, e.g. an embedded rollout engine serving its prompts."""
+  from flax import nnx
+
+  from retool_jax import sharding as sharding_lib
+
+  graphdef, state = nnx.split(module)
+  shardings = sharding_lib.state_shardings(state, mesh)
+  values = jax.tree.map(lambda x: to_host(x) if isinstance(x, jax.Array) else x, state)
+  return nnx.merge(graphdef, jax.device_put(values, shardings))
+
+
+class ProcessLocalEngine:
+  """An embedded engine of one process on a multi-process run: it serves this process's rollouts on the
+  process's own devices, and `update_weights` brings the globally sharded policy over (every process calls it
+  at the same point, since gathering a sharded weight is collective)."""
+
+  def __init__(self, engine_factory: Callable[[Any], Any], model: Any, mesh: jax.sharding.Mesh):
+    self.mesh = local_mesh(mesh)
+    self.engine = engine_factory(to_local(model, self.mesh))
+
+  async def generate(self, requests: Any) -> Any:
+    return await self.engine.generate(requests)
+
+  async def update_weights(self, model: Any, version: Any = None) -> Any:
+    return await self.engine.update_weights(to_local(model, self.mesh), version=version)
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self.engine, name)

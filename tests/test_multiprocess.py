@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -52,7 +51,9 @@ def command(processes: int, argv: list[str]) -> list[str]:
 def run(processes: int, argv: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
   env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8") if processes == 1 else env
   r = subprocess.run(command(processes, argv), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-  assert r.returncode == 0, f"{processes}-process run failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}"
+  assert r.returncode == 0, (
+    f"{processes}-process run failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}"
+  )
   return r
 
 
@@ -205,3 +206,139 @@ def test_sft_killed_process_then_restart_resumes_exactly_and_checkpoints_move_be
   run(2, sft_argv(one), env)  # written by 1 process, restored by 2
   assert_records_close(records(one), records(sft_single))
   assert_checkpoints_equal(one, sft_single, SFT_STEPS)
+
+
+# ---- GRPO ---------------------------------------------------------------------------------------------
+
+GRPO_STEPS = 3
+
+# A reward a tiny random policy's samples differ on (so advantages and updates are not zero): the share of '7's.
+REWARD_MODULE = '''
+def sevens(response, ground_truth, info):
+  text = response.replace("<|im_end|>", "")
+  return text.count("7") / max(len(text), 1)
+'''
+
+GRPO_CONFIG = '''
+import ml_collections
+from retool_jax.train.rl_run import default_config
+
+
+def get_config():
+  c = default_config()
+  c.num_steps = {num_steps}
+  c.model.overrides = ml_collections.ConfigDict(dict(
+    vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    num_key_value_heads=1, head_dim=16, tie_word_embeddings=True, max_position_embeddings=128,
+    eos_token_id={eos}))
+  c.model.dtype = "float32"
+  c.data.path = "{data}"
+  c.data.tokenizer = "{tokenizer}"
+  c.data.prompt_style = "problem"
+  c.reward = "mp_reward:sevens"
+  c.tools = "none"
+  c.rollout = ml_collections.ConfigDict(dict(
+    max_context=96, max_turns=1, max_new_tokens=12, call_formats=("code",), enable_thinking=False))
+  c.rl = ml_collections.ConfigDict(dict(
+    algorithm="grpo", num_prompts=4, group_size=2, num_minibatches=2, length_multiple=32,
+    loss=dict(kl_coef=0.05, entropy_coef=0.01)))
+  c.engine.max_batch_size = 8
+  c.optim.learning_rate = 3e-2
+  c.checkpoint.every_steps = 1
+  c.log.tensorboard = False
+  c.log.progress = False
+  return c
+'''
+
+
+@pytest.fixture(scope="module")
+def grpo_setup(tmp_path_factory, env) -> tuple[Path, dict]:
+  from retool_jax.demo_task.task import make_problems
+  from retool_jax.demo_task.tokenizer import build_tokenizer, save_tokenizer
+
+  root = tmp_path_factory.mktemp("grpo")
+  tokenizer = build_tokenizer()
+  save_tokenizer(tokenizer, root / "tokenizer")
+  with open(root / "problems.jsonl", "w") as f:
+    for p in make_problems(16, seed=0):
+      f.write(json.dumps({"problem": p.question, "answer": p.answer}) + "\n")
+  (root / "mp_reward.py").write_text(REWARD_MODULE)
+  config = GRPO_CONFIG.format(
+    num_steps=GRPO_STEPS, eos=tokenizer.eos_token_id, data=root / "problems.jsonl", tokenizer=root / "tokenizer"
+  )
+  (root / "grpo_config.py").write_text(config)
+  return root, dict(env, PYTHONPATH=os.pathsep.join([env["PYTHONPATH"], str(root)]))
+
+
+def grpo_argv(root: Path, workdir: Path) -> list[str]:
+  return ["retool_jax.train", f"--config={root / 'grpo_config.py'}", f"--config.workdir={workdir}"]
+
+
+def test_grpo_with_an_engine_per_process_matches_one_process(grpo_setup, tmp_path):
+  root, env = grpo_setup
+  single, two = tmp_path / "single", tmp_path / "two"
+  run(1, grpo_argv(root, single), env)
+  run(2, grpo_argv(root, two), env)
+  want = records(single)
+  assert [r["step"] for r in want] == list(range(1, GRPO_STEPS + 1))
+  assert len({r["reward_mean"] for r in want}) > 1 and all(r["grad_norm"] > 0 for r in want)  # a real signal
+  assert_records_close(records(two), want)
+  assert_checkpoints_equal(two, single, GRPO_STEPS)
+
+
+# ---- DPO ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dpo_setup(tmp_path_factory) -> Path:
+  from flax import nnx
+  from tiny_qwen3 import tiny_config
+
+  from retool_jax.checkpoint import save
+  from retool_jax.demo_task.tokenizer import build_tokenizer
+  from retool_jax.models.qwen3 import Qwen3
+
+  root = tmp_path_factory.mktemp("dpo")
+  cfg = tiny_config()
+  save(root / "policy", Qwen3(cfg, rngs=nnx.Rngs(0)), cfg)
+  build_tokenizer().save_pretrained(root / "tokenizer")
+  with open(root / "pairs.jsonl", "w") as f:
+    for a in range(16):
+      row = {
+        "prompt": f"What is {a} + {a + 3}?",
+        "chosen": f"Using the interpreter: {a} + {a + 3} = \\boxed{{{2 * a + 3}}}",
+        "rejected": "I cannot compute that." + " Sorry." * (a % 3),
+      }
+      f.write(json.dumps(row) + "\n")
+  return root
+
+
+def dpo_argv(root: Path, workdir: Path) -> list[str]:
+  return [
+    "retool_jax.train",
+    "--config=configs/dpo_tools.py",
+    f"--config.workdir={workdir}",
+    f"--config.model.checkpoint={root / 'policy'}",
+    "--config.model.dtype=float32",
+    f"--config.data.path={root / 'pairs.jsonl'}",
+    f"--config.data.tokenizer={root / 'tokenizer'}",
+    "--config.data.enable_thinking=False",
+    "--config.batch_size=8",
+    "--config.num_epochs=2",
+    "--config.optim.learning_rate=5e-3",
+    "--config.optim.warmup_steps=1",
+    "--config.checkpoint.every_steps=1",
+    "--config.log.tensorboard=False",
+    "--config.log.progress=False",
+  ]
+
+
+def test_dpo_on_two_processes_matches_one_process(dpo_setup, tmp_path, env):
+  single, two = tmp_path / "single", tmp_path / "two"
+  run(1, dpo_argv(dpo_setup, single), env)
+  run(2, dpo_argv(dpo_setup, two), env)
+  want = records(single)
+  assert [r["step"] for r in want] == [1, 2, 3, 4]  # 16 pairs, 8 a batch, 2 epochs
+  assert want[-1]["loss"] < want[0]["loss"]
+  assert_records_close(records(two), want)
+  assert_checkpoints_equal(two, single, 4)

@@ -10,23 +10,26 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   cat <<EOF
-usage: $script [--devices-per-process K] [--port P] [--platform cpu|PLATFORM] N -- COMMAND [ARGS...]
+usage: $script [--devices-per-process K] [--port P] [--platform cpu|PLATFORM] [--dry-run] N -- COMMAND [ARGS...]
 
 Starts COMMAND N times with JAX_COORDINATOR_ADDRESS=127.0.0.1:P, JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=0..N-1.
   --devices-per-process K  CPU devices of each process (default: \$DEVICES_PER_PROCESS or 4)
   --port P                 coordinator port (default: \$COORDINATOR_PORT or a free one)
   --platform NAME          JAX_PLATFORMS of the processes (default: cpu; another platform keeps its devices)
+  --dry-run                print each process's environment and command instead of running them
 EOF
 }
 
 devices="${DEVICES_PER_PROCESS:-4}"
 port="${COORDINATOR_PORT:-}"
 platform="cpu"
+dry_run=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --devices-per-process) need "$@"; devices="$2"; shift 2 ;;
     --port) need "$@"; port="$2"; shift 2 ;;
     --platform) need "$@"; platform="$2"; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) fail "the number of processes comes before --" ;;
     -*) fail "unknown option $1" ;;
@@ -56,6 +59,19 @@ export RETOOL_HEARTBEAT_TIMEOUT_S="${RETOOL_HEARTBEAT_TIMEOUT_S:-600}"
 if [[ "$platform" == cpu ]]; then
   export JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo
   export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$devices"
+fi
+
+if [[ "$dry_run" == 1 ]]; then
+  vars=(JAX_COORDINATOR_ADDRESS JAX_NUM_PROCESSES JAX_PLATFORMS RETOOL_HEARTBEAT_TIMEOUT_S)
+  [[ "$platform" != cpu ]] || vars+=(JAX_CPU_COLLECTIVES_IMPLEMENTATION XLA_FLAGS)
+  for ((i = 0; i < num; i++)); do
+    line=(env)
+    for var in "${vars[@]}"; do
+      line+=("$var=${!var}")
+    done
+    print_or_run 1 "${line[@]}" "JAX_PROCESS_ID=$i" "$@"
+  done
+  exit 0
 fi
 
 pids=()

@@ -239,10 +239,16 @@ class ReferenceModel:
       host = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), self.shardings)
       return jax.device_put(params, host)
     except (ValueError, RuntimeError, NotImplementedError):
-      return jax.device_get(params)
+      return jax.tree.map(multihost.to_host, params)  # whole values on every host
 
   def device_params(self) -> PureDict:
-    return jax.device_put(self.params, self.shardings) if self.offload else self.params
+    if not self.offload:
+      return self.params
+    return jax.tree.map(
+      lambda x, s: multihost.host_to_global(x, s) if isinstance(x, np.ndarray) else jax.device_put(x, s),
+      self.params,
+      self.shardings,
+    )
 
   def _logprobs(
     self, params, input_ids, targets, positions, segment_ids, attention_mask, *, temperature, chunk_size

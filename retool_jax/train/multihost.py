@@ -191,5 +191,7 @@ class ProcessLocalEngine:
   async def update_weights(self, model: Any, version: Any = None) -> Any:
     return await self.engine.update_weights(to_local(model, self.mesh), version=version)
 
-  def __getattr__(self, name: str) -> Any:
+  def __getattr__(self, name: str) -> Any:  # the wrapped engine's other methods and attributes
+    if name in ("engine", "mesh"):
+      raise AttributeError(name)
     return getattr(self.engine, name)

@@ -4,6 +4,10 @@ A gather function takes a pytree of numpy arrays, of the same shapes and dtypes 
 stacked along a new leading host axis, in host order: `jax.experimental.multihost_utils.process_allgather`
 on a multi-process run (`default_gather`); tests pass a simulated one. On one process there is nothing to
 gather and `default_gather` returns None, so callers skip the exchange entirely.
+
+Placement: a process may only place data onto its own devices, so values every host holds in full become global
+arrays through `host_to_global` / `replicate` (each process fills its shards), never `jax.device_put` onto a
+mesh spanning other processes; `to_local` / `ProcessLocalEngine` give a process its own copy of a sharded model.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 
 from retool_jax.checkpoint.layout import CONFIG_ITEM, PARAMS_ITEM, absolute, config_record
 from retool_jax.models.qwen3_config import Qwen3Config
-from retool_jax.train.multihost import host_to_global
+from retool_jax.train.multihost import barrier, host_to_global
 from retool_jax.train.state import TrainState, abstract_with_shardings
 
 OPT_ITEM, LORA_ITEM, TRAIN_ITEM = "opt_state", "lora", "train"
@@ -53,6 +53,7 @@ class Checkpointer:
       LORA_ITEM: ocp.StandardCheckpointHandler(),
       TRAIN_ITEM: ocp.JsonCheckpointHandler(),
     }
+    barrier("checkpointer")  # Orbax's first step is a collective: meet before it
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:

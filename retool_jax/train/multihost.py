@@ -23,6 +23,7 @@ Gather = Callable[[Any], Any]
 
 __all__ = [
   "Gather",
+  "barrier",
   "Ragged",
   "default_gather",
   "gather_rows",
@@ -40,6 +41,24 @@ def default_gather() -> Gather | None:
   from jax.experimental import multihost_utils
 
   return multihost_utils.process_allgather
+
+
+_barriers = 0
+
+
+def barrier(name: str, timeout_s: float = 600.0) -> None:
+  """Waits until every process gets here, through JAX's coordination service (a no-op on one process).
+
+  Collectives between CPU processes (gloo) give up when a peer arrives more than 30 s later; processes that
+  share a busy machine can drift that far apart (imports, compilation), so start-up meets here first.
+  """
+  global _barriers
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed
+
+  _barriers += 1
+  distributed.global_state.client.wait_at_barrier(f"retool_jax/{name}/{_barriers}", int(timeout_s * 1000))
 
 
 def global_sum(value: int, gather: Gather) -> int:

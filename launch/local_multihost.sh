@@ -20,6 +20,10 @@ Starts COMMAND N times with JAX_COORDINATOR_ADDRESS=127.0.0.1:P, JAX_NUM_PROCESS
 EOF
 }
 
+if ((BASH_VERSINFO[0] < 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] < 1))); then
+  die "needs bash 5.1 or newer (this is $BASH_VERSION; on macOS: brew install bash)"
+fi
+
 devices="${DEVICES_PER_PROCESS:-4}"
 port="${COORDINATOR_PORT:-}"
 platform="cpu"

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "launch" / "local_multihost.sh"
 TOL = 1e-5
 
-pytestmark = pytest.mark.slow  # 17 short runs of 1-2 JAX processes: ~25 min in all on two shared cores
+pytestmark = pytest.mark.slow  # 17 short runs of 1-2 JAX processes: ~12 min in all on two busy shared cores
 
 
 @pytest.fixture(scope="module")

@@ -173,14 +173,19 @@ def initialize_distributed() -> None:
   """`jax.distributed.initialize()` on multi-host runs (TPU pods, multi-node GPU); a no-op on one host.
 
   TPU pods, SLURM and Open MPI are detected by JAX itself; elsewhere set JAX_COORDINATOR_ADDRESS (host:port of
-  process 0) with JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host.
+  process 0) with JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host. RETOOL_HEARTBEAT_TIMEOUT_S (default
+  JAX's 100 s) is how long a silent process counts as alive: raise it when processes share a busy machine.
   """
   if jax.distributed.is_initialized():
     return
   env = os.environ
   if env.get("JAX_COORDINATOR_ADDRESS"):
     kwargs = {}
-    for arg, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+    for arg, var in (
+      ("num_processes", "JAX_NUM_PROCESSES"),
+      ("process_id", "JAX_PROCESS_ID"),
+      ("heartbeat_timeout_seconds", "RETOOL_HEARTBEAT_TIMEOUT_S"),
+    ):
       if env.get(var):
         try:
           kwargs[arg] = int(env[var])

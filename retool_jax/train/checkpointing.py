@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 
 from retool_jax.checkpoint.layout import CONFIG_ITEM, PARAMS_ITEM, absolute, config_record
 from retool_jax.models.qwen3_config import Qwen3Config
+from retool_jax.train.multihost import barrier, host_to_global
 from retool_jax.train.state import TrainState, abstract_with_shardings
 
 OPT_ITEM, LORA_ITEM, TRAIN_ITEM = "opt_state", "lora", "train"
@@ -52,6 +53,7 @@ class Checkpointer:
       LORA_ITEM: ocp.StandardCheckpointHandler(),
       TRAIN_ITEM: ocp.JsonCheckpointHandler(),
     }
+    barrier("checkpointer")  # Orbax's first step is a collective: meet before it
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
@@ -130,9 +132,9 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     train = dict(restored[TRAIN_ITEM])
     key_data = np.asarray(train["rng"], dtype=np.uint32)
-    rng = jax.device_put(jax.random.wrap_key_data(key_data, impl=train.get("rng_impl") or None), shardings.rng)
+    rng = host_to_global(jax.random.wrap_key_data(key_data, impl=train.get("rng_impl") or None), shardings.rng)
     new = state.replace(
-      step=jax.device_put(np.int32(train["step"]), shardings.step),
+      step=host_to_global(np.int32(train["step"]), shardings.step),
       rng=rng,
       opt_state=restored[OPT_ITEM],
       params=state.params if state.lora is not None else restored[PARAMS_ITEM],

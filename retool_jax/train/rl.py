@@ -389,33 +389,56 @@ class RLTrainer:
   # -- rollout ---------------------------------------------------------------------------------------
 
   def _sample_groups(self, items: PromptBatch, round_: int) -> tuple[list, list, list[str]]:
+    """Rolls out `group_size` trajectories per prompt of this host's slice. Trajectory `k` of the prompt in
+    global slot `s` (host `h` of `P` holds slots `h, h + P, ...`) samples with seeds derived from
+    `(seed, step, round, s * group_size + k)` alone, so the tokens do not depend on the number of hosts."""
     g = self.config.group_size
     seed = self.config.seed + 7919 * (self.step_count * self.config.max_sampling_rounds + round_)
-    mt = dataclasses.replace(self.multiturn, seed=(seed * 1000 * len(items) * g + self._host) % (2**31))
-    prompts = [it["prompt"] for it in items for _ in range(g)]
+    base = (seed * 1000 * len(items) * self._hosts * g) % (2**31)
     answers = [str(it["answer"]) for it in items for _ in range(g)]
-    rollouts, results = self._loop.run_until_complete(
-      rollout_and_score(self.engine, prompts, answers, self.tools, mt, self.reward_fn, self.tokenizer)
-    )
+
+    def group(j: int) -> MultiTurnConfig:  # trajectory k of the group samples with base + 1000 * (s * g + k)
+      return dataclasses.replace(self.multiturn, seed=base + 1000 * (self._host + self._hosts * j) * g)
+
+    if self._hosts == 1:  # one call: trajectory i of the batch is trajectory i of the global batch
+      calls = [([it["prompt"] for it in items for _ in range(g)], answers, group(0))]
+    else:
+      calls = [([it["prompt"]] * g, answers[j * g : (j + 1) * g], group(j)) for j, it in enumerate(items)]
+
+    async def run_all():
+      return await asyncio.gather(
+        *(
+          rollout_and_score(self.engine, prompts, ans, self.tools, mt, self.reward_fn, self.tokenizer)
+          for prompts, ans, mt in calls
+        )
+      )
+
+    done = self._loop.run_until_complete(run_all())
+    rollouts = [r for ro, _ in done for r in ro]
+    results = [r for _, res in done for r in res]
     return rollouts, results, answers
 
   def _collect(self) -> tuple[list, np.ndarray, dict[str, float]]:
     """Trajectories of whole groups and their training rewards (with dynamic sampling, only informative
-    groups), and the rollout metrics; on several hosts, every host's, in host order."""
+    groups), and the rollout metrics; on several hosts, every host's, in the order one host would hold them
+    (by sampling round, then global prompt slot)."""
     c, g = self.config, self.config.group_size
     rollouts, rewards, stats = [], [], {}
-    all_stats = []
+    all_stats, slots, all_slots = [], [], []
     for round_ in range(c.max_sampling_rounds if c.dynamic_sampling else 1):
       items = next(self._prompts)
       self.prompts_used += len(items) * self._hosts
       ro, res, _ = self._sample_groups(items, round_)
+      slot = np.repeat(round_ * c.num_prompts + self._host + self._hosts * np.arange(len(items)), g)
       all_stats.append(rollout_stats(ro, res))
+      all_slots.append(slot)
       r = self._training_rewards(ro, res)
       if c.dynamic_sampling:
         keep = np.repeat(dapo.informative_groups(r, g), g)
-        ro, r = [x for x, k in zip(ro, keep) if k], r[keep]
+        ro, r, slot = [x for x, k in zip(ro, keep) if k], r[keep], slot[keep]
       rollouts += ro
       rewards.append(r)
+      slots.append(slot)
       stats["sampling_rounds"] = round_ + 1
       kept = len(rollouts) if self._gather is None else multihost.global_sum(len(rollouts), self._gather)
       if kept >= c.batch_size:  # every host takes the same decision
@@ -423,7 +446,9 @@ class RLTrainer:
     rewards = np.concatenate(rewards)
     all_stats = {k: np.concatenate([s[k] for s in all_stats]) for k in all_stats[0]}
     if self._gather is not None:
-      rollouts, rewards, all_stats = self._gather_hosts(rollouts, rewards, all_stats)
+      rollouts, rewards, all_stats = self._gather_hosts(
+        rollouts, rewards, np.concatenate(slots), all_stats, np.concatenate(all_slots)
+      )
     rewards, rollouts = rewards[: c.batch_size], rollouts[: c.batch_size]
     stats.update(metrics_of_stats(all_stats))
     if c.dynamic_sampling:
@@ -431,21 +456,35 @@ class RLTrainer:
     return rollouts, rewards, stats
 
   def _gather_hosts(
-    self, rollouts: Sequence[Any], rewards: np.ndarray, stats: dict[str, np.ndarray]
+    self,
+    rollouts: Sequence[Any],
+    rewards: np.ndarray,
+    slots: np.ndarray,
+    stats: dict[str, np.ndarray],
+    stats_slots: np.ndarray,
   ) -> tuple[list, np.ndarray, dict[str, np.ndarray]]:
-    """Every host's trajectories (whole groups, host after host), training rewards and rollout figures."""
+    """Every host's trajectories (whole groups), training rewards and rollout figures, ordered by `slots`
+    (each row's sampling round and global prompt slot; stable, so a group keeps its order)."""
     fields = {
       "ids": multihost.Ragged.from_rows([r.ids for r in rollouts], np.int32),
       "loss_mask": multihost.Ragged.from_rows([r.loss_mask for r in rollouts], np.float32),
       "logprobs": multihost.Ragged.from_rows([r.logprobs for r in rollouts], np.float32),
       "reward": rewards,
+      "slot": slots.astype(np.int64),
     }
     rows = multihost.gather_rows(fields, self._gather)
     trajectories = [
       Trajectory(ids, mask, logp)
       for ids, mask, logp in zip(rows["ids"].rows(), rows["loss_mask"].rows(), rows["logprobs"].rows())
     ]
-    return trajectories, rows["reward"], multihost.gather_rows(stats, self._gather)
+    order = np.argsort(rows["slot"], kind="stable")
+    gathered = multihost.gather_rows({**stats, "_slot": stats_slots.astype(np.int64)}, self._gather)
+    stats_order = np.argsort(gathered.pop("_slot"), kind="stable")
+    return (
+      [trajectories[i] for i in order],
+      rows["reward"][order],
+      {k: v[stats_order] for k, v in gathered.items()},
+    )
 
   def _training_rewards(self, rollouts: Sequence[Any], results: Sequence[Any]) -> np.ndarray:
     r = np.asarray([x.reward for x in results], np.float64)

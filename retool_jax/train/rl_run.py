@@ -27,7 +27,7 @@ import ml_collections
 
 from retool_jax.chat.prompt_contract import record_rl_contract
 from retool_jax.data.pipeline import InputPipeline
-from retool_jax.train import sft
+from retool_jax.train import multihost, sft
 from retool_jax.train.rl import RLConfig, RLTrainer
 
 FREE_FORM = ("rl", "rollout", "model.overrides")  # checked by RLConfig / MultiTurnConfig / Qwen3Config
@@ -206,14 +206,19 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     engine = SGLangEngine(c.engine.sglang_url, model_config=model.config, options=options)
     asyncio.run(engine.start())  # waits for the server; checks that it serves the policy's architecture
   else:
-    engine = JaxEngine(
-      model,
-      tokenizer=tokenizer,
-      max_length=multiturn.max_context,
-      max_batch_size=c.engine.max_batch_size,
-      decode_chunk=c.engine.decode_chunk,
-      seed=c.seed,
-    )
+
+    def embedded(policy):
+      return JaxEngine(
+        policy,
+        tokenizer=tokenizer,
+        max_length=multiturn.max_context,
+        max_batch_size=c.engine.max_batch_size,
+        decode_chunk=c.engine.decode_chunk,
+        seed=c.seed,
+      )
+
+    # several processes: one engine per process, on its own devices, generating its share of the prompts
+    engine = embedded(model) if jax.process_count() == 1 else multihost.ProcessLocalEngine(embedded, model, mesh)
   trainer = RLTrainer(
     rl,
     state,

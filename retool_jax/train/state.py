@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
@@ -23,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from retool_jax import sharding as sharding_lib
 from retool_jax.models.logprobs import TokenLogprobs, token_logprobs
 from retool_jax.train import lora as lora_lib
+from retool_jax.train import multihost
 
 PureDict = dict[str, Any]
 SCHEDULES = ("constant", "warmup_cosine", "warmup_linear")
@@ -202,10 +204,10 @@ def create_train_state(
   with jax.set_mesh(mesh):
     opt_state, lora = jax.jit(init, out_shardings=(shardings.opt_state, shardings.lora))(params)
   state = abstract.replace(
-    step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
+    step=multihost.host_to_global(np.zeros((), np.int32), shardings.step),
     params=params,
     opt_state=opt_state,
-    rng=jax.device_put(rng, shardings.rng),
+    rng=multihost.host_to_global(rng, shardings.rng),
     lora=lora,
   )
   return state, shardings
@@ -237,10 +239,16 @@ class ReferenceModel:
       host = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), self.shardings)
       return jax.device_put(params, host)
     except (ValueError, RuntimeError, NotImplementedError):
-      return jax.device_get(params)
+      return jax.tree.map(multihost.to_host, params)  # whole values on every host
 
   def device_params(self) -> PureDict:
-    return jax.device_put(self.params, self.shardings) if self.offload else self.params
+    if not self.offload:
+      return self.params
+    return jax.tree.map(
+      lambda x, s: multihost.host_to_global(x, s) if isinstance(x, np.ndarray) else jax.device_put(x, s),
+      self.params,
+      self.shardings,
+    )
 
   def _logprobs(
     self, params, input_ids, targets, positions, segment_ids, attention_mask, *, temperature, chunk_size

@@ -27,6 +27,7 @@ from retool_jax.data.pipeline import InputPipeline, global_batch
 from retool_jax.models.logprobs import token_logprobs
 from retool_jax.models.qwen3 import Qwen3
 from retool_jax.models.qwen3_config import Qwen3Config, preset
+from retool_jax.programs import Program
 from retool_jax.train import lora as lora_lib
 from retool_jax.train import losses
 from retool_jax.train import state as state_lib
@@ -349,6 +350,39 @@ def make_eval_step(*, chunk_size: int):
   return step
 
 
+def jit_steps(config: ml_collections.ConfigDict, shardings: state_lib.TrainState, schedule, mesh, *, is_moe: bool):
+  """`(train_step, eval_step)` jitted with the state's and the batch's shardings, as `train` runs them."""
+  batch_shardings = {k: sharding_lib.data_sharding(mesh) for k in PACKED_FIELDS}
+  train_step = jax.jit(
+    make_train_step(
+      schedule,
+      grad_accum_steps=config.grad_accum_steps,
+      chunk_size=config.loss.chunk_size,
+      router_aux_coef=config.loss.router_aux_coef,
+      is_moe=is_moe,
+    ),
+    in_shardings=(shardings, batch_shardings),
+    out_shardings=(shardings, None),
+    donate_argnums=0,
+  )
+  eval_step = jax.jit(make_eval_step(chunk_size=config.loss.chunk_size), in_shardings=(shardings, batch_shardings))
+  return train_step, eval_step
+
+
+def programs(config: ml_collections.ConfigDict, mesh) -> list[Program]:
+  """The programs an SFT run of `config` executes on `mesh` (abstract arguments; see `retool_jax.aot`)."""
+  from retool_jax.train import abstract  # noqa: PLC0415
+
+  cfg = abstract.model_config(config.model)
+  tx, schedule = state_lib.make_optimizer(config.optim, max(config.num_steps, 1))
+  model = abstract.abstract_model(cfg, mesh)
+  state, shardings = abstract.abstract_train_state(model, tx, mesh, lora_config=lora_config(config.lora))
+  train_step, eval_step = jit_steps(config, shardings, schedule, mesh, is_moe=cfg.is_moe)
+  rows = abstract.batch((config.data.global_batch_size, config.data.seq_len), jnp.int32, mesh)
+  batch = {k: rows for k in PACKED_FIELDS}
+  return [Program("sft/train_step", train_step, (state, batch)), Program("sft/eval_step", eval_step, (state, batch))]
+
+
 def evaluate(eval_fn, state, rows: PackedRows, mesh, global_batch_size: int, max_batches: int = 0) -> float:
   """Mean nll over every trained token of the eval rows."""
   pipeline = InputPipeline(rows, global_batch_size=global_batch_size, shuffle=False, num_epochs=1)
@@ -421,20 +455,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
-  batch_shardings = {k: sharding_lib.data_sharding(mesh) for k in PACKED_FIELDS}
-  train_step = jax.jit(
-    make_train_step(
-      schedule,
-      grad_accum_steps=config.grad_accum_steps,
-      chunk_size=config.loss.chunk_size,
-      router_aux_coef=config.loss.router_aux_coef,
-      is_moe=cfg.is_moe,
-    ),
-    in_shardings=(shardings, batch_shardings),
-    out_shardings=(shardings, None),
-    donate_argnums=0,
-  )
-  eval_step = jax.jit(make_eval_step(chunk_size=config.loss.chunk_size), in_shardings=(shardings, batch_shardings))
+  train_step, eval_step = jit_steps(config, shardings, schedule, mesh, is_moe=cfg.is_moe)
 
   last: dict[str, Any] = {}
   bar = _progress(num_steps, start, config.log.progress)

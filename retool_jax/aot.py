@@ -211,9 +211,11 @@ def main(argv: list[str]) -> None:
       progress=progress,
     )
   except (ValueError, ImportError, RuntimeError) as e:
-    raise app.UsageError(str(e), exitcode=2) from None
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   if not rows:
-    raise app.UsageError(f"no program matches --only={_ONLY.value!r}", exitcode=2)
+    print(f"error: no program matches --only={_ONLY.value!r}", file=sys.stderr)
+    sys.exit(2)
   if _JSON.value:
     record = {"topology": topo.name, "libtpu_topology": topo.topology, "rows": [r.to_json() for r in rows]}
     text = json.dumps(record, indent=2)

@@ -374,7 +374,7 @@ def programs(config: ml_collections.ConfigDict, mesh) -> list[Program]:
   from retool_jax.train import abstract  # noqa: PLC0415
 
   cfg = abstract.model_config(config.model)
-  tx, schedule = state_lib.make_optimizer(config.optim, max(config.num_steps, 1))
+  tx, schedule = state_lib.make_optimizer(config.optim, max(config.num_steps, config.optim.warmup_steps + 1))
   model = abstract.abstract_model(cfg, mesh)
   state, shardings = abstract.abstract_train_state(model, tx, mesh, lora_config=lora_config(config.lora))
   train_step, eval_step = jit_steps(config, shardings, schedule, mesh, is_moe=cfg.is_moe)

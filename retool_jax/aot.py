@@ -34,9 +34,15 @@ GiB = 1024**3
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Run config file (configs/NAME.py), as for `python -m retool_jax.train`.", lock_config=True
 )
-_TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", "TPU slice (v5p-8, v5e-16, ...) or libtpu topology (v5p:2x2x1).")
-_JSON = flags.DEFINE_string("json", "", "Also write the rows as JSON to this file ('-': stdout instead of the table).")
-_DUMP_HLO = flags.DEFINE_string("dump_hlo", "", "Write each program's StableHLO and compiled HLO into this folder.")
+_TOPOLOGY = flags.DEFINE_string(
+  "topology", "v5p-8", "TPU slice (v5p-8, v5e-16, ...) or libtpu topology (v5p:2x2x1)."
+)
+_JSON = flags.DEFINE_string(
+  "json", "", "Also write the rows as JSON to this file ('-': stdout instead of the table)."
+)
+_DUMP_HLO = flags.DEFINE_string(
+  "dump_hlo", "", "Write each program's StableHLO and compiled HLO into this folder."
+)
 _ONLY = flags.DEFINE_string("only", "", "Compile only the programs whose name matches this regular expression.")
 _LIST = flags.DEFINE_bool("list", False, "List the programs and their argument shapes without compiling.")
 _MIN_HEADROOM = flags.DEFINE_float("min_headroom", 0.10, "Smallest acceptable free fraction of HBM per program.")
@@ -124,7 +130,9 @@ def format_table(rows: Sequence[Row], title: str = "") -> str:
     return f"{n / GiB:.2f}"
 
   lines = [title] if title else []
-  lines.append("| program | args | outputs | aliased | temps | total | HBM | headroom | TFLOP | compile s | status |")
+  lines.append(
+    "| program | args | outputs | aliased | temps | total | HBM | headroom | TFLOP | compile s | status |"
+  )
   lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
   for r in rows:
     if r.status in ("ok", "tight") or r.argument_bytes:
@@ -204,10 +212,16 @@ def main(argv: list[str]) -> None:
 
     def progress(row: Row) -> None:
       if to_stdout:
-        print(f"  {row.program}: {row.status} ({row.total_bytes / GiB:.1f} GiB, {row.compile_s:.0f} s)", flush=True)
+        print(
+          f"  {row.program}: {row.status} ({row.total_bytes / GiB:.1f} GiB, {row.compile_s:.0f} s)", flush=True
+        )
 
     rows, topo = run_programs(
-      config, _TOPOLOGY.value, only=_ONLY.value, min_headroom=_MIN_HEADROOM.value, dump_hlo=_DUMP_HLO.value,
+      config,
+      _TOPOLOGY.value,
+      only=_ONLY.value,
+      min_headroom=_MIN_HEADROOM.value,
+      dump_hlo=_DUMP_HLO.value,
       progress=progress,
     )
   except (ValueError, ImportError, RuntimeError) as e:

@@ -380,7 +380,10 @@ def programs(config: ml_collections.ConfigDict, mesh) -> list[Program]:
   train_step, eval_step = jit_steps(config, shardings, schedule, mesh, is_moe=cfg.is_moe)
   rows = abstract.batch((config.data.global_batch_size, config.data.seq_len), jnp.int32, mesh)
   batch = {k: rows for k in PACKED_FIELDS}
-  return [Program("sft/train_step", train_step, (state, batch)), Program("sft/eval_step", eval_step, (state, batch))]
+  return [
+    Program("sft/train_step", train_step, (state, batch)),
+    Program("sft/eval_step", eval_step, (state, batch)),
+  ]
 
 
 def evaluate(eval_fn, state, rows: PackedRows, mesh, global_batch_size: int, max_batches: int = 0) -> float:

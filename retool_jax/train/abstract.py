@@ -22,8 +22,8 @@ from retool_jax.models.qwen3 import Qwen3
 from retool_jax.models.qwen3_config import Qwen3Config, preset
 from retool_jax.train import lora as lora_lib
 from retool_jax.train import state as state_lib
+from retool_jax.train.sft import EXECUTION
 
-EXECUTION = ("param_dtype", "dtype", "remat", "scan_layers")
 
 
 def _checkpoint_config(path: Path) -> Qwen3Config:
@@ -44,12 +44,12 @@ def model_config(m: ml_collections.ConfigDict) -> Qwen3Config:
   overrides = dict(m.overrides) if "overrides" in m else {}
   checkpoint = m.get("checkpoint", "")
   if checkpoint and os.path.exists(checkpoint):
-    return _checkpoint_config(Path(checkpoint)).replace(**execution, **overrides)
+    return _checkpoint_config(Path(checkpoint)).replace(**{**execution, **overrides})
   if m.get("preset", ""):
-    return preset(m.preset, **overrides, **execution)
+    return preset(m.preset, **{**execution, **overrides})
   if overrides and not checkpoint:
     try:
-      return Qwen3Config(**overrides, **execution)
+      return Qwen3Config(**{**execution, **overrides})
     except TypeError as e:
       raise ValueError(f"model.overrides must give the whole architecture ({e})") from None
   where = f"model.checkpoint={checkpoint!r} is not on this machine" if checkpoint else "model.checkpoint is empty"

@@ -36,6 +36,7 @@ from retool_jax.train.metrics import MetricsWriter
 
 DATA_FORMATS = ("retool_sft", "chat", "tokens", "synthetic")
 EXECUTION_FIELDS = ("param_dtype", "dtype", "remat", "scan_layers", "attention_impl", "moe_impl")
+EXECUTION = ("param_dtype", "dtype", "remat", "scan_layers", "attention_impl")  # config.model fields
 FREE_FORM = ("model.overrides",)  # validated against Qwen3Config instead of the schema
 
 
@@ -56,6 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"  # compute
   c.model.remat = "none"  # none | full | dots | dots_with_no_batch_dims | attention_out
   c.model.scan_layers = False
+  c.model.attention_impl = "xla"  # auto (splash on TPU, cuDNN on GPU, blockwise elsewhere) | xla | blockwise | ...
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
 
@@ -196,7 +198,7 @@ def _device_batch(batch, mesh) -> dict[str, jax.Array]:
 
 def model_config(m: ml_collections.ConfigDict) -> Qwen3Config | None:
   """The Qwen3Config for random init (None when loading `m.checkpoint`)."""
-  execution = {k: m[k] for k in ("param_dtype", "dtype", "remat", "scan_layers")}
+  execution = {k: m[k] for k in EXECUTION if k in m}
   overrides = dict(m.overrides)
   unknown = set(overrides) - set(Qwen3Config.__dataclass_fields__)
   if unknown:
@@ -214,7 +216,8 @@ def model_config(m: ml_collections.ConfigDict) -> Qwen3Config | None:
       )
     return None
   try:
-    return preset(m.preset, **overrides, **execution) if m.preset else Qwen3Config(**overrides, **execution)
+    fields = {**execution, **overrides}
+    return preset(m.preset, **fields) if m.preset else Qwen3Config(**fields)
   except TypeError as e:
     raise ValueError(
       f"model: without model.checkpoint or model.preset, model.overrides must give the whole architecture ({e})"
@@ -235,8 +238,8 @@ def build_model(m: ml_collections.ConfigDict, mesh, seed: int) -> Qwen3:
     from retool_jax.checkpoint import layout
 
     loaded = layout.load(path, mesh, dtype=m.param_dtype)
-  execution = {k: m[k] for k in ("param_dtype", "dtype", "remat", "scan_layers")}
-  cfg = loaded.config.replace(**execution, **dict(m.overrides))
+  execution = {k: m[k] for k in EXECUTION if k in m}
+  cfg = loaded.config.replace(**{**execution, **dict(m.overrides)})
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0))))
   return nnx.merge(graphdef, nnx.state(loaded))
 

@@ -17,6 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = "full"
   c.model.preset = "4B"  # the checkpoint's architecture: `retool_jax.aot` checks the recipe without it
   c.model.attention_impl = "auto"  # splash attention on TPU, cuDNN on GPU: no [T, S] scores in memory
+  c.model.scan_layers = True  # one decoder layer compiled, scanned over the stack
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   c.data.path = (
     "../shared/fixtures/dapo_math_17k/dapo_math_17k_slime_format.first27.jsonl"  # the full set in a run

@@ -5,8 +5,9 @@
 XLA's TPU compiler (libtpu: `pip install -e ".[aot]"`) compiles each program of the run (SFT train and eval
 steps; RL log-probs, reference log-probs, policy update, PPO critic steps and the embedded engine's prefill and
 decode; DPO's steps) for the slice's devices and mesh, with abstract arguments: no weights, no data, no TPU.
-One row per program: per-chip arguments, outputs, temporaries and code, the total against the chip's HBM, the
-headroom and the FLOPs per chip (`cost_analysis`). A program XLA refuses (out of memory at compile time) is
+One row per program: per-chip arguments, outputs, temporaries and code, the run's other buffers resident on the
+device meanwhile (e.g. the train state while the engine decodes), the total against the chip's HBM, the
+headroom and the FLOPs per chip (`cost_analysis`, which counts a loop body once). A program XLA refuses (out of memory at compile time) is
 reported with XLA's message. Exit status 1 when any program does not fit or leaves less than
 `--min_headroom` (10%) of HBM free, 2 on a usage error.
 
@@ -60,14 +61,17 @@ class Row:
   alias_bytes: int = 0
   temp_bytes: int = 0
   code_bytes: int = 0
+  resident_bytes: int = 0  # other buffers the run keeps on the device meanwhile (see `Program.resident`)
   flops: float = 0.0
   compile_s: float = 0.0
   message: str = ""
 
   @property
   def total_bytes(self) -> int:
-    """Peak HBM of one call: arguments and outputs (donated buffers counted once), temporaries and code."""
-    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+    """Peak HBM of one call: arguments and outputs (donated buffers counted once), temporaries, code and the
+    run's other resident buffers."""
+    own = self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+    return own + self.resident_bytes
 
   @property
   def headroom(self) -> float:
@@ -85,6 +89,9 @@ def _xla_message(e: Exception) -> str:
 
 def compile_program(program, hbm_bytes: int, *, min_headroom: float = 0.10, dump_dir: str = "") -> Row:
   """Lowers and compiles `program` (a `retool_jax.programs.Program`) and reads its memory and cost analysis."""
+  from retool_jax.programs import resident_bytes  # noqa: PLC0415
+
+  resident = resident_bytes(program)
   t0 = time.perf_counter()
   try:
     lowered = program.lower()
@@ -92,7 +99,9 @@ def compile_program(program, hbm_bytes: int, *, min_headroom: float = 0.10, dump
   except Exception as e:  # noqa: BLE001  (XLA refusing a program is a result, not a crash)
     message = _xla_message(e)
     status = "oom" if "RESOURCE_EXHAUSTED" in message or "memory" in message.lower() else "error"
-    return Row(program.name, status, hbm_bytes, compile_s=time.perf_counter() - t0, message=message)
+    return Row(
+      program.name, status, hbm_bytes, resident_bytes=resident, compile_s=time.perf_counter() - t0, message=message
+    )
   elapsed = time.perf_counter() - t0
   if dump_dir:
     folder = Path(dump_dir)
@@ -113,6 +122,7 @@ def compile_program(program, hbm_bytes: int, *, min_headroom: float = 0.10, dump
     alias_bytes=int(mem.alias_size_in_bytes),
     temp_bytes=int(mem.temp_size_in_bytes),
     code_bytes=int(mem.generated_code_size_in_bytes),
+    resident_bytes=resident,
     flops=float((cost or {}).get("flops", 0.0)),
     compile_s=elapsed,
   )
@@ -124,22 +134,24 @@ def compile_program(program, hbm_bytes: int, *, min_headroom: float = 0.10, dump
 
 
 def format_table(rows: Sequence[Row], title: str = "") -> str:
-  """The rows as a Markdown table (GiB per chip; TFLOP per chip per call)."""
+  """The rows as a Markdown table: GiB per chip (`resident`: the run's other buffers on the device meanwhile);
+  TFLOP per chip as XLA's cost analysis counts them (a loop body, e.g. scanned layers, once)."""
 
   def gib(n: int) -> str:
     return f"{n / GiB:.2f}"
 
   lines = [title] if title else []
   lines.append(
-    "| program | args | outputs | aliased | temps | total | HBM | headroom | TFLOP | compile s | status |"
+    "| program | args | outputs | aliased | temps | resident | total | HBM | headroom | TFLOP | compile s | status |"
   )
-  lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+  lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
   for r in rows:
     if r.status in ("ok", "tight") or r.argument_bytes:
       figures = [gib(r.argument_bytes), gib(r.output_bytes), gib(r.alias_bytes), gib(r.temp_bytes)]
+      figures.append(gib(r.resident_bytes))
       figures += [gib(r.total_bytes), gib(r.hbm_bytes), f"{r.headroom:.0%}", f"{r.flops / 1e12:.2f}"]
     else:
-      figures = ["-"] * 5 + [gib(r.hbm_bytes), "-", "-"]
+      figures = ["-"] * 4 + [gib(r.resident_bytes), "-", gib(r.hbm_bytes), "-", "-"]
     status = r.status if not r.message else f"{r.status}: {r.message}"
     lines.append(f"| {r.program} | " + " | ".join(figures) + f" | {r.compile_s:.1f} | {status} |")
   return "\n".join(lines)

@@ -36,7 +36,12 @@ def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
   env.pop("XLA_FLAGS", None)  # the simulated CPU devices of the other tests are not needed
   return subprocess.run(
-    [sys.executable, "-m", "retool_jax.aot", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    [sys.executable, "-m", "retool_jax.aot", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
   )
 
 

@@ -46,6 +46,7 @@ def engine_programs(
   num_stop_ids: int = 1,
   min_prompt_bucket: int = 16,
   min_new_bucket: int = 16,
+  resident: tuple = (),
 ) -> list[Program]:
   """`[prefill, decode]` of one engine batch: `max_batch_size` rows, prompts of up to `prompt_len` tokens
   generating until `max_length` tokens.
@@ -58,6 +59,7 @@ def engine_programs(
     prompt_len / max_length: the longest prompt of the batch and the context limit (prompt + generation).
     num_stop_ids: stop tokens per row (EOS and the request's stop ids).
     min_prompt_bucket / min_new_bucket: the engine's smallest buckets.
+    resident: what else the run keeps on the devices while the engine runs (`Program.resident`).
   """
   if not 0 < prompt_len < max_length:
     raise ValueError(f"prompt_len={prompt_len} must be in [1, max_length={max_length})")
@@ -79,6 +81,7 @@ def engine_programs(
     jax_engine._prefill,
     (graphdef, params, ids, ids, rows),
     dict(cache_len=t + new_len, new_len=new_len),
+    resident,
   )
   with jax.set_mesh(mesh):
     state = jax.eval_shape(
@@ -101,5 +104,6 @@ def engine_programs(
     jax_engine._decode_chunk,
     (graphdef, params, state, rows),
     dict(steps=decode_chunk),
+    resident,
   )
   return [prefill, decode]

@@ -25,7 +25,6 @@ from retool_jax.train import state as state_lib
 from retool_jax.train.sft import EXECUTION
 
 
-
 def _checkpoint_config(path: Path) -> Qwen3Config:
   if (path / "config.json").exists():
     return Qwen3Config.from_hf(path / "config.json")

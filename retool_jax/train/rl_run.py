@@ -181,12 +181,32 @@ def programs(config: ml_collections.ConfigDict, mesh: Any) -> list[Any]:
   if rl.loss.kl_coef > 0:
     floats += ("ref_logp_BT",)
   temperature = float(multiturn.temperature)
+  # What stays on the devices through a step: the policy's state, the engine's weights, reference and critic.
+  critic_state = None
+  if rl.algorithm == "ppo":
+    head = c.critic.head_init_scale
+    critic_model = abstract.abstract_module(
+      lambda: value_head.ValueModel(Qwen3(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1), init_scale=head), mesh
+    )
+    ctx, _ = state_lib.make_optimizer(c.critic.optim.to_dict(), max(updates, c.critic.optim.warmup_steps + 1))
+    critic_state, _ = abstract.abstract_train_state(critic_model, ctx, mesh)
+  held = {
+    "policy": state,
+    "engine": None if c.engine.sglang_url else nnx.split(model)[1],
+    "reference": state.params if rl.needs_reference and not c.reference.offload else None,
+    "critic": critic_state,
+  }
+
+  def others(own: str) -> tuple[Any, ...]:
+    return tuple(v for k, v in held.items() if k != own and v is not None)
+
   out = [
     Program(
       "rl/policy_logprobs",
       rl_lib.policy_logprobs,
       (state, rows(n, *inputs)),
       dict(temperature=temperature, chunk=rl.logprob_chunk, micro_batches=rl.micro_batches(n)),
+      others("policy"),
     )
   ]
   if rl.needs_reference:
@@ -198,6 +218,7 @@ def programs(config: ml_collections.ConfigDict, mesh: Any) -> list[Any]:
         reference._fn,
         (state.params, full["input_ids_BT"], full["targets_BT"], None, None, full["attention_mask_BT"]),
         dict(temperature=temperature, chunk_size=rl.logprob_chunk, micro_batches=rl.micro_batches(n)),
+        others("reference"),
       )
     )
   out.append(
@@ -208,15 +229,10 @@ def programs(config: ml_collections.ConfigDict, mesh: Any) -> list[Any]:
       dict(
         loss_config=rl.loss, temperature=temperature, chunk=rl.logprob_chunk, micro_batches=rl.micro_batches(m)
       ),
+      others("policy"),
     )
   )
-  if rl.algorithm == "ppo":
-    head = c.critic.head_init_scale
-    critic_model = abstract.abstract_module(
-      lambda: value_head.ValueModel(Qwen3(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1), init_scale=head), mesh
-    )
-    ctx, _ = state_lib.make_optimizer(c.critic.optim.to_dict(), max(updates, c.critic.optim.warmup_steps + 1))
-    cstate, _ = abstract.abstract_train_state(critic_model, ctx, mesh)
+  if critic_state is not None:
     critic_inputs = (("input_ids_BT", jnp.int32), ("attention_mask_BT", jnp.int32))
     critic_floats = (("mask_BT", jnp.float32), ("old_values_BT", jnp.float32), ("returns_BT", jnp.float32))
     clip = abstract.batch((), jnp.float32, mesh, sharded=False)
@@ -224,14 +240,16 @@ def programs(config: ml_collections.ConfigDict, mesh: Any) -> list[Any]:
       Program(
         "ppo/critic_values",
         value_head.critic_values,
-        (cstate, rows(n, *critic_inputs)),
+        (critic_state, rows(n, *critic_inputs)),
         dict(micro_batches=rl.micro_batches(n)),
+        others("critic"),
       ),
       Program(
         "ppo/critic_update",
         value_head.critic_update,
-        (cstate, rows(m, *critic_inputs, *critic_floats), clip),
+        (critic_state, rows(m, *critic_inputs, *critic_floats), clip),
         dict(micro_batches=rl.micro_batches(m)),
+        others("critic"),
       ),
     ]
   if not c.engine.sglang_url:
@@ -245,6 +263,7 @@ def programs(config: ml_collections.ConfigDict, mesh: Any) -> list[Any]:
       max_length=prompt + min(b for b in budget if b),
       decode_chunk=c.engine.decode_chunk,
       num_stop_ids=1 + len(multiturn.stop_token_ids),
+      resident=others("engine"),
     )
   return out
 

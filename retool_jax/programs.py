@@ -37,5 +37,10 @@ def resident_bytes(program: Program) -> int:
     if not isinstance(x, jax.ShapeDtypeStruct):
       continue
     shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-    total += math.prod(shape) * np.dtype(x.dtype).itemsize
+    try:
+      itemsize = np.dtype(x.dtype).itemsize
+    except TypeError:  # a typed PRNG key
+      data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+      itemsize = math.prod(data.shape) * np.dtype(data.dtype).itemsize
+    total += math.prod(shape) * itemsize
   return total

@@ -32,6 +32,7 @@ import optax
 
 from retool_jax.data.pipeline import InputPipeline, global_batch
 from retool_jax.models.logprobs import token_logprobs
+from retool_jax.models.qwen3_config import Qwen3Config
 from retool_jax.train import state as state_lib
 from retool_jax.train.losses import dpo_loss, sequence_logp
 
@@ -49,6 +50,9 @@ __all__ = [
 ]
 
 
+_DEFAULT_ATTENTION = Qwen3Config.__dataclass_fields__["attention_impl"].default
+
+
 def default_config() -> ml_collections.ConfigDict:
   """Every field the DPO trainer reads, with its default."""
   c = ml_collections.ConfigDict()
@@ -63,7 +67,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # master weights and optimizer state
   c.model.remat = "none"  # none | full | dots | dots_with_no_batch_dims | attention_out
   c.model.preset = ""  # the checkpoint's Qwen3 size ("4B"): lets `retool_jax.aot` check a run without it
-  c.model.attention_impl = "xla"  # auto (splash on TPU, cuDNN on GPU, blockwise elsewhere) | xla | blockwise | ...
+  c.model.attention_impl = (
+    _DEFAULT_ATTENTION  # auto (splash on TPU, cuDNN on GPU, blockwise elsewhere) | xla | ...
+  )
   c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="q,k,v,o,gate,up,down"))  # rank 0 = full
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   c.data = ml_collections.ConfigDict()

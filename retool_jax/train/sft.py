@@ -38,6 +38,7 @@ DATA_FORMATS = ("retool_sft", "chat", "tokens", "synthetic")
 EXECUTION_FIELDS = ("param_dtype", "dtype", "remat", "scan_layers", "attention_impl", "moe_impl")
 EXECUTION = ("param_dtype", "dtype", "remat", "scan_layers", "attention_impl")  # config.model fields
 FREE_FORM = ("model.overrides",)  # validated against Qwen3Config instead of the schema
+_DEFAULT_ATTENTION = Qwen3Config.__dataclass_fields__["attention_impl"].default
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -57,7 +58,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"  # compute
   c.model.remat = "none"  # none | full | dots | dots_with_no_batch_dims | attention_out
   c.model.scan_layers = False
-  c.model.attention_impl = "xla"  # auto (splash on TPU, cuDNN on GPU, blockwise elsewhere) | xla | blockwise | ...
+  c.model.attention_impl = (
+    _DEFAULT_ATTENTION  # auto (splash on TPU, cuDNN on GPU, blockwise elsewhere) | xla | ...
+  )
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
 

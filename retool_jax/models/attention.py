@@ -33,9 +33,7 @@ from retool_jax.models.blockwise_attention import blockwise_attention
 from retool_jax.models.qwen3_config import ATTENTION_IMPLS as IMPLS
 
 _NEG_INF = float(jnp.finfo(jnp.float32).min)
-
-
-BLOCK_SIZE = 512
+BLOCK_SIZE = 512  # query and key block length of the blockwise and splash paths
 
 
 class AttentionMask(NamedTuple):
@@ -100,6 +98,13 @@ def resolve_impl(impl: str) -> str:
   return {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform(), "blockwise")
 
 
+def _check_mask(mask: AttentionMask, shape_BT, shape_BS) -> None:
+  for name, want in (("q_segment_BT", shape_BT), ("kv_segment_BS", shape_BS), ("q_index_BT", shape_BT)):
+    got = tuple(getattr(mask, name).shape)
+    if got != tuple(want):
+      raise ValueError(f"AttentionMask.{name} has shape {got}; expected {tuple(want)} for these queries and keys")
+
+
 def attend(
   q_BTNH: jax.Array,
   k_BSKH: jax.Array,
@@ -115,6 +120,8 @@ def attend(
   query and key block length of `blockwise` and `splash` (clipped to the sequence).
   """
   impl = resolve_impl(impl)
+  if mask is not None:
+    _check_mask(mask, q_BTNH.shape[:2], k_BSKH.shape[:2])
   if impl == "cudnn" and mask is None:
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True, implementation="cudnn")
   if impl == "splash" and (mask is None or isinstance(mask, SelfAttentionMask)):

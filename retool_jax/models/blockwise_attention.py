@@ -74,6 +74,14 @@ def _scores(q_BQKGH, k_BCKH, scale):
   return jnp.einsum("bqkgh,bckh->bkgqc", q_BQKGH, k_BCKH, preferred_element_type=jnp.float32) * scale
 
 
+def _loop(lower, upper, num_blocks: int, body, init):
+  """`fori_loop(lower, upper, body, init)`; with a single block, that block's body inline (no loop to compile
+  or run: short sequences cost what one dense block costs)."""
+  if num_blocks == 1:
+    return body(0, init)
+  return jax.lax.fori_loop(lower, upper, body, init)
+
+
 def _live_key_blocks(q_idx_BQ, bk: int, num_k_blocks: int):
   """How many key blocks (from the first) these queries may see: those up to the largest column."""
   return jnp.clip((jnp.max(q_idx_BQ) + bk) // bk, 0, num_k_blocks)
@@ -107,13 +115,16 @@ def _forward(bq, bk, q, k, v, q_seg, kv_seg, q_idx):
       jnp.zeros((b, kv, g, bq), jnp.float32),
       jnp.zeros((b, kv, g, bq, h), jnp.float32),
     )
-    m, l, acc = jax.lax.fori_loop(0, _live_key_blocks(idx_i, bk, nk), key_block, init)
+    m, l, acc = _loop(0, _live_key_blocks(idx_i, bk, nk), nk, key_block, init)
     seen_any = l > 0
     out = jnp.where(seen_any[..., None], acc / jnp.where(seen_any, l, 1.0)[..., None], 0.0)
     lse = jnp.where(seen_any, m + jnp.log(jnp.where(seen_any, l, 1.0)), 0.0)
     return None, (jnp.einsum("bkgqh->bqkgh", out).astype(q.dtype), lse)
 
-  _, (out_I, lse_I) = jax.lax.scan(query_block, None, jnp.arange(nq))
+  if nq == 1:
+    out_I, lse_I = jax.tree.map(lambda x: x[None], query_block(None, 0)[1])
+  else:
+    _, (out_I, lse_I) = jax.lax.scan(query_block, None, jnp.arange(nq))
   out = jnp.moveaxis(out_I, 0, 1).reshape(b, tp, kv, g, h)  # [I, B, Q, ...] -> [B, I*Q, ...]
   lse = jnp.moveaxis(lse_I, 0, 3).reshape(b, kv, g, tp)
   return out, lse
@@ -169,13 +180,13 @@ def _flash_bwd(bq, bk, res, d_out):
       return jax.lax.dynamic_update_slice_in_dim(dq, dq_i, i * bq, axis=1), dk_j, dv_j
 
     zeros_j = jnp.zeros((b, bk, kv, h), jnp.float32)
-    dq, dk_j, dv_j = jax.lax.fori_loop(first_i, nq, query_block, (dq, zeros_j, zeros_j))
+    dq, dk_j, dv_j = _loop(first_i, nq, nq, query_block, (dq, zeros_j, zeros_j))
     dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_j, j * bk, axis=1)
     dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_j, j * bk, axis=1)
     return dq, dk, dv
 
   init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-  dq, dk, dv = jax.lax.fori_loop(0, _live_key_blocks(q_idx, bk, nk), key_block, init)
+  dq, dk, dv = _loop(0, _live_key_blocks(q_idx, bk, nk), nk, key_block, init)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
 
 

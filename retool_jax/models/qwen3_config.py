@@ -47,7 +47,7 @@ class Qwen3Config:
   dtype: str = "float32"
   remat: str = "none"
   scan_layers: bool = False
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   moe_impl: str = "ragged"
 
   def __post_init__(self):

@@ -7,7 +7,6 @@ without repeating keys) and runs under `jax.shard_map` over the batch axes (`dat
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -20,7 +19,6 @@ HEAD_AXIS = "tensor"
 LANES = 128  # the kernel's blocks are whole multiples of this
 
 
-@functools.lru_cache(maxsize=32)
 def _kernel(num_heads: int, length: int, block: int, interpret: bool):
   mask = splash.MultiHeadMask([splash.CausalMask((length, length)) for _ in range(num_heads)])
   sizes = splash.BlockSizes(
@@ -35,7 +33,28 @@ def _kernel(num_heads: int, length: int, block: int, interpret: bool):
   return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def _mesh_axes(batch: int, num_heads: int, num_kv_heads: int):
+def _default_precision(fn):
+  """`fn` traced under the default matmul precision in its forward and its backward pass: Mosaic cannot lower a
+  bfloat16 matmul at the float32 precision a process-wide `jax_default_matmul_precision="highest"` asks for."""
+
+  @jax.custom_vjp
+  def call(*args):
+    with jax.default_matmul_precision("default"):
+      return fn(*args)
+
+  def fwd(*args):
+    with jax.default_matmul_precision("default"):
+      return jax.vjp(fn, *args)  # the pullback is a pytree of arrays: it is the residual
+
+  def bwd(pullback, d_out):
+    with jax.default_matmul_precision("default"):
+      return pullback(d_out)
+
+  call.defvjp(fwd, bwd)
+  return call
+
+
+def _mesh_axes(batch: int, num_kv_heads: int):
   """The mesh and the axes that split rows and heads (an axis is used only where it divides evenly)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty:
@@ -60,8 +79,7 @@ def splash_attention(
   """Causal attention within segments (`segment_ids_BT`; None: one segment per row), T == S.
 
   The length is padded to a whole number of blocks (multiples of 128, at most `block`) with a segment of its
-  own. `interpret=True` runs the
-  kernel in the Pallas interpreter (any backend, slow; for tests).
+  own. `interpret=True` runs the kernel in the Pallas interpreter (any backend, slow; for tests).
   """
   b, t, n, h = q_BTNH.shape
   if k_BSKH.shape[1] != t:
@@ -78,7 +96,7 @@ def splash_attention(
   q = jnp.pad(q_BTNH * jnp.asarray(1.0 / math.sqrt(h), q_BTNH.dtype), pad)
   k, v = jnp.pad(k_BSKH, pad), jnp.pad(v_BSKH, pad)
 
-  mesh, batch_axes, head_axis = _mesh_axes(b, n, kv)
+  mesh, batch_axes, head_axis = _mesh_axes(b, kv)
   local_heads = n // (mesh.shape[head_axis] if head_axis else 1)
 
   def local(q_BTNH, k_BSKH, v_BSKH, seg_BT):
@@ -87,6 +105,8 @@ def splash_attention(
     per_row = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(s, s)))
     return heads_first(per_row(heads_first(q_BTNH), heads_first(k_BSKH), heads_first(v_BSKH), seg_BT))
 
+  if q.dtype != jnp.float32:
+    local = _default_precision(local)
   if mesh is None:
     out = local(q, k, v, segment_ids_BT)
   else:

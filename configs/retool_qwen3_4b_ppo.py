@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
       gamma=1.0,  # undiscounted: the reward arrives once, at the end of the answer
       lam=0.95,  # GAE trace decay (variance vs. bias of the advantages)
       logprob_chunk=1024,
-      micro_batch_size=32,  # rows per forward / backward pass (8 per chip on v5p-8); gradients accumulate
+      micro_batch_size=16,  # rows per forward / backward pass (4 per chip on v5p-8); gradients accumulate
       length_multiple=512,
     )
   )

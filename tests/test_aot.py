@@ -179,6 +179,7 @@ def test_oversized_config_exits_non_zero_with_xla_message():
     "--topology=v5e-8",
     "--config.data.seq_len=16384",
     "--config.data.global_batch_size=64",
+    "--config.model.attention_impl=xla",
     "--only=eval",
   )
   assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]

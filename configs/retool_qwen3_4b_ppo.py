@@ -4,7 +4,7 @@ that gives per-token GAE advantages over the policy's own tokens; interpreter ou
 
     python -m retool_jax.train --config=configs/retool_qwen3_4b_ppo.py --config.model.checkpoint=runs/retool_sft/...
 
-Targets a TPU v5p-8 (4 chips, mesh fsdp=4), as the GRPO recipe: micro-batches of 32 rows for the policy and
+Targets a TPU v5p-8 (4 chips, mesh fsdp=4), as the GRPO recipe: micro-batches of 16 rows for the policy and
 the critic, the engine decoding 64 rows at a time (see `retool_qwen3_4b_rl.py` for why not 256). Policy,
 critic (each with float32 AdamW state) and the reference share the chips. Check:
 `python -m retool_jax.aot --config=configs/retool_qwen3_4b_ppo.py --topology=v5p-8`.

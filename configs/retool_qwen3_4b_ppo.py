@@ -3,6 +3,11 @@ per prompt, and a critic (a second Qwen3-4B initialised from the SFT model, with
 that gives per-token GAE advantages over the policy's own tokens; interpreter output is not a time step.
 
     python -m retool_jax.train --config=configs/retool_qwen3_4b_ppo.py --config.model.checkpoint=runs/retool_sft/...
+
+Targets a TPU v5p-8 (4 chips, mesh fsdp=4), as the GRPO recipe: micro-batches of 16 rows for the policy and
+the critic, the engine decoding 64 rows at a time (see `retool_qwen3_4b_rl.py` for why not 256). Policy,
+critic (each with float32 AdamW state) and the reference share the chips. Check:
+`python -m retool_jax.aot --config=configs/retool_qwen3_4b_ppo.py --topology=v5p-8`.
 """
 
 import ml_collections
@@ -16,6 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_steps = 400
   c.model.checkpoint = "runs/retool_qwen3_4b_sft/checkpoints"  # the ReTool SFT model: policy and critic
   c.model.remat = "full"
+  c.model.preset = "4B"  # the checkpoint's architecture: `retool_jax.aot` checks the recipe without it
+  c.model.attention_impl = "auto"  # splash attention on TPU, cuDNN on GPU: no [T, S] scores in memory
+  c.model.scan_layers = True  # one decoder layer compiled, scanned over the stack
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   c.data.path = (
     "../shared/fixtures/dapo_math_17k/dapo_math_17k_slime_format.first27.jsonl"  # the full set in a run
@@ -46,9 +54,11 @@ def get_config() -> ml_collections.ConfigDict:
       gamma=1.0,  # undiscounted: the reward arrives once, at the end of the answer
       lam=0.95,  # GAE trace decay (variance vs. bias of the advantages)
       logprob_chunk=1024,
+      micro_batch_size=16,  # rows per forward / backward pass (4 per chip on v5p-8); gradients accumulate
       length_multiple=512,
     )
   )
+  c.engine.max_batch_size = 64  # rows decoded together: a 9216-token KV cache for 64 rows is 21 GiB per chip
   c.optim.learning_rate = 1e-6
   c.optim.schedule = "constant"
   c.optim.weight_decay = 0.1

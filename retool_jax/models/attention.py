@@ -8,6 +8,17 @@ own column in the key axis (`s <= q_index[b, t]`). One rule covers every caller:
 - training, packed rows: segments are the packing ids, `q_index = arange(T)`;
 - training, padded rows: segment 1 for real tokens and 0 for padding on both sides, `q_index = arange(T)`;
 - prefill / decode over a KV cache: key segments mark written slots, `q_index` is each query's cache column.
+
+Implementations (`Qwen3Config.attention_impl`):
+
+- `xla`: the reference; materialises the `[B, K, G, T, S]` scores.
+- `blockwise`: online softmax over key blocks in plain JAX, O(T x block) memory forward and backward; any mask.
+- `splash`: TPU Pallas splash attention for training masks (`mask=None` or from `causal_mask`), else blockwise.
+- `cudnn`: GPU cuDNN flash attention for plain causal attention (`mask=None`), else blockwise.
+- `auto`: splash on TPU, cudnn on GPU, blockwise elsewhere.
+
+A row that sees no key at all gives 0 under `blockwise` (and the kernels that fall back to it); `xla` gives the
+mean of the values there. Masks built by this module never have such rows.
 """
 
 from __future__ import annotations
@@ -18,7 +29,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from retool_jax.models.blockwise_attention import blockwise_attention
+from retool_jax.models.qwen3_config import ATTENTION_IMPLS as IMPLS
+
 _NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+
+BLOCK_SIZE = 512
 
 
 class AttentionMask(NamedTuple):
@@ -34,6 +51,14 @@ class AttentionMask(NamedTuple):
     return same & causal
 
 
+class SelfAttentionMask(AttentionMask):
+  """An `AttentionMask` known to be square causal self-attention within segments: T == S,
+  `q_segment_BT` is `kv_segment_BS` and `q_index_BT` is `arange(T)`. The type survives `jit`, `scan` and
+  `checkpoint` (it is the pytree node), so kernels that only take segment ids can rely on it."""
+
+  __slots__ = ()
+
+
 def causal_mask(
   shape_BT: tuple[int, int], segment_ids_BT: jax.Array | None = None, attention_mask_BT: jax.Array | None = None
 ) -> AttentionMask:
@@ -43,7 +68,7 @@ def causal_mask(
   if attention_mask_BT is not None:
     seg = jnp.where(attention_mask_BT.astype(bool), seg, 0)
   index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  return AttentionMask(seg, seg, index)
+  return SelfAttentionMask(seg, seg, index)
 
 
 def xla_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: AttentionMask) -> jax.Array:
@@ -59,14 +84,46 @@ def xla_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask:
   return out.reshape(b, t, n, h)
 
 
+def platform() -> str:
+  """The platform programs are being built for: the current mesh's devices (also when compiling ahead of time
+  for another platform under `jax.set_mesh`), else JAX's default backend."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
+def resolve_impl(impl: str) -> str:
+  """`auto` -> the implementation for this platform; other names are checked and returned."""
+  if impl not in IMPLS:
+    raise ValueError(f"attention_impl={impl!r}; expected one of {IMPLS}")
+  if impl != "auto":
+    return impl
+  return {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform(), "blockwise")
+
+
 def attend(
-  q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: AttentionMask | None, *, impl: str = "xla"
+  q_BTNH: jax.Array,
+  k_BSKH: jax.Array,
+  v_BSKH: jax.Array,
+  mask: AttentionMask | None,
+  *,
+  impl: str = "xla",
+  block_size: int = BLOCK_SIZE,
 ) -> jax.Array:
-  """Attention output `[B, T, N, H]` by the chosen implementation; `mask=None` is plain causal (T == S)."""
+  """Attention output `[B, T, N, H]` by the chosen implementation; `mask=None` is plain causal (T == S).
+
+  `splash` and `cudnn` take the masks they can express and hand the rest to `blockwise`; `block_size` is the
+  query and key block length of `blockwise` and `splash` (clipped to the sequence).
+  """
+  impl = resolve_impl(impl)
   if impl == "cudnn" and mask is None:
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True, implementation="cudnn")
+  if impl == "splash" and (mask is None or isinstance(mask, SelfAttentionMask)):
+    from retool_jax.models.splash_attention import splash_attention  # Pallas TPU imports only when used
+
+    segment_ids = None if mask is None else mask.q_segment_BT
+    return splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids, block=block_size, interpret=platform() != "tpu")
   if mask is None:
     mask = causal_mask(q_BTNH.shape[:2])
-  if impl in ("xla", "cudnn"):
+  if impl == "xla":
     return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask)
-  raise ValueError(f"attention_impl={impl!r} is not available here")
+  return blockwise_attention(q_BTNH, k_BSKH, v_BSKH, *mask, block_q=block_size, block_k=block_size)

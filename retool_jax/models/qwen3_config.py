@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "attention_out")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "blockwise", "splash", "cudnn")
 MOE_IMPLS = ("ragged", "dense")
 
 

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from retool_jax.models.attention import resolve_impl
+from retool_jax.models.layers import Attention
 from retool_jax.models.qwen3 import Qwen3
 from retool_jax.rollout.slot_scheduler import Job, SlotScheduler
 from retool_jax.rollout.static_batch import StaticBatcher
@@ -60,6 +62,19 @@ def _mesh_of(params) -> Any:
   return None
 
 
+def _with_attention(model: Qwen3, impl: str | None) -> Qwen3:
+  """The model (sharing its arrays) with every attention layer on `impl`."""
+  if impl is None:
+    return model
+  resolve_impl(impl)
+  graphdef, params = nnx.split(model)
+  model = nnx.merge(graphdef, params)
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, Attention):
+      module.attention_impl = impl
+  return model
+
+
 class JaxEngine:
   """Generation with an in-process Qwen3 (see the module docstring).
 
@@ -80,6 +95,10 @@ class JaxEngine:
     batch_window_s: static batching only: how long the batcher waits for more requests before a batch.
     min_batch_bucket / min_prompt_bucket / min_new_bucket: smallest padded batch / prompt (prefill) length /
       new-token budget (larger minimums: fewer programs to compile, more padding).
+    min_attend_bucket / min_slot_length: smallest bucket of the cache columns a call attends to / of the slot
+      length (slots grow by powers of two up to `max_length`).
+    attention_impl: attention over the cache ("blockwise": online softmax, no `[B, N, T, S]` scores, decode
+      reads only the written prefix); None keeps the model config's.
     seed: draws the seeds of requests without one (in submission order).
   """
 
@@ -104,6 +123,7 @@ class JaxEngine:
     min_new_bucket: int = 16,
     min_attend_bucket: int = 128,
     min_slot_length: int = 256,
+    attention_impl: str | None = "blockwise",
     pad_id: int = 0,
     seed: int = 0,
     weight_version: int | str | None = 0,
@@ -117,7 +137,7 @@ class JaxEngine:
         f"prefill_chunk={prefill_chunk}, max_prefill_tokens={max_prefill_tokens}, "
         f"max_prefill_rows={max_prefill_rows} and max_stop_ids={max_stop_ids} must be >= 1"
       )
-    self._graphdef, params = nnx.split(model)
+    self._graphdef, params = nnx.split(_with_attention(model, attention_impl))
     # Committed arrays, like the ones `update_weights` places, so that a swap reuses the compiled programs.
     self._params = jax.tree.map(lambda a: jax.device_put(a, a.sharding), params)
     self.config = model.config

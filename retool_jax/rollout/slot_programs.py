@@ -112,9 +112,9 @@ def init_state(
       jnp.full((slots, stop_width), -1, jnp.int32),
     )
 
-  if mesh is None:
-    return jax.jit(make)()
   out = jax.eval_shape(make)
+  if mesh is None:  # committed like the outputs of the programs that follow, so that they compile once
+    return jax.jit(make, out_shardings=jax.sharding.SingleDeviceSharding(jax.devices()[0]))()
   shardings = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.P()), out)
   for kind, n in layer_counts.items():
     shardings.cache.k[kind] = shardings.cache.v[kind] = cache_sharding(mesh, shape(n))

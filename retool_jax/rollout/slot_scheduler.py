@@ -19,7 +19,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from retool_jax.rollout import slot_programs as programs
@@ -269,9 +268,9 @@ class SlotScheduler:
       max_new_R[k] = job.budget
       stops = eng.stop_ids(job.request)
       stop_RW[k, : len(stops)] = stops
-    rows_dev = programs.PrefillRows(*(jnp.asarray(a) for a in (
+    rows_dev = programs.PrefillRows(
       slot_R, source_R, start_R, ids_RT, n_R, last_R, temp_R, top_p_R, top_k_R, keys_R2, max_new_R, stop_RW
-    )))  # fmt: skip
+    )  # host arrays: the call transfers them
     self.programs.add(("prefill", r, t, self.length, attend))
     self.state, first, first_lp = programs.prefill(graphdef, params, self.state, rows_dev, attend_length=attend)
     first, first_lp = np.asarray(first), np.asarray(first_lp)
@@ -306,7 +305,7 @@ class SlotScheduler:
     keep[live] = True
     self.programs.add(("decode", self.num_slots, self.length, steps, attend))
     self.state, out, out_lp, new = programs.decode_chunk(
-      graphdef, params, self.state, jnp.asarray(keep), steps=steps, attend_length=attend
+      graphdef, params, self.state, keep, steps=steps, attend_length=attend
     )
     out, out_lp, new = np.asarray(out), np.asarray(out_lp), np.asarray(new)
     ran = int(new.max())

@@ -14,7 +14,7 @@ $(PY):
 # torch is pinned to the CPU build for the parity tests; it is installed first so that nothing pulls a CUDA build.
 $(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PIP) install "torch==2.13.0"
-	$(PIP) install -e ".[test,tfds]"
+	$(PIP) install -e ".[test,tfds,aot]"
 	touch $@ $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml | $(PY)

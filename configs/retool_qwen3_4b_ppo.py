@@ -16,6 +16,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_steps = 400
   c.model.checkpoint = "runs/retool_qwen3_4b_sft/checkpoints"  # the ReTool SFT model: policy and critic
   c.model.remat = "full"
+  c.model.preset = "4B"  # the checkpoint's architecture: `retool_jax.aot` checks the recipe without it
+  c.model.attention_impl = "auto"  # splash attention on TPU, cuDNN on GPU: no [T, S] scores in memory
+  c.model.scan_layers = True  # one decoder layer compiled, scanned over the stack
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   c.data.path = (
     "../shared/fixtures/dapo_math_17k/dapo_math_17k_slime_format.first27.jsonl"  # the full set in a run
@@ -46,9 +49,11 @@ def get_config() -> ml_collections.ConfigDict:
       gamma=1.0,  # undiscounted: the reward arrives once, at the end of the answer
       lam=0.95,  # GAE trace decay (variance vs. bias of the advantages)
       logprob_chunk=1024,
+      micro_batch_size=32,  # rows per forward / backward pass (8 per chip on v5p-8); gradients accumulate
       length_multiple=512,
     )
   )
+  c.engine.max_batch_size = 64  # rows decoded together: a 9216-token KV cache for 64 rows is 21 GiB per chip
   c.optim.learning_rate = 1e-6
   c.optim.schedule = "constant"
   c.optim.weight_decay = 0.1

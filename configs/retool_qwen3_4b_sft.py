@@ -24,10 +24,12 @@ def get_config():
   c.num_steps = 0  # data.num_epochs passes over the packed data
   c.grad_accum_steps = 4
 
-  c.model.checkpoint = ""  # required: a Qwen3-4B (HF or Orbax) folder
+  c.model.checkpoint = ""  # set it: a Qwen3-4B (HF or Orbax) folder (empty: a random 4B, for smoke tests)
   c.model.param_dtype = "float32"
   c.model.dtype = "bfloat16"
   c.model.remat = "full"
+  c.model.preset = "4B"  # the checkpoint's architecture: `retool_jax.aot` checks the recipe without it
+  c.model.attention_impl = "auto"  # splash attention on TPU, cuDNN on GPU: no [T, S] scores in memory
   c.model.scan_layers = True
 
   c.mesh.data = 1

@@ -62,6 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"  # compute
   c.model.param_dtype = "float32"  # master weights and optimizer state
   c.model.remat = "none"  # none | full | dots | dots_with_no_batch_dims | attention_out
+  c.model.preset = ""  # the checkpoint's Qwen3 size ("4B"): lets `retool_jax.aot` check a run without it
+  c.model.attention_impl = "xla"  # auto (splash on TPU, cuDNN on GPU, blockwise elsewhere) | xla | blockwise | ...
   c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="q,k,v,o,gate,up,down"))  # rank 0 = full
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   c.data = ml_collections.ConfigDict()
@@ -283,6 +285,43 @@ def _precompute_by_pair(
   return chosen, rejected
 
 
+def programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> list[Any]:
+  """The programs a DPO run of `config` executes on `mesh`, with abstract arguments (see `retool_jax.aot`):
+  the reference log-probs of a batch and one update, at `batch_size` pairs of `data.max_length` tokens."""
+  from retool_jax.programs import Program  # noqa: PLC0415
+  from retool_jax.train import abstract, sft  # noqa: PLC0415
+
+  c = config
+  model_fields = sft.default_config().model
+  model_fields.update(c.model.to_dict())
+  cfg = abstract.model_config(model_fields)
+  tx, _ = state_lib.make_optimizer(c.optim.to_dict(), c.optim.warmup_steps + 1)
+  state, _ = abstract.abstract_train_state(
+    abstract.abstract_model(cfg, mesh), tx, mesh, lora_config=sft.lora_config(c.lora)
+  )
+  t = 64 * -(-(c.data.max_length - 1) // 64)
+  fields = (("input_ids_BT", jnp.int32), ("targets_BT", jnp.int32), ("mask_BT", jnp.float32))
+  fields += (("attention_mask_BT", jnp.int32),)
+
+  def side():
+    return {name: abstract.batch((c.batch_size, t), dtype, mesh) for name, dtype in fields}
+
+  sides = {"chosen": side(), "rejected": side()}
+  ref = abstract.batch((c.batch_size,), jnp.float32, mesh)
+  chunk = c.loss.chunk_size
+  return [
+    Program(
+      "dpo/reference_logps", _reference_logps, (state.graphdef, state.params, sides), dict(chunk_size=chunk)
+    ),
+    Program(
+      "dpo/update",
+      dpo_update,
+      (state, sides, ref, ref),
+      dict(beta=c.loss.beta, label_smoothing=c.loss.label_smoothing, chunk_size=chunk),
+    ),
+  ]
+
+
 def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Runs DPO as `config` says; returns the last logged metrics."""
   from retool_jax import sharding as sharding_lib  # noqa: PLC0415
@@ -329,9 +368,10 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   place = _batch_placer(mesh, c.batch_size)
   reference = refs = None  # scored from the starting policy, before any restore
   if c.reference.precompute:
-    refs = _precompute_by_pair(
-      state, encoded, place, batch_size=c.batch_size, pad_id=pad, length=length, chunk_size=c.loss.chunk_size
-    )
+    with jax.set_mesh(mesh):
+      refs = _precompute_by_pair(
+        state, encoded, place, batch_size=c.batch_size, pad_id=pad, length=length, chunk_size=c.loss.chunk_size
+      )
   else:
     reference = state_lib.make_reference(1.0, state, shardings)
   ckpt = Checkpointer(
@@ -349,7 +389,10 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   bar = tqdm(total=total, initial=start, desc="dpo", disable=not c.log.progress or jax.process_index() != 0)
   cfg = state.model().config
   last: dict[str, Any] = {}
-  with MetricsWriter(c.workdir, resume_step=start or None, tensorboard=c.log.tensorboard) as writer:
+  with (
+    MetricsWriter(c.workdir, resume_step=start or None, tensorboard=c.log.tensorboard) as writer,
+    jax.set_mesh(mesh),  # activations follow the logical-axis table; attention kernels shard over the mesh
+  ):
     for step in range(start + 1, total + 1):
       t0 = time.perf_counter()
       batch = next(pipeline)  # whole: only a run's unfinished last batch would hold padding, and it is never read

@@ -37,7 +37,7 @@ from retool_jax.models.logprobs import token_logprobs
 from retool_jax.rewards import score_batch
 from retool_jax.rollout import MultiTurnConfig, generate_multiturn
 from retool_jax.train import advantages as adv_lib
-from retool_jax.train import dapo, multihost
+from retool_jax.train import dapo, microbatch, multihost
 from retool_jax.train.losses import PolicyLossConfig, policy_loss
 from retool_jax.train.rl_batch import minibatch_indices, pack_rollouts
 from retool_jax.train.state import TrainState
@@ -79,6 +79,9 @@ class RLConfig:
     overlong: DAPO's soft overlong punishment.
     gamma / lam: GAE discount and trace decay (PPO).
     logprob_chunk: time chunk of the log-prob computation (bounds the logits memory).
+    micro_batch_size: rows per forward / backward pass of the log-prob passes and the updates (gradients are
+      accumulated over a minibatch's micro-batches: the same update, less activation memory); 0 = whole
+      batches. Must divide the minibatch.
     length_multiple: padded lengths are bucketed to multiples of this.
     seed: sampling seeds and minibatch shuffling.
   """
@@ -96,6 +99,7 @@ class RLConfig:
   gamma: float = 1.0
   lam: float = 1.0
   logprob_chunk: int = 256
+  micro_batch_size: int = 0
   length_multiple: int = 64
   seed: int = 0
 
@@ -120,6 +124,11 @@ class RLConfig:
         f"rl.num_prompts * rl.group_size = {self.num_prompts * self.group_size} does not split "
         f"into rl.num_minibatches={self.num_minibatches}"
       )
+    if self.micro_batch_size < 0 or self.micro_batch_size and self.minibatch_size % self.micro_batch_size:
+      raise ValueError(
+        f"rl.micro_batch_size={self.micro_batch_size} must divide the minibatch of "
+        f"{self.minibatch_size} rows (rl.num_prompts * rl.group_size / rl.num_minibatches), or be 0"
+      )
     if self.kl_reward_coef < 0:
       raise ValueError(f"rl.kl_reward_coef={self.kl_reward_coef} must be >= 0")
     if self.kl_reward_coef > 0 and self.algorithm != "ppo":
@@ -130,6 +139,16 @@ class RLConfig:
   @property
   def batch_size(self) -> int:
     return self.num_prompts * self.group_size
+
+  @property
+  def minibatch_size(self) -> int:
+    return self.batch_size // self.num_minibatches
+
+  def micro_batches(self, rows: int) -> int:
+    """Micro-batches a pass over `rows` rows takes (1 when they do not split into `micro_batch_size`)."""
+    if not self.micro_batch_size or rows <= self.micro_batch_size or rows % self.micro_batch_size:
+      return 1
+    return rows // self.micro_batch_size
 
   @property
   def needs_reference(self) -> bool:
@@ -236,24 +255,39 @@ def evaluate(
 # ---- jitted pieces ----------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("temperature", "chunk", "with_entropy"))
+@functools.partial(jax.jit, static_argnames=("temperature", "chunk", "with_entropy", "micro_batches"))
 def policy_logprobs(
-  state: TrainState, batch: Mapping[str, jax.Array], *, temperature: float, chunk: int, with_entropy: bool = False
+  state: TrainState,
+  batch: Mapping[str, jax.Array],
+  *,
+  temperature: float,
+  chunk: int,
+  with_entropy: bool = False,
+  micro_batches: int = 1,
 ):
-  """Per-token log-probs (and entropies) of the targets under the state's current weights."""
-  out = token_logprobs(
-    state.model(),
-    batch["input_ids_BT"],
-    batch["targets_BT"],
-    attention_mask=batch["attention_mask_BT"],
-    temperature=temperature,
-    chunk_size=chunk,
-    with_entropy=with_entropy,
-  )
-  return out.logprobs_BT, out.entropy_BT
+  """Per-token log-probs (and entropies) of the targets under the state's current weights, computed
+  `micro_batches` row groups at a time."""
+  model = state.model()
+
+  def run(mb):
+    out = token_logprobs(
+      model,
+      mb["input_ids_BT"],
+      mb["targets_BT"],
+      attention_mask=mb["attention_mask_BT"],
+      temperature=temperature,
+      chunk_size=chunk,
+      with_entropy=with_entropy,
+    )
+    return out.logprobs_BT, out.entropy_BT
+
+  inputs = {k: batch[k] for k in ("input_ids_BT", "targets_BT", "attention_mask_BT")}
+  return microbatch.map_rows(run, inputs, micro_batches)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_config", "temperature", "chunk"), donate_argnames=("state",))
+@functools.partial(
+  jax.jit, static_argnames=("loss_config", "temperature", "chunk", "micro_batches"), donate_argnames=("state",)
+)
 def policy_update(
   state: TrainState,
   batch: Mapping[str, jax.Array],
@@ -261,31 +295,57 @@ def policy_update(
   loss_config: PolicyLossConfig,
   temperature: float,
   chunk: int,
+  micro_batches: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on the clipped policy-gradient loss of `batch`."""
+  """One optimizer step on the clipped policy-gradient loss of `batch`.
 
-  def loss_fn(trainable):
+  With `micro_batches > 1` the gradient is accumulated over that many row groups, each normalised by the
+  whole batch's token (or sequence) count, so the update equals the one-pass update; the ratio / clip metrics
+  are then means over the micro-batches (`ratio_max` their maximum, the losses their sum).
+  """
+  mask_BT = batch["mask_BT"]
+  num_tokens = num_seqs = None
+  if micro_batches > 1:
+    num_tokens = jnp.maximum(jnp.sum(mask_BT > 0), 1).astype(jnp.float32)
+    num_seqs = jnp.maximum(jnp.sum(jnp.any(mask_BT > 0, axis=1)), 1).astype(jnp.float32)
+
+  def loss_fn(trainable, mb):
     out = token_logprobs(
       state.model(trainable),
-      batch["input_ids_BT"],
-      batch["targets_BT"],
-      attention_mask=batch["attention_mask_BT"],
+      mb["input_ids_BT"],
+      mb["targets_BT"],
+      attention_mask=mb["attention_mask_BT"],
       temperature=temperature,
       chunk_size=chunk,
       with_entropy=True,
     )
     return policy_loss(
       out.logprobs_BT,
-      batch["old_logp_BT"],
-      batch["adv_BT"],
-      batch["mask_BT"],
+      mb["old_logp_BT"],
+      mb["adv_BT"],
+      mb["mask_BT"],
       loss_config,
-      ref_logp_BT=batch.get("ref_logp_BT"),
+      ref_logp_BT=mb.get("ref_logp_BT"),
       entropy_BT=out.entropy_BT,
-      rollout_logp_BT=batch["rollout_logp_BT"],
+      rollout_logp_BT=mb["rollout_logp_BT"],
+      num_tokens=num_tokens,
+      num_seqs=num_seqs,
     )
 
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if micro_batches == 1:
+    (loss, metrics), grads = grad_fn(state.trainable, batch)
+  else:
+
+    def body(carry, mb):
+      (loss, metrics), grads = grad_fn(state.trainable, microbatch.constrain_rows(mb))
+      acc_grads, acc_loss = carry
+      return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss), metrics
+
+    zeros = (jax.tree.map(jnp.zeros_like, state.trainable), jnp.zeros((), jnp.float32))
+    (grads, loss), per_mb = jax.lax.scan(body, zeros, microbatch.split_rows(dict(batch), micro_batches))
+    reduce = {"ratio_max": jnp.max, "pg_loss": jnp.sum, "kl_loss": jnp.sum}  # partial losses add up
+    metrics = {k: reduce.get(k, jnp.mean)(v) for k, v in per_mb.items()}
   metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
   return state.apply_gradients(grads), metrics
 
@@ -488,11 +548,14 @@ class RLTrainer:
       metrics.update({"skipped": 1.0, "time/rollout": time.perf_counter() - t0})
       self.step_count += 1
       return metrics
+    n = len(rollouts)
     packed = pack_rollouts(rollouts, pad_id=self.pad_id, length_multiple=c.length_multiple)
     batch = self._place(packed.arrays())
     t1 = time.perf_counter()
 
-    batch["old_logp_BT"], _ = policy_logprobs(self.state, batch, temperature=temperature, chunk=c.logprob_chunk)
+    batch["old_logp_BT"], _ = policy_logprobs(
+      self.state, batch, temperature=temperature, chunk=c.logprob_chunk, micro_batches=c.micro_batches(n)
+    )
     if self.reference is not None:
       batch["ref_logp_BT"] = self.reference.logprobs(
         batch["input_ids_BT"],
@@ -500,6 +563,7 @@ class RLTrainer:
         attention_mask=batch["attention_mask_BT"],
         temperature=temperature,
         chunk_size=c.logprob_chunk,
+        micro_batches=c.micro_batches(n),
       ).logprobs_BT
     batch["adv_BT"], critic_batch = self._advantages(rewards, batch)
     jax.block_until_ready(batch["adv_BT"])
@@ -508,16 +572,21 @@ class RLTrainer:
     if self.reference is not None and c.loss.kl_coef == 0:
       batch.pop("ref_logp_BT")  # a reward penalty only: the loss does not need it
     update_metrics = []
-    n = len(rollouts)
     order_rng = np.random.default_rng((c.seed, self.step_count))
     for _ in range(c.num_epochs):
       for rows in minibatch_indices(n, c.num_minibatches if n == c.batch_size else 1, order_rng):
         mb = {k: v[rows] for k, v in batch.items()}
         self.state, m = policy_update(
-          self.state, mb, loss_config=c.loss, temperature=temperature, chunk=c.logprob_chunk
+          self.state,
+          mb,
+          loss_config=c.loss,
+          temperature=temperature,
+          chunk=c.logprob_chunk,
+          micro_batches=c.micro_batches(len(rows)),
         )
         if self.critic is not None:
-          m = dict(m, **self.critic.update({k: v[rows] for k, v in critic_batch.items()}))
+          critic_rows = {k: v[rows] for k, v in critic_batch.items()}
+          m = dict(m, **self.critic.update(critic_rows, micro_batches=c.micro_batches(len(rows))))
         update_metrics.append(m)
     update_metrics = jax.device_get(update_metrics)
     t3 = time.perf_counter()

@@ -135,6 +135,139 @@ def prompt_pipeline(
 TOOLS = ("interpreter", "none")
 
 
+def prompt_length(multiturn: Any) -> int:
+  """The longest first-turn prompt a run sends the engine: the context left after the response budget."""
+  if multiturn.max_response_tokens:
+    return max(1, multiturn.max_context - multiturn.max_response_tokens)
+  return max(1, multiturn.max_context // 8)
+
+
+def programs(config: ml_collections.ConfigDict, mesh: Any) -> list[Any]:
+  """The programs an RL run of `config` executes on `mesh`, with abstract arguments (see `retool_jax.aot`):
+  the policy's log-probs over a rollout batch, the reference's (with a KL term), one policy update per
+  minibatch, PPO's critic values and update, and the embedded engine's first-turn prefill and decode.
+
+  Rollout batches are padded to the context limit (`rollout.max_context`, bucketed to `rl.length_multiple`),
+  the longest a run sees."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  from retool_jax.models.qwen3 import Qwen3  # noqa: PLC0415
+  from retool_jax.programs import Program  # noqa: PLC0415
+  from retool_jax.rollout import MultiTurnConfig  # noqa: PLC0415
+  from retool_jax.rollout.engine_programs import engine_programs  # noqa: PLC0415
+  from retool_jax.train import abstract  # noqa: PLC0415
+  from retool_jax.train import rl as rl_lib  # noqa: PLC0415
+  from retool_jax.train import state as state_lib  # noqa: PLC0415
+  from retool_jax.train import value_head  # noqa: PLC0415
+  from retool_jax.train.rl_batch import bucket_length  # noqa: PLC0415
+
+  c = config
+  rl = RLConfig.from_config(c.rl)
+  multiturn = MultiTurnConfig.from_config(c.rollout)
+  cfg = abstract.model_config(c.model)
+  updates = max(c.num_steps * rl.num_minibatches * rl.num_epochs, c.optim.warmup_steps + 1)
+  tx, _ = state_lib.make_optimizer(c.optim.to_dict(), updates)
+  model = abstract.abstract_model(cfg, mesh)
+  state, shardings = abstract.abstract_train_state(model, tx, mesh, lora_config=sft.lora_config(c.lora))
+  t = bucket_length(multiturn.max_context - 1, rl.length_multiple)
+  n, m = rl.batch_size, rl.minibatch_size
+
+  def rows(b: int, *names_dtypes: tuple[str, Any]) -> dict[str, Any]:
+    return {name: abstract.batch((b, t), dtype, mesh) for name, dtype in names_dtypes}
+
+  inputs = (("input_ids_BT", jnp.int32), ("targets_BT", jnp.int32), ("attention_mask_BT", jnp.int32))
+  floats = ("mask_BT", "rollout_logp_BT", "old_logp_BT", "adv_BT")
+  if rl.loss.kl_coef > 0:
+    floats += ("ref_logp_BT",)
+  temperature = float(multiturn.temperature)
+  # What stays on the devices through a step: the policy's state, the engine's weights, reference and critic.
+  critic_state = None
+  if rl.algorithm == "ppo":
+    head = c.critic.head_init_scale
+    critic_model = abstract.abstract_module(
+      lambda: value_head.ValueModel(Qwen3(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1), init_scale=head), mesh
+    )
+    ctx, _ = state_lib.make_optimizer(c.critic.optim.to_dict(), max(updates, c.critic.optim.warmup_steps + 1))
+    critic_state, _ = abstract.abstract_train_state(critic_model, ctx, mesh)
+  held = {
+    "policy": state,
+    "engine": None if c.engine.sglang_url else nnx.split(model)[1],
+    "reference": state.params if rl.needs_reference and not c.reference.offload else None,
+    "critic": critic_state,
+  }
+
+  def others(own: str) -> tuple[Any, ...]:
+    return tuple(v for k, v in held.items() if k != own and v is not None)
+
+  out = [
+    Program(
+      "rl/policy_logprobs",
+      rl_lib.policy_logprobs,
+      (state, rows(n, *inputs)),
+      dict(temperature=temperature, chunk=rl.logprob_chunk, micro_batches=rl.micro_batches(n)),
+      others("policy"),
+    )
+  ]
+  if rl.needs_reference:
+    reference = state_lib.ReferenceModel(state.graphdef, state.params, shardings.params)
+    full = rows(n, *inputs)
+    out.append(
+      Program(
+        "rl/reference_logprobs",
+        reference._fn,
+        (state.params, full["input_ids_BT"], full["targets_BT"], None, None, full["attention_mask_BT"]),
+        dict(temperature=temperature, chunk_size=rl.logprob_chunk, micro_batches=rl.micro_batches(n)),
+        others("reference"),
+      )
+    )
+  out.append(
+    Program(
+      "rl/policy_update",
+      rl_lib.policy_update,
+      (state, rows(m, *inputs, *((f, jnp.float32) for f in floats))),
+      dict(
+        loss_config=rl.loss, temperature=temperature, chunk=rl.logprob_chunk, micro_batches=rl.micro_batches(m)
+      ),
+      others("policy"),
+    )
+  )
+  if critic_state is not None:
+    critic_inputs = (("input_ids_BT", jnp.int32), ("attention_mask_BT", jnp.int32))
+    critic_floats = (("mask_BT", jnp.float32), ("old_values_BT", jnp.float32), ("returns_BT", jnp.float32))
+    clip = abstract.batch((), jnp.float32, mesh, sharded=False)
+    out += [
+      Program(
+        "ppo/critic_values",
+        value_head.critic_values,
+        (critic_state, rows(n, *critic_inputs)),
+        dict(micro_batches=rl.micro_batches(n)),
+        others("critic"),
+      ),
+      Program(
+        "ppo/critic_update",
+        value_head.critic_update,
+        (critic_state, rows(m, *critic_inputs, *critic_floats), clip),
+        dict(micro_batches=rl.micro_batches(m)),
+        others("critic"),
+      ),
+    ]
+  if not c.engine.sglang_url:
+    prompt = prompt_length(multiturn)
+    budget = [multiturn.max_context - prompt, multiturn.max_new_tokens, multiturn.max_response_tokens]
+    out += engine_programs(
+      model,
+      mesh,
+      max_batch_size=min(c.engine.max_batch_size, n),
+      prompt_len=prompt,
+      max_length=prompt + min(b for b in budget if b),
+      decode_chunk=c.engine.decode_chunk,
+      num_stop_ids=1 + len(multiturn.stop_token_ids),
+      resident=others("engine"),
+    )
+  return out
+
+
 def _resume_step(checkpointers: list[Any]) -> int | None:
   """The latest RL step every checkpointer holds (policy and critic are saved side by side)."""
   common = set.intersection(*(set(ck.all_steps()) for ck in checkpointers))
@@ -243,7 +376,10 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     dynamic_ncols=True,
   )
   metrics: dict[str, Any] = {}
-  with MetricsWriter(workdir, resume_step=start or None, tensorboard=c.log.tensorboard) as writer:
+  with (
+    MetricsWriter(workdir, resume_step=start or None, tensorboard=c.log.tensorboard) as writer,
+    jax.set_mesh(mesh),  # activations follow the logical-axis table; attention kernels shard over the mesh
+  ):
     for step in range(start + 1, c.num_steps + 1):
       t0 = time.perf_counter()
       metrics = trainer.step()

@@ -27,6 +27,7 @@ from retool_jax.data.pipeline import InputPipeline, global_batch
 from retool_jax.models.logprobs import token_logprobs
 from retool_jax.models.qwen3 import Qwen3
 from retool_jax.models.qwen3_config import Qwen3Config, preset
+from retool_jax.programs import Program
 from retool_jax.train import lora as lora_lib
 from retool_jax.train import losses
 from retool_jax.train import state as state_lib
@@ -35,6 +36,7 @@ from retool_jax.train.metrics import MetricsWriter
 
 DATA_FORMATS = ("retool_sft", "chat", "tokens", "synthetic")
 EXECUTION_FIELDS = ("param_dtype", "dtype", "remat", "scan_layers", "attention_impl", "moe_impl")
+EXECUTION = ("param_dtype", "dtype", "remat", "scan_layers", "attention_impl")  # config.model fields
 FREE_FORM = ("model.overrides",)  # validated against Qwen3Config instead of the schema
 
 
@@ -55,6 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"  # compute
   c.model.remat = "none"  # none | full | dots | dots_with_no_batch_dims | attention_out
   c.model.scan_layers = False
+  c.model.attention_impl = "xla"  # auto (splash on TPU, cuDNN on GPU, blockwise elsewhere) | xla | blockwise | ...
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
 
@@ -195,7 +198,7 @@ def _device_batch(batch, mesh) -> dict[str, jax.Array]:
 
 def model_config(m: ml_collections.ConfigDict) -> Qwen3Config | None:
   """The Qwen3Config for random init (None when loading `m.checkpoint`)."""
-  execution = {k: m[k] for k in ("param_dtype", "dtype", "remat", "scan_layers")}
+  execution = {k: m[k] for k in EXECUTION if k in m}
   overrides = dict(m.overrides)
   unknown = set(overrides) - set(Qwen3Config.__dataclass_fields__)
   if unknown:
@@ -213,7 +216,8 @@ def model_config(m: ml_collections.ConfigDict) -> Qwen3Config | None:
       )
     return None
   try:
-    return preset(m.preset, **overrides, **execution) if m.preset else Qwen3Config(**overrides, **execution)
+    fields = {**execution, **overrides}
+    return preset(m.preset, **fields) if m.preset else Qwen3Config(**fields)
   except TypeError as e:
     raise ValueError(
       f"model: without model.checkpoint or model.preset, model.overrides must give the whole architecture ({e})"
@@ -234,8 +238,8 @@ def build_model(m: ml_collections.ConfigDict, mesh, seed: int) -> Qwen3:
     from retool_jax.checkpoint import layout
 
     loaded = layout.load(path, mesh, dtype=m.param_dtype)
-  execution = {k: m[k] for k in ("param_dtype", "dtype", "remat", "scan_layers")}
-  cfg = loaded.config.replace(**execution, **dict(m.overrides))
+  execution = {k: m[k] for k in EXECUTION if k in m}
+  cfg = loaded.config.replace(**{**execution, **dict(m.overrides)})
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0))))
   return nnx.merge(graphdef, nnx.state(loaded))
 
@@ -349,6 +353,42 @@ def make_eval_step(*, chunk_size: int):
   return step
 
 
+def jit_steps(config: ml_collections.ConfigDict, shardings: state_lib.TrainState, schedule, mesh, *, is_moe: bool):
+  """`(train_step, eval_step)` jitted with the state's and the batch's shardings, as `train` runs them."""
+  batch_shardings = {k: sharding_lib.data_sharding(mesh) for k in PACKED_FIELDS}
+  train_step = jax.jit(
+    make_train_step(
+      schedule,
+      grad_accum_steps=config.grad_accum_steps,
+      chunk_size=config.loss.chunk_size,
+      router_aux_coef=config.loss.router_aux_coef,
+      is_moe=is_moe,
+    ),
+    in_shardings=(shardings, batch_shardings),
+    out_shardings=(shardings, None),
+    donate_argnums=0,
+  )
+  eval_step = jax.jit(make_eval_step(chunk_size=config.loss.chunk_size), in_shardings=(shardings, batch_shardings))
+  return train_step, eval_step
+
+
+def programs(config: ml_collections.ConfigDict, mesh) -> list[Program]:
+  """The programs an SFT run of `config` executes on `mesh` (abstract arguments; see `retool_jax.aot`)."""
+  from retool_jax.train import abstract  # noqa: PLC0415
+
+  cfg = abstract.model_config(config.model)
+  tx, schedule = state_lib.make_optimizer(config.optim, max(config.num_steps, config.optim.warmup_steps + 1))
+  model = abstract.abstract_model(cfg, mesh)
+  state, shardings = abstract.abstract_train_state(model, tx, mesh, lora_config=lora_config(config.lora))
+  train_step, eval_step = jit_steps(config, shardings, schedule, mesh, is_moe=cfg.is_moe)
+  rows = abstract.batch((config.data.global_batch_size, config.data.seq_len), jnp.int32, mesh)
+  batch = {k: rows for k in PACKED_FIELDS}
+  return [
+    Program("sft/train_step", train_step, (state, batch)),
+    Program("sft/eval_step", eval_step, (state, batch)),
+  ]
+
+
 def evaluate(eval_fn, state, rows: PackedRows, mesh, global_batch_size: int, max_batches: int = 0) -> float:
   """Mean nll over every trained token of the eval rows."""
   pipeline = InputPipeline(rows, global_batch_size=global_batch_size, shuffle=False, num_epochs=1)
@@ -421,20 +461,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
-  batch_shardings = {k: sharding_lib.data_sharding(mesh) for k in PACKED_FIELDS}
-  train_step = jax.jit(
-    make_train_step(
-      schedule,
-      grad_accum_steps=config.grad_accum_steps,
-      chunk_size=config.loss.chunk_size,
-      router_aux_coef=config.loss.router_aux_coef,
-      is_moe=cfg.is_moe,
-    ),
-    in_shardings=(shardings, batch_shardings),
-    out_shardings=(shardings, None),
-    donate_argnums=0,
-  )
-  eval_step = jax.jit(make_eval_step(chunk_size=config.loss.chunk_size), in_shardings=(shardings, batch_shardings))
+  train_step, eval_step = jit_steps(config, shardings, schedule, mesh, is_moe=cfg.is_moe)
 
   last: dict[str, Any] = {}
   bar = _progress(num_steps, start, config.log.progress)

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from retool_jax import sharding as sharding_lib
 from retool_jax.models.logprobs import TokenLogprobs, token_logprobs
 from retool_jax.train import lora as lora_lib
+from retool_jax.train import microbatch
 
 PureDict = dict[str, Any]
 SCHEDULES = ("constant", "warmup_cosine", "warmup_linear")
@@ -230,7 +231,7 @@ class ReferenceModel:
   def __init__(self, graphdef: nnx.GraphDef, params: PureDict, shardings: PureDict, *, offload: bool = False):
     self.graphdef, self.shardings, self.offload = graphdef, shardings, offload
     self.params = self._to_host(params) if offload else params
-    self._fn = jax.jit(self._logprobs, static_argnames=("temperature", "chunk_size"))
+    self._fn = jax.jit(self._logprobs, static_argnames=("temperature", "chunk_size", "micro_batches"))
 
   def _to_host(self, params: PureDict) -> PureDict:
     try:
@@ -243,19 +244,41 @@ class ReferenceModel:
     return jax.device_put(self.params, self.shardings) if self.offload else self.params
 
   def _logprobs(
-    self, params, input_ids, targets, positions, segment_ids, attention_mask, *, temperature, chunk_size
+    self,
+    params,
+    input_ids,
+    targets,
+    positions,
+    segment_ids,
+    attention_mask,
+    *,
+    temperature,
+    chunk_size,
+    micro_batches=1,
   ):
     model = nnx.merge(self.graphdef, params)
-    return token_logprobs(
-      model,
-      input_ids,
-      targets,
-      positions=positions,
-      segment_ids=segment_ids,
-      attention_mask=attention_mask,
-      temperature=temperature,
-      chunk_size=chunk_size,
+    rows = dict(input_ids=input_ids, targets=targets)
+    rows.update(
+      {
+        k: v
+        for k, v in dict(positions=positions, segment_ids=segment_ids, mask=attention_mask).items()
+        if v is not None
+      }
     )
+
+    def run(mb):
+      return token_logprobs(
+        model,
+        mb["input_ids"],
+        mb["targets"],
+        positions=mb.get("positions"),
+        segment_ids=mb.get("segment_ids"),
+        attention_mask=mb.get("mask"),
+        temperature=temperature,
+        chunk_size=chunk_size,
+      )
+
+    return microbatch.map_rows(run, rows, micro_batches)
 
   def logprobs(
     self,
@@ -267,7 +290,9 @@ class ReferenceModel:
     attention_mask=None,
     temperature: float = 1.0,
     chunk_size: int = 256,
+    micro_batches: int = 1,
   ) -> TokenLogprobs:
+    """Log-probs of the targets under the frozen weights, `micro_batches` row groups at a time."""
     return self._fn(
       self.device_params(),
       input_ids_BT,
@@ -277,6 +302,7 @@ class ReferenceModel:
       attention_mask,
       temperature=temperature,
       chunk_size=chunk_size,
+      micro_batches=micro_batches,
     )
 
 

@@ -25,6 +25,7 @@ from flax import nnx
 from retool_jax import sharding as sharding_lib
 from retool_jax.models.qwen3 import Qwen3
 from retool_jax.train import advantages as adv_lib
+from retool_jax.train import microbatch
 from retool_jax.train.losses import value_loss
 from retool_jax.train.masked import masked_mean, masked_var
 from retool_jax.train.state import TrainState, create_train_state
@@ -72,27 +73,46 @@ class CriticConfig:
     return cls(**values)
 
 
-@jax.jit
-def critic_values(state: TrainState, batch: Mapping[str, jax.Array]) -> jax.Array:
-  """The critic's values `[B, T]` under its current weights."""
-  return state.model()(batch["input_ids_BT"], batch["attention_mask_BT"])
+@functools.partial(jax.jit, static_argnames=("micro_batches",))
+def critic_values(state: TrainState, batch: Mapping[str, jax.Array], *, micro_batches: int = 1) -> jax.Array:
+  """The critic's values `[B, T]` under its current weights, `micro_batches` row groups at a time."""
+  model = state.model()
+  inputs = {k: batch[k] for k in ("input_ids_BT", "attention_mask_BT")}
+  return microbatch.map_rows(lambda mb: model(mb["input_ids_BT"], mb["attention_mask_BT"]), inputs, micro_batches)
 
 
-@functools.partial(jax.jit, donate_argnames=("state",))
+@functools.partial(jax.jit, donate_argnames=("state",), static_argnames=("micro_batches",))
 def critic_update(
-  state: TrainState, batch: Mapping[str, jax.Array], clip_value: jax.Array
+  state: TrainState, batch: Mapping[str, jax.Array], clip_value: jax.Array, *, micro_batches: int = 1
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the clipped value loss of `batch` (`old_values_BT`, `returns_BT` and the inputs);
-  `clip_value = inf` leaves it unclipped."""
+  `clip_value = inf` leaves it unclipped. With `micro_batches > 1` gradients are accumulated over row groups,
+  each normalised by the whole batch's token count (the same update); metrics are micro-batch means
+  (`vf_loss` their sum)."""
+  num_tokens = None
+  if micro_batches > 1:
+    num_tokens = jnp.maximum(jnp.sum(batch["mask_BT"] > 0), 1).astype(jnp.float32)
 
-  def loss_fn(trainable):
-    v_BT = state.model(trainable)(batch["input_ids_BT"], batch["attention_mask_BT"])
+  def loss_fn(trainable, mb):
+    v_BT = state.model(trainable)(mb["input_ids_BT"], mb["attention_mask_BT"])
     loss, metrics = value_loss(
-      v_BT, batch["old_values_BT"], batch["returns_BT"], batch["mask_BT"], clip_value=clip_value
+      v_BT, mb["old_values_BT"], mb["returns_BT"], mb["mask_BT"], clip_value=clip_value, num_tokens=num_tokens
     )
-    return loss, dict(metrics, values_mean=masked_mean(v_BT, batch["mask_BT"]))
+    return loss, dict(metrics, values_mean=masked_mean(v_BT, mb["mask_BT"]))
 
-  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if micro_batches == 1:
+    (_, metrics), grads = grad_fn(state.trainable, batch)
+  else:
+
+    def body(acc, mb):
+      (_, metrics), grads = grad_fn(state.trainable, microbatch.constrain_rows(mb))
+      return jax.tree.map(jnp.add, acc, grads), metrics
+
+    grads, per_mb = jax.lax.scan(
+      body, jax.tree.map(jnp.zeros_like, state.trainable), microbatch.split_rows(dict(batch), micro_batches)
+    )
+    metrics = {k: jnp.sum(v) if k == "vf_loss" else jnp.mean(v) for k, v in per_mb.items()}
   metrics = dict(metrics, vf_grad_norm=optax.tree.norm(grads))
   return state.apply_gradients(grads), metrics
 
@@ -135,8 +155,8 @@ class Critic:
     self.state, self.config = state, config
     self.last_metrics: dict[str, float] = {}
 
-  def values(self, batch: Mapping[str, jax.Array]) -> jax.Array:
-    return critic_values(self.state, batch)
+  def values(self, batch: Mapping[str, jax.Array], micro_batches: int = 1) -> jax.Array:
+    return critic_values(self.state, batch, micro_batches=micro_batches)
 
   def advantages(
     self, rewards_B: np.ndarray, batch: Mapping[str, jax.Array], rl: Any
@@ -147,7 +167,7 @@ class Critic:
     and `batch["ref_logp_BT"]`.
     """
     mask_BT = batch["mask_BT"]
-    values_BT = self.values(batch)
+    values_BT = self.values(batch, rl.micro_batches(mask_BT.shape[0]))
     kl_BT = None
     if rl.kl_reward_coef > 0:
       if "ref_logp_BT" not in batch:
@@ -174,10 +194,11 @@ class Critic:
     critic_batch.update(old_values_BT=values_BT, returns_BT=returns_BT)
     return adv_BT, critic_batch
 
-  def update(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """One critic step on a minibatch of the rows `advantages` returned; returns its metrics."""
+  def update(self, batch: Mapping[str, jax.Array], micro_batches: int = 1) -> dict[str, jax.Array]:
+    """One critic step on a minibatch of the rows `advantages` returned (accumulated over `micro_batches` row
+    groups); returns its metrics."""
     clip = self.config.clip_value if self.config.clip_value and self.config.clip_value > 0 else np.inf
-    self.state, metrics = critic_update(self.state, batch, jnp.float32(clip))
+    self.state, metrics = critic_update(self.state, batch, jnp.float32(clip), micro_batches=micro_batches)
     return dict(metrics, **self.last_metrics)
 
 

@@ -41,7 +41,7 @@ from retool_jax.rollout.slot_scheduler import Job, SlotScheduler
 from retool_jax.rollout.static_batch import StaticBatcher
 from retool_jax.rollout.types import FinishReason, GenerateRequest, GenerateResult
 
-__all__ = ["JaxEngine"]
+__all__ = ["JaxEngine", "with_attention"]
 
 BATCHING = ("continuous", "static")
 
@@ -62,7 +62,7 @@ def _mesh_of(params) -> Any:
   return None
 
 
-def _with_attention(model: Qwen3, impl: str | None) -> Qwen3:
+def with_attention(model: Qwen3, impl: str | None) -> Qwen3:
   """The model (sharing its arrays) with every attention layer on `impl`."""
   if impl is None:
     return model
@@ -137,7 +137,7 @@ class JaxEngine:
         f"prefill_chunk={prefill_chunk}, max_prefill_tokens={max_prefill_tokens}, "
         f"max_prefill_rows={max_prefill_rows} and max_stop_ids={max_stop_ids} must be >= 1"
       )
-    self._graphdef, params = nnx.split(_with_attention(model, attention_impl))
+    self._graphdef, params = nnx.split(with_attention(model, attention_impl))
     # Committed arrays, like the ones `update_weights` places, so that a swap reuses the compiled programs.
     self._params = jax.tree.map(lambda a: jax.device_put(a, a.sharding), params)
     self.config = model.config

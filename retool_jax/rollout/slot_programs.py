@@ -145,18 +145,19 @@ def prefill(graphdef, params, state: SlotState, rows: PrefillRows, *, attend_len
   """Writes each row's new tokens into its slot; rows that end their prompt sample their first token.
 
   Returns `(state, first_token_R, first_logprob_R)`. Only the last real position of each row is projected to
-  the vocabulary.
+  the vocabulary, and only the first `attend_length` columns of the rows' slots are read and written (the caller
+  keeps `start + T` within them).
   """
   model = nnx.merge(graphdef, params)
   c = state.cache
-  s = c.max_length
+  s = min(attend_length, c.max_length)  # every column this call reads or writes
   cols_S = jnp.arange(s)
-  # The rows' slots as a small cache of R rows, their prefixes taken from the source slots.
-  take = lambda a: jnp.take(a, rows.source_R, axis=1, mode="clip")
+  # The rows' slots as a small cache of R rows x S columns, their prefixes taken from the source slots.
+  take = lambda a: jnp.take(a[:, :, :s], rows.source_R, axis=1, mode="clip")
   sub = KVCache(
     {k: take(a) for k, a in c.k.items()},
     {k: take(a) for k, a in c.v.items()},
-    jnp.take(c.valid_BS, rows.source_R, axis=0, mode="clip") & (cols_S[None, :] < rows.start_R[:, None]),
+    jnp.take(c.valid_BS[:, :s], rows.source_R, axis=0, mode="clip") & (cols_S[None, :] < rows.start_R[:, None]),
     rows.start_R,
   )
   t = rows.ids_RT.shape[1]
@@ -170,12 +171,13 @@ def prefill(graphdef, params, state: SlotState, rows: PrefillRows, *, attend_len
   tokens, lps = sample(logits, rows.temperature_R, rows.top_p_R, rows.top_k_R, rows.keys_R2, zeros)
   ends = _stopped(tokens, rows.stop_ids_RW) | (rows.max_new_R <= 1)
 
-  put = lambda a, new: a.at[:, rows.slot_R].set(new, mode="drop")
+  put = lambda a, new: a.at[:, rows.slot_R, :s].set(new, mode="drop")
   put0 = lambda a, new: a.at[rows.slot_R].set(new, mode="drop")
+  valid_BS = c.valid_BS.at[rows.slot_R].set(False, mode="drop").at[rows.slot_R, :s].set(sub.valid_BS, mode="drop")
   cache = KVCache(
     {k: put(a, sub.k[k]) for k, a in c.k.items()},
     {k: put(a, sub.v[k]) for k, a in c.v.items()},
-    put0(c.valid_BS, sub.valid_BS),
+    valid_BS,
     put0(c.index_B, sub.index_B),
   )
   state = SlotState(

@@ -121,7 +121,7 @@ def init_state(
   return jax.jit(make, out_shardings=shardings)()
 
 
-@functools.partial(jax.jit, static_argnames=("length",), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("length",))
 def grow(state: SlotState, *, length: int) -> SlotState:
   """The same state with `length` columns per slot (the new columns are empty)."""
   c = state.cache

@@ -138,7 +138,8 @@ def test_rl_programs_fit_a_small_slice():
   rows, _ = run_programs(c, "v5p-8")
   names = [r.program for r in rows]
   assert names[:3] == ["rl/policy_logprobs", "rl/reference_logprobs", "rl/policy_update"]
-  assert names[3].startswith("engine/prefill[b=8,t=32,cache=48]") and names[4].startswith("engine/decode[b=8")
+  assert names[3].startswith("engine/prefill[rows=8,t=32,slots=8,cache=48]")
+  assert names[4].startswith("engine/decode[slots=8,cache=48")
   assert all(r.status == "ok" for r in rows), rows
   update = rows[2]
   assert update.alias_bytes > 0 and update.flops > rows[0].flops / 2  # half the rows, forward and backward

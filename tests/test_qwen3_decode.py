@@ -43,7 +43,7 @@ def test_incremental_decoding_matches_full_forward(cfg):
   inc = np.concatenate(outs, axis=1)
   valid = mask.astype(bool)
   np.testing.assert_allclose(inc[valid], full[valid], atol=1e-5, rtol=0)
-  assert int(cache.index) == prompt_len + new
+  np.testing.assert_array_equal(np.asarray(cache.index_B), [prompt_len + new] * b)
   np.testing.assert_array_equal(np.asarray(cache.num_tokens()), lengths + new)
 
 

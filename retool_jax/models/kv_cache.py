@@ -1,4 +1,4 @@
-"""Key/value cache for incremental decoding."""
+"""Key/value cache for incremental decoding, with a write position per row."""
 
 from __future__ import annotations
 
@@ -11,17 +11,18 @@ import jax.numpy as jnp
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  """Per-layer keys and values for a batch of sequences sharing one write pointer.
+  """Per-layer keys and values for a batch of sequences, each row with its own write position.
 
   `k[kind]` / `v[kind]` are `[layers_of_kind, B, S, K, H]` (kind is "dense" or "moe", as the model stacks its
-  layers). `valid[b, s]` marks slots that hold a real token (left padding and unwritten slots are False).
-  All rows write at slot `index`; ragged prompts are left-padded so they end together.
+  layers). `valid_BS[b, s]` marks columns that hold a real token (left padding and unwritten columns are
+  False). Row b writes its next tokens at columns `index_B[b], index_B[b] + 1, ...`; rows may be at different
+  positions (a slot engine), or left-padded so that they end together (a static batch).
   """
 
   k: dict[str, jax.Array]
   v: dict[str, jax.Array]
   valid_BS: jax.Array
-  index: jax.Array
+  index_B: jax.Array
 
   @property
   def max_length(self) -> int:
@@ -35,14 +36,34 @@ class KVCache:
     """Real tokens held per row, `[B]`."""
     return self.valid_BS.sum(axis=-1)
 
+  def bytes_per_token(self) -> int:
+    """Bytes one token of one row takes over all layers (keys and values)."""
+    per = sum(a.shape[0] * a.shape[3] * a.shape[4] * a.dtype.itemsize for a in self.k.values())
+    return 2 * per
+
+
+def cache_shapes(
+  layer_counts: dict[str, int], batch_size: int, max_length: int, num_kv_heads: int, head_dim: int
+) -> dict[str, tuple[int, ...]]:
+  return {kind: (n, batch_size, max_length, num_kv_heads, head_dim) for kind, n in layer_counts.items()}
+
 
 def init_cache(
   layer_counts: dict[str, int], batch_size: int, max_length: int, num_kv_heads: int, head_dim: int, dtype
 ) -> KVCache:
-  shape = lambda n: (n, batch_size, max_length, num_kv_heads, head_dim)
+  shapes = cache_shapes(layer_counts, batch_size, max_length, num_kv_heads, head_dim)
   return KVCache(
-    k={kind: jnp.zeros(shape(n), dtype) for kind, n in layer_counts.items()},
-    v={kind: jnp.zeros(shape(n), dtype) for kind, n in layer_counts.items()},
+    k={kind: jnp.zeros(s, dtype) for kind, s in shapes.items()},
+    v={kind: jnp.zeros(s, dtype) for kind, s in shapes.items()},
     valid_BS=jnp.zeros((batch_size, max_length), bool),
-    index=jnp.zeros((), jnp.int32),
+    index_B=jnp.zeros((batch_size,), jnp.int32),
   )
+
+
+def write_rows(cache_BS_: jax.Array, new_BT_: jax.Array, start_B: jax.Array) -> jax.Array:
+  """Writes row b's T new entries at columns `start_B[b] + t`; columns past the end are dropped, so a row
+  whose start is `S` (or more) writes nothing."""
+  b, t = new_BT_.shape[:2]
+  cols_BT = start_B[:, None] + jnp.arange(t, dtype=start_B.dtype)[None, :]
+  rows_B1 = jnp.arange(b)[:, None]
+  return cache_BS_.at[rows_B1, cols_BT].set(new_BT_.astype(cache_BS_.dtype), mode="drop")

@@ -11,6 +11,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from retool_jax.models.attention import AttentionMask, attend
+from retool_jax.models.kv_cache import write_rows
 from retool_jax.models.qwen3_config import Qwen3Config
 from retool_jax.sharding import constrain
 
@@ -55,7 +56,7 @@ class LayerCache(NamedTuple):
 
   k_BSKH: jax.Array
   v_BSKH: jax.Array
-  index: jax.Array
+  index_B: jax.Array  # per row: the column of its first new token (past the end: the row writes nothing)
 
 
 class Attention(nnx.Module):
@@ -99,10 +100,11 @@ class Attention(nnx.Module):
     q, k = apply_rope(q, rope), apply_rope(k, rope)
     q = constrain(q, ("batch", "length", "act_heads", None))
     if cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache.k_BSKH, k.astype(cache.k_BSKH.dtype), cache.index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache.v_BSKH, v.astype(cache.v_BSKH.dtype), cache.index, axis=1)
-      cache = LayerCache(k, v, cache.index)
-      k, v = k.astype(x_BTD.dtype), v.astype(x_BTD.dtype)
+      k = write_rows(cache.k_BSKH, k, cache.index_B)
+      v = write_rows(cache.v_BSKH, v, cache.index_B)
+      cache = LayerCache(k, v, cache.index_B)
+      s = mask.kv_segment_BS.shape[1]  # the columns this call attends to (a live prefix of the cache)
+      k, v = k[:, :s].astype(x_BTD.dtype), v[:, :s].astype(x_BTD.dtype)
     out = attend(q, k, v, mask, impl=self.attention_impl)
     out = constrain(out, ("batch", "length", "act_heads", None))
     y = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(x_BTD.dtype))

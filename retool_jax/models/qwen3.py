@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from retool_jax.models.attention import AttentionMask, causal_mask
-from retool_jax.models.kv_cache import KVCache, init_cache
+from retool_jax.models.kv_cache import KVCache, init_cache, write_rows
 from retool_jax.models.layers import DecoderLayer, LayerCache, RMSNorm, RouterStats, rope_tables
 from retool_jax.models.qwen3_config import PRESETS, Qwen3Config, preset
 from retool_jax.sharding import constrain
@@ -137,32 +137,53 @@ class Qwen3(nnx.Module):
     cache: KVCache,
     positions: jax.Array | None = None,
     attention_mask: jax.Array | None = None,
+    *,
+    advance_B: jax.Array | None = None,
+    attend_length: int | None = None,
   ) -> tuple[jax.Array, KVCache]:
-    """Prefill or decode: attends to the cache plus these tokens, writes them at `cache.index`.
+    """Prefill or decode: float32 logits `[B, T, V]` and the updated cache (see `forward_cached_hidden`)."""
+    h, cache = self.forward_cached_hidden(
+      input_ids_BT, cache, positions, attention_mask, advance_B=advance_B, attend_length=attend_length
+    )
+    return self.logits(h), cache
 
-    `attention_mask[b, t] = 0` marks padding (left-padded prompts). Positions default to the count of real
-    tokens before each one. Returns float32 logits `[B, T, V]` and the updated cache. The caller keeps
-    `cache.index + T <= cache.max_length`.
+  def forward_cached_hidden(
+    self,
+    input_ids_BT: jax.Array,
+    cache: KVCache,
+    positions: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    *,
+    advance_B: jax.Array | None = None,
+    attend_length: int | None = None,
+  ) -> tuple[jax.Array, KVCache]:
+    """Attends to the cache plus these tokens and writes row b's tokens at columns `cache.index_B[b] + t`.
+
+    `attention_mask[b, t] = 0` marks padding (left padding of a static batch, right padding of a packed
+    prefill); padded tokens are written but never attended to. Positions default to the count of real tokens
+    before each one. `advance_B` (default T) is how far each row's write position moves; a row with 0 writes
+    nothing (an idle slot). `attend_length` (static) limits attention to the first columns of the cache; the
+    caller keeps every real key and every written column below it, and `index_B + T <= max_length` for rows
+    that write. Returns the final-norm hidden states `[B, T, D]` and the updated cache.
     """
     b, t = input_ids_BT.shape
     new_valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    advance_B = jnp.full((b,), t, jnp.int32) if advance_B is None else advance_B.astype(jnp.int32)
     if positions is None:
       positions = cache.num_tokens()[:, None] + jnp.maximum(jnp.cumsum(new_valid, axis=1) - 1, 0)
-    valid_BS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BS, new_valid, cache.index, axis=1)
+    start_B = jnp.where(advance_B > 0, cache.index_B, cache.max_length)  # past the end: nothing is written
+    valid_BS = write_rows(cache.valid_BS, new_valid, start_B)
+    s = cache.max_length if attend_length is None else min(attend_length, cache.max_length)
     mask = AttentionMask(
       q_segment_BT=new_valid.astype(jnp.int32),
-      kv_segment_BS=valid_BS.astype(jnp.int32),
-      q_index_BT=jnp.broadcast_to(cache.index + jnp.arange(t, dtype=jnp.int32), (b, t)),
+      kv_segment_BS=valid_BS[:, :s].astype(jnp.int32),
+      q_index_BT=cache.index_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :],
     )
-    h, cache, _ = self._decode_layers(
-      self._embed(input_ids_BT),
-      positions,
-      mask,
-      new_valid,
-      cache=cache.__class__(cache.k, cache.v, valid_BS, cache.index),
+    h, cache_out, _ = self._decode_layers(
+      self._embed(input_ids_BT), positions, mask, new_valid, cache=KVCache(cache.k, cache.v, valid_BS, start_B)
     )
-    cache = KVCache(cache.k, cache.v, valid_BS, cache.index + t)
-    return self.logits(self.norm(h)), cache
+    cache = KVCache(cache_out.k, cache_out.v, valid_BS, cache.index_B + advance_B)
+    return self.norm(h), cache
 
   # ---- internals --------------------------------------------------------------------------------
 
@@ -196,7 +217,7 @@ class Qwen3(nnx.Module):
 
       def body(x, xs):
         layer_state, kc, vc = xs
-        lc = None if cache is None else LayerCache(kc, vc, cache.index)
+        lc = None if cache is None else LayerCache(kc, vc, cache.index_B)
         x, lc, stats = fn(layer_state, x, rope, mask, valid_BT, lc)
         return x, (None if lc is None else lc.k_BSKH, None if lc is None else lc.v_BSKH, stats)
 
@@ -209,14 +230,14 @@ class Qwen3(nnx.Module):
     else:
       for kind, i in self.layer_plan:
         state = jax.tree.map(lambda a: a[i], split[kind][1])
-        lc = None if cache is None else LayerCache(new_k[kind][i], new_v[kind][i], cache.index)
+        lc = None if cache is None else LayerCache(new_k[kind][i], new_v[kind][i], cache.index_B)
         x_BTD, lc, stats = fns[kind](state, x_BTD, rope, mask, valid_BT, lc)
         if cache is not None:
           new_k[kind] = new_k[kind].at[i].set(lc.k_BSKH)
           new_v[kind] = new_v[kind].at[i].set(lc.v_BSKH)
         if stats is not None:
           all_stats.append(stats)
-    new_cache = None if cache is None else KVCache(new_k, new_v, cache.valid_BS, cache.index)
+    new_cache = None if cache is None else KVCache(new_k, new_v, cache.valid_BS, cache.index_B)
     return x_BTD, new_cache, all_stats
 
   def _aux_loss(self, stats: list[RouterStats]) -> jax.Array | None:

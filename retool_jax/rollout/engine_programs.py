@@ -1,9 +1,10 @@
 """The embedded engine's compiled programs at the shapes a run leads to, for ahead-of-time compilation.
 
-`engine_programs` lists the prefill and decode programs `JaxEngine` compiles for a batch of `max_batch_size`
-rows whose prompts hold up to `prompt_len` tokens and may grow to `max_length`: the engine's bucketing (powers of
-two for rows, prompt length and new-token budget) applied to those sizes, with the policy's weights as the
-engine holds them (a copy sharded like the policy) and the batch laid out over the mesh's data axes.
+`engine_programs` lists the largest prefill and decode programs `JaxEngine` (continuous batching) compiles for
+`max_batch_size` slots of `max_length` tokens: the packed prefill of `max_prefill_rows` rows of up to
+`prefill_chunk` prompt tokens and the decode chunk over every slot, both attending over the whole slot length
+(the worst bucket). The policy's weights are held as the engine holds them (a copy sharded like the policy),
+the KV cache with KV heads over `tensor` and slots over `data` / `fsdp`.
 """
 
 from __future__ import annotations
@@ -15,24 +16,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from retool_jax.models.qwen3 import Qwen3
 from retool_jax.programs import Program
-from retool_jax.rollout import jax_engine
-
-
-def _rows_sharding(mesh, rows: int, ndim: int, axis: int = 0) -> NamedSharding:
-  batch = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
-  shards = 1
-  for a in batch:
-    shards *= mesh.shape[a]
-  spec = [None] * ndim
-  if batch and rows % shards == 0:
-    spec[axis] = batch if len(batch) > 1 else batch[0]
-  return NamedSharding(mesh, PartitionSpec(*spec))
-
-
-def _sds(shape, dtype, mesh, axis: int = 0) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(
-    shape, dtype, sharding=_rows_sharding(mesh, shape[axis] if shape else 1, len(shape), axis)
-  )
+from retool_jax.rollout import slot_programs
+from retool_jax.rollout.jax_engine import with_attention
+from retool_jax.rollout.slot_scheduler import bucket
 
 
 def engine_programs(
@@ -46,64 +32,70 @@ def engine_programs(
   num_stop_ids: int = 1,
   min_prompt_bucket: int = 16,
   min_new_bucket: int = 16,
+  prefill_chunk: int = 512,
+  max_prefill_rows: int = 16,
+  max_stop_ids: int = 8,
+  attention_impl: str | None = "blockwise",
   resident: tuple = (),
 ) -> list[Program]:
-  """`[prefill, decode]` of one engine batch: `max_batch_size` rows, prompts of up to `prompt_len` tokens
-  generating until `max_length` tokens.
+  """`[prefill, decode]` of the slot engine: `max_batch_size` slots of `max_length` tokens.
 
   Args:
     model: the policy, abstract or real, whose variables carry the shardings the engine keeps (its copy of the
       policy's weights).
-    mesh: the run's mesh; batch rows go over its data axes.
-    max_batch_size / decode_chunk: as given to `JaxEngine`.
-    prompt_len / max_length: the longest prompt of the batch and the context limit (prompt + generation).
-    num_stop_ids: stop tokens per row (EOS and the request's stop ids).
-    min_prompt_bucket / min_new_bucket: the engine's smallest buckets.
+    mesh: the run's mesh; slots go over its data axes, KV heads over `tensor`.
+    max_batch_size / decode_chunk / prefill_chunk / max_prefill_rows / max_stop_ids / min_prompt_bucket: as
+      given to `JaxEngine`.
+    prompt_len / max_length: the longest prompt and the context limit (prompt + generation).
+    num_stop_ids: stop tokens per request (EOS and the request's stop ids); at most `max_stop_ids`.
+    attention_impl: as given to `JaxEngine` (the attention over the cache).
+    min_new_bucket: unused (static batching's budget bucket), accepted for compatibility.
     resident: what else the run keeps on the devices while the engine runs (`Program.resident`).
   """
+  del min_new_bucket
   if not 0 < prompt_len < max_length:
     raise ValueError(f"prompt_len={prompt_len} must be in [1, max_length={max_length})")
-  b = jax_engine._bucket(max_batch_size, 1)
-  t = jax_engine._bucket(prompt_len, min_prompt_bucket)
-  new_len = jax_engine._bucket(max_length - prompt_len, min_new_bucket)
-  graphdef, params = nnx.split(model)
-  rows = jax_engine._RowParams(
-    _sds((b,), jnp.float32, mesh),
-    _sds((b,), jnp.float32, mesh),
-    _sds((b,), jnp.int32, mesh),
-    _sds((b, 2), jnp.uint32, mesh),
-    _sds((b,), jnp.int32, mesh),
-    _sds((b, max(1, num_stop_ids)), jnp.int32, mesh),
+  if num_stop_ids > max_stop_ids:
+    raise ValueError(f"num_stop_ids={num_stop_ids} is more than max_stop_ids={max_stop_ids}")
+  b, s, w = max_batch_size, max_length, max_stop_ids
+  r = bucket(min(max_prefill_rows, b), 1)
+  t = bucket(min(prompt_len, prefill_chunk), min_prompt_bucket)
+  graphdef, params = nnx.split(with_attention(model, attention_impl))
+  cfg = model.config
+  counts = {k: n for k in ("dense", "moe") if (n := sum(1 for kk, _ in model.layer_plan if kk == k))}
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def sds(x, sharding=replicated):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+  state = jax.eval_shape(
+    lambda: slot_programs.init_state(counts, b, s, cfg.num_key_value_heads, cfg.head_dim, cfg.jnp_dtype, w)
   )
-  ids = _sds((b, t), jnp.int32, mesh)
-  prefill = Program(
-    f"engine/prefill[b={b},t={t},cache={t + new_len}]",
-    jax_engine._prefill,
-    (graphdef, params, ids, ids, rows),
-    dict(cache_len=t + new_len, new_len=new_len),
-    resident,
-  )
-  with jax.set_mesh(mesh):
-    state = jax.eval_shape(
-      lambda p, i, r: jax_engine._prefill(graphdef, p, i, i, r, cache_len=t + new_len, new_len=new_len),
-      params,
-      ids,
-      rows,
-    )
-  cache_axis = lambda x: 1 if x.ndim == 5 else 0  # noqa: E731  (cache k/v are [layers, B, S, K, H])
-  state = jax.tree.map(
-    lambda x: (
-      _sds(x.shape, x.dtype, mesh, cache_axis(x))
-      if x.ndim
-      else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+  state = jax.tree.map(sds, state)
+  for kind in counts:
+    shape = state.cache.k[kind].shape
+    state.cache.k[kind] = state.cache.v[kind] = sds(state.cache.k[kind], slot_programs.cache_sharding(mesh, shape))
+  i32, f32 = jnp.int32, jnp.float32
+  rows = slot_programs.PrefillRows(
+    *(jax.ShapeDtypeStruct(shape, dtype, sharding=replicated) for shape, dtype in (
+      ((r,), i32), ((r,), i32), ((r,), i32), ((r, t), i32), ((r,), i32), ((r,), bool), ((r,), f32), ((r,), f32),
+      ((r,), i32), ((r, 2), jnp.uint32), ((r,), i32), ((r, w), i32),
+    ))
+  )  # fmt: skip
+  keep = jax.ShapeDtypeStruct((b,), bool, sharding=replicated)
+  return [
+    Program(
+      f"engine/prefill[rows={r},t={t},slots={b},cache={s}]",
+      slot_programs.prefill,
+      (graphdef, params, state, rows),
+      dict(attend_length=s),
+      resident,
     ),
-    state,
-  )
-  decode = Program(
-    f"engine/decode[b={b},cache={t + new_len},steps={decode_chunk}]",
-    jax_engine._decode_chunk,
-    (graphdef, params, state, rows),
-    dict(steps=decode_chunk),
-    resident,
-  )
-  return [prefill, decode]
+    Program(
+      f"engine/decode[slots={b},cache={s},steps={decode_chunk}]",
+      slot_programs.decode_chunk,
+      (graphdef, params, state, keep),
+      dict(steps=decode_chunk, attend_length=s),
+      resident,
+    ),
+  ]

@@ -1,14 +1,22 @@
-"""The embedded engine: batched KV-cache generation with the policy's own weights, in process.
+"""The embedded engine: KV-cache generation with the policy's own weights, in process.
 
     engine = JaxEngine(model, tokenizer=tokenizer)
     [result] = await engine.generate([GenerateRequest(prompt_ids, SamplingParams(temperature=1.0, stop=("</code>",)))])
     await engine.update_weights(nnx.state(trained_model), version=step)
 
-Concurrent `generate` calls are gathered for `batch_window_s` and run together (up to `max_batch_size` rows).
-Shapes are bucketed (rows, prompt length and new-token budget to powers of two), so a steady workload compiles
-a handful of programs once. A batch is one left-padded prefill (only its last position is projected to the
-vocabulary) followed by jitted decode chunks of `decode_chunk` steps; stop tokens end a row inside the chunk,
-stop strings are matched on the host between chunks, and the batch ends as soon as every row has finished.
+Continuous batching (the default): a fixed number of decode slots (`max_batch_size`, or what `kv_cache_gib`
+holds at `max_length` tokens each), each with its own length, position, sampling parameters and PRNG key. A
+scheduler admits queued requests into free slots between decode chunks of `decode_chunk` steps, prefills them
+in packed chunks (power-of-two token buckets, so few programs compile), and returns each row the moment it
+ends (stop token, stop string, budget, `abort`, deadline). A finished request's KV stays in its slot, so the
+next turn of a trajectory prefills only its new tokens and the samples of a GRPO group share their prompt's
+prefill (`engine.stats`: prefix hits, misses, evictions); new weights drop every kept prefix. A token's noise
+depends only on its request's seed and its index, so a seeded request gives the same tokens whichever
+requests share its slots and whether its prefix was reused.
+
+`batching="static"` keeps the previous engine: requests gathered for `batch_window_s` run as one left-padded
+batch until its longest row ends (the baseline of `bench/rollout_tail.py`).
+
 The device work runs in a worker thread, so the event loop keeps serving tool calls while the model decodes.
 """
 
@@ -16,8 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,110 +34,45 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from retool_jax.models.kv_cache import KVCache
+from retool_jax.models.attention import resolve_impl
+from retool_jax.models.layers import Attention
 from retool_jax.models.qwen3 import Qwen3
-from retool_jax.rollout.sampling import find_stop_string, sample
-from retool_jax.rollout.types import FinishReason, GenerateRequest, GenerateResult, SamplingParams
+from retool_jax.rollout.slot_scheduler import Job, SlotScheduler
+from retool_jax.rollout.static_batch import StaticBatcher
+from retool_jax.rollout.types import FinishReason, GenerateRequest, GenerateResult
 
-__all__ = ["JaxEngine"]
+__all__ = ["JaxEngine", "with_attention"]
 
-
-def _bucket(n: int, minimum: int) -> int:
-  return max(minimum, 1 << max(0, n - 1).bit_length())
-
-
-@dataclasses.dataclass
-class _DecodeState:
-  """Device state of a batch between decode chunks."""
-
-  cache: KVCache
-  last_B: jax.Array  # the token to feed next
-  out_BN: jax.Array  # generated tokens
-  logprobs_BN: jax.Array
-  count_B: jax.Array  # tokens generated so far
-  done_B: jax.Array
-
-
-jax.tree_util.register_dataclass(
-  _DecodeState, data_fields=[f.name for f in dataclasses.fields(_DecodeState)], meta_fields=[]
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class _RowParams:
-  """Per-row sampling parameters as device arrays."""
-
-  temperature_B: jax.Array
-  top_p_B: jax.Array
-  top_k_B: jax.Array
-  keys_B2: jax.Array
-  max_new_B: jax.Array
-  stop_ids_BS: jax.Array  # -1 padded
-
-
-jax.tree_util.register_dataclass(
-  _RowParams, data_fields=[f.name for f in dataclasses.fields(_RowParams)], meta_fields=[]
-)
-
-
-def _finish_step(state: _DecodeState, tokens_B, logprobs_B, rows: _RowParams) -> _DecodeState:
-  """Records one sampled token per unfinished row and marks rows that hit a stop token or their budget."""
-  live = ~state.done_B
-  idx = jnp.minimum(state.count_B, state.out_BN.shape[1] - 1)
-  b = jnp.arange(tokens_B.shape[0])
-  out = state.out_BN.at[b, idx].set(jnp.where(live, tokens_B, state.out_BN[b, idx]))
-  lps = state.logprobs_BN.at[b, idx].set(jnp.where(live, logprobs_B, state.logprobs_BN[b, idx]))
-  count = state.count_B + live
-  stopped = jnp.any(tokens_B[:, None] == rows.stop_ids_BS, axis=-1)
-  done = state.done_B | (live & (stopped | (count >= rows.max_new_B)))
-  return _DecodeState(state.cache, jnp.where(live, tokens_B, state.last_B), out, lps, count, done)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "new_len"), donate_argnames=())
-def _prefill(graphdef, params, ids_BT, mask_BT, rows: _RowParams, *, cache_len: int, new_len: int):
-  model = nnx.merge(graphdef, params)
-  b, t = ids_BT.shape
-  cache = model.init_cache(b, cache_len)
-  if t > 1:  # only the last position's logits are used: the [B, T-1, V] projection of the rest is never built
-    _, cache = model.forward_cached(ids_BT[:, :-1], cache, attention_mask=mask_BT[:, :-1])
-  logits, cache = model.forward_cached(ids_BT[:, -1:], cache, attention_mask=mask_BT[:, -1:])
-  state = _DecodeState(
-    cache,
-    jnp.zeros((b,), jnp.int32),
-    jnp.zeros((b, new_len), jnp.int32),
-    jnp.zeros((b, new_len), jnp.float32),
-    jnp.zeros((b,), jnp.int32),
-    rows.max_new_B <= 0,
-  )
-  tokens, lps = sample(logits[:, -1], rows.temperature_B, rows.top_p_B, rows.top_k_B, rows.keys_B2, state.count_B)
-  return _finish_step(state, tokens, lps, rows)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps"), donate_argnames=("state",))
-def _decode_chunk(graphdef, params, state: _DecodeState, rows: _RowParams, *, steps: int) -> _DecodeState:
-  model = nnx.merge(graphdef, params)
-  room = state.cache.max_length - state.cache.index
-
-  def cond(carry):
-    i, s = carry
-    return (i < jnp.minimum(steps, room)) & ~jnp.all(s.done_B)
-
-  def body(carry):
-    i, s = carry
-    live = ~s.done_B
-    logits, cache = model.forward_cached(s.last_B[:, None], s.cache, attention_mask=live[:, None])
-    s = dataclasses.replace(s, cache=cache)
-    tokens, lps = sample(logits[:, -1], rows.temperature_B, rows.top_p_B, rows.top_k_B, rows.keys_B2, s.count_B)
-    return i + 1, _finish_step(s, tokens, lps, rows)
-
-  _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
-  return state
+BATCHING = ("continuous", "static")
 
 
 @dataclasses.dataclass
 class _Pending:
   request: GenerateRequest
   future: asyncio.Future
+  seed: int
+  submitted: float
+
+
+def _mesh_of(params) -> Any:
+  for leaf in jax.tree.leaves(params):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
+      return sharding.mesh
+  return None
+
+
+def with_attention(model: Qwen3, impl: str | None) -> Qwen3:
+  """The model (sharing its arrays) with every attention layer on `impl`."""
+  if impl is None:
+    return model
+  resolve_impl(impl)
+  graphdef, params = nnx.split(model)
+  model = nnx.merge(graphdef, params)
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, Attention):
+      module.attention_impl = impl
+  return model
 
 
 class JaxEngine:
@@ -140,12 +83,23 @@ class JaxEngine:
     tokenizer: needed for stop strings (decoding between chunks).
     eos_token_ids: stop tokens added to every request (default: the model config's EOS).
     max_length: longest prompt + generation; longer requests are cut to fit (finish `length`).
-    max_batch_size: rows per batch; larger bursts run as several batches.
-    decode_chunk: decode steps per jitted call (stop strings are checked between calls).
-    batch_window_s: how long the batcher waits for more requests before launching a batch.
-    min_batch_bucket / min_prompt_bucket / min_new_bucket: smallest padded batch / prompt length / new-token
-      budget (larger minimums: fewer programs to compile, more padding).
-    seed: draws the keys of requests without a seed.
+    max_batch_size: decode slots (static batching: rows per batch).
+    decode_chunk: decode steps per jitted call (stop strings, aborts and admissions happen between calls).
+    batching: "continuous" (slots) or "static" (the previous batcher).
+    kv_cache_gib: KV memory budget; the slots are as many as it holds at `max_length` tokens each (at most
+      `max_batch_size`). None: `max_batch_size` slots, their length growing by powers of two with the requests.
+    prefill_chunk: most prompt tokens of one request per prefill call (longer prompts take several calls,
+      with decode chunks in between).
+    max_prefill_tokens / max_prefill_rows: most tokens / requests packed into one prefill call.
+    max_stop_ids: most stop token ids per request (EOS included).
+    batch_window_s: static batching only: how long the batcher waits for more requests before a batch.
+    min_batch_bucket / min_prompt_bucket / min_new_bucket: smallest padded batch / prompt (prefill) length /
+      new-token budget (larger minimums: fewer programs to compile, more padding).
+    min_attend_bucket / min_slot_length: smallest bucket of the cache columns a call attends to / of the slot
+      length (slots grow by powers of two up to `max_length`).
+    attention_impl: attention over the cache ("blockwise": online softmax, no `[B, N, T, S]` scores, decode
+      reads only the written prefix); None keeps the model config's.
+    seed: draws the seeds of requests without one (in submission order).
   """
 
   def __init__(
@@ -157,17 +111,33 @@ class JaxEngine:
     max_length: int | None = None,
     max_batch_size: int = 64,
     decode_chunk: int = 16,
+    batching: str = "continuous",
+    kv_cache_gib: float | None = None,
+    prefill_chunk: int = 512,
+    max_prefill_tokens: int = 2048,
+    max_prefill_rows: int = 16,
+    max_stop_ids: int = 8,
     batch_window_s: float = 0.005,
     min_batch_bucket: int = 1,
     min_prompt_bucket: int = 16,
     min_new_bucket: int = 16,
+    min_attend_bucket: int = 128,
+    min_slot_length: int = 256,
+    attention_impl: str | None = "blockwise",
     pad_id: int = 0,
     seed: int = 0,
     weight_version: int | str | None = 0,
   ):
     if max_batch_size < 1 or decode_chunk < 1:
       raise ValueError(f"max_batch_size={max_batch_size} and decode_chunk={decode_chunk} must be >= 1")
-    self._graphdef, params = nnx.split(model)
+    if batching not in BATCHING:
+      raise ValueError(f"batching={batching!r} must be one of {BATCHING}")
+    if min(prefill_chunk, max_prefill_tokens, max_prefill_rows, max_stop_ids) < 1:
+      raise ValueError(
+        f"prefill_chunk={prefill_chunk}, max_prefill_tokens={max_prefill_tokens}, "
+        f"max_prefill_rows={max_prefill_rows} and max_stop_ids={max_stop_ids} must be >= 1"
+      )
+    self._graphdef, params = nnx.split(with_attention(model, attention_impl))
     # Committed arrays, like the ones `update_weights` places, so that a swap reuses the compiled programs.
     self._params = jax.tree.map(lambda a: jax.device_put(a, a.sharding), params)
     self.config = model.config
@@ -176,55 +146,105 @@ class JaxEngine:
       eos_token_ids = () if model.config.eos_token_id is None else (model.config.eos_token_id,)
     self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
     self.max_length = int(max_length or model.config.max_position_embeddings)
+    self.batching = batching
     self.max_batch_size = max_batch_size
     self.decode_chunk = decode_chunk
     self.batch_window_s = batch_window_s
     self.min_batch_bucket = min(min_batch_bucket, max_batch_size)
     self.min_prompt_bucket = min_prompt_bucket
     self.min_new_bucket = min_new_bucket
+    self.min_attend_bucket = min_attend_bucket
+    self.min_slot_length = min_slot_length
+    self.prefill_chunk = prefill_chunk
+    self.max_prefill_tokens = max(max_prefill_tokens, prefill_chunk)
+    self.max_prefill_rows = max_prefill_rows
+    self.max_stop_ids = max_stop_ids
     self.pad_id = pad_id
     self.weight_version = weight_version
+    self._serving_version = weight_version  # the version of `_params` (continuous: until a swap takes effect)
+    self.layer_counts = {k: n for k in ("dense", "moe") if (n := sum(1 for kk, _ in model.layer_plan if kk == k))}
+    self.cache_dtype = model.config.jnp_dtype
+    self.num_slots = self._slots_for_budget(kv_cache_gib)
     self._seeds = np.random.default_rng(seed)
     self._queue: asyncio.Queue[_Pending] | None = None
     self._loop: asyncio.AbstractEventLoop | None = None
     self._worker: asyncio.Task | None = None
     self._device_lock = threading.Lock()
-    self.stats = {"batches": 0, "rows": 0, "generated_tokens": 0, "decode_chunks": 0}
+    self._new_params: tuple[Any, Any] | None = None  # (params, version) waiting for the slots to drain
+    self._static = StaticBatcher(self)
+    self.programs: set[tuple] = set()  # static batching: the shapes compiled
+    self._scheduler = SlotScheduler(self, self.num_slots, max_stop_ids, mesh=_mesh_of(self._params))
+    self.stats: dict[str, int] = dict.fromkeys(
+      ("batches", "rows", "generated_tokens", "decode_chunks", "decode_steps", "slot_steps", "useful_tokens")
+      + ("prefill_calls", "prefill_tokens", "prefill_padded_tokens", "reused_tokens")
+      + ("prefix_hits", "prefix_misses", "evictions", "compiled_programs"),
+      0,
+    )
+
+  def kv_bytes_per_token(self) -> int:
+    cfg = self.config
+    per_layer = cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(self.cache_dtype).itemsize
+    return 2 * sum(self.layer_counts.values()) * per_layer
+
+  def _slots_for_budget(self, kv_cache_gib: float | None) -> int:
+    if kv_cache_gib is None:
+      return self.max_batch_size
+    per_slot = self.kv_bytes_per_token() * self.max_length
+    slots = min(self.max_batch_size, int(kv_cache_gib * 2**30 // per_slot))
+    if slots < 1:
+      raise ValueError(
+        f"kv_cache_gib={kv_cache_gib} holds no slot of max_length={self.max_length} tokens "
+        f"({per_slot / 2**30:.3f} GiB each)"
+      )
+    return slots
 
   # ---- Engine protocol ---------------------------------------------------------------------------
 
   async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
-    """Generates for every request; concurrent calls share batches. Results are in request order."""
+    """Generates for every request; concurrent calls share the slots (or batches). Results are in order."""
     for i, r in enumerate(requests):
       self._check(i, r)
     if not requests:
       return []
     queue = self._ensure_worker()
     loop = asyncio.get_running_loop()
-    pending = [_Pending(r, loop.create_future()) for r in requests]
+    now = time.monotonic()
+    pending = [_Pending(r, loop.create_future(), self._seed_of(r), now) for r in requests]
     for p in pending:
       queue.put_nowait(p)
     return list(await asyncio.gather(*(p.future for p in pending)))
 
+  def abort(self, request_id: str) -> None:
+    """Ends the request with this id: it returns what it generated so far, finish reason `abort`.
+
+    Continuous batching only (a static batch runs to its end).
+    """
+    self._scheduler.abort(request_id)
+
   async def update_weights(self, params: Any, version: int | str | None = None) -> None:
     """Swaps in new weights (a `Qwen3`, an `nnx.State` or a nested dict of arrays with the model's layout).
 
-    Batches already running finish with the weights they started with; later batches use the new ones.
-    Matching shapes and dtypes reuse the compiled programs.
+    Requests already running finish with the weights they started with; the new weights serve requests
+    admitted after every running one has ended, and kept prefixes are dropped. Matching shapes and dtypes
+    reuse the compiled programs.
     """
     new = await asyncio.to_thread(self._convert_params, params)
     with self._device_lock:
-      self._params = new
-      self.weight_version = version
+      if self.batching == "static":
+        self._params = new
+        self.weight_version = version
+      else:
+        self._new_params = (new, version)
+        self.weight_version = version
 
   async def health(self) -> bool:
     worker = self._worker
     return worker is None or not worker.done() or worker.cancelled()
 
   async def close(self) -> None:
-    """Stops the batcher on the running loop; requests still queued fail with `CancelledError`.
+    """Stops the scheduler on the running loop; requests still queued or running fail with `CancelledError`.
 
-    The engine stays usable: the next `generate` starts a new batcher.
+    The engine stays usable: the next `generate` starts a new scheduler.
     """
     worker, queue = self._worker, self._queue
     self._worker = self._queue = self._loop = None
@@ -236,17 +256,70 @@ class JaxEngine:
       pending = queue.get_nowait()
       if not pending.future.done():
         pending.future.cancel()
+    for job in self._scheduler.cancel_all():
+      if not job.handle.done():
+        job.handle.cancel()
 
-  # ---- batching ----------------------------------------------------------------------------------
+  # ---- serving -----------------------------------------------------------------------------------
+
+  def _seed_of(self, r: GenerateRequest) -> int:
+    s = r.sampling.seed
+    return int(s) if s is not None else int(self._seeds.integers(2**31))
 
   def _ensure_worker(self) -> asyncio.Queue:
     loop = asyncio.get_running_loop()
     if self._loop is not loop or self._worker is None or self._worker.done():
       self._loop, self._queue = loop, asyncio.Queue()
-      self._worker = loop.create_task(self._serve(self._queue))
+      serve = self._serve_static if self.batching == "static" else self._serve_slots
+      self._worker = loop.create_task(serve(self._queue))
     return self._queue
 
-  async def _serve(self, queue: asyncio.Queue) -> None:
+  async def _serve_slots(self, queue: asyncio.Queue) -> None:
+    sched = self._scheduler
+    while True:
+      if not sched.busy():
+        self._take(await queue.get())
+      while not queue.empty():
+        self._take(queue.get_nowait())
+      try:
+        finished = await asyncio.to_thread(self._slot_step)
+      except Exception as e:  # noqa: BLE001  (a failed step fails its callers, not the server)
+        for job in sched.cancel_all():
+          if not job.handle.done():
+            job.handle.set_exception(e)
+        continue
+      for job, result in finished:
+        if not job.handle.done():
+          job.handle.set_result(result)
+
+  def _take(self, p: _Pending) -> None:
+    if p.future.done():
+      return
+    r = p.request
+    room = self.max_length - len(r.prompt_ids)
+    if room < 1:
+      message = f"prompt of {len(r.prompt_ids)} tokens leaves no room within max_length={self.max_length}"
+      p.future.set_result(GenerateResult([], [], FinishReason("abort", message=message), self.weight_version))
+      return
+    deadline = None if r.deadline_s is None else p.submitted + r.deadline_s
+    budget = min(r.sampling.max_new_tokens, room)
+    self._scheduler.submit(Job(r, p.future, p.seed, budget, deadline))
+
+  def _slot_step(self) -> list:
+    sched = self._scheduler
+    with self._device_lock:
+      if self._new_params is not None and not any(s.job is not None for s in sched.slots):
+        self._params, version = self._new_params
+        self._new_params = None
+        self._serving_version = version
+        sched.drop_prefixes()
+      graphdef, params, version = self._graphdef, self._params, self._serving_version
+      admit = self._new_params is None
+    finished = sched.step(graphdef, params, version, admit=admit)
+    self.stats["compiled_programs"] = len(sched.programs)
+    return finished
+
+  async def _serve_static(self, queue: asyncio.Queue) -> None:
     while True:
       batch = [await queue.get()]
       deadline = asyncio.get_running_loop().time() + self.batch_window_s
@@ -262,7 +335,7 @@ class JaxEngine:
       if not batch:
         continue
       try:
-        results = await asyncio.to_thread(self._run_batch, [p.request for p in batch])
+        results = await asyncio.to_thread(self._run_batch, [(p.request, p.seed) for p in batch])
       except Exception as e:  # noqa: BLE001  (a failed batch fails its callers, not the server)
         for p in batch:
           if not p.future.done():
@@ -282,19 +355,29 @@ class JaxEngine:
       raise ValueError(
         f"requests[{i}].prompt_ids has ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}"
       )
+    n_stop = len(set(self.eos_token_ids) | set(r.sampling.stop_token_ids))
+    if n_stop > self.max_stop_ids:
+      raise ValueError(
+        f"requests[{i}] has {n_stop} stop token ids (EOS included), more than max_stop_ids={self.max_stop_ids}"
+      )
+    if r.deadline_s is not None and r.deadline_s < 0:
+      raise ValueError(f"requests[{i}].deadline_s={r.deadline_s} must be >= 0")
     if r.sampling.stop and self.tokenizer is None:
       raise ValueError(
         f"requests[{i}].sampling.stop={r.sampling.stop!r} needs a tokenizer: JaxEngine(model, tokenizer=...)"
       )
 
-  # ---- one batch on the device -------------------------------------------------------------------
+  def stop_ids(self, r: GenerateRequest) -> list[int]:
+    return sorted(set(self.eos_token_ids) | set(r.sampling.stop_token_ids))
 
-  def _run_batch(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
+  # ---- static batching ---------------------------------------------------------------------------
+
+  def _run_batch(self, rows: list[tuple[GenerateRequest, int]]) -> list[GenerateResult]:
     with self._device_lock:
       graphdef, params, version = self._graphdef, self._params, self.weight_version
-    results: list[GenerateResult | None] = [None] * len(requests)
+    results: list[GenerateResult | None] = [None] * len(rows)
     live = []
-    for i, r in enumerate(requests):
+    for i, (r, seed) in enumerate(rows):
       room = self.max_length - len(r.prompt_ids)
       if room < 1:
         results[i] = GenerateResult(
@@ -307,94 +390,13 @@ class JaxEngine:
           version,
         )
       else:
-        live.append((i, r, min(r.sampling.max_new_tokens, room)))
+        live.append((i, (r, min(r.sampling.max_new_tokens, room), seed)))
     if live:
-      for (i, _, _), res in zip(live, self._decode(graphdef, params, [(r, n) for _, r, n in live])):
+      for (i, _), res in zip(live, self._static.decode(graphdef, params, [row for _, row in live])):
         res.weight_version = version
         results[i] = res
+    self.stats["compiled_programs"] = len(self.programs)
     return results  # type: ignore[return-value]
-
-  def _decode(self, graphdef, params, rows: list[tuple[GenerateRequest, int]]) -> list[GenerateResult]:
-    n = len(rows)
-    b = _bucket(n, self.min_batch_bucket)
-    t = _bucket(max(len(r.prompt_ids) for r, _ in rows), self.min_prompt_bucket)
-    new_len = _bucket(max(m for _, m in rows), self.min_new_bucket)
-    ids = np.full((b, t), self.pad_id, np.int32)
-    mask = np.zeros((b, t), np.int32)
-    for j, (r, _) in enumerate(rows):
-      ids[j, t - len(r.prompt_ids) :] = r.prompt_ids
-      mask[j, t - len(r.prompt_ids) :] = 1
-    mask[n:, -1] = 1  # padding rows hold one token so that no attention row is empty
-    row_params = self._row_params(rows, b)
-    state = _prefill(
-      graphdef, params, jnp.asarray(ids), jnp.asarray(mask), row_params, cache_len=t + new_len, new_len=new_len
-    )
-    stop_strings = [r.sampling.stop for r, _ in rows]
-    checked = [0] * n
-    cut: dict[int, tuple[int, str]] = {}  # row -> (last token index, stop string)
-    while True:
-      if any(stop_strings):
-        count = np.asarray(state.count_B)
-        out = np.asarray(state.out_BN)
-        host_done = np.asarray(state.done_B).copy()
-        for j in range(n):
-          if j in cut or not stop_strings[j]:
-            continue
-          hit = find_stop_string(out[j, : count[j]].tolist(), checked[j], stop_strings[j], self.tokenizer.decode)
-          checked[j] = int(count[j])
-          if hit is not None:
-            cut[j] = hit
-            host_done[j] = True
-        if len(cut) and not np.array_equal(host_done, np.asarray(state.done_B)):
-          state = dataclasses.replace(state, done_B=jnp.asarray(host_done))
-      if bool(jnp.all(state.done_B)) or int(state.cache.index) >= state.cache.max_length:
-        break
-      state = _decode_chunk(graphdef, params, state, row_params, steps=self.decode_chunk)
-      self.stats["decode_chunks"] += 1
-    count, out, lps = np.asarray(state.count_B), np.asarray(state.out_BN), np.asarray(state.logprobs_BN)
-    results = []
-    stop_sets = [set(self.eos_token_ids) | set(r.sampling.stop_token_ids) for r, _ in rows]
-    for j, (r, budget) in enumerate(rows):
-      k = int(count[j])
-      if j in cut:
-        k = cut[j][0] + 1
-        reason = FinishReason("stop", cut[j][1])
-      elif k and int(out[j, k - 1]) in stop_sets[j]:
-        reason = FinishReason("stop", int(out[j, k - 1]))
-      else:
-        reason = FinishReason("length")
-      results.append(
-        GenerateResult(
-          out[j, :k].tolist(),
-          lps[j, :k].astype(float).tolist(),
-          reason,
-          meta={"prompt_tokens": len(r.prompt_ids), "request_id": r.request_id},
-        )
-      )
-      self.stats["generated_tokens"] += k
-    self.stats["batches"] += 1
-    self.stats["rows"] += n
-    return results
-
-  def _row_params(self, rows: list[tuple[GenerateRequest, int]], b: int) -> _RowParams:
-    n = len(rows)
-    stop_lists = [tuple(self.eos_token_ids) + tuple(r.sampling.stop_token_ids) for r, _ in rows]
-    width = max(1, max(len(s) for s in stop_lists))
-    stop_ids = np.full((b, width), -1, np.int32)
-    for j, s in enumerate(stop_lists):
-      stop_ids[j, : len(s)] = s
-    sp: list[SamplingParams] = [r.sampling for r, _ in rows] + [SamplingParams(temperature=0.0)] * (b - n)
-    seeds = [s.seed if s.seed is not None else int(self._seeds.integers(2**31)) for s in sp]
-    keys = np.stack([np.asarray(jax.random.PRNGKey(s)) for s in seeds])
-    max_new = np.asarray([m for _, m in rows] + [0] * (b - n), np.int32)
-    return _RowParams(
-      jnp.asarray([s.temperature for s in sp], jnp.float32),
-      jnp.asarray([s.top_p for s in sp], jnp.float32),
-      jnp.asarray([s.top_k for s in sp], jnp.int32),
-      jnp.asarray(keys),
-      jnp.asarray(max_new),
-      jnp.asarray(stop_ids),
-    )
 
   # ---- weights -----------------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ class GenerateRequest:
   prompt_ids: tuple[int, ...]
   sampling: SamplingParams = SamplingParams()
   request_id: str | None = None
+  deadline_s: float | None = None  # seconds after submission; then it ends with what it has (finish "abort")
 
 
 @dataclasses.dataclass(frozen=True)

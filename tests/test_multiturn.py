@@ -226,7 +226,7 @@ def test_config_from_config_dict():
   cfg = ml_collections.ConfigDict({"max_context": 1000, "call_formats": ["code"], "temperature": 0.5})
   c = MultiTurnConfig.from_config(cfg)
   assert (c.max_context, c.call_formats, c.temperature) == (1000, ("code",), 0.5)
-  with pytest.raises(ValueError, match=r"unknown multi-turn config field\(s\) \['max_ctx'\]"):
+  with pytest.raises(ValueError, match=r"multi-turn config \(rollout\): unknown field\(s\) \['max_ctx'\]"):
     MultiTurnConfig.from_config({"max_ctx": 3})
   with pytest.raises(ValueError, match="observation_format='xml'"):
     MultiTurnConfig(observation_format="xml")

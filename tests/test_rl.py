@@ -29,9 +29,9 @@ def test_config_checks_fields():
     }
   )
   assert c.loss.clip_high == 0.3 and c.overlong.cache_len == 16 and c.batch_size == 128
-  with pytest.raises(ValueError, match=r"unknown rl field\(s\) \['lr'\]"):
+  with pytest.raises(ValueError, match=r"rl: unknown field\(s\) \['lr'\]"):
     RLConfig.from_config({"lr": 1.0})
-  with pytest.raises(ValueError, match=r"unknown rl.loss field\(s\) \['clip'\]"):
+  with pytest.raises(ValueError, match=r"rl.loss: unknown field\(s\) \['clip'\]"):
     RLConfig.from_config({"loss": {"clip": 0.2}})
   with pytest.raises(ValueError, match="rl.algorithm"):
     RLConfig(algorithm="reinforce")

@@ -139,7 +139,7 @@ def test_run_command(sandbox):
 
 
 def test_limits_override_and_validation(sandbox):
-  with pytest.raises(TypeError, match="unknown limit"):
+  with pytest.raises(TypeError, match="Limits: unknown field"):
     sandbox.run("1", bogus=1)
   with pytest.raises(ValueError, match="timeout_s must be positive"):
     Limits(timeout_s=0)

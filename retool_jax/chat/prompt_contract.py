@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from retool_jax.chat.parse import FORMATS
+from retool_jax.fields import check_fields
 
 CONTRACT_FILE = "prompt_contract.json"
 TOKENIZER_DIR = "tokenizer"
@@ -82,9 +83,7 @@ class PromptContract:
       raise ContractError(f"{where}: format is {record.get('format')!r}; expected {FORMAT!r}")
     fields = {f.name for f in dataclasses.fields(cls)} - {"base"}
     values = {k: v for k, v in record.items() if k != "format"}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-      raise ContractError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(fields)}")
+    check_fields(values, fields, where, error=ContractError)
     if "tokenizer" not in values:
       raise ContractError(f"{where}: missing field 'tokenizer'")
     _check_fields(values, where=where)

@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from retool_jax.fields import dataclass_kwargs
+
 
 @dataclasses.dataclass(frozen=True)
 class TrajectoryInfo:
@@ -31,11 +33,7 @@ class TrajectoryInfo:
   @classmethod
   def from_mapping(cls, values: Mapping[str, Any]) -> TrajectoryInfo:
     """Builds one from a dict, naming any key it does not know."""
-    known = {field.name for field in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"unknown trajectory info keys {unknown}; expected some of {sorted(known)}")
-    return cls(**values)
+    return cls(**dataclass_kwargs(cls, values, "trajectory info"))
 
 
 def as_info(info: TrajectoryInfo | Mapping[str, Any] | None) -> TrajectoryInfo:

@@ -19,8 +19,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from retool_jax.chat import Trajectory, load_tokenizer, parse_tool_calls, render_ids
-from retool_jax.chat.parse import CallError, FORMATS
+from retool_jax.chat.parse import FORMATS, CallError
 from retool_jax.chat.tokenizer import encode_text
+from retool_jax.fields import dataclass_kwargs
 from retool_jax.rollout.types import Engine, GenerateRequest, SamplingParams
 
 __all__ = [
@@ -96,11 +97,7 @@ class MultiTurnConfig:
   @classmethod
   def from_config(cls, config: Any) -> MultiTurnConfig:
     """From an `ml_collections.ConfigDict` (or any mapping) with a subset of the fields; unknown keys are errors."""
-    values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-      raise ValueError(f"unknown multi-turn config field(s) {unknown}; expected some of {sorted(fields)}")
+    values = dataclass_kwargs(cls, config, "multi-turn config (rollout)")
     for key in ("call_formats", "stop", "stop_token_ids"):
       if key in values:
         values[key] = tuple(values[key])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from retool_jax.fields import check_fields, field_names
+
 STATUSES = ("ok", "error", "timeout", "memory", "killed", "policy")
 
 
@@ -50,9 +52,7 @@ class Limits:
 
   def replace(self, **overrides: Any) -> Limits:
     """A copy with the given fields changed; ``None`` values are ignored."""
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
-    if unknown:
-      raise TypeError(f"unknown limit(s): {', '.join(sorted(unknown))}")
+    check_fields(overrides, field_names(self), "Limits", error=TypeError)
     return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
   def to_wire(self) -> dict[str, Any]:

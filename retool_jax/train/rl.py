@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from retool_jax.data.pipeline import InputPipeline
+from retool_jax.fields import dataclass_kwargs
 from retool_jax.models.logprobs import token_logprobs
 from retool_jax.rewards import score_batch
 from retool_jax.rollout import MultiTurnConfig, generate_multiturn
@@ -43,14 +44,6 @@ from retool_jax.train.rl_batch import minibatch_indices, pack_rollouts
 from retool_jax.train.state import TrainState
 
 ALGORITHMS = ("grpo", "dr_grpo", "rloo", "ppo")
-
-
-def _fields_from(cls, values: Mapping[str, Any], where: str) -> dict[str, Any]:
-  names = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - names)
-  if unknown:
-    raise ValueError(f"unknown {where} field(s) {unknown}; expected some of {sorted(names)}")
-  return dict(values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,11 +150,11 @@ class RLConfig:
   @classmethod
   def from_config(cls, config: Any) -> "RLConfig":
     """From a `ConfigDict` / mapping; unknown keys (at any level) are errors naming the field."""
-    values = _fields_from(cls, config.to_dict() if hasattr(config, "to_dict") else config, "rl")
+    values = dataclass_kwargs(cls, config, "rl")
     if "loss" in values and not isinstance(values["loss"], PolicyLossConfig):
-      values["loss"] = PolicyLossConfig(**_fields_from(PolicyLossConfig, values["loss"], "rl.loss"))
+      values["loss"] = PolicyLossConfig(**dataclass_kwargs(PolicyLossConfig, values["loss"], "rl.loss"))
     if "overlong" in values and not isinstance(values["overlong"], OverlongConfig):
-      values["overlong"] = OverlongConfig(**_fields_from(OverlongConfig, values["overlong"], "rl.overlong"))
+      values["overlong"] = OverlongConfig(**dataclass_kwargs(OverlongConfig, values["overlong"], "rl.overlong"))
     return cls(**values)
 
 

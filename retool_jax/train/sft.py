@@ -25,6 +25,7 @@ from retool_jax import sharding as sharding_lib
 from retool_jax.chat.prompt_contract import record_sft_contract
 from retool_jax.data.packing import PACKED_FIELDS, PackedRows, pack_sequences
 from retool_jax.data.pipeline import InputPipeline, global_batch
+from retool_jax.fields import check_fields, field_names
 from retool_jax.models.logprobs import token_logprobs
 from retool_jax.models.qwen3 import Qwen3
 from retool_jax.models.qwen3_config import Qwen3Config, preset
@@ -204,9 +205,7 @@ def model_config(m: ml_collections.ConfigDict) -> Qwen3Config | None:
   """The Qwen3Config for random init (None when loading `m.checkpoint`)."""
   execution = {k: m[k] for k in EXECUTION if k in m}
   overrides = dict(m.overrides)
-  unknown = set(overrides) - set(Qwen3Config.__dataclass_fields__)
-  if unknown:
-    raise ValueError(f"model.overrides: unknown Qwen3Config field(s) {sorted(unknown)}")
+  check_fields(overrides, field_names(Qwen3Config), "model.overrides (Qwen3Config)")
   if not (m.checkpoint or m.preset or overrides):
     raise ValueError(
       "model: set model.checkpoint (a Qwen3 Hugging Face or Orbax folder), or model.preset / "

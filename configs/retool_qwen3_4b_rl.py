@@ -9,58 +9,19 @@ update accumulated over 2 micro-batches of 32 rows (the same update as one pass)
 64 rows at a time (`engine.max_batch_size`, 256 before): its KV cache for 256 rows of 9216 tokens would need
 87 GiB per chip next to the train state, more than a v5p chip holds; the 256 trajectories of a step run as
 4 engine batches. Check: `python -m retool_jax.aot --config=configs/retool_qwen3_4b_rl.py --topology=v5p-8`.
+
+The recipe itself (`retool_grpo` in `_base.py`) is shared with the PPO and 30B-A3B configs.
 """
+
+import importlib.util
+from pathlib import Path
 
 import ml_collections
 
-from retool_jax.train.rl_run import default_config
+_spec = importlib.util.spec_from_file_location("configs_base", Path(__file__).with_name("_base.py"))
+base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(base)
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = default_config()
-  c.workdir = "runs/retool_qwen3_4b_rl"
-  c.num_steps = 400
-  c.model.checkpoint = "runs/retool_qwen3_4b_sft/checkpoints"  # the ReTool SFT model
-  c.model.remat = "full"
-  c.model.preset = "4B"  # the checkpoint's architecture: `retool_jax.aot` checks the recipe without it
-  c.model.attention_impl = "auto"  # splash attention on TPU, cuDNN on GPU: no [T, S] scores in memory
-  c.model.scan_layers = True  # one decoder layer compiled, scanned over the stack
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
-  c.data.path = (
-    "../shared/fixtures/dapo_math_17k/dapo_math_17k_slime_format.first27.jsonl"  # the full set in a run
-  )
-  c.data.prompt_style = "retool"
-  c.reward = "retool"  # <answer>\boxed{}</answer>; wrong after k calls: min(-0.6, -1 + 0.1 k)
-  c.rollout = ml_collections.ConfigDict(
-    dict(
-      max_context=9216,  # prompt (<= 1024) + the response
-      max_response_tokens=8192,  # every turn and interpreter output after the prompt
-      max_turns=16,
-      max_tool_calls=16,
-      max_observation_tokens=1024,
-      temperature=1.0,
-      top_p=1.0,
-      call_formats=("code",),
-    )
-  )
-  c.rl = ml_collections.ConfigDict(
-    dict(
-      algorithm="grpo",
-      num_prompts=32,
-      group_size=8,
-      num_minibatches=4,
-      num_epochs=1,
-      loss=dict(
-        clip_low=0.2, clip_high=0.28, aggregation="token_mean", kl_coef=0.0, entropy_coef=0.0, tis_cap=2.0
-      ),
-      logprob_chunk=1024,
-      micro_batch_size=32,  # rows per forward / backward pass (8 per chip on v5p-8); gradients accumulate
-      length_multiple=512,
-    )
-  )
-  c.engine.max_batch_size = 64  # rows decoded together: a 9216-token KV cache for 64 rows is 21 GiB per chip
-  c.optim.learning_rate = 1e-6
-  c.optim.schedule = "constant"
-  c.optim.weight_decay = 0.1
-  c.checkpoint.every_steps = 20
-  return c
+  return base.retool_grpo("runs/retool_qwen3_4b_rl", checkpoint=base.SFT_4B_CHECKPOINT, preset="4B")

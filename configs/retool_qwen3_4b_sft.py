@@ -16,27 +16,27 @@ over `fsdp`), bfloat16 compute, full remat, splash attention. `python -m retool_
 --config=configs/retool_qwen3_4b_sft.py --topology=v5p-8` compiles the train step at 35 GiB of 95.7 per chip.
 """
 
-from retool_jax.train.sft import default_config
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+_spec = importlib.util.spec_from_file_location("configs_base", Path(__file__).with_name("_base.py"))
+base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(base)
 
 
-def get_config():
-  c = default_config()
+def get_config() -> ml_collections.ConfigDict:
+  c = base.sft_default()
   c.workdir = "runs/retool_qwen3_4b_sft"
   c.seed = 0
   c.num_steps = 0  # data.num_epochs passes over the packed data
   c.grad_accum_steps = 4
 
   c.model.checkpoint = ""  # set it: a Qwen3-4B (HF or Orbax) folder (empty: a random 4B, for smoke tests)
-  c.model.param_dtype = "float32"
-  c.model.dtype = "bfloat16"
-  c.model.remat = "full"
-  c.model.preset = "4B"  # the checkpoint's architecture: `retool_jax.aot` checks the recipe without it
-  c.model.attention_impl = "auto"  # splash attention on TPU, cuDNN on GPU: no [T, S] scores in memory
-  c.model.scan_layers = True
-
-  c.mesh.data = 1
-  c.mesh.fsdp = -1  # all devices
-  c.mesh.tensor = 1
+  base.large_model(c.model, "4B")
+  c.model.scan_layers = True  # one decoder layer compiled, scanned over the stack
+  c.mesh = base.fsdp_mesh()
 
   c.data.format = "retool_sft"
   c.data.style = "inline"  # ReTool's own <code>/<interpreter> format, as the RL rollouts use

@@ -6,24 +6,19 @@ Point it at real data with `--config.data.format=retool_sft --config.data.path=F
 needs `--config.model.overrides.vocab_size=151936`).
 """
 
-from retool_jax.train.sft import default_config
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+_spec = importlib.util.spec_from_file_location("configs_base", Path(__file__).with_name("_base.py"))
+base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(base)
 
 
-def get_config():
-  c = default_config()
-  c.workdir = "runs/sft_tiny"
+def get_config() -> ml_collections.ConfigDict:
+  c = base.tiny_sft("runs/sft_tiny")
   c.num_steps = 40
-  c.model.overrides = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    tie_word_embeddings=True,
-  )
-  c.model.dtype = "float32"  # exact on the CPU; training runs use bfloat16
   c.data.format = "synthetic"
   c.data.synthetic_vocab = 256
   c.data.synthetic_examples = 256

@@ -13,6 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from retool_jax.sandbox.worker import WorkerConfig
+
 WORKER_SCRIPT = Path(__file__).resolve().with_name("worker.py")
 TOKEN_VAR = "RETOOL_SANDBOX_TOKEN"
 BACKEND_VAR = "RETOOL_SANDBOX_BACKEND"
@@ -40,15 +42,9 @@ def worker_env(token: str) -> dict[str, str]:
   }
 
 
-def worker_config(scratch: str, preload: tuple[str, ...], env: dict[str, str], backend) -> dict:
-  """The JSON configuration a worker starts with."""
-  return {
-    "scratch": scratch,
-    "preload": list(preload),
-    "env": env,
-    "private_dirs": list(backend.private_dirs),
-    "bound": list(backend.bound_private),
-  }
+def worker_config(scratch: str, preload: tuple[str, ...], env: dict[str, str], backend) -> WorkerConfig:
+  """The configuration a worker starts with."""
+  return WorkerConfig(scratch, env, tuple(preload), tuple(backend.private_dirs), tuple(backend.bound_private))
 
 
 class ProcessBackend:
@@ -211,7 +207,7 @@ def _probe_bwrap(executable: str) -> BwrapProbe:
     return BwrapProbe("namespaces", f"the kernel refuses the namespaces bubblewrap needs: {detail}")
   backend = BwrapBackend(found)
   env = worker_env("probe")
-  config = json.dumps(worker_config(backend.scratch_in_worker(None), (), env, backend))
+  config = json.dumps(worker_config(backend.scratch_in_worker(None), (), env, backend).to_wire())
   try:
     proc = subprocess.run(
       backend.command(config, 16, env),

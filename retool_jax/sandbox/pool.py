@@ -6,6 +6,7 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
+import dataclasses
 import functools
 import json
 import os
@@ -14,13 +15,13 @@ import shutil
 import signal
 import threading
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from retool_jax.sandbox.backends import BACKEND_VAR, TOKEN_VAR, select_backend, worker_config, worker_env
 from retool_jax.sandbox.limits import ExecResult, Limits
 from retool_jax.sandbox.policy import DEFAULT_POLICY, ModulePolicy
-from retool_jax.sandbox.worker import descendants, process_table
+from retool_jax.sandbox.worker import CallLimits, Reply, Request, descendants, process_table
 
 T = TypeVar("T")
 
@@ -60,7 +61,7 @@ class _Worker:
     scratch = backend.make_scratch()
     env = worker_env(token)
     config = worker_config(backend.scratch_in_worker(scratch), preload, env, backend)
-    argv = backend.command(json.dumps(config), limits.scratch_mb, env)
+    argv = backend.command(json.dumps(config.to_wire()), limits.scratch_mb, env)
     creating = asyncio.ensure_future(
       asyncio.create_subprocess_exec(
         *argv,
@@ -112,11 +113,11 @@ class _Worker:
       return True
     return state not in ("Z", "X", "T", "t")
 
-  async def request(self, message: dict, timeout_s: float) -> dict:
+  async def request(self, request: Request, timeout_s: float) -> Reply:
     if self.proc.returncode is not None:
       raise WorkerDied(f"worker exited with {self.proc.returncode}", started=False)
     try:
-      self.proc.stdin.write((json.dumps(message) + "\n").encode())
+      self.proc.stdin.write((json.dumps(request.to_wire()) + "\n").encode())
       await self.proc.stdin.drain()
     except (ConnectionError, OSError) as e:
       raise WorkerDied(f"worker pipe broke: {e}", started=False) from None
@@ -128,7 +129,7 @@ class _Worker:
       raise WorkerDied(f"worker pipe broke: {e}") from None
     if not line:
       raise WorkerDied("worker exited")
-    return json.loads(line)
+    return Reply.from_wire(json.loads(line))
 
   async def kill(self) -> None:
     """Kills the worker, everything it started, and removes its scratch directory."""
@@ -201,14 +202,96 @@ def kill_marked(token: str) -> int:
   return killed
 
 
-def _to_result(reply: dict, backend: str) -> ExecResult:
-  return ExecResult(
-    status=reply.get("status", "killed"),
-    output=reply.get("output", ""),
-    elapsed_s=float(reply.get("elapsed_s", 0.0)),
-    backend=backend,
-    truncated_bytes=int(reply.get("truncated_bytes", 0)),
-  )
+def _to_result(reply: Reply, backend: str) -> ExecResult:
+  return ExecResult(reply.status, reply.output, float(reply.elapsed_s), backend, int(reply.truncated_bytes))
+
+
+def _request(op: str, code: str, lim: Limits, policy: ModulePolicy | None) -> Request:
+  """A ``run`` or ``cell`` request for Python ``code`` under ``lim``, with ``policy``'s allow-list."""
+  allowed = None if policy is None else sorted(policy.allowed)
+  return Request(op, CallLimits.from_wire(lim.to_wire()), code=code, allowed=allowed)
+
+
+def _refusal(code: str, policy: ModulePolicy | None, backend: str) -> ExecResult | None:
+  """The ``policy`` result for ``code`` that imports a module outside the allow-list, else None."""
+  if policy is None:
+    return None
+  violation = policy.check(code)
+  if violation is None:
+    return None
+  return ExecResult("policy", policy.message(violation), backend=backend)
+
+
+class _LoopThread:
+  """An asyncio event loop on its own daemon thread: the sandbox's workers and sessions live on it, and
+  coroutines from other threads and other event loops are run there."""
+
+  def __init__(self, name: str):
+    self.loop = asyncio.new_event_loop()
+    self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+    self.thread.start()
+    self.closed = False  # set when the sandbox closes: nothing new is run from then on
+
+  def submit(self, coro: Coroutine[Any, Any, T], wait: bool = True) -> T | concurrent.futures.Future:
+    """Runs ``coro`` on the loop from another thread; returns its result, or a future with ``wait=False``."""
+    if self.closed:
+      coro.close()
+      raise RuntimeError("the sandbox is closed")
+    future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+    return future.result() if wait else future
+
+  def _on_loop(self) -> bool:
+    try:
+      return asyncio.get_running_loop() is self.loop
+    except RuntimeError:
+      return False
+
+  async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+    """Awaits ``coro`` on the loop, from any event loop (that one included)."""
+    if self._on_loop():
+      return await coro
+    return await asyncio.wrap_future(self.submit(coro, wait=False))
+
+  def run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
+    """Runs ``coro`` on the loop and blocks until it is done; not from inside the loop itself."""
+    if self._on_loop():
+      coro.close()
+      raise RuntimeError("use the async API from inside the sandbox's event loop")
+    return self.submit(coro)
+
+  def stop(self) -> None:
+    self.closed = True
+    self.loop.call_soon_threadsafe(self.loop.stop)
+    self.thread.join(timeout=10)
+
+
+class _SessionWorkers:
+  """Dedicated workers for sessions, at most ``max_sessions`` at once; ``spawn`` starts a worker of the
+  sandbox and ``discard`` kills one."""
+
+  def __init__(
+    self,
+    spawn: Callable[[], Awaitable[_Worker]],
+    discard: Callable[[_Worker], Awaitable[None]],
+    max_sessions: int,
+  ):
+    self._spawn = spawn
+    self._discard = discard
+    self._slots = asyncio.Semaphore(max_sessions)
+
+  async def start(self) -> _Worker:
+    """A started worker, once a session slot is free."""
+    await self._slots.acquire()
+    try:
+      return await self._spawn()
+    except BaseException:
+      self._slots.release()
+      raise
+
+  async def stop(self, worker: _Worker) -> None:
+    """Kills a session's worker and frees its slot."""
+    await self._discard(worker)
+    self._slots.release()
 
 
 class Sandbox:
@@ -225,6 +308,8 @@ class Sandbox:
     max_sessions: the number of stateful sessions open at once.
     reply_grace_s: how long past its time limit a call may go unanswered before its worker is
       declared hung, killed and replaced.
+
+  Its sessions use ``loop_thread`` (the event loop every worker lives on) and ``session_workers``.
   """
 
   def __init__(
@@ -248,49 +333,22 @@ class Sandbox:
     self.warm_workers = self.max_workers if warm_workers is None else min(warm_workers, self.max_workers)
     self.preload = tuple(preload)
     self.reply_grace_s = reply_grace_s
-    self._loop = asyncio.new_event_loop()
-    self._thread = threading.Thread(target=self._loop.run_forever, name="retool-sandbox", daemon=True)
-    self._thread.start()
-    self._closed = False
+    self.loop_thread = _LoopThread("retool-sandbox")
     self._workers: set[_Worker] = set()
     self._alive = 0
     self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
     self._sem = asyncio.Semaphore(self.max_workers)
-    self._session_sem = asyncio.Semaphore(max_sessions)
+    self.session_workers = _SessionWorkers(self._spawn, self._discard, max_sessions)
     atexit.register(self.close)
-    self._call(self._top_up(), wait=False)
+    self.loop_thread.submit(self._top_up(), wait=False)
 
   @property
   def backend_name(self) -> str:
     return self.backend.name
 
-  # -- running on the sandbox's own event loop ---------------------------------------
-
-  def _call(self, coro: Coroutine[Any, Any, T], wait: bool = True) -> T | concurrent.futures.Future:
-    if self._closed:
-      coro.close()
-      raise RuntimeError("the sandbox is closed")
-    future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-    return future.result() if wait else future
-
-  async def _acall(self, coro: Coroutine[Any, Any, T]) -> T:
-    try:
-      running = asyncio.get_running_loop()
-    except RuntimeError:
-      running = None
-    if running is self._loop:
-      return await coro
-    return await asyncio.wrap_future(self._call(coro, wait=False))
-
-  def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
-    try:
-      running = asyncio.get_running_loop()
-    except RuntimeError:
-      running = None
-    if running is self._loop:
-      coro.close()
-      raise RuntimeError("use the async API from inside the sandbox's event loop")
-    return self._call(coro)
+  @property
+  def closed(self) -> bool:
+    return self.loop_thread.closed
 
   # -- the pool ----------------------------------------------------------------------
 
@@ -300,7 +358,7 @@ class Sandbox:
     return worker
 
   async def _top_up(self) -> None:
-    while self._alive < self.warm_workers and not self._closed:
+    while self._alive < self.warm_workers and not self.closed:
       self._alive += 1
       try:
         worker = await self._spawn()
@@ -334,18 +392,18 @@ class Sandbox:
     self._workers.discard(worker)
     await worker.kill()
 
-  async def _run(self, message: dict, limits: Limits) -> ExecResult:
+  async def _run(self, request: Request, limits: Limits) -> ExecResult:
     async with self._sem:
       for attempt in range(3):
         worker = await self._acquire()
         try:
-          reply = await worker.request(message, limits.timeout_s + self.reply_grace_s)
+          reply = await worker.request(request, limits.timeout_s + self.reply_grace_s)
         except (WorkerDied, asyncio.CancelledError) as e:
           self._alive -= 1
           await self._discard(worker)
           if isinstance(e, asyncio.CancelledError):
             raise
-          self._loop.create_task(self._top_up())
+          self.loop_thread.loop.create_task(self._top_up())
           if not e.started and attempt < 2:
             continue  # the call never reached the worker: run it on another one
           return ExecResult(
@@ -360,14 +418,6 @@ class Sandbox:
   def _limits(self, limits: Limits | None, overrides: dict[str, Any]) -> Limits:
     return (limits or self.limits).replace(**overrides)
 
-  def _policy_result(self, code: str, policy: ModulePolicy | None) -> ExecResult | None:
-    if policy is None:
-      return None
-    violation = policy.check(code)
-    if violation is None:
-      return None
-    return ExecResult("policy", policy.message(violation), backend=self.backend_name)
-
   async def run_async(
     self, code: str, *, limits: Limits | None = None, policy: Any = "default", **overrides: Any
   ) -> ExecResult:
@@ -377,28 +427,26 @@ class Sandbox:
     """
     policy = self.policy if policy == "default" else policy
     lim = self._limits(limits, overrides)
-    refused = self._policy_result(code, policy)
+    refused = _refusal(code, policy, self.backend_name)
     if refused is not None:
       return refused
-    allowed = None if policy is None else sorted(policy.allowed)
-    message = {"op": "run", "code": code, "limits": lim.to_wire(), "allowed": allowed}
-    return await self._acall(self._run(message, lim))
+    return await self.loop_thread.run(self._run(_request("run", code, lim, policy), lim))
 
   def run(
     self, code: str, *, limits: Limits | None = None, policy: Any = "default", **overrides: Any
   ) -> ExecResult:
     """Blocking form of :meth:`run_async`."""
-    return self._sync(self.run_async(code, limits=limits, policy=policy, **overrides))
+    return self.loop_thread.run_sync(self.run_async(code, limits=limits, policy=policy, **overrides))
 
   async def run_command_async(self, command: str, *, limits: Limits | None = None, **overrides: Any) -> ExecResult:
     """Runs a shell command with ``bash -c`` under the same isolation and limits."""
     lim = self._limits(limits, overrides)
     bash = shutil.which("bash") or "/bin/bash"
-    message = {"op": "run", "argv": [bash, "-c", command], "limits": lim.to_wire()}
-    return await self._acall(self._run(message, lim))
+    request = Request("run", CallLimits.from_wire(lim.to_wire()), argv=[bash, "-c", command])
+    return await self.loop_thread.run(self._run(request, lim))
 
   def run_command(self, command: str, *, limits: Limits | None = None, **overrides: Any) -> ExecResult:
-    return self._sync(self.run_command_async(command, limits=limits, **overrides))
+    return self.loop_thread.run_sync(self.run_command_async(command, limits=limits, **overrides))
 
   def session(self, *, limits: Limits | None = None, policy: Any = "default") -> Session:
     """A persistent interpreter: variables survive across calls until :meth:`Session.close`."""
@@ -412,10 +460,10 @@ class Sandbox:
       while self._idle.qsize() < min(self.warm_workers, self._alive):
         await asyncio.sleep(0.02)
 
-    await self._acall(wait())
+    await self.loop_thread.run(wait())
 
   def warmup(self) -> None:
-    self._sync(self.warmup_async())
+    self.loop_thread.run_sync(self.warmup_async())
 
   def worker_pids(self) -> list[int]:
     """Process ids of the live workers (the outer process for bwrap)."""
@@ -432,16 +480,16 @@ class Sandbox:
 
   def close(self) -> None:
     """Stops every worker and session; leaves no process or file behind."""
-    if self._closed:
+    if self.closed:
       return
 
     async def shutdown():
-      self._closed = True  # no new workers from here on
+      self.loop_thread.closed = True  # no new workers from here on
       others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and t not in _CREATING]
       for task in others:  # warm-up and stderr readers; their workers are stopped below
         task.cancel()
       await asyncio.gather(*others, return_exceptions=True)
-      creating = [t for t in _CREATING if t.get_loop() is self._loop and not t.done()]
+      creating = [t for t in _CREATING if t.get_loop() is self.loop_thread.loop and not t.done()]
       if creating:  # abandoned starts: their workers are killed as they complete (bounded: see _Worker.start)
         await asyncio.wait(creating, timeout=_CLOSE_CREATING_S)
         await asyncio.sleep(0)
@@ -449,11 +497,9 @@ class Sandbox:
       self._workers.clear()
 
     try:
-      asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=60)
+      asyncio.run_coroutine_threadsafe(shutdown(), self.loop_thread.loop).result(timeout=60)
     finally:
-      self._closed = True
-      self._loop.call_soon_threadsafe(self._loop.stop)
-      self._thread.join(timeout=10)
+      self.loop_thread.stop()
       atexit.unregister(self.close)
 
   def __enter__(self) -> Sandbox:
@@ -474,28 +520,24 @@ class Session:
     self.sandbox = sandbox
     self.limits = limits
     self.policy = policy
+    self._loop = sandbox.loop_thread
+    self._workers = sandbox.session_workers
     self._worker: _Worker | None = None
     self._lock: asyncio.Lock | None = None
     self._restarted = False
     self.closed = False
 
-  async def _cell(self, message: dict, lim: Limits) -> ExecResult:
-    sb = self.sandbox
+  async def _cell(self, request: Request, lim: Limits) -> ExecResult:
     if self._lock is None:
       self._lock = asyncio.Lock()
     async with self._lock:
       if self.closed:
         raise RuntimeError("the session is closed")
       if self._worker is None:
-        await sb._session_sem.acquire()
-        try:
-          self._worker = await sb._spawn()
-        except BaseException:
-          sb._session_sem.release()
-          raise
-      message["restarted"] = self._restarted
+        self._worker = await self._workers.start()
+      request = dataclasses.replace(request, restarted=self._restarted)
       try:
-        reply = await self._worker.request(message, lim.timeout_s + sb.reply_grace_s)
+        reply = await self._worker.request(request, lim.timeout_s + self.sandbox.reply_grace_s)
       except WorkerDied as e:
         await self._drop_worker()
         self._restarted = True
@@ -503,28 +545,25 @@ class Session:
           "killed",
           f"Killed: the sandbox worker died during the call ({e})\n"
           "[the interpreter will restart; variables from earlier calls are gone]",
-          backend=sb.backend_name,
+          backend=self.sandbox.backend_name,
         )
-      self._restarted = not reply.get("session_alive", False)
-      return _to_result(reply, sb.backend_name)
+      self._restarted = not reply.session_alive
+      return _to_result(reply, self.sandbox.backend_name)
 
   async def _drop_worker(self) -> None:
     if self._worker is not None:
-      await self.sandbox._discard(self._worker)
-      self._worker = None
-      self.sandbox._session_sem.release()
+      worker, self._worker = self._worker, None
+      await self._workers.stop(worker)
 
   async def run_async(self, code: str, **overrides: Any) -> ExecResult:
     lim = self.limits.replace(**overrides)
-    refused = self.sandbox._policy_result(code, self.policy)
+    refused = _refusal(code, self.policy, self.sandbox.backend_name)
     if refused is not None:
       return refused
-    allowed = None if self.policy is None else sorted(self.policy.allowed)
-    message = {"op": "cell", "code": code, "limits": lim.to_wire(), "allowed": allowed}
-    return await self.sandbox._acall(self._cell(message, lim))
+    return await self._loop.run(self._cell(_request("cell", code, lim, self.policy), lim))
 
   def run(self, code: str, **overrides: Any) -> ExecResult:
-    return self.sandbox._sync(self.run_async(code, **overrides))
+    return self._loop.run_sync(self.run_async(code, **overrides))
 
   async def run_command_async(self, command: str, **overrides: Any) -> ExecResult:
     """Runs a shell command with the session's limits; commands keep no state, so it runs in a fresh call."""
@@ -533,19 +572,19 @@ class Session:
     return await self.sandbox.run_command_async(command, limits=self.limits, **overrides)
 
   def run_command(self, command: str, **overrides: Any) -> ExecResult:
-    return self.sandbox._sync(self.run_command_async(command, **overrides))
+    return self._loop.run_sync(self.run_command_async(command, **overrides))
 
   async def aclose(self) -> None:
     async def close():
       self.closed = True
       await self._drop_worker()
 
-    if not self.sandbox._closed:
-      await self.sandbox._acall(close())
+    if not self._loop.closed:
+      await self._loop.run(close())
 
   def close(self) -> None:
-    if not self.sandbox._closed and not self.closed:
-      self.sandbox._sync(self.aclose())
+    if not self._loop.closed and not self.closed:
+      self._loop.run_sync(self.aclose())
 
   def __enter__(self) -> Session:
     return self
@@ -568,7 +607,7 @@ def default_sandbox() -> Sandbox:
   """The process-wide sandbox (backend from ``RETOOL_SANDBOX_BACKEND``, default ``auto``)."""
   global _DEFAULT
   with _DEFAULT_LOCK:
-    if _DEFAULT is None or _DEFAULT._closed:
+    if _DEFAULT is None or _DEFAULT.closed:
       _DEFAULT = Sandbox(os.environ.get(BACKEND_VAR) or "auto")
     return _DEFAULT
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from retool_jax.sandbox.limits import ExecResult, Limits
 from retool_jax.sandbox.policy import DEFAULT_POLICY, ModulePolicy
+from retool_jax.sandbox.pool import Sandbox
 from retool_jax.sandbox.worker import Output
 
 
@@ -145,8 +146,6 @@ class RemoteSandbox:
 def create_sandbox(backend: str = "auto", **kwargs: Any):
   """A :class:`Sandbox` for ``auto``/``bwrap``/``process``, a :class:`RemoteSandbox` for
   ``remote`` (``url=`` or ``RETOOL_SANDBOX_URL``)."""
-  from retool_jax.sandbox.pool import Sandbox  # noqa: PLC0415
-
   if backend == "remote":
     url = kwargs.pop("url", None) or os.environ.get("RETOOL_SANDBOX_URL")
     if not url:

@@ -171,8 +171,8 @@ class Interpreter:
       builtins.__import__ = guarded_import
       _install_guard(os.getcwd())
 
-  def run_cell(self, code: str, filename: str) -> dict:
-    """Runs ``code``; returns the status record (output goes to fd 1/2)."""
+  def run_cell(self, code: str, filename: str) -> str:
+    """Runs ``code``; returns its status (output goes to fd 1/2)."""
     _Stream.wrote = False
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
     try:
@@ -206,7 +206,7 @@ class Interpreter:
       sys.stderr.flush()
     except Exception:  # noqa: BLE001, S110
       pass
-    return {"status": status}
+    return status
 
 
 def _user_frames(tb) -> list[traceback.FrameSummary]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,8 @@ import pytest
 
 import retool_jax.sandbox as sandbox_module
 from retool_jax.sandbox import ExecResult, Limits, ModulePolicy, Sandbox, probe_bwrap
-from retool_jax.sandbox.worker import Output, descendants, process_table
+from retool_jax.sandbox.backends import ProcessBackend, worker_config, worker_env
+from retool_jax.sandbox.worker import CallLimits, Output, Reply, Request, descendants, process_table
 
 # Skipped only where bubblewrap is missing or the kernel refuses its namespaces; a bwrap that runs but cannot
 # start this interpreter is the sandbox's failure, and the tests report it.
@@ -279,6 +281,46 @@ def test_output_buffer_head_tail():
   small = Output(100)
   small.feed(b"hi")
   assert small.text() == "hi" and small.truncated == 0
+
+
+def test_worker_protocol(tmp_path):
+  """The worker script's JSON lines: requests as the pool writes them, replies with only the keys that apply."""
+  backend = ProcessBackend()
+  env = worker_env("protocol")
+  config = json.dumps(worker_config(str(tmp_path), (), env, backend).to_wire())
+  proc = subprocess.Popen(
+    backend.command(config, 16, env), stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
+  )
+
+  def ask(request: dict) -> dict:
+    proc.stdin.write(json.dumps(request) + "\n")
+    proc.stdin.flush()
+    return json.loads(proc.stdout.readline())
+
+  try:
+    assert json.loads(proc.stdout.readline())["ready"] is True
+    lim = Limits(timeout_s=5.0).to_wire()  # scratch_mb among them, which the worker does not read
+    once = ask({"op": "run", "code": "print(6 * 7)", "limits": lim, "allowed": None})
+    assert (once["status"], once["output"], once["strays_killed"]) == ("ok", "42\n", 0)
+    assert set(once) == {"status", "output", "elapsed_s", "truncated_bytes", "cpu_s", "strays_killed"}
+    first = Request("cell", CallLimits.from_wire(lim), code="x = 6", allowed=["math"], restarted=True)
+    assert Request.from_wire(first.to_wire()) == first
+    cell = ask(first.to_wire())
+    assert cell["output"] == "[the interpreter was restarted; variables from earlier calls are gone]\n"
+    assert set(cell) == {"status", "output", "elapsed_s", "truncated_bytes", "strays_killed", "session_alive"}
+    assert (cell["status"], cell["session_alive"]) == ("ok", True)
+    assert ask({"op": "cell", "code": "x * 7", "limits": lim, "restarted": False})["output"] == "42\n"
+    assert ask({"op": "cell", "code": "import os", "limits": lim, "allowed": ["math"]})["status"] == "policy"
+    assert ask({"op": "close"}) == {"status": "ok", "output": "", "elapsed_s": 0.0}
+    assert ask({"op": "ping"}) == {"status": "ok", "output": "pong", "elapsed_s": 0.0}
+    assert (
+      ask({"op": "run", "code": "1"})["output"] == "sandbox worker error: ValueError: a 'run' request needs limits"
+    )
+    assert ask({"op": "stop"})["output"] == "unknown op 'stop'"
+  finally:
+    proc.stdin.close()
+    proc.wait(timeout=30)
+  assert Reply.from_wire({"output": "cut"}) == Reply("killed", "cut")  # a reply without a status
 
 
 def test_policy_ast_rules():

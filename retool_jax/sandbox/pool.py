@@ -203,7 +203,7 @@ def kill_marked(token: str) -> int:
 
 
 def _to_result(reply: Reply, backend: str) -> ExecResult:
-  return ExecResult(reply.status, reply.output, float(reply.elapsed_s), backend, int(reply.truncated_bytes))
+  return ExecResult(reply.status, reply.output, float(reply.elapsed_s), backend, int(reply.truncated_bytes or 0))
 
 
 def _request(op: str, code: str, lim: Limits, policy: ModulePolicy | None) -> Request:

@@ -152,13 +152,13 @@ class Request:
 
 @dataclasses.dataclass(frozen=True)
 class Reply:
-  """The answer to one request. ``cpu_s`` (one-shot calls), ``strays_killed`` and ``session_alive`` (cells)
-  are sent only where they apply."""
+  """The answer to one request. ``truncated_bytes`` (calls), ``cpu_s`` (one-shot calls), ``strays_killed``
+  (calls) and ``session_alive`` (cells) are sent only where they apply."""
 
   status: str
   output: str = ""
   elapsed_s: float = 0.0
-  truncated_bytes: int = 0
+  truncated_bytes: int | None = None
   cpu_s: float | None = None
   strays_killed: int | None = None
   session_alive: bool | None = None

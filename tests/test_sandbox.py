@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import retool_jax.sandbox as sandbox_module
 from retool_jax.sandbox import ExecResult, Limits, ModulePolicy, Sandbox, probe_bwrap
 from retool_jax.sandbox.backends import ProcessBackend, worker_config, worker_env
 from retool_jax.sandbox.worker import CallLimits, Output, Reply, Request, descendants, process_table
+from retool_jax.tools import run_python
 
 # Skipped only where bubblewrap is missing or the kernel refuses its namespaces; a bwrap that runs but cannot
 # start this interpreter is the sandbox's failure, and the tests report it.
@@ -336,8 +338,6 @@ def test_policy_ast_rules():
 
 
 def test_run_python_contract():
-  from retool_jax.tools import run_python
-
   res = run_python("print(6 * 7)", timeout_s=5, memory_mb=256)
   assert (res.status, res.output) == ("ok", "42\n")
   assert run_python("while True: pass", timeout_s=0.5).status == "timeout"
@@ -480,8 +480,6 @@ def test_bwrap_filesystem_is_private_and_read_only(sandbox, tmp_path):
 
 
 def test_network_is_unreachable(sandbox):
-  import socket
-
   server = socket.socket()
   server.bind(("127.0.0.1", 0))
   server.listen(1)

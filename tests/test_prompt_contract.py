@@ -17,7 +17,7 @@ from flax import nnx
 from retool_jax import evaluate as ev
 from retool_jax.assets import QWEN3_TOKENIZER_DIR
 from retool_jax.chat import load_tokenizer, render_ids
-from retool_jax.chat.cli import main, settings_from, parse_args
+from retool_jax.chat_cli import main, settings_from, parse_args
 from retool_jax.chat.prompt_contract import (
   CONTRACT_FILE,
   ContractError,

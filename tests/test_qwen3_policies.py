@@ -8,7 +8,7 @@ import torch
 from flax import nnx
 
 from hf_models import save_hf_model
-from retool_jax.models import qwen3
+from retool_jax.models import qwen3, qwen3_hf
 
 CFG = qwen3.Qwen3Config(
   vocab_size=64,
@@ -42,7 +42,7 @@ def test_remat_policies_give_the_same_gradients(remat):
 
 def test_bfloat16_tracks_float32_reference(tmp_path):
   hf = save_hf_model("dense_untied_gqa2", tmp_path, seed=1)
-  model = qwen3.load_hf(tmp_path, dtype="bfloat16")
+  model = qwen3_hf.load_hf(tmp_path, dtype="bfloat16")
   q = nnx.state(model)["dense_layers"]["self_attn"]["q_proj"][...]
   assert q.dtype == jnp.bfloat16
   ids = np.random.default_rng(1).integers(0, 128, (2, 16)).astype(np.int32)

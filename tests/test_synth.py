@@ -204,11 +204,12 @@ def test_teacher_mode_with_a_tiny_model_through_the_engine():
   from flax import nnx
   from tiny_qwen3 import tiny_config
 
-  from retool_jax.data.synth import chat_context, engine_proposer, model_loss, number_positions, render_call
+  from retool_jax.data.synth import chat_context, model_loss, number_positions, render_call
   from retool_jax.demo_task.tokenizer import build_tokenizer
   from retool_jax.models.logprobs import token_logprobs
   from retool_jax.models.qwen3 import Qwen3
   from retool_jax.rollout import JaxEngine
+  from retool_jax.rollout.proposer import engine_proposer
 
   tok = build_tokenizer()
   context = chat_context(tok)

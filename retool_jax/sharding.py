@@ -194,4 +194,3 @@ def initialize_distributed() -> None:
 def data_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
   """Sharding of a `[batch, ...]` input array: batch over (data, fsdp), the rest replicated."""
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), None, mesh))
-

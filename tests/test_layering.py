@@ -155,7 +155,9 @@ def test_every_module_has_a_layer():
 
 def test_graph_sees_imports_inside_functions(tmp_path):
   source = tmp_path / "mod.py"
-  source.write_text("import retool_jax.fields\ndef f():\n  from retool_jax.models import qwen3\n  from . import x\n")
+  source.write_text(
+    "import retool_jax.fields\ndef f():\n  from retool_jax.models import qwen3\n  from . import x\n"
+  )
   modules = {"retool_jax.fields", "retool_jax.models", "retool_jax.models.qwen3", "retool_jax.chat.x"}
   found = imported_modules("retool_jax.chat.mod", source, modules)
   assert found == {"retool_jax.fields": 1, "retool_jax.models.qwen3": 3, "retool_jax.chat.x": 4}
@@ -212,4 +214,3 @@ def test_imports_point_down():
         rel = files[module].relative_to(PACKAGE_DIR.parent)
         offenders.append(f"{rel}:{line}: {module} (L{own}) imports {dep} (L{layer_of(dep)})")
   assert not offenders, "imports of a higher layer:\n  " + "\n  ".join(offenders)
-

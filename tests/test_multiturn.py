@@ -15,6 +15,7 @@ from retool_jax.models import qwen3
 from retool_jax.models.logprobs import token_logprobs
 from retool_jax.rollout import JaxEngine, MultiTurnConfig, SGLangEngine, generate_multiturn
 from retool_jax.rollout.multiturn import session_tools
+from retool_jax.sandbox import Sandbox
 from retool_jax.tools import ToolRegistry, tool
 from scripted_engine import ScriptedEngine
 from sglang_double import SGLangDouble
@@ -237,8 +238,6 @@ def test_config_from_config_dict():
 
 
 def test_session_tools_keep_state_per_trajectory():
-  from retool_jax.sandbox import Sandbox
-
   with Sandbox("process", max_workers=2) as sandbox:
     set_x = "<code>\n```python\nx = {}\n```\n</code>"
     show = "<code>\n```python\nprint(x)\n```\n</code>"

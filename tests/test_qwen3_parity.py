@@ -8,6 +8,7 @@ import torch
 from flax import nnx
 
 from hf_models import TINY_CONFIGS, save_hf_model
+from retool_jax import sharding
 from retool_jax.models import qwen3, qwen3_hf
 from retool_jax.models.qwen3_hf import hf_tensors
 
@@ -160,8 +161,6 @@ def test_scan_layers_same_function(pair):
 
 def test_sharded_checkpoint_loads_onto_a_mesh(tmp_path):
   """A multi-file checkpoint (index + shards) loads straight into a sharded model with the same logits."""
-  from retool_jax import sharding
-
   hf = save_hf_model("moe_8x2", tmp_path, max_shard_size="40KB")
   assert (tmp_path / "model.safetensors.index.json").exists()
   mesh = sharding.make_mesh(data=1, fsdp=2, tensor=2, expert=2)

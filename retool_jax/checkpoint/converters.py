@@ -20,8 +20,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from retool_jax.checkpoint import layout
 from retool_jax.chat.prompt_contract import find_contract
+from retool_jax.checkpoint import layout
 from retool_jax.checkpoint.hf_export import GENERATION_CONFIG, write_hf
 from retool_jax.checkpoint.megatron import MegatronTensors
 from retool_jax.checkpoint.streaming import StreamedArray

@@ -184,6 +184,7 @@ async def run_tool_calls(parsed: Any, registry: Any) -> tuple[list[str], int]:
 
 def session_tools(sandbox: Any) -> Callable[[], contextlib.AbstractAsyncContextManager]:
   """A `tools` factory giving every trajectory its own persistent interpreter session (closed at its end)."""
+
   @contextlib.asynccontextmanager
   async def per_trajectory():
     session = sandbox.session()

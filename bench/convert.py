@@ -111,8 +111,8 @@ def main() -> None:
       f"'--dst', {hf_out!r}, '--no-progress'])"
     )
     baseline = measure(
-      f"from retool_jax.models import qwen3; from retool_jax import checkpoint; "
-      f"m = qwen3.load_hf({src!r}); checkpoint.save({base!r}, m, m.config)"
+      f"from retool_jax.models import qwen3_hf; from retool_jax import checkpoint; "
+      f"m = qwen3_hf.load_hf({src!r}); checkpoint.save({base!r}, m, m.config)"
     )
 
     goal = 2 * largest + (1 << 30)

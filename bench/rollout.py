@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from transformers import Qwen3Config as HFQwen3Config  # noqa: E402
 from transformers import Qwen3ForCausalLM  # noqa: E402
 
-from retool_jax.models import qwen3  # noqa: E402
+from retool_jax.models import qwen3, qwen3_hf  # noqa: E402
 from retool_jax.rollout import GenerateRequest, JaxEngine, MultiTurnConfig, SamplingParams, run_agent  # noqa: E402
 
 TINY = dict(
@@ -43,7 +43,7 @@ def tiny_models(tmp: str):
   torch.manual_seed(0)
   hf = Qwen3ForCausalLM(HFQwen3Config(**TINY, max_position_embeddings=4096, attn_implementation="sdpa")).eval()
   hf.save_pretrained(tmp)
-  return hf, qwen3.load_hf(tmp)
+  return hf, qwen3_hf.load_hf(tmp)
 
 
 def bench_decode(hf, model, batch: int, new_tokens: int, prompt_len: int = 32) -> tuple[float, float]:

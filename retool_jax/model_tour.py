@@ -19,8 +19,9 @@ from retool_jax import sharding
 from retool_jax.assets import QWEN3_TOKENIZER_DIR
 from retool_jax.chat import load_tokenizer, render_ids
 from retool_jax.checkpoint.hf_export import write_hf
-from retool_jax.models import qwen3
+from retool_jax.models import qwen3, qwen3_hf
 from retool_jax.models.generate import greedy_generate
+from retool_jax.tools import run_python
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", os.path.join(os.path.dirname(__file__), "..", "configs", "model_tour.py"), "Tour configuration."
@@ -38,7 +39,7 @@ def main(_):
 
   hf_dir = os.path.join(cfg.workdir, "hf")
   write_hf(model, None, hf_dir, tokenizer=QWEN3_TOKENIZER_DIR, overwrite=True)
-  loaded = qwen3.load_hf(hf_dir, mesh=mesh)
+  loaded = qwen3_hf.load_hf(hf_dir, mesh=mesh)
   probe = jnp.asarray([tokenizer.encode("round trip")])
   diff = float(jnp.abs(loaded(probe) - model(probe)).max())
   print(f"exported to {hf_dir} and loaded back: max |logit difference| = {diff:.2e}")
@@ -57,10 +58,6 @@ def main(_):
     f"({len(out) / again:,.0f} tokens/s)"
   )
 
-  try:
-    from retool_jax.tools import run_python
-  except ImportError:
-    return
   res = run_python(cfg.tool_code, timeout_s=10, memory_mb=1024)
   print(f"code_interpreter: status={res.status} output={res.output.strip()!r}")
 

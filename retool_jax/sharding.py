@@ -12,7 +12,6 @@ import os
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
@@ -138,12 +137,6 @@ def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
   )
 
 
-def state_specs(state: nnx.State, mesh: jax.sharding.Mesh | None = None) -> nnx.State:
-  return jax.tree.map(
-    lambda v: v.replace(_variable_spec(v, mesh)), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-  )
-
-
 def create_sharded(constructor: Callable[[], nnx.Module], mesh: jax.sharding.Mesh | None) -> nnx.Module:
   """Builds a module directly into its shards: shapes via `nnx.eval_shape`, values by a jitted init whose
   out_shardings come from the logical-axis table, so no device ever holds a full copy first."""
@@ -201,7 +194,3 @@ def initialize_distributed() -> None:
 def data_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
   """Sharding of a `[batch, ...]` input array: batch over (data, fsdp), the rest replicated."""
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), None, mesh))
-
-
-def cast_floating(tree: Any, dtype) -> Any:
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)

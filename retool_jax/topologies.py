@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+
+from jax.experimental import topologies as jax_topologies
 
 GiB = 1024**3
 
@@ -56,14 +59,10 @@ def get(name: str) -> Topology:
 
 def devices(topo: Topology) -> list:
   """The topology's abstract devices (needs libtpu; compiles only, nothing runs)."""
-  import os  # noqa: PLC0415
-
-  from jax.experimental import topologies  # noqa: PLC0415
-
   # Compiling needs no TPU, so several processes (parallel checks, tests) may hold libtpu at once.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-  return list(topologies.get_topology_desc(topology_name=topo.topology, platform="tpu").devices)
+  return list(jax_topologies.get_topology_desc(topology_name=topo.topology, platform="tpu").devices)
 
 
 def hbm_bytes_per_device(topo: Topology, num_devices: int) -> int:

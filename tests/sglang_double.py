@@ -116,7 +116,7 @@ class QwenModel:
     import jax.numpy as jnp
     from flax import nnx
 
-    from retool_jax.models.qwen3 import load_hf
+    from retool_jax.models.qwen3_hf import load_hf
 
     model = load_hf(model_path)
     graphdef, state = nnx.split(model)

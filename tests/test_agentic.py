@@ -12,6 +12,7 @@ from retool_jax.models import qwen3
 from retool_jax.models.logprobs import token_logprobs
 from retool_jax.rollout import FinishReason, JaxEngine, MultiTurnConfig, run_agent
 from retool_jax.rollout.agentic import environment_text, load_agent
+from retool_jax.rollout.agents import retool_agent
 from retool_jax.rollout.agents.retool import DEFAULT_INSTRUCTION
 from scripted_engine import ScriptedEngine
 from test_multiturn import IM_END, TOK, make_tools
@@ -120,8 +121,6 @@ def test_invalid_calls_are_answered_and_history_edits_start_a_new_segment():
 
 
 def test_load_agent_and_failures():
-  from retool_jax.rollout.agents import retool_agent
-
   assert load_agent(RETOOL) is retool_agent
   for spec, message in [
     ("nomodule_xyz:f", "cannot import"),

@@ -363,9 +363,9 @@ def test_splash_compiles_for_a_tpu_topology():
     assert attention.resolve_impl("auto") == "splash"
     graphdef, state = nnx.split(nnx.eval_shape(lambda: qwen3.Qwen3(cfg, rngs=nnx.Rngs(0))))
     state = jax.tree.map(
-      lambda a, spec: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.NamedSharding(mesh, spec)),
+      lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
       state,
-      sh.state_specs(state, mesh),
+      sh.state_shardings(state, mesh),
     )
     rows = jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=sh.data_sharding(mesh))
 

@@ -7,7 +7,7 @@ from transformers import Qwen3ForCausalLM
 
 from retool_jax.assets import QWEN3_TOKENIZER_DIR
 from retool_jax.chat import load_tokenizer, render_ids
-from retool_jax.chat.cli import DECLINED, ChatSession, ChatSettings, is_hf_folder, main, tokenizer_dir
+from retool_jax.chat_cli import DECLINED, ChatSession, ChatSettings, is_hf_folder, main, tokenizer_dir
 from retool_jax.checkpoint.hf_export import copy_tokenizer
 from retool_jax.tools import default_registry
 from scripted_engine import ScriptedEngine

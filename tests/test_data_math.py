@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import datasets
 import pytest
 
 from retool_jax.data import (
@@ -81,8 +82,6 @@ def test_prompt_styles():
 
 
 def test_parquet_input(tmp_path):
-  import datasets
-
   rows = [json.loads(line) for line in (DAPO / "dapo_math_17k_slime_format.first27.jsonl").open()]
   datasets.Dataset.from_list(rows).to_parquet(tmp_path / "dapo.parquet")
   assert [e.ground_truth for e in load_dapo_math(tmp_path / "dapo.parquet")] == [r["label"] for r in rows]

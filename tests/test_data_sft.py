@@ -17,6 +17,7 @@ from retool_jax.data import (
   load_toolbench,
   split_retool_turn,
 )
+from retool_jax.tools import default_registry
 
 FIXTURES = Path(
   os.environ.get("RETOOL_FIXTURES", Path(__file__).resolve().parents[1].parent / "shared" / "fixtures")
@@ -94,8 +95,6 @@ def test_retool_sft_as_tool_calls(tok):
 
 
 def test_retool_sft_tool_calls_use_the_registry_schema(tmp_path):
-  from retool_jax.tools import default_registry
-
   (example,) = load_retool_sft(write_jsonl(tmp_path / "retool.jsonl", [RETOOL_RECORD]), style="tool_calls")
   code_schema = [s for s in default_registry().schemas() if s["function"]["name"] == "code_interpreter"]
   assert example.tools == code_schema

@@ -15,7 +15,7 @@ from flax import nnx
 from hf_models import save_hf_model
 from retool_jax.assets import QWEN3_TOKENIZER_DIR
 from retool_jax.chat import load_tokenizer
-from retool_jax.models import qwen3
+from retool_jax.models import qwen3, qwen3_hf
 from retool_jax.models.logprobs import token_logprobs
 from retool_jax.rollout import Engine, GenerateRequest, JaxEngine, SamplingParams
 from retool_jax.rollout.sampling import filter_logits, find_stop_string, sample
@@ -54,7 +54,7 @@ def test_engine_implements_protocol(tiny_model):
 @pytest.mark.parametrize("batching", ["continuous", "static"])
 def test_greedy_matches_hf_generate_with_concurrent_ragged_requests(tmp_path, batching):
   hf = save_hf_model("dense_untied_gqa2", tmp_path, seed=7)
-  engine = JaxEngine(qwen3.load_hf(tmp_path), eos_token_ids=(), batching=batching)
+  engine = JaxEngine(qwen3_hf.load_hf(tmp_path), eos_token_ids=(), batching=batching)
   rng = np.random.default_rng(0)
   prompts = [rng.integers(1, 128, n).tolist() for n in (9, 4, 17)]
   budgets = (12, 7, 20)

@@ -7,6 +7,7 @@ reference logits. Our converted model must give the same logits. Run as a script
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -55,13 +56,14 @@ MOE = dict(
 
 
 # ---- builder (runs in subprocesses: Megatron needs its own torch.distributed world) ---------------
+# torch and Megatron are optional (imported where used); JAX is never imported here, as the builder forks.
 
 
 def _megatron_model(hf: dict, padded_vocab: int):
-  import torch
-  from megatron.core.models.gpt import GPTModel
-  from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-  from megatron.core.transformer import TransformerConfig
+  import torch  # noqa: PLC0415
+  from megatron.core.models.gpt import GPTModel  # noqa: PLC0415
+  from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: PLC0415
+  from megatron.core.transformer import TransformerConfig  # noqa: PLC0415
 
   moe = hf["model_type"] == "qwen3_moe"
   extra = (
@@ -118,17 +120,15 @@ def _megatron_model(hf: dict, padded_vocab: int):
 
 
 def _ps():
-  from megatron.core import parallel_state
+  from megatron.core import parallel_state  # noqa: PLC0415
 
   return parallel_state
 
 
 def _init(rank: int, world: int, port: int, tp: int, pp: int):
-  import contextlib
-
-  import torch
-  from megatron.core import tensor_parallel
-  from megatron.core.transformer.moe import moe_utils
+  import torch  # noqa: PLC0415
+  from megatron.core import tensor_parallel  # noqa: PLC0415
+  from megatron.core.transformer.moe import moe_utils  # noqa: PLC0415
 
   torch.cuda.synchronize = lambda *a, **k: None  # CUDA-only calls on Megatron's CPU path
   torch.cuda.current_device = lambda: "cpu"
@@ -141,8 +141,8 @@ def _init(rank: int, world: int, port: int, tp: int, pp: int):
 
 def _save_worker(rank: int, world: int, port: int, job: dict):
   """One rank of a TP x PP job: random weights (norms around 1), saved with `dist_checkpointing.save`."""
-  import torch
-  from megatron.core import dist_checkpointing
+  import torch  # noqa: PLC0415
+  from megatron.core import dist_checkpointing  # noqa: PLC0415
 
   _init(rank, world, port, job["tp"], job["pp"])
   torch.manual_seed(100 + rank)
@@ -156,8 +156,8 @@ def _save_worker(rank: int, world: int, port: int, job: dict):
 
 def _reload_and_forward(port: int, job: dict):
   """Megatron reloads the checkpoint unsharded (world size 1) and computes the reference logits."""
-  import torch
-  from megatron.core import dist_checkpointing
+  import torch  # noqa: PLC0415
+  from megatron.core import dist_checkpointing  # noqa: PLC0415
 
   _init(0, 1, port, 1, 1)
   model = _megatron_model(job["hf"], job["padded_vocab"]).eval()
@@ -171,9 +171,9 @@ def _reload_and_forward(port: int, job: dict):
 
 
 def _build(job: dict):
-  import torch.multiprocessing as mp
-  import megatron.core.dist_checkpointing  # noqa: F401  imported once here; forked ranks inherit it
-  import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401
+  import megatron.core.dist_checkpointing  # noqa: F401, PLC0415  imported once here; forked ranks inherit it
+  import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401, PLC0415
+  import torch.multiprocessing as mp  # noqa: PLC0415
 
   world, port = job["tp"] * job["pp"], 20000 + os.getpid() % 20000
   mp.start_processes(_save_worker, args=(world, port, job), nprocs=world, join=True, start_method="fork")
@@ -209,9 +209,10 @@ _CLI_WITHOUT_MEGATRON = (
 
 
 def _convert_and_compare(hf: dict, ckpt_root: Path, tmp: Path, ids: np.ndarray, ref: np.ndarray, cli=False):
-  import jax.numpy as jnp
+  # JAX and retool_jax load in the test process only: this file also runs as the forking builder script.
+  import jax.numpy as jnp  # noqa: PLC0415
 
-  from retool_jax import checkpoint
+  from retool_jax import checkpoint  # noqa: PLC0415
 
   (tmp / "hf_config").mkdir()
   (tmp / "hf_config" / "config.json").write_text(json.dumps(hf))
@@ -245,12 +246,12 @@ def test_tensor_and_pipeline_parallel_dense_checkpoint(tmp_path):
   iteration.mkdir(parents=True)
   (root / "latest_checkpointed_iteration.txt").write_text("20")
   ids, ref = _megatron_checkpoint(DENSE, iteration, tmp_path, tp=2, pp=2, padded_vocab=128)
-  from retool_jax.checkpoint.megatron import TorchDistReader
+  from retool_jax.checkpoint.megatron import TorchDistReader  # noqa: PLC0415
 
   reader = TorchDistReader(root)
   assert reader.shape("decoder.layers.self_attention.linear_qkv.weight") == (4, 64, 32)  # stacked, global
   assert reader.shape("embedding.word_embeddings.weight") == (128, 32)
-  import torch.distributed.checkpoint as dcp
+  import torch.distributed.checkpoint as dcp  # noqa: PLC0415
 
   on_disk = dcp.FileSystemReader(str(iteration)).read_metadata().state_dict_metadata
   assert any("_extra_state" in k for k in on_disk) and (iteration / "common.pt").is_file()  # present, skipped

@@ -15,7 +15,7 @@ from hf_models import save_hf_model
 from retool_jax import checkpoint
 from retool_jax.checkpoint.megatron import MegatronCheckpointError
 from retool_jax.convert import main as convert_main
-from retool_jax.models import qwen3
+from retool_jax.models import qwen3_hf
 from retool_jax.models.qwen3_hf import hf_tensors
 from retool_jax.models.safetensors_io import SafetensorsDir
 
@@ -72,7 +72,7 @@ def _write(state: dict, path):
 
 def _hf_case(name, root):
   hf = save_hf_model(name, root / "hf")
-  model = qwen3.load_hf(root / "hf")
+  model = qwen3_hf.load_hf(root / "hf")
   return hf, dict(hf_tensors(model, model.config)), model.config
 
 
@@ -135,7 +135,7 @@ def test_qkv_bias_and_exact_weights(tmp_path):
 def dense(tmp_path_factory):
   root = tmp_path_factory.mktemp("dense")
   save_hf_model("dense_untied_gqa2", root / "hf")
-  model = qwen3.load_hf(root / "hf")
+  model = qwen3_hf.load_hf(root / "hf")
   return root, _to_megatron(dict(hf_tensors(model, model.config)), model.config, "local")
 
 

@@ -10,11 +10,12 @@ import pytest
 from flax import nnx
 
 from retool_jax.assets import QWEN3_TOKENIZER_DIR
-from retool_jax.chat import load_tokenizer, render_ids
+from retool_jax.chat import SpecialIds, load_tokenizer, render_ids
 from retool_jax.models import qwen3
 from retool_jax.models.logprobs import token_logprobs
 from retool_jax.rollout import JaxEngine, MultiTurnConfig, SGLangEngine, generate_multiturn
-from retool_jax.rollout.multiturn import TOOL_CALL_CLOSE_ID, session_tools
+from retool_jax.rollout.multiturn import session_tools
+from retool_jax.sandbox import Sandbox
 from retool_jax.tools import ToolRegistry, tool
 from scripted_engine import ScriptedEngine
 from sglang_double import SGLangDouble
@@ -80,7 +81,7 @@ def test_code_turns_are_assembled_token_exactly():
   # the engine saw exactly the assembled ids, never a re-rendering
   assert [list(q.prompt_ids) for q in engine.requests] == [list(p), list(p) + gen1 + obs]
   assert engine.requests[0].sampling.stop == ("</code>",)
-  assert TOOL_CALL_CLOSE_ID in engine.requests[0].sampling.stop_token_ids
+  assert SpecialIds.from_tokenizer(TOK).tool_call_close in engine.requests[0].sampling.stop_token_ids
   assert [(t.tool_calls, t.tool_errors, t.observation_tokens) for t in r.turns] == [(1, 0, len(obs)), (0, 0, 0)]
   assert r.text == TOK.decode(gen1 + obs + gen2) and "\\boxed{42}" in r.text
   assert r.weight_versions == [0, 0]
@@ -100,7 +101,7 @@ def test_tool_call_turns_get_tool_response_turns_and_errors_are_readable():
     f"{IM_END}\n<|im_start|>user\n<tool_response>\n5\n</tool_response>{IM_END}\n<|im_start|>assistant\n"
   )
   gen1 = TOK.encode(CALL_TURN)
-  assert gen1[-1] == TOOL_CALL_CLOSE_ID
+  assert gen1[-1] == SpecialIds.from_tokenizer(TOK).tool_call_close
   assert r.ids[len(p) : len(p) + len(gen1) + len(first_obs)] == gen1 + first_obs
   assert "is not valid JSON" in r.text and "unknown tool 'mul'" in r.text
   ids, mask = np.asarray(r.ids), np.asarray(r.loss_mask)
@@ -237,8 +238,6 @@ def test_config_from_config_dict():
 
 
 def test_session_tools_keep_state_per_trajectory():
-  from retool_jax.sandbox import Sandbox
-
   with Sandbox("process", max_workers=2) as sandbox:
     set_x = "<code>\n```python\nx = {}\n```\n</code>"
     show = "<code>\n```python\nprint(x)\n```\n</code>"

@@ -1,11 +1,14 @@
 """Tool-call parsing: the qwen25 format, ReTool <code> blocks, Markdown blocks, and errors the model can read."""
 
+import asyncio
 import json
+from types import SimpleNamespace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retool_jax.chat import parse_tool_calls
+from retool_jax.chat import call_outputs, parse_tool_calls
+from retool_jax.tools import default_registry
 
 
 def block(obj):
@@ -210,11 +213,6 @@ def test_rendered_calls_round_trip(calls, prefix):
 
 
 def test_call_outputs_keep_text_order():
-  import asyncio
-  from types import SimpleNamespace
-
-  from retool_jax.chat import call_outputs
-
   class AsyncRegistry(FakeRegistry):
     async def call(self, name, arguments):
       await asyncio.sleep(0.01 if name == "search" else 0)
@@ -228,8 +226,6 @@ def test_call_outputs_keep_text_order():
 
 
 def test_with_the_real_registry():
-  from retool_jax.tools import default_registry
-
   registry = default_registry()
   text = block({"name": "code_interpreter", "arguments": {"code": "print(1)"}})
   text += block({"name": "calculator", "arguments": {"expr": "1+1"}}) + block({"name": "browser", "arguments": {}})

@@ -17,7 +17,6 @@ from flax import nnx
 from retool_jax import evaluate as ev
 from retool_jax.assets import QWEN3_TOKENIZER_DIR
 from retool_jax.chat import load_tokenizer, render_ids
-from retool_jax.chat.cli import main, settings_from, parse_args
 from retool_jax.chat.prompt_contract import (
   CONTRACT_FILE,
   ContractError,
@@ -31,6 +30,7 @@ from retool_jax.chat.prompt_contract import (
   record_rollout_contract,
   record_sft_contract,
 )
+from retool_jax.chat_cli import main, parse_args, settings_from
 from retool_jax.checkpoint import save as save_checkpoint
 from retool_jax.checkpoint.converters import orbax_to_hf
 from retool_jax.checkpoint.hf_export import write_hf

@@ -8,7 +8,8 @@ import torch
 from flax import nnx
 
 from hf_models import TINY_CONFIGS, save_hf_model
-from retool_jax.models import qwen3
+from retool_jax import sharding
+from retool_jax.models import qwen3, qwen3_hf
 from retool_jax.models.qwen3_hf import hf_tensors
 
 ATOL = 1e-4
@@ -18,7 +19,7 @@ ATOL = 1e-4
 def pair(request, tmp_path_factory):
   path = tmp_path_factory.mktemp(request.param)
   hf = save_hf_model(request.param, path)
-  return request.param, hf, qwen3.load_hf(path)
+  return request.param, hf, qwen3_hf.load_hf(path)
 
 
 def _hf_logits(hf, ids, **kw):
@@ -132,7 +133,7 @@ def test_gradients_match(pair):
 @pytest.mark.parametrize("name", [n for n, c in TINY_CONFIGS.items() if c["model_type"] == "qwen3_moe"])
 def test_moe_aux_loss_matches(name, tmp_path):
   hf = save_hf_model(name, tmp_path)
-  model = qwen3.load_hf(tmp_path)
+  model = qwen3_hf.load_hf(tmp_path)
   ids = _random_ids(model.config.vocab_size, (2, 9), seed=4)
   mask = np.ones_like(ids)
   mask[1, :3] = 0
@@ -160,12 +161,10 @@ def test_scan_layers_same_function(pair):
 
 def test_sharded_checkpoint_loads_onto_a_mesh(tmp_path):
   """A multi-file checkpoint (index + shards) loads straight into a sharded model with the same logits."""
-  from retool_jax import sharding
-
   hf = save_hf_model("moe_8x2", tmp_path, max_shard_size="40KB")
   assert (tmp_path / "model.safetensors.index.json").exists()
   mesh = sharding.make_mesh(data=1, fsdp=2, tensor=2, expert=2)
-  model = qwen3.load_hf(tmp_path, mesh=mesh)
+  model = qwen3_hf.load_hf(tmp_path, mesh=mesh)
   experts = nnx.state(model)["moe_layers"]["mlp"]["gate_proj"][...]
   assert experts.sharding.spec == jax.sharding.PartitionSpec(None, "expert", "fsdp", "tensor")
   ids = _random_ids(model.config.vocab_size, (2, 7), seed=9)

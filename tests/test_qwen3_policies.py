@@ -1,5 +1,8 @@
 """Execution policies (dtype, remat, scan) change how the model runs, not what it computes."""
 
+import importlib.util
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +11,8 @@ import torch
 from flax import nnx
 
 from hf_models import save_hf_model
-from retool_jax.models import qwen3
+from retool_jax.models import qwen3, qwen3_hf
+from retool_jax.models.logprobs import token_logprobs
 
 CFG = qwen3.Qwen3Config(
   vocab_size=64,
@@ -42,7 +46,7 @@ def test_remat_policies_give_the_same_gradients(remat):
 
 def test_bfloat16_tracks_float32_reference(tmp_path):
   hf = save_hf_model("dense_untied_gqa2", tmp_path, seed=1)
-  model = qwen3.load_hf(tmp_path, dtype="bfloat16")
+  model = qwen3_hf.load_hf(tmp_path, dtype="bfloat16")
   q = nnx.state(model)["dense_layers"]["self_attn"]["q_proj"][...]
   assert q.dtype == jnp.bfloat16
   ids = np.random.default_rng(1).integers(0, 128, (2, 16)).astype(np.int32)
@@ -148,14 +152,10 @@ def test_fused_attention_branch_computes_causal_gqa_attention(monkeypatch):
 def test_benchmark_flop_count_matches_xla():
   """bench/model_step.py's MFU numerator: its FLOPs per token equal XLA's count for a train step, tied or not
   (XLA computes the masked half of causal attention too, hence the added term)."""
-  import importlib.util
-  import pathlib
-
   path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "model_step.py"
   spec = importlib.util.spec_from_file_location("model_step_bench", path)
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)
-  from retool_jax.models.logprobs import token_logprobs
 
   b, t = 2, 64
   ids = jnp.zeros((b, t + 1), jnp.int32)

@@ -13,7 +13,8 @@ from tiny_qwen3 import tiny_config
 from retool_jax.checkpoint import layout
 from retool_jax.demo_task.task import make_problems
 from retool_jax.demo_task.tokenizer import build_tokenizer, save_tokenizer
-from retool_jax.models.qwen3 import Qwen3, load_hf
+from retool_jax.models.qwen3 import Qwen3
+from retool_jax.models.qwen3_hf import load_hf
 from retool_jax.rollout.weight_sync import write_hf_checkpoint
 from retool_jax.train import check_config
 from retool_jax.train.metrics import read_metrics

@@ -11,7 +11,7 @@ import pytest
 import requests
 from flax import nnx
 
-from retool_jax.models import qwen3
+from retool_jax.models import qwen3, qwen3_hf
 from retool_jax.models.generate import greedy_generate
 from retool_jax.rollout import Engine, GenerateRequest, SamplingParams
 from retool_jax.rollout.sglang_engine import (
@@ -250,7 +250,7 @@ def test_weight_sync_during_generation_retries_in_flight_requests_on_the_new_wei
     assert set(control[1:-2]) == {"/flush_cache"}
     update = next(b for p, b in s.log if p == "/update_weights_from_disk")
     assert update == {"model_path": os.path.join(str(tmp_path), "weight_v1"), "weight_version": "1"}
-    assert _params_equal(qwen3.load_hf(update["model_path"]), model)
+    assert _params_equal(qwen3_hf.load_hf(update["model_path"]), model)
     assert engine.stats.weight_syncs == 1 and s.paused is False
 
 

@@ -1,16 +1,22 @@
 """SGLangEngine under SGLang's faults: client timeouts, duplicate rids, slow and failing workers, kept pauses, EOS."""
 
 import asyncio
+import dataclasses
 import json
+import socket
 import threading
 import time
 
 import pytest
 import requests
+from flax import nnx
 
-from retool_jax.rollout import GenerateRequest, SamplingParams
+from retool_jax.models import qwen3
+from retool_jax.models.generate import greedy_generate
+from retool_jax.rollout import GenerateRequest, JaxEngine, SamplingParams
 from retool_jax.rollout.sglang_engine import SGLangEngine, SGLangOptions, WorkerError, generate_payload
-from sglang_double import SGLangDouble
+from retool_jax.rollout.weight_sync import write_hf_checkpoint
+from sglang_double import QwenModel, SGLangDouble
 
 FAST = dict(backoff_s=0.01, max_backoff_s=0.02, poll_s=0.02)
 
@@ -127,8 +133,6 @@ def test_a_worker_failing_fast_does_not_let_continue_overtake_a_slow_workers_upd
 
 
 def test_a_worker_that_cannot_be_reached_fails_the_pause_and_the_others_are_resumed(tmp_path):
-  import socket
-
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
     dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -208,16 +212,6 @@ def test_an_eos_on_the_last_allowed_token_is_stop(tmp_path):
 
 @pytest.mark.slow  # compiles the embedded engine
 def test_both_engines_report_an_eos_on_the_last_allowed_token_as_stop(tmp_path):
-  import dataclasses
-
-  from flax import nnx
-
-  from retool_jax.models import qwen3
-  from retool_jax.models.generate import greedy_generate
-  from retool_jax.rollout import JaxEngine
-  from retool_jax.rollout.weight_sync import write_hf_checkpoint
-  from sglang_double import QwenModel
-
   tiny = qwen3.Qwen3Config(
     vocab_size=64,
     hidden_size=32,

@@ -4,7 +4,6 @@ import shlex
 import subprocess
 from pathlib import Path
 
-
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
 
 

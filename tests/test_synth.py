@@ -9,12 +9,33 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import jax.numpy as jnp
+import optax
 import pytest
+from flax import nnx
 
 from retool_jax.chat import load_tokenizer, parse_tool_calls
 from retool_jax.data import load_chat_sft, load_gsm8k
-from retool_jax.data.synth import Proposal, filter_calls, gsm8k_item, table_proposer, teacher_examples
+from retool_jax.data.synth import (
+  Proposal,
+  chat_context,
+  filter_calls,
+  gsm8k_item,
+  model_loss,
+  number_positions,
+  render_call,
+  table_proposer,
+  teacher_examples,
+)
+from retool_jax.data.synth.__main__ import main
 from retool_jax.data.synth.templates import CODE_TASKS, TASKS, templated_examples
+from retool_jax.demo_task.tokenizer import build_tokenizer
+from retool_jax.models.logprobs import token_logprobs
+from retool_jax.models.qwen3 import Qwen3
+from retool_jax.rollout import JaxEngine
+from retool_jax.rollout.proposer import engine_proposer
+from retool_jax.tools import BUILTIN_TOOLS, default_registry
+from tiny_qwen3 import tiny_config
 
 FIXTURES = Path(
   os.environ.get("RETOOL_FIXTURES", Path(__file__).resolve().parents[1].parent / "shared" / "fixtures")
@@ -155,8 +176,6 @@ def test_teacher_on_gsm8k_rows():
 
 
 def test_every_builtin_tool_has_templates_and_real_results(tok):
-  from retool_jax.tools import BUILTIN_TOOLS, default_registry
-
   registry = default_registry()
   assert set(TASKS) == set(BUILTIN_TOOLS)
   n = sum(len(tasks) for tasks in TASKS.values())
@@ -176,8 +195,6 @@ def test_every_builtin_tool_has_templates_and_real_results(tok):
 
 
 def test_cli_writes_loadable_data(tmp_path):
-  import retool_jax.tools as tools
-
   out = tmp_path / "synth.jsonl"
   subprocess.run(
     [sys.executable, "-m", "retool_jax.data.synth", "templates", "--out", str(out), "--n", "3"],
@@ -187,7 +204,7 @@ def test_cli_writes_loadable_data(tmp_path):
   )
   examples = load_chat_sft(out)
   assert len(examples) == 3 and all(e.metadata["source"] == "synth_templates" for e in examples)
-  names = {s["function"]["name"] for s in tools.default_registry().schemas()}
+  names = {s["function"]["name"] for s in default_registry().schemas()}
   assert {e.messages[1]["tool_calls"][0]["function"]["name"] for e in examples} <= names
   assert json.loads(out.read_text().splitlines()[0])["tools"]
 
@@ -199,17 +216,6 @@ def test_teacher_mode_with_a_tiny_model_through_the_engine():
   The model is first fitted to one conversation in which a code call's result precedes the answer, so it has
   learnt where a call belongs and that the answer follows the result; nothing in the filter is scripted.
   """
-  import jax.numpy as jnp
-  import optax
-  from flax import nnx
-  from tiny_qwen3 import tiny_config
-
-  from retool_jax.data.synth import chat_context, engine_proposer, model_loss, number_positions, render_call
-  from retool_jax.demo_task.tokenizer import build_tokenizer
-  from retool_jax.models.logprobs import token_logprobs
-  from retool_jax.models.qwen3 import Qwen3
-  from retool_jax.rollout import JaxEngine
-
   tok = build_tokenizer()
   context = chat_context(tok)
   prompt, response = "What is 6*7?", "6*7 = 42."
@@ -272,8 +278,6 @@ def test_teacher_mode_with_a_tiny_model_through_the_engine():
 
 
 def test_cli_teacher_mode(tmp_path, capsys):
-  from retool_jax.data.synth.__main__ import main
-
   out = tmp_path / "teacher.jsonl"
   args = ["teacher", "--gsm8k", str(FIXTURES / "gsm8k" / "test.jsonl"), "--limit", "3", "--out", str(out)]
   main([*args, "--loss", f"{__name__}:copy_model_loss", "--threshold", "0.3"])

@@ -6,6 +6,7 @@ import asyncio
 import enum
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -13,6 +14,7 @@ import pytest
 
 from retool_jax.sandbox import Limits, Sandbox
 from retool_jax.tools import BUILTIN_TOOLS, Tool, ToolRegistry, ToolResult, default_registry, tool
+from retool_jax.tools.analysis import diagnose
 
 FIXTURES = Path(
   os.environ.get("RETOOL_FIXTURES") or Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
@@ -211,8 +213,6 @@ def test_call_never_raises(registry):
 
 
 def test_plain_function_tools_do_not_block_each_other():
-  import threading
-
   started = threading.Event()
 
   @tool
@@ -349,8 +349,6 @@ def test_builtins_on_a_session(sandbox):
 
 
 def test_debug_code_timeout_names_the_loop():
-  from retool_jax.tools.analysis import diagnose
-
   out = diagnose("n = 1\nwhile n > 0:\n    n += 1", "", "timeout", "TimeoutError: ...")
   assert "infinite loop" in out and "while loop at line 2" in out
 

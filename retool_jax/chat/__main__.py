@@ -1,6 +1,6 @@
-"""`python -m retool_jax.chat`: a terminal chat with tools (see `retool_jax.chat.cli`)."""
+"""`python -m retool_jax.chat`: a terminal chat with tools (see `retool_jax.chat_cli`)."""
 
-from retool_jax.chat.cli import run
+from retool_jax.chat_cli import run
 
 if __name__ == "__main__":
   run()

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from retool_jax.assets import QWEN3_TOKENIZER_DIR
 from retool_jax.chat.parse import FORMATS
 from retool_jax.fields import check_fields
 
@@ -202,8 +203,6 @@ def record_rollout_contract(
 
 
 def _bundled_tokenizer() -> str:
-  from retool_jax.assets import QWEN3_TOKENIZER_DIR  # noqa: PLC0415
-
   return str(QWEN3_TOKENIZER_DIR)
 
 

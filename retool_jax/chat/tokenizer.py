@@ -27,7 +27,8 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
 
 @functools.lru_cache(maxsize=8)
 def _load_tokenizer(name_or_path: str) -> Any:
-  from transformers import AutoTokenizer
+  # transformers' tokenizer import brings in torch (seconds): only loading a tokenizer pays for it.
+  from transformers import AutoTokenizer  # noqa: PLC0415
 
   tokenizer = AutoTokenizer.from_pretrained(name_or_path)
   if not getattr(tokenizer, "chat_template", None):

@@ -20,9 +20,10 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from retool_jax.checkpoint import layout
 from retool_jax.chat.prompt_contract import find_contract
+from retool_jax.checkpoint import layout
 from retool_jax.checkpoint.hf_export import GENERATION_CONFIG, write_hf
+from retool_jax.checkpoint.megatron import MegatronTensors
 from retool_jax.checkpoint.streaming import StreamedArray
 from retool_jax.models.qwen3_config import Qwen3Config
 from retool_jax.models.qwen3_hf import ParamSource, abstract_model, check_tensors, hf_shapes, param_sources
@@ -212,8 +213,6 @@ def hf_to_orbax(src, dst, *, dtype=None, progress: bool = True) -> ConversionSum
 
 def megatron_to_orbax(src, hf_config, dst, *, dtype=None, progress: bool = True) -> ConversionSummary:
   """A Megatron-Core `torch_dist` checkpoint plus the model's HF `config.json` -> an Orbax checkpoint."""
-  from retool_jax.checkpoint.megatron import MegatronTensors
-
   config_path = os.fspath(hf_config)
   if os.path.isdir(config_path):
     config_path = os.path.join(config_path, "config.json")

@@ -7,8 +7,8 @@ and renamed into place, so a reader (an inference server, `from_pretrained`) nev
 
 from __future__ import annotations
 
-import json
 import dataclasses
+import json
 import os
 import shutil
 import uuid

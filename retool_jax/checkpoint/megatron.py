@@ -75,9 +75,10 @@ class TorchDistReader:
 
   def __init__(self, path: str | os.PathLike):
     try:
-      import torch
-      import torch.distributed.checkpoint as dcp
-      from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+      # torch is optional: only reading Megatron checkpoints needs it.
+      import torch  # noqa: PLC0415
+      import torch.distributed.checkpoint as dcp  # noqa: PLC0415
+      from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata  # noqa: PLC0415
     except ImportError as e:
       raise ImportError("reading Megatron checkpoints needs PyTorch (CPU is enough): pip install torch") from e
     self._torch, self._dcp, self._index = torch, dcp, MetadataIndex

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import datasets
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def read_rows(path: str | os.PathLike, *, limit: int | None = None) -> "datasets.Dataset":  # noqa: F821
+def read_rows(path: str | os.PathLike, *, limit: int | None = None) -> datasets.Dataset:
   """Loads a local file as a `datasets.Dataset` (no hub access). `limit` keeps the first rows."""
-  import datasets
-
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"data file not found: {path}")
@@ -28,11 +28,6 @@ def read_rows(path: str | os.PathLike, *, limit: int | None = None) -> "datasets
   if limit is not None:
     rows = rows.select(range(min(limit, len(rows))))
   return rows
-
-
-def iter_rows(path: str | os.PathLike, *, limit: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
-  """`(index, row)` pairs of a local file."""
-  yield from enumerate(read_rows(path, limit=limit))
 
 
 def drop_nulls(value: Any) -> Any:

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from retool_jax.chat.sft import encode_sft
+
 Message = dict[str, Any]
 
 
@@ -35,8 +37,6 @@ class ChatExample:
 
   def encode(self, tokenizer: Any, *, enable_thinking: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """`(ids, loss_mask)`: only assistant tokens are trained, tool output never is."""
-    from retool_jax.chat.sft import encode_sft
-
     return encode_sft(tokenizer, self.messages, tools=self.tools, enable_thinking=enable_thinking)
 
   def to_dict(self) -> dict[str, Any]:
@@ -57,8 +57,6 @@ class PreferencePair:
     self, tokenizer: Any, *, enable_thinking: bool = True
   ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """`((chosen_ids, chosen_mask), (rejected_ids, rejected_mask))`; prompt tokens have mask 0."""
-    from retool_jax.chat.sft import encode_sft
-
     return tuple(  # type: ignore[return-value]
       encode_sft(tokenizer, self.prompt + side, tools=self.tools, enable_thinking=enable_thinking)
       for side in (self.chosen, self.rejected)

@@ -20,6 +20,7 @@ from retool_jax.chat.observation import INTERPRETER_CLOSE, INTERPRETER_OPEN
 from retool_jax.chat.parse import CODE_TOOL, parse_tool_calls
 from retool_jax.data.io import field, read_rows
 from retool_jax.data.records import ChatExample
+from retool_jax.tools import default_registry
 
 STYLES = ("inline", "tool_calls")
 _EXECUTED_CODE = re.compile(
@@ -30,8 +31,6 @@ _EXECUTED_CODE = re.compile(
 
 def code_tool_schema() -> dict[str, Any]:
   """The OpenAI-style schema of the code tool, as the tool registry publishes it."""
-  from retool_jax.tools import default_registry
-
   for schema in default_registry().schemas():
     if schema.get("function", {}).get("name") == CODE_TOOL:
       return schema

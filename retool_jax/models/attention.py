@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from retool_jax.models.blockwise_attention import blockwise_attention
 from retool_jax.models.qwen3_config import ATTENTION_IMPLS as IMPLS
+from retool_jax.models.splash_attention import splash_attention
 
 _NEG_INF = float(jnp.finfo(jnp.float32).min)
 BLOCK_SIZE = 512  # query and key block length of the blockwise and splash paths
@@ -125,8 +126,6 @@ def attend(
   if impl == "cudnn" and mask is None:
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True, implementation="cudnn")
   if impl == "splash" and (mask is None or isinstance(mask, SelfAttentionMask)):
-    from retool_jax.models.splash_attention import splash_attention  # Pallas TPU imports only when used
-
     segment_ids = None if mask is None else mask.q_segment_BT
     return splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids, block=block_size, interpret=platform() != "tpu")
   if mask is None:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from retool_jax.models.attention import AttentionMask, attend
 from retool_jax.models.kv_cache import write_rows
@@ -212,8 +213,6 @@ def _expert_parallel(mesh, top_k, x_TD, top_i, top_w, wg, wu, wd):
   Tokens stay sharded over (data, fsdp) and replicated over `expert` and `tensor`; expert weights are split
   over `expert` (and their hidden width over `tensor`), so the partial outputs are summed over both axes.
   """
-  from jax.sharding import PartitionSpec as P
-
   batch = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
   tensor = "tensor" if "tensor" in mesh.shape and wg.shape[-1] % mesh.shape["tensor"] == 0 else None
   n_local = wg.shape[0] // mesh.shape["expert"]

@@ -1,7 +1,7 @@
 """Qwen3 and Qwen3-MoE causal language models in Flax NNX.
 
-    from retool_jax.models import qwen3
-    model = qwen3.load_hf("/path/to/Qwen3-1.7B")       # or qwen3.Qwen3(qwen3.preset("1.7B"), rngs=nnx.Rngs(0))
+    from retool_jax.models import qwen3, qwen3_hf
+    model = qwen3_hf.load_hf("/path/to/Qwen3-1.7B")    # or qwen3.Qwen3(qwen3.preset("1.7B"), rngs=nnx.Rngs(0))
     logits_BTV = model(input_ids_BT)                    # optional positions / segment_ids / attention_mask
 
 Decoder layers of one kind (dense or MoE) are stored stacked, `[layers, ...]`, and run either unrolled or
@@ -22,7 +22,7 @@ from retool_jax.models.layers import DecoderLayer, LayerCache, RMSNorm, RouterSt
 from retool_jax.models.qwen3_config import PRESETS, Qwen3Config, preset
 from retool_jax.sharding import constrain
 
-__all__ = ["Qwen3", "Qwen3Config", "KVCache", "ModelOutput", "preset", "PRESETS", "load_hf", "default_positions"]
+__all__ = ["Qwen3", "Qwen3Config", "KVCache", "ModelOutput", "preset", "PRESETS", "default_positions"]
 
 _REMAT_POLICIES = {
   "full": jax.checkpoint_policies.nothing_saveable,
@@ -256,10 +256,3 @@ def _valid_tokens(segment_ids, attention_mask):
   if segment_ids is not None:
     return segment_ids > 0
   return None
-
-
-def load_hf(hf_dir, *, dtype=None, mesh=None, **config_overrides) -> Qwen3:
-  """Loads a local Hugging Face `save_pretrained` folder straight into a (sharded) model."""
-  from retool_jax.models.qwen3_hf import load_hf as _load
-
-  return _load(hf_dir, dtype=dtype, mesh=mesh, **config_overrides)

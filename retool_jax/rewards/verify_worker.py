@@ -23,8 +23,9 @@ def main() -> None:
   channel = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
   os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
 
-  import math_verify
-  from math_verify import grader, parser
+  # Imported after stdout is redirected, so nothing printed on import can reach the protocol channel.
+  import math_verify  # noqa: PLC0415
+  from math_verify import grader, parser  # noqa: PLC0415
 
   logging.getLogger("math_verify").setLevel(logging.ERROR)
   grader.TIMEOUT_WARNING_SHOWN = parser.TIMEOUT_WARNING_SHOWN = True

@@ -18,11 +18,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from retool_jax.assets import QWEN3_TOKENIZER_DIR
 from retool_jax.chat import Trajectory, load_tokenizer, parse_tool_calls, render_ids
 from retool_jax.chat.parse import FORMATS, CallError
 from retool_jax.chat.tokenizer import encode_text
 from retool_jax.fields import dataclass_kwargs
 from retool_jax.rollout.types import Engine, GenerateRequest, SamplingParams
+from retool_jax.tools import default_registry
 
 __all__ = [
   "MultiTurnConfig",
@@ -40,7 +42,6 @@ __all__ = [
 STATUSES = ("completed", "truncated", "aborted")
 # auto: `<interpreter>` inline after a `<code>` call (ReTool), a `<tool_response>` turn after `<tool_call>`.
 OBSERVATION_FORMATS = ("auto", "qwen", "retool")
-TOOL_CALL_CLOSE_ID = 151658  # </tool_call> in the Qwen3 vocabulary
 CODE_CLOSE = "</code>"
 TRUNCATION_NOTE = "\n... [output truncated]"
 
@@ -183,7 +184,6 @@ async def run_tool_calls(parsed: Any, registry: Any) -> tuple[list[str], int]:
 
 def session_tools(sandbox: Any) -> Callable[[], contextlib.AbstractAsyncContextManager]:
   """A `tools` factory giving every trajectory its own persistent interpreter session (closed at its end)."""
-  from retool_jax.tools import default_registry  # noqa: PLC0415  (tools start the sandbox lazily)
 
   @contextlib.asynccontextmanager
   async def per_trajectory():
@@ -228,8 +228,6 @@ def default_tokenizer(engine: Any) -> Any:
   tokenizer = getattr(engine, "tokenizer", None)
   if tokenizer is not None:
     return tokenizer
-  from retool_jax.assets import QWEN3_TOKENIZER_DIR  # noqa: PLC0415
-
   return load_tokenizer(QWEN3_TOKENIZER_DIR)
 
 

@@ -52,6 +52,11 @@ import uuid
 import weakref
 from typing import Any, AsyncIterator, Mapping, Sequence
 
+try:
+  import aiohttp
+except ImportError:  # the optional `sglang` extra; `SGLangEngine` asks for it when one is made
+  aiohttp = None
+
 from retool_jax.models.qwen3_config import Qwen3Config
 from retool_jax.rollout.types import FinishReason, GenerateRequest, GenerateResult, SamplingParams
 from retool_jax.rollout.weight_sync import prune_versions, version_dir, write_hf_checkpoint
@@ -327,6 +332,8 @@ class SGLangEngine:
   ):
     if not url.startswith(("http://", "https://")):
       raise ValueError(f"SGLang url {url!r} must start with http:// or https://")
+    if aiohttp is None:
+      raise ImportError("SGLangEngine needs aiohttp: pip install 'retool_jax[sglang]'")
     self.url = url.rstrip("/")
     self.worker_urls = tuple(u.rstrip("/") for u in (worker_urls or (url,)))
     self.model_config = model_config
@@ -357,8 +364,6 @@ class SGLangEngine:
     return state
 
   async def __aenter__(self) -> "SGLangEngine":
-    import aiohttp
-
     await self.close()
     self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.options.max_concurrency))
     self._session_loop = asyncio.get_running_loop()
@@ -378,16 +383,12 @@ class SGLangEngine:
     if self._session is not None and not self._session.closed and self._session_loop is asyncio.get_running_loop():
       yield self._session
       return
-    import aiohttp
-
     async with aiohttp.ClientSession(
       connector=aiohttp.TCPConnector(limit=self.options.max_concurrency)
     ) as session:
       yield session
 
   def _timeout(self, timeout_s: float | None = None):
-    import aiohttp
-
     opts = self.options
     return aiohttp.ClientTimeout(total=timeout_s or opts.request_timeout_s, sock_connect=opts.connect_timeout_s)
 
@@ -407,8 +408,6 @@ class SGLangEngine:
     self, session, method: str, base: str, path: str, payload: Any = None, timeout_s: float | None = None
   ) -> tuple[int, str]:
     """One HTTP call, retried with backoff on connection errors, timeouts and 5xx; returns (status, body)."""
-    import aiohttp
-
     opts = self.options
     timeout = self._timeout(timeout_s)
     endpoint = base + path
@@ -509,8 +508,6 @@ class SGLangEngine:
     return min(lengths) if lengths else None
 
   async def _healthy(self, session, base: str) -> bool:
-    import aiohttp
-
     timeout = aiohttp.ClientTimeout(
       total=max(30.0, self.options.connect_timeout_s), sock_connect=self.options.connect_timeout_s
     )
@@ -552,8 +549,6 @@ class SGLangEngine:
 
   async def _abort_rid(self, session, rid: str) -> None:
     """Asks the servers to drop a submission given up on (a no-op where the rid is not live)."""
-    import aiohttp
-
     self.stats.rid_aborts += 1
     timeout = aiohttp.ClientTimeout(total=max(5.0, self.options.connect_timeout_s))
     for base in dict.fromkeys((self.url, *self.worker_urls)):
@@ -562,8 +557,6 @@ class SGLangEngine:
           await resp.read()
 
   async def _generate_one(self, session, state: _LoopState, request: GenerateRequest) -> GenerateResult:
-    import aiohttp
-
     opts = self.options
     payload = generate_payload(request, opts.seed_field)
     base_rid = request.request_id if request.request_id is not None else uuid.uuid4().hex

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from retool_jax.sandbox import run_python
+from retool_jax.sandbox import default_sandbox, run_python
 from retool_jax.tools.analysis import analyze_code
 from retool_jax.tools.base import Tool, ToolResult, tool
 from retool_jax.tools.calculator import calculator
@@ -34,7 +34,7 @@ def default_registry(sandbox: Any | Callable[[], Any] | None = None) -> ToolRegi
   """A registry with every built-in tool. ``sandbox`` is a sandbox, a function returning one, or
   ``None`` for the process-wide default (started on the first code call)."""
   if sandbox is None:
-    from retool_jax.sandbox import default_sandbox as get_sandbox  # noqa: PLC0415
+    get_sandbox = default_sandbox
   elif callable(sandbox) and not hasattr(sandbox, "run_async"):
     get_sandbox = sandbox
   else:

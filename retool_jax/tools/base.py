@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import enum
 import inspect
@@ -241,7 +242,5 @@ def run_coroutine_sync(coro: Any) -> Any:
     asyncio.get_running_loop()
   except RuntimeError:
     return asyncio.run(coro)
-  import concurrent.futures  # noqa: PLC0415
-
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     return pool.submit(asyncio.run, coro).result()

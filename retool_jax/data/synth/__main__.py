@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from retool_jax.data.chat_sft import dumps_example
+from retool_jax.data.math_datasets import load_gsm8k
 from retool_jax.data.synth.teacher import gsm8k_item, table_proposer, teacher_examples
 from retool_jax.data.synth.templates import FORMATS, templated_examples
+from retool_jax.tools import default_registry
 
 
 def _callable(spec: str):
@@ -51,14 +53,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   k.add_argument("--limit", type=int, default=None)
   args = parser.parse_args(argv)
 
-  from retool_jax.tools import default_registry
-
   registry = default_registry()
   if args.mode == "templates":
     _write(args.out, templated_examples(registry, args.n, seed=args.seed, fmt=args.format))
     return
-  from retool_jax.data.math_datasets import load_gsm8k
-
   problems = load_gsm8k(args.gsm8k, limit=args.limit)
   items, propose = table_proposer(
     gsm8k_item(e.metadata["problem"], e.metadata["solution"], e.ground_truth) for e in problems

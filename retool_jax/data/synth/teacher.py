@@ -9,7 +9,8 @@ and a model's loss on the continuation `x[i:]` is compared under three prefixes:
 
 The call is kept when `L- - L+ >= threshold`. `loss(prefix, continuation)` is any callable returning the mean
 negative log-likelihood of the continuation (`model_loss` scores it with a `Qwen3`); calls are proposed by any
-callable (`engine_proposer` asks a model, through any `Engine`, to write a `<tool_call>` at candidate positions).
+callable (`retool_jax.rollout.proposer.engine_proposer` asks a model, through any `Engine`, to write a
+`<tool_call>` at candidate positions).
 `context` maps the prompt to the text the model sees before the response (`chat_context`: the chat template up
 to the assistant turn), the same for proposing and scoring. Kept calls are executed for real: every result in
 the output was produced by the tool.
@@ -17,17 +18,22 @@ the output was produced by the tool.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from retool_jax.chat.parse import CODE_TOOL, parse_tool_calls
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from retool_jax.chat.parse import CODE_TOOL
 from retool_jax.chat.render import render_text
-from retool_jax.chat.tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, encode_text
+from retool_jax.chat.tokenizer import encode_text
 from retool_jax.data.records import ChatExample
+from retool_jax.models.logprobs import token_logprobs
 
 LossFn = Callable[[str, str], float]
 ContextFn = Callable[[str], str]
@@ -182,52 +188,6 @@ def chat_context(tokenizer: Any, *, tools: Any = None, enable_thinking: bool = T
   return context
 
 
-def engine_proposer(
-  engine: Any,
-  tokenizer: Any,
-  *,
-  registry: Any = None,
-  context: ContextFn | None = None,
-  positions: Callable[[str], Sequence[int]] = number_positions,
-  max_new_tokens: int = 128,
-  temperature: float = 0.0,
-  seed: int | None = 0,
-) -> ProposeFn:
-  """A proposer that asks a model to write a call at each candidate position (Toolformer's sampling step).
-
-  For each position `i` of `positions(response)`, the engine continues `context(prompt) + response[:i] +
-  "<tool_call>\n"` up to `</tool_call>`; what it writes is parsed like any model output (with `registry`,
-  unknown tools and invalid arguments are dropped), and every valid call becomes a `Proposal` at `i`. Works
-  with any `Engine` (`generate(requests)` coroutine); call it from synchronous code.
-  """
-  from retool_jax.rollout.types import GenerateRequest, SamplingParams
-
-  close_ids = encode_text(tokenizer, TOOL_CALL_CLOSE)
-  stop = {"stop_token_ids": tuple(close_ids)} if len(close_ids) == 1 else {"stop": (TOOL_CALL_CLOSE,)}
-  sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, **stop)
-  opening = f"{TOOL_CALL_OPEN}\n"
-
-  def propose(prompt: str, response: str) -> list[Proposal]:
-    head = context(prompt) if context is not None else prompt
-    points = sorted({int(i) for i in positions(response) if 0 < int(i) <= len(response)})
-    if not points:
-      return []
-    requests = [
-      GenerateRequest(tuple(encode_text(tokenizer, head + response[:i] + opening)), sampling) for i in points
-    ]
-    results = asyncio.run(engine.generate(requests))
-    proposals = []
-    for i, result in zip(points, results):
-      if result.finish_reason.type != "stop":
-        continue  # ran out of tokens or failed: no complete call
-      written = opening + tokenizer.decode(result.output_ids)
-      for call in parse_tool_calls(written, registry, formats=("tool_call",)).calls:
-        proposals.append(Proposal(i, call.name, dict(call.arguments)))
-    return proposals
-
-  return propose
-
-
 def model_loss(model: Any, tokenizer: Any, *, min_bucket: int = 64) -> LossFn:
   """`loss(prefix, continuation)`: a `Qwen3`'s mean negative log-likelihood of the continuation's tokens.
 
@@ -235,13 +195,6 @@ def model_loss(model: Any, tokenizer: Any, *, min_bucket: int = 64) -> LossFn:
   after the prefix). Sequences are padded at the end to a power of two (at least `min_bucket`), so a handful
   of compiled shapes serve every call; padding after the scored tokens cannot change them (causal attention).
   """
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from flax import nnx
-
-  from retool_jax.models.logprobs import token_logprobs
-
   graphdef, params = nnx.split(model)
 
   @jax.jit

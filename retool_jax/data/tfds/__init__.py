@@ -22,8 +22,8 @@ from retool_jax.data.tfds.builders import (
   Math500,
   MathConfig,
   PreferencePairs,
-  ReToolSftConfig,
   RetoolSft,
+  ReToolSftConfig,
   prepare,
   record_features,
 )

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from retool_jax.assets import QWEN3_TOKENIZER_DIR
 from retool_jax.chat.parse import FORMATS, CallError, ToolCall, parse_tool_calls
 from retool_jax.chat.prompt_contract import (
   CONTRACT_FILE,
@@ -37,8 +38,14 @@ from retool_jax.chat.prompt_contract import (
 from retool_jax.chat.render import render_ids
 from retool_jax.chat.tokenizer import IM_END, load_tokenizer
 from retool_jax.chat.trajectory import Trajectory
+from retool_jax.checkpoint import load
+from retool_jax.checkpoint.layout import read_config
+from retool_jax.models.qwen3_hf import load_hf
+from retool_jax.rollout import JaxEngine, SGLangEngine
 from retool_jax.rollout.multiturn import MultiTurnConfig, stop_criteria, truncate_outputs
 from retool_jax.rollout.types import GenerateRequest, SamplingParams
+from retool_jax.sandbox import Limits, Sandbox
+from retool_jax.tools import default_registry
 
 CODE_TOOLS = frozenset({"code_interpreter", "execute_bash", "run_tests", "debug_code"})
 DECLINED = "The user declined to run this tool call."
@@ -278,11 +285,7 @@ def load_model(path: str | os.PathLike, dtype: str | None = None) -> Any:
   if not Path(path).exists():
     raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
   if is_hf_folder(path):
-    from retool_jax.models.qwen3 import load_hf  # noqa: PLC0415
-
     return load_hf(path, dtype=dtype)
-  from retool_jax.checkpoint import load  # noqa: PLC0415
-
   return load(path, dtype=dtype)
 
 
@@ -294,8 +297,6 @@ def model_shape(path: str | os.PathLike) -> tuple[int, int]:
     record = json.loads((Path(path) / "config.json").read_text())
     record = record.get("text_config", record)
   else:
-    from retool_jax.checkpoint.layout import read_config  # noqa: PLC0415
-
     record = read_config(path)["model"]
   return int(record["vocab_size"]), int(record.get("max_position_embeddings") or DEFAULT_MAX_CONTEXT)
 
@@ -313,29 +314,20 @@ def tokenizer_dir(
     return contract.tokenizer_path()
   if checkpoint is not None and any((Path(checkpoint) / f).is_file() for f in _TOKENIZER_FILES):
     return Path(checkpoint)
-  from retool_jax.assets import QWEN3_TOKENIZER_DIR  # noqa: PLC0415
-
   return QWEN3_TOKENIZER_DIR
 
 
 def make_engine(args: argparse.Namespace, tokenizer: Any, max_context: int) -> Any:
   if args.sglang_url:
-    from retool_jax.rollout import SGLangEngine  # noqa: PLC0415
-
     return SGLangEngine(args.sglang_url)
   if not args.checkpoint:
     raise SystemExit("error: give --checkpoint (a model folder) or --sglang-url (a running server)")
-  from retool_jax.rollout import JaxEngine  # noqa: PLC0415
-
   model = load_model(args.checkpoint, args.dtype)
   return JaxEngine(model, tokenizer=tokenizer, max_length=max_context, max_batch_size=1)
 
 
 def make_tools(timeout_s: float) -> Any:
   """The built-in tools on a sandbox whose calls stop after `timeout_s`."""
-  from retool_jax.sandbox import Limits, Sandbox  # noqa: PLC0415
-  from retool_jax.tools import default_registry  # noqa: PLC0415
-
   sandbox: Sandbox | None = None
 
   def get_sandbox() -> Sandbox:

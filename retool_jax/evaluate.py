@@ -27,18 +27,17 @@ import numpy as np
 
 from retool_jax.chat.parse import ToolCall, parse_tool_calls
 from retool_jax.chat.prompt_contract import ContractError, PromptContract, check_tokenizer_fits, find_contract
+from retool_jax.train import build
 
 FREE_FORM = ("rollout", "model.overrides")  # checked by MultiTurnConfig / Qwen3Config
 
 
 def default_config() -> ml_collections.ConfigDict:
   """Every field an evaluation reads, with its default."""
-  from retool_jax.train import sft  # noqa: PLC0415
-
   c = ml_collections.ConfigDict()
   c.workdir = "runs/eval"  # trajectories.jsonl, summary.json, summary.md
   c.seed = 0
-  c.model = sft.default_config().model  # checkpoint (Orbax or HF folder) / preset / overrides / dtypes
+  c.model = build.model_fields()  # checkpoint (Orbax or HF folder) / preset / overrides / dtypes
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # a math problem file any `load_math` schema reads (AIME, MATH-500, GSM8K, DAPO)
@@ -239,9 +238,8 @@ def _engine(c: ml_collections.ConfigDict, tokenizer: Any, tokenizer_name: str, m
   if c.engine.sglang_url:
     return SGLangEngine(c.engine.sglang_url)
   from retool_jax import sharding as sharding_lib  # noqa: PLC0415
-  from retool_jax.train import sft  # noqa: PLC0415
 
-  model = sft.build_model(c.model, sharding_lib.make_mesh(**c.mesh.to_dict()), c.seed)
+  model = build.build_model(c.model, sharding_lib.make_mesh(**c.mesh.to_dict()), c.seed)
   check_tokenizer_fits(
     tokenizer,
     model.config.vocab_size,

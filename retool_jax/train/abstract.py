@@ -22,7 +22,7 @@ from retool_jax.models.qwen3 import Qwen3
 from retool_jax.models.qwen3_config import Qwen3Config, preset
 from retool_jax.train import lora as lora_lib
 from retool_jax.train import state as state_lib
-from retool_jax.train.sft import EXECUTION
+from retool_jax.train.build import EXECUTION
 
 
 def _checkpoint_config(path: Path) -> Qwen3Config:

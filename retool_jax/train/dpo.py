@@ -32,7 +32,8 @@ import optax
 
 from retool_jax.data.pipeline import InputPipeline, global_batch
 from retool_jax.models.logprobs import token_logprobs
-from retool_jax.models.qwen3_config import Qwen3Config
+
+from retool_jax.train import build
 from retool_jax.train import state as state_lib
 from retool_jax.train.losses import dpo_loss, sequence_logp
 
@@ -50,7 +51,7 @@ __all__ = [
 ]
 
 
-_DEFAULT_ATTENTION = Qwen3Config.__dataclass_fields__["attention_impl"].default
+FREE_FORM = ("model.overrides",)  # validated against Qwen3Config instead of the schema
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -61,16 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.num_epochs = 1
   c.batch_size = 8  # pairs per update, over all hosts
-  c.model = ml_collections.ConfigDict()
-  c.model.checkpoint = ""  # Orbax (retool_jax layout, or a trainer's checkpoints folder) or Hugging Face folder
-  c.model.dtype = "bfloat16"  # compute
-  c.model.param_dtype = "float32"  # master weights and optimizer state
-  c.model.remat = "none"  # none | full | dots | dots_with_no_batch_dims | attention_out
-  c.model.preset = ""  # the checkpoint's Qwen3 size ("4B"): lets `retool_jax.aot` check a run without it
-  c.model.attention_impl = (
-    _DEFAULT_ATTENTION  # auto (splash on TPU, cuDNN on GPU, blockwise elsewhere) | xla | ...
-  )
-  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="q,k,v,o,gate,up,down"))  # rank 0 = full
+  c.model = build.model_fields()  # model.checkpoint: the policy DPO starts from
+  c.lora = build.lora_fields()
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # json / jsonl / parquet rows {"prompt", "chosen", "rejected"[, "tools"]}
@@ -84,20 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss.chunk_size = 512
   c.reference = ml_collections.ConfigDict()
   c.reference.precompute = True  # score the reference once before training, then free it
-  c.optim = ml_collections.ConfigDict(
-    dict(
-      schedule="constant",
-      learning_rate=5e-7,
-      warmup_steps=0,
-      decay_steps=0,
-      end_lr_factor=0.0,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-      weight_decay=0.0,
-      grad_clip_norm=1.0,
-    )
-  )
+  c.optim = build.optim_fields(5e-7)
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
   c.log = ml_collections.ConfigDict(dict(every_steps=1, tensorboard=True, progress=True))
   return c
@@ -295,15 +275,13 @@ def programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> list
   """The programs a DPO run of `config` executes on `mesh`, with abstract arguments (see `retool_jax.aot`):
   the reference log-probs of a batch and one update, at `batch_size` pairs of `data.max_length` tokens."""
   from retool_jax.programs import Program  # noqa: PLC0415
-  from retool_jax.train import abstract, sft  # noqa: PLC0415
+  from retool_jax.train import abstract  # noqa: PLC0415
 
   c = config
-  model_fields = sft.default_config().model
-  model_fields.update(c.model.to_dict())
-  cfg = abstract.model_config(model_fields)
+  cfg = abstract.model_config(c.model)
   tx, _ = state_lib.make_optimizer(c.optim.to_dict(), c.optim.warmup_steps + 1)
   state, _ = abstract.abstract_train_state(
-    abstract.abstract_model(cfg, mesh), tx, mesh, lora_config=sft.lora_config(c.lora)
+    abstract.abstract_model(cfg, mesh), tx, mesh, lora_config=build.lora_config(c.lora)
   )
   t = 64 * -(-(c.data.max_length - 1) // 64)
   fields = (("input_ids_BT", jnp.int32), ("targets_BT", jnp.int32), ("mask_BT", jnp.float32))
@@ -334,7 +312,6 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   from retool_jax.assets import QWEN3_TOKENIZER_DIR  # noqa: PLC0415
   from retool_jax.chat import load_tokenizer  # noqa: PLC0415
   from retool_jax.data.chat_sft import load_preference_pairs  # noqa: PLC0415
-  from retool_jax.train import sft  # noqa: PLC0415
   from retool_jax.train.checkpointing import Checkpointer  # noqa: PLC0415
   from retool_jax.train.metrics import MetricsWriter  # noqa: PLC0415
 
@@ -355,15 +332,13 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
       f"batch_size={c.batch_size}"
     )
   mesh = sharding_lib.make_mesh(**c.mesh.to_dict())
-  model_fields = sft.default_config().model
-  model_fields.update(c.model.to_dict())
-  model = sft.build_model(model_fields, mesh, c.seed)
+  model = build.build_model(c.model, mesh, c.seed)
   pipeline = pair_pipeline(encoded, batch_size=c.batch_size, num_epochs=c.num_epochs, seed=c.seed)
   total = num_updates(len(encoded), c.batch_size, c.num_epochs)
   tx, _ = state_lib.make_optimizer(c.optim.to_dict(), total)
   root = jax.random.key(c.seed)
   state, shardings = state_lib.create_train_state(
-    model, tx, root, mesh, lora_config=sft.lora_config(c.lora), lora_rng=jax.random.fold_in(root, 2)
+    model, tx, root, mesh, lora_config=build.lora_config(c.lora), lora_rng=jax.random.fold_in(root, 2)
   )
   del model
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

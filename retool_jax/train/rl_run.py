@@ -27,7 +27,7 @@ import ml_collections
 
 from retool_jax.chat.prompt_contract import record_rl_contract
 from retool_jax.data.pipeline import InputPipeline
-from retool_jax.train import multihost, sft
+from retool_jax.train import build, multihost
 from retool_jax.train.rl import RLConfig, RLTrainer
 
 FREE_FORM = ("rl", "rollout", "model.overrides")  # checked by RLConfig / MultiTurnConfig / Qwen3Config
@@ -40,7 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.workdir = "runs/rl"
   c.seed = 0
   c.num_steps = 100  # RL steps (one rollout batch each)
-  c.model = sft.default_config().model  # checkpoint / preset / overrides / dtypes / remat, as for SFT
+  c.model = build.model_fields()  # checkpoint / preset / overrides / dtypes / remat, as for SFT
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # math problems (json / jsonl / parquet), e.g. DAPO-Math-17k
@@ -58,34 +58,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.rollout = ml_collections.ConfigDict()  # MultiTurnConfig fields
   c.rl = ml_collections.ConfigDict()  # RLConfig fields
   c.reference = ml_collections.ConfigDict(dict(offload=False))  # offload: park it in host memory between uses
-  c.optim = _optim(1e-6)
-  c.lora = sft.default_config().lora  # rank 0 = full fine-tuning; else only adapters train (merged on export)
+  c.optim = build.optim_fields(1e-6, weight_decay=0.01)
+  c.lora = build.lora_fields()  # rank 0 = full fine-tuning; else only adapters train (merged on export)
   # PPO only (rl.algorithm="ppo"): a value model built like the policy (same checkpoint / preset) plus a head.
   c.critic = ml_collections.ConfigDict()
   c.critic.clip_value = 0.2  # value clipping around the rollout-time values; 0 = unclipped
   c.critic.whiten_advantages = True
   c.critic.head_init_scale = 0.0  # 0 = a zero-initialised value head
-  c.critic.optim = _optim(1e-5)
+  c.critic.optim = build.optim_fields(1e-5, weight_decay=0.01)
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=20, keep=3, async_save=True))  # every N RL steps
   c.log = ml_collections.ConfigDict(dict(tensorboard=True, progress=True))  # progress: a tqdm bar
   return c
-
-
-def _optim(learning_rate: float) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(
-    dict(
-      schedule="constant",
-      learning_rate=learning_rate,
-      warmup_steps=0,
-      decay_steps=0,
-      end_lr_factor=0.0,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-      weight_decay=0.01,
-      grad_clip_norm=1.0,
-    )
-  )
 
 
 def build_critic(c: ml_collections.ConfigDict, mesh: Any, total_updates: int) -> Any:
@@ -95,7 +78,7 @@ def build_critic(c: ml_collections.ConfigDict, mesh: Any, total_updates: int) ->
   from retool_jax.train import state as state_lib  # noqa: PLC0415
   from retool_jax.train.value_head import Critic, CriticConfig, ValueModel, create_critic_state  # noqa: PLC0415
 
-  backbone = sft.build_model(c.model, mesh, c.seed)
+  backbone = build.build_model(c.model, mesh, c.seed)
   value_model = ValueModel(backbone, rngs=nnx.Rngs(c.seed + 1), init_scale=c.critic.head_init_scale)
   tx, _ = state_lib.make_optimizer(c.critic.optim.to_dict(), total_updates)
   state = create_critic_state(value_model, tx, jax.random.key(c.seed + 1), mesh)
@@ -170,7 +153,7 @@ def programs(config: ml_collections.ConfigDict, mesh: Any) -> list[Any]:
   updates = max(c.num_steps * rl.num_minibatches * rl.num_epochs, c.optim.warmup_steps + 1)
   tx, _ = state_lib.make_optimizer(c.optim.to_dict(), updates)
   model = abstract.abstract_model(cfg, mesh)
-  state, shardings = abstract.abstract_train_state(model, tx, mesh, lora_config=sft.lora_config(c.lora))
+  state, shardings = abstract.abstract_train_state(model, tx, mesh, lora_config=build.lora_config(c.lora))
   t = bucket_length(multiturn.max_context - 1, rl.length_multiple)
   n, m = rl.batch_size, rl.minibatch_size
 
@@ -304,12 +287,12 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     raise ValueError(f"rl.num_prompts={rl.num_prompts} must be a multiple of the {jax.process_count()} hosts")
   prompts = prompt_pipeline(examples, num_prompts=rl.num_prompts, seed=c.seed)
   mesh = sharding_lib.make_mesh(**c.mesh.to_dict())
-  model = sft.build_model(c.model, mesh, c.seed)
+  model = build.build_model(c.model, mesh, c.seed)
   updates = c.num_steps * rl.num_minibatches * rl.num_epochs
   tx, _ = state_lib.make_optimizer(c.optim.to_dict(), updates)
   root = jax.random.key(c.seed)
   state, shardings = state_lib.create_train_state(
-    model, tx, root, mesh, lora_config=sft.lora_config(c.lora), lora_rng=jax.random.fold_in(root, 2)
+    model, tx, root, mesh, lora_config=build.lora_config(c.lora), lora_rng=jax.random.fold_in(root, 2)
   )
   # the reference is the starting policy: built before any restore
   reference = state_lib.make_reference(float(rl.needs_reference), state, shardings, offload=c.reference.offload)

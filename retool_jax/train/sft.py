@@ -19,28 +19,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import nnx
 
 from retool_jax import sharding as sharding_lib
 from retool_jax.chat.prompt_contract import record_sft_contract
 from retool_jax.data.packing import PACKED_FIELDS, PackedRows, pack_sequences
 from retool_jax.data.pipeline import InputPipeline, global_batch
-from retool_jax.fields import check_fields, field_names
 from retool_jax.models.logprobs import token_logprobs
 from retool_jax.models.qwen3 import Qwen3
-from retool_jax.models.qwen3_config import Qwen3Config, preset
 from retool_jax.programs import Program
-from retool_jax.train import lora as lora_lib
+from retool_jax.train import build
 from retool_jax.train import losses
 from retool_jax.train import state as state_lib
 from retool_jax.train.checkpointing import Checkpointer
 from retool_jax.train.metrics import MetricsWriter
 
 DATA_FORMATS = ("retool_sft", "chat", "tokens", "synthetic")
-EXECUTION_FIELDS = ("param_dtype", "dtype", "remat", "scan_layers", "attention_impl", "moe_impl")
-EXECUTION = ("param_dtype", "dtype", "remat", "scan_layers", "attention_impl")  # config.model fields
 FREE_FORM = ("model.overrides",)  # validated against Qwen3Config instead of the schema
-_DEFAULT_ATTENTION = Qwen3Config.__dataclass_fields__["attention_impl"].default
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -52,18 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_steps = 0  # optimizer updates; 0: `data.num_epochs` epochs
   c.grad_accum_steps = 1  # micro-batches per update (global_batch_size must divide evenly)
 
-  c.model = ml_collections.ConfigDict()
-  c.model.checkpoint = ""  # Orbax (retool_jax layout) or Hugging Face folder; "" = random init
-  c.model.preset = ""  # Qwen3 size for random init ("0.6B", "4B", ...); "" = `overrides` only
-  c.model.overrides = ml_collections.ConfigDict()  # Qwen3Config fields (architecture for random init)
-  c.model.param_dtype = "float32"  # master weights and optimizer state
-  c.model.dtype = "bfloat16"  # compute
-  c.model.remat = "none"  # none | full | dots | dots_with_no_batch_dims | attention_out
-  c.model.scan_layers = False
-  c.model.attention_impl = (
-    _DEFAULT_ATTENTION  # auto (splash on TPU, cuDNN on GPU, blockwise elsewhere) | xla | ...
-  )
-
+  c.model = build.model_fields()
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
 
   c.data = ml_collections.ConfigDict()
@@ -83,22 +66,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.synthetic_examples = 256  # synthetic: arithmetic token sequences for smoke tests
   c.data.synthetic_vocab = 256
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.schedule = "warmup_cosine"  # constant | warmup_cosine | warmup_linear
-  c.optim.learning_rate = 1e-5
-  c.optim.warmup_steps = 0
-  c.optim.decay_steps = 0  # warmup included; 0 = num_steps
-  c.optim.end_lr_factor = 0.0  # final lr = end_lr_factor * learning_rate
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.0  # AdamW; norms and biases are never decayed
-  c.optim.grad_clip_norm = 1.0  # global-norm clipping; 0 = off
-
-  c.lora = ml_collections.ConfigDict()
-  c.lora.rank = 0  # 0 = full fine-tuning
-  c.lora.alpha = 16.0
-  c.lora.targets = "q,k,v,o,gate,up,down"
+  c.optim = build.optim_fields(1e-5, schedule="warmup_cosine")
+  c.lora = build.lora_fields()
 
   c.loss = ml_collections.ConfigDict()
   c.loss.chunk_size = 512  # time chunk of the log-prob computation (peak logits memory)
@@ -196,62 +165,6 @@ def _device_batch(batch, mesh) -> dict[str, jax.Array]:
   rows = dict(batch.examples)
   rows["loss_mask"] = rows["loss_mask"] * batch.mask[:, None].astype(rows["loss_mask"].dtype)  # padding slots
   return global_batch(rows, sharding_lib.data_sharding(mesh))
-
-
-# ---- model --------------------------------------------------------------------------------------
-
-
-def model_config(m: ml_collections.ConfigDict) -> Qwen3Config | None:
-  """The Qwen3Config for random init (None when loading `m.checkpoint`)."""
-  execution = {k: m[k] for k in EXECUTION if k in m}
-  overrides = dict(m.overrides)
-  check_fields(overrides, field_names(Qwen3Config), "model.overrides (Qwen3Config)")
-  if not (m.checkpoint or m.preset or overrides):
-    raise ValueError(
-      "model: set model.checkpoint (a Qwen3 Hugging Face or Orbax folder), or model.preset / "
-      "model.overrides for a randomly initialised model"
-    )
-  if m.checkpoint:
-    arch = set(overrides) - set(EXECUTION_FIELDS)
-    if arch:
-      raise ValueError(
-        f"model.overrides {sorted(arch)} change the architecture of model.checkpoint={m.checkpoint}"
-      )
-    return None
-  try:
-    fields = {**execution, **overrides}
-    return preset(m.preset, **fields) if m.preset else Qwen3Config(**fields)
-  except TypeError as e:
-    raise ValueError(
-      f"model: without model.checkpoint or model.preset, model.overrides must give the whole architecture ({e})"
-    ) from None
-
-
-def build_model(m: ml_collections.ConfigDict, mesh, seed: int) -> Qwen3:
-  """Random init straight onto the mesh, or a checkpoint loaded onto it, with the config's dtypes and remat."""
-  cfg = model_config(m)
-  if cfg is not None:
-    return sharding_lib.create_sharded(lambda: Qwen3(cfg, rngs=nnx.Rngs(seed)), mesh)
-  path = Path(m.checkpoint)
-  if (path / "config.json").exists():
-    from retool_jax.models.qwen3_hf import load_hf
-
-    loaded = load_hf(path, dtype=m.param_dtype, mesh=mesh)
-  else:
-    from retool_jax.checkpoint import layout
-
-    loaded = layout.load(path, mesh, dtype=m.param_dtype)
-  execution = {k: m[k] for k in EXECUTION if k in m}
-  cfg = loaded.config.replace(**{**execution, **dict(m.overrides)})
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0))))
-  return nnx.merge(graphdef, nnx.state(loaded))
-
-
-def lora_config(c: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
-  if not c.rank:
-    return None
-  targets = tuple(t.strip() for t in c.targets.split(",") if t.strip())
-  return lora_lib.LoraConfig(rank=c.rank, alpha=c.alpha, targets=targets)
 
 
 # ---- steps --------------------------------------------------------------------------------------
@@ -382,7 +295,7 @@ def programs(config: ml_collections.ConfigDict, mesh) -> list[Program]:
   cfg = abstract.model_config(config.model)
   tx, schedule = state_lib.make_optimizer(config.optim, max(config.num_steps, config.optim.warmup_steps + 1))
   model = abstract.abstract_model(cfg, mesh)
-  state, shardings = abstract.abstract_train_state(model, tx, mesh, lora_config=lora_config(config.lora))
+  state, shardings = abstract.abstract_train_state(model, tx, mesh, lora_config=build.lora_config(config.lora))
   train_step, eval_step = jit_steps(config, shardings, schedule, mesh, is_moe=cfg.is_moe)
   rows = abstract.batch((config.data.global_batch_size, config.data.seq_len), jnp.int32, mesh)
   batch = {k: rows for k in PACKED_FIELDS}
@@ -435,7 +348,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   pipeline = InputPipeline(rows, global_batch_size=data.global_batch_size, seed=config.seed, shuffle=data.shuffle)
   num_steps = config.num_steps or data.num_epochs * pipeline.steps_per_epoch()
 
-  model = build_model(config.model, mesh, config.seed)
+  model = build.build_model(config.model, mesh, config.seed)
   cfg = model.config
   tx, schedule = state_lib.make_optimizer(config.optim, num_steps)
   root = jax.random.key(config.seed)
@@ -444,7 +357,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     tx,
     jax.random.fold_in(root, 1),
     mesh,
-    lora_config=lora_config(config.lora),
+    lora_config=build.lora_config(config.lora),
     lora_rng=jax.random.fold_in(root, 2),
   )
   del model

@@ -34,18 +34,18 @@ def test_layout():
 
 def test_overflow_and_skips():
   long, short = example(10, 1, 2), example(3, 50, 1)
-  assert pack_sequences([long, short], 6).input_ids[0].tolist()[:6] == [1, 2, 3, 4, 5, 6]
-  assert pack_sequences([long, short], 6, overflow="drop").examples == ((1,),)
+  assert pack_sequences([long, short], 6, pad_id=0).input_ids[0].tolist()[:6] == [1, 2, 3, 4, 5, 6]
+  assert pack_sequences([long, short], 6, pad_id=0, overflow="drop").examples == ((1,),)
   with pytest.raises(ValueError, match="example 0 has 10 tokens, more than seq_len=6"):
-    pack_sequences([long], 6, overflow="error")
+    pack_sequences([long], 6, pad_id=0, overflow="error")
   untrained = (np.arange(4), np.zeros(4))
-  assert pack_sequences([untrained, short], 6).examples == ((1,),)
+  assert pack_sequences([untrained, short], 6, pad_id=0).examples == ((1,),)
   with pytest.raises(ValueError, match="example 0: 4 ids but 3 loss-mask bits"):
-    pack_sequences([(np.arange(4), np.ones(3))], 6)
+    pack_sequences([(np.arange(4), np.ones(3))], 6, pad_id=0)
 
 
 def test_batches():
-  packed = pack_sequences([example(6, 10 * k, 1) for k in range(5)], 8)
+  packed = pack_sequences([example(6, 10 * k, 1) for k in range(5)], 8, pad_id=0)
   batches = list(packed.batches(2))
   assert len(batches) == 2 and batches[0]["segment_ids"].shape == (2, 8)
   assert len(list(packed.batches(2, drop_remainder=False))) == 3

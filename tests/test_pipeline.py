@@ -176,7 +176,7 @@ def test_record_sources_and_transform():
 
 
 def test_array_sources():
-  packed = pack_sequences([(np.arange(k + 2), np.ones(k + 2)) for k in range(12)], seq_len=16)
+  packed = pack_sequences([(np.arange(k + 2), np.ones(k + 2)) for k in range(12)], seq_len=16, pad_id=0)
   pipe = InputPipeline(packed, global_batch_size=4, seed=2, process_index=0, process_count=2)
   batch = next(pipe)
   assert batch.examples["input_ids"].shape == (2, 16)

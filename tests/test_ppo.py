@@ -20,7 +20,8 @@ from retool_jax.rollout import JaxEngine, MultiTurnConfig
 from retool_jax.rollout.multiturn import Rollout, TurnStats
 from retool_jax.train import check_config
 from retool_jax.train import state as state_lib
-from retool_jax.train.rl import RLConfig, RLTrainer
+from retool_jax.train.rl import RLTrainer
+from retool_jax.train.rl_config import RLConfig
 from retool_jax.train.rl_batch import pack_rollouts
 from retool_jax.train.rl_run import build_critic
 from retool_jax.train.value_head import Critic, CriticConfig, ValueModel, create_critic_state

@@ -15,7 +15,9 @@ from retool_jax.rewards.result import RewardResult
 from retool_jax.rollout import JaxEngine, MultiTurnConfig
 from retool_jax.rollout.multiturn import Rollout
 from retool_jax.train import state as state_lib
-from retool_jax.train.rl import RLConfig, RLTrainer, rollout_metrics
+from retool_jax.rollout.scoring import rollout_metrics
+from retool_jax.train.rl import RLTrainer
+from retool_jax.train.rl_config import RLConfig
 from retool_jax.train.rl_batch import bucket_length, minibatch_indices, pack_rollouts
 
 

@@ -11,7 +11,8 @@ from retool_jax.models.qwen3 import Qwen3
 from retool_jax.train import state as state_lib
 from retool_jax.train.losses import PolicyLossConfig
 from retool_jax.train.microbatch import merge_rows, split_rows
-from retool_jax.train.rl import RLConfig, policy_logprobs, policy_update
+from retool_jax.train.rl import policy_logprobs, policy_update
+from retool_jax.train.rl_config import RLConfig
 from retool_jax.train.value_head import ValueModel, critic_update, critic_values
 
 B, T = 4, 12

@@ -67,13 +67,14 @@ def pack_sequences(
   examples: Iterable[tuple[Sequence[int], Sequence[int]]],
   seq_len: int,
   *,
-  pad_id: int = 151643,
+  pad_id: int,
   overflow: str = "truncate",
 ) -> PackedRows:
   """Packs examples into rows of `seq_len` tokens, first-fit in decreasing length.
 
   `overflow` handles examples longer than `seq_len`: ``truncate`` (keep the start), ``drop`` or ``error``.
-  Examples with no trained target are skipped. `pad_id` defaults to Qwen's `<|endoftext|>`.
+  Examples with no trained target are skipped; `pad_id` fills the
+  rest of each row (the tokenizer's pad id).
   """
   if seq_len < 2:
     raise ValueError(f"seq_len must be at least 2, got {seq_len}")

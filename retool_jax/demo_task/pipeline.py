@@ -39,7 +39,9 @@ from retool_jax.rollout import JaxEngine, MultiTurnConfig
 from retool_jax.train import state as state_lib
 from retool_jax.train.checkpointing import Checkpointer
 from retool_jax.train.metrics import MetricsWriter
-from retool_jax.train.rl import RLConfig, RLTrainer, evaluate
+from retool_jax.rollout.scoring import evaluate
+from retool_jax.train.rl import RLTrainer
+from retool_jax.train.rl_config import RLConfig
 from retool_jax.train.rl_batch import pack_rollouts
 from retool_jax.train.sft import make_train_step
 
@@ -234,7 +236,7 @@ def run_demo(config: ml_collections.ConfigDict) -> dict[str, Any]:
         _log(
           f"RL step {step}/{cfg.rl_steps}: reward {m['reward_mean']:+.3f} accuracy {m['accuracy']:.3f} "
           f"tool use {m['tool_use_rate']:.2f} clipfrac {m['pg_clipfrac']:.3f} entropy {m['entropy']:.3f} "
-          f"({m['perf/step_time']:.1f}s)",
+          f"({m['perf/step_time_s']:.1f}s)",
           t0,
         )
   trainer.close()
@@ -288,6 +290,6 @@ def _plots(workdir: Path) -> None:
       "entropy",
       "grad_norm",
       "response_length",
-      "perf/step_time",
+      "perf/step_time_s",
     ],
   )

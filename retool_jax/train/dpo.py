@@ -19,7 +19,6 @@ Precomputed reference log-probs are stored per pair, so any epoch's order select
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import nnx
+from jax.experimental import multihost_utils
 
+from retool_jax import sharding as sharding_lib
+from retool_jax.assets import QWEN3_TOKENIZER_DIR
+from retool_jax.chat import load_tokenizer
+from retool_jax.chat.prompt_contract import record_contract
+from retool_jax.data.chat_sft import load_preference_pairs
 from retool_jax.data.pipeline import InputPipeline, global_batch
 from retool_jax.models.logprobs import token_logprobs
-
-from retool_jax.train import build
+from retool_jax.programs import Program
+from retool_jax.train import abstract, build, loop
 from retool_jax.train import state as state_lib
 from retool_jax.train.losses import dpo_loss, sequence_logp
 
@@ -175,8 +181,6 @@ def pair_logps(model: Any, batch: dict[str, Any], *, chunk_size: int) -> tuple[j
 
 @functools.partial(jax.jit, static_argnames=("chunk_size",))
 def _reference_logps(graphdef, params, batch, *, chunk_size: int):
-  from flax import nnx  # noqa: PLC0415
-
   return pair_logps(nnx.merge(graphdef, params), batch, chunk_size=chunk_size)
 
 
@@ -220,8 +224,6 @@ def _to_host(x: jax.Array) -> np.ndarray:
   """The whole value of a global array, on every host."""
   if x.is_fully_addressable:
     return np.asarray(x)
-  from jax.experimental import multihost_utils
-
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -230,8 +232,6 @@ def _batch_placer(mesh: jax.sharding.Mesh, global_rows: int) -> Callable[[Any], 
 
   On one process a batch the data axes do not divide is replicated instead (several hosts need them to divide).
   """
-  from retool_jax import sharding as sharding_lib
-
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if global_rows % shards and jax.process_count() > 1:
     raise ValueError(
@@ -274,8 +274,6 @@ def _precompute_by_pair(
 def programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> list[Any]:
   """The programs a DPO run of `config` executes on `mesh`, with abstract arguments (see `retool_jax.aot`):
   the reference log-probs of a batch and one update, at `batch_size` pairs of `data.max_length` tokens."""
-  from retool_jax.programs import Program  # noqa: PLC0415
-  from retool_jax.train import abstract  # noqa: PLC0415
 
   c = config
   cfg = abstract.model_config(c.model)
@@ -308,13 +306,6 @@ def programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> list
 
 def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Runs DPO as `config` says; returns the last logged metrics."""
-  from retool_jax import sharding as sharding_lib  # noqa: PLC0415
-  from retool_jax.assets import QWEN3_TOKENIZER_DIR  # noqa: PLC0415
-  from retool_jax.chat import load_tokenizer  # noqa: PLC0415
-  from retool_jax.data.chat_sft import load_preference_pairs  # noqa: PLC0415
-  from retool_jax.train.checkpointing import Checkpointer  # noqa: PLC0415
-  from retool_jax.train.metrics import MetricsWriter  # noqa: PLC0415
-
   c = config
   if not c.data.path:
     raise ValueError("config.data.path is empty: DPO needs preference pairs")
@@ -355,51 +346,41 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
       )
   else:
     reference = state_lib.make_reference(1.0, state, shardings)
-  ckpt = Checkpointer(
-    Path(c.workdir) / "checkpoints",
-    save_every=c.checkpoint.every_steps,
-    keep=c.checkpoint.keep,
-    async_save=c.checkpoint.async_save,
-  )
-  start = ckpt.latest_step() or 0
-  if start:
-    state, record = ckpt.restore(state, shardings, start)
-    pipeline.restore(record["data"])
-  from tqdm.auto import tqdm  # noqa: PLC0415
+  held = {"state": state}
 
-  bar = tqdm(total=total, initial=start, desc="dpo", disable=not c.log.progress or jax.process_index() != 0)
-  cfg = state.model().config
-  last: dict[str, Any] = {}
-  with (
-    MetricsWriter(c.workdir, resume_step=start or None, tensorboard=c.log.tensorboard) as writer,
-    jax.set_mesh(mesh),  # activations follow the logical-axis table; attention kernels shard over the mesh
-  ):
-    for step in range(start + 1, total + 1):
-      t0 = time.perf_counter()
-      batch = next(pipeline)  # whole: only a run's unfinished last batch would hold padding, and it is never read
-      sides = place(split_sides(pack_pairs(batch.examples, pad_id=pad, length=length)))
-      if refs is not None:
-        ref_c, ref_r = place((refs[0][batch.indices], refs[1][batch.indices]))
-      else:
-        ref_c, ref_r = _reference_logps(
-          state.graphdef, reference.device_params(), sides, chunk_size=c.loss.chunk_size
-        )
-      state, m = dpo_update(
-        state,
-        sides,
-        ref_c,
-        ref_r,
-        beta=c.loss.beta,
-        label_smoothing=c.loss.label_smoothing,
-        chunk_size=c.loss.chunk_size,
+  def step() -> dict[str, float]:
+    batch = next(pipeline)  # whole: only a run's unfinished last batch would hold padding, and it is never read
+    sides = place(split_sides(pack_pairs(batch.examples, pad_id=pad, length=length)))
+    if refs is not None:
+      ref_c, ref_r = place((refs[0][batch.indices], refs[1][batch.indices]))
+    else:
+      ref_c, ref_r = _reference_logps(
+        state.graphdef, reference.device_params(), sides, chunk_size=c.loss.chunk_size
       )
-      if step % c.log.every_steps == 0 or step == total:
-        last = {k: float(v) for k, v in jax.device_get(m).items()}
-        last["perf/step_time"] = time.perf_counter() - t0
-        writer.write(step, last)
-      ckpt.save(state, cfg, data_state=pipeline.state(), force=step == total)
-      bar.update(1)
-      bar.set_postfix(loss=f"{float(m['loss']):.4f}", acc=f"{float(m['reward_accuracy']):.2f}")
-  bar.close()
-  ckpt.close()
-  return last
+    held["state"], metrics = dpo_update(
+      held["state"],
+      sides,
+      ref_c,
+      ref_r,
+      beta=c.loss.beta,
+      label_smoothing=c.loss.label_smoothing,
+      chunk_size=c.loss.chunk_size,
+    )
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+  task = loop.Task(
+    name="dpo",
+    num_steps=total,
+    model_config=state.model().config,
+    step=step,
+    saved=[loop.Saved("checkpoints", lambda: held["state"], lambda s: held.update(state=s), shardings)],
+    position=pipeline.state,
+    restore=lambda record, _: pipeline.restore(record["data"]),
+    log_every=c.log.every_steps,
+    progress={"loss": ("loss", ".4f"), "acc": ("reward_accuracy", ".2f")},
+  )
+
+  def contract(workdir: Path) -> None:
+    record_contract(workdir, c.data.tokenizer or QWEN3_TOKENIZER_DIR, enable_thinking=c.data.enable_thinking)
+
+  return loop.run(c, task, mesh, contract=contract)

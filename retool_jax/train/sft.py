@@ -9,10 +9,7 @@ accumulation gives the same update as one large batch. Packed rows keep examples
 
 from __future__ import annotations
 
-import json
-import time
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,17 +18,18 @@ import numpy as np
 import optax
 
 from retool_jax import sharding as sharding_lib
+from retool_jax.assets import QWEN3_TOKENIZER_DIR
+from retool_jax.chat import load_tokenizer
 from retool_jax.chat.prompt_contract import record_sft_contract
+from retool_jax.data import load_chat_sft, load_retool_sft
+from retool_jax.data.io import field, read_rows
 from retool_jax.data.packing import PACKED_FIELDS, PackedRows, pack_sequences
 from retool_jax.data.pipeline import InputPipeline, global_batch
 from retool_jax.models.logprobs import token_logprobs
 from retool_jax.models.qwen3 import Qwen3
 from retool_jax.programs import Program
-from retool_jax.train import build
-from retool_jax.train import losses
+from retool_jax.train import abstract, build, loop, losses
 from retool_jax.train import state as state_lib
-from retool_jax.train.checkpointing import Checkpointer
-from retool_jax.train.metrics import MetricsWriter
 
 DATA_FORMATS = ("retool_sft", "chat", "tokens", "synthetic")
 FREE_FORM = ("model.overrides",)  # validated against Qwen3Config instead of the schema
@@ -108,16 +106,29 @@ def synthetic_examples(
   return out
 
 
-def load_examples(data: ml_collections.ConfigDict, path: str, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-  """`(ids, loss_mask)` pairs from `path` in `data.format`."""
+def load_tokenizer_of(data: ml_collections.ConfigDict) -> Any:
+  """The tokenizer of `data` (`data.tokenizer`, else the packaged Qwen3 tokenizer)."""
+  return load_tokenizer(data.tokenizer or QWEN3_TOKENIZER_DIR)
+
+
+def pad_id_of(tokenizer: Any) -> int:
+  """The tokenizer's padding id (its end-of-text id when it names no pad token)."""
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+  if pad is None:
+    raise ValueError(f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither a pad nor an EOS id")
+  return int(pad)
+
+
+def load_examples(
+  data: ml_collections.ConfigDict, path: str, seed: int, tokenizer: Any = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+  """`(ids, loss_mask)` pairs from `path` in `data.format` (`tokenizer`: default `load_tokenizer_of(data)`)."""
   limit = data.limit or None
   if data.format == "synthetic":
     return synthetic_examples(data.synthetic_examples, data.synthetic_vocab, seed)
   if not path:
     raise ValueError(f"data.path is empty; data.format={data.format!r} reads a json/jsonl/parquet file")
   if data.format == "tokens":
-    from retool_jax.data.io import field, read_rows
-
     out = []
     for i, row in enumerate(read_rows(path, limit=limit)):
       where = f"{path}: row {i}"
@@ -129,27 +140,25 @@ def load_examples(data: ml_collections.ConfigDict, path: str, seed: int) -> list
         raise ValueError(f"{where}: {ids.size} input_ids but {mask.size} loss_mask bits")
       out.append((ids, mask))
     return out
-  from retool_jax.assets import QWEN3_TOKENIZER_DIR
-  from retool_jax.chat import load_tokenizer
-  from retool_jax.data import load_chat_sft, load_retool_sft
-
-  tok = load_tokenizer(data.tokenizer or QWEN3_TOKENIZER_DIR)
   if data.format == "retool_sft":
     examples = load_retool_sft(path, style=data.style, limit=limit)
   elif data.format == "chat":
     examples = load_chat_sft(path, limit=limit)
   else:
     raise ValueError(f"data.format={data.format!r}; expected one of {DATA_FORMATS}")
+  tok = tokenizer if tokenizer is not None else load_tokenizer_of(data)
   return [ex.encode(tok, enable_thinking=data.enable_thinking) for ex in examples]
 
 
 def build_datasets(data: ml_collections.ConfigDict, seed: int) -> tuple[PackedRows, PackedRows | None]:
-  """Packed training rows and packed eval rows (or None)."""
-  pad_id = 0 if data.format == "synthetic" else 151643
-  examples = load_examples(data, data.path, seed)
+  """Packed training rows and packed eval rows (or None), padded with the tokenizer's pad id (0 for synthetic
+  sequences)."""
+  tokenizer = None if data.format == "synthetic" else load_tokenizer_of(data)
+  pad_id = 0 if tokenizer is None else pad_id_of(tokenizer)
+  examples = load_examples(data, data.path, seed, tokenizer)
   eval_examples = None
   if data.eval_path or data.format == "synthetic" and data.eval_holdout:
-    eval_examples = load_examples(data, data.eval_path, seed + 1)[: data.eval_holdout or None]
+    eval_examples = load_examples(data, data.eval_path, seed + 1, tokenizer)[: data.eval_holdout or None]
   elif data.eval_holdout:
     if data.eval_holdout >= len(examples):
       raise ValueError(f"data.eval_holdout={data.eval_holdout} leaves no training examples (have {len(examples)})")
@@ -290,8 +299,6 @@ def jit_steps(config: ml_collections.ConfigDict, shardings: state_lib.TrainState
 
 def programs(config: ml_collections.ConfigDict, mesh) -> list[Program]:
   """The programs an SFT run of `config` executes on `mesh` (abstract arguments; see `retool_jax.aot`)."""
-  from retool_jax.train import abstract  # noqa: PLC0415
-
   cfg = abstract.model_config(config.model)
   tx, schedule = state_lib.make_optimizer(config.optim, max(config.num_steps, config.optim.warmup_steps + 1))
   model = abstract.abstract_model(cfg, mesh)
@@ -317,25 +324,11 @@ def evaluate(eval_fn, state, rows: PackedRows, mesh, global_batch_size: int, max
   return nll / max(count, 1.0)
 
 
-# ---- loop ---------------------------------------------------------------------------------------
-
-
-def _progress(total: int, initial: int, enabled: bool):
-  from tqdm.auto import tqdm
-
-  return tqdm(
-    total=total, initial=initial, disable=not enabled or jax.process_index() != 0, desc="sft", dynamic_ncols=True
-  )
-
-
-def _batches(pipeline: InputPipeline, mesh) -> Iterator[tuple[dict, dict]]:
-  for batch in pipeline:
-    yield _device_batch(batch, mesh), pipeline.state()
+# ---- run ----------------------------------------------------------------------------------------
 
 
 def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Runs (or resumes) SFT as `config` says; returns the last logged metrics."""
-  workdir = Path(config.workdir)
   mesh = sharding_lib.make_mesh(**config.mesh)
   data = config.data
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -361,58 +354,28 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     lora_rng=jax.random.fold_in(root, 2),
   )
   del model
-
-  ckpt = Checkpointer(
-    workdir / "checkpoints",
-    save_every=config.checkpoint.every_steps,
-    keep=config.checkpoint.keep,
-    async_save=config.checkpoint.async_save,
-  )
-  start = ckpt.latest_step()
-  if start is not None:
-    state, record = ckpt.restore(state, shardings, start)
-    pipeline.restore(record["data"])
-  start = start or 0
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    record_sft_contract(workdir, config.data)
-
   train_step, eval_step = jit_steps(config, shardings, schedule, mesh, is_moe=cfg.is_moe)
+  held = {"state": state}
 
-  last: dict[str, Any] = {}
-  bar = _progress(num_steps, start, config.log.progress)
-  batches = _batches(pipeline, mesh)
-  with (
-    MetricsWriter(workdir, resume_step=start if start else None, tensorboard=config.log.tensorboard) as writer,
-    jax.set_mesh(mesh),
-  ):
-    for step in range(start + 1, num_steps + 1):
-      t0 = time.perf_counter()
-      batch, data_state = next(batches)
-      state, metrics = train_step(state, batch)
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      elapsed = time.perf_counter() - t0
-      metrics["perf/step_time_s"] = elapsed
-      metrics["perf/tokens_per_s"] = metrics["tokens"] / elapsed
-      if eval_rows is not None and (
-        step == num_steps or config.eval.every_steps and step % config.eval.every_steps == 0
-      ):
-        metrics["eval_loss"] = evaluate(
-          eval_step, state, eval_rows, mesh, data.global_batch_size, config.eval.max_batches
-        )
-      if step % config.log.every_steps == 0 or step == num_steps:
-        writer.write(step, metrics)
-        last = {"step": step, **metrics}
-      ckpt.save(state, cfg, data_state=data_state, force=step == num_steps)
-      bar.update(1)
-      bar.set_postfix(
-        loss=f"{metrics['loss']:.4f}",
-        lr=f"{metrics['learning_rate']:.2e}",
-        tok_s=f"{metrics['perf/tokens_per_s']:.0f}",
-      )
-  bar.close()
-  ckpt.close()
-  if jax.process_index() == 0:
-    (workdir / "summary.json").write_text(json.dumps(last, indent=2) + "\n")
-  return last
+  def step() -> dict[str, float]:
+    held["state"], metrics = train_step(held["state"], _device_batch(next(pipeline), mesh))
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+  def evaluate_now() -> dict[str, float]:
+    loss = evaluate(eval_step, held["state"], eval_rows, mesh, data.global_batch_size, config.eval.max_batches)
+    return {"eval_loss": loss}
+
+  task = loop.Task(
+    name="sft",
+    num_steps=num_steps,
+    model_config=cfg,
+    step=step,
+    saved=[loop.Saved("checkpoints", lambda: held["state"], lambda s: held.update(state=s), shardings)],
+    position=pipeline.state,
+    restore=lambda record, _: pipeline.restore(record["data"]),
+    evaluate=evaluate_now if eval_rows is not None else None,
+    eval_every=config.eval.every_steps,
+    log_every=config.log.every_steps,
+    progress={"loss": ("loss", ".4f"), "lr": ("learning_rate", ".2e"), "tok_s": ("perf/tokens_per_s", ".0f")},
+  )
+  return loop.run(config, task, mesh, contract=lambda workdir: record_sft_contract(workdir, data))

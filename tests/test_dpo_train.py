@@ -102,11 +102,11 @@ def test_split_sides_keeps_each_pair_in_one_row():
   pairs = [((np.arange(2 + i), np.ones(2 + i)), (np.arange(5 + i), np.ones(5 + i))) for i in range(3)]
   packed = pack_pairs(pairs, pad_id=0, length_multiple=4)
   sides = split_sides(packed)
-  assert sides["chosen"]["attention_mask_BT"].sum(axis=1).tolist() == [1, 2, 3]
-  assert sides["rejected"]["attention_mask_BT"].sum(axis=1).tolist() == [4, 5, 6]
+  assert sides["chosen"].segment_ids_BT.sum(axis=1).tolist() == [1, 2, 3]
+  assert sides["rejected"].segment_ids_BT.sum(axis=1).tolist() == [4, 5, 6]
   fixed = pack_pairs(pairs, pad_id=0, length=16)  # a length every host agrees on
-  assert fixed["input_ids_BT"].shape == (6, 16)
-  np.testing.assert_array_equal(fixed["input_ids_BT"][:, :8], packed["input_ids_BT"])
+  assert fixed.input_ids_BT.shape == (6, 16)
+  np.testing.assert_array_equal(fixed.input_ids_BT[:, :8], packed.input_ids_BT)
 
 
 def test_dpo_resumes_exactly_with_float32_masters_and_lora(tmp_path):

@@ -35,6 +35,7 @@ from retool_jax import sharding as sharding_lib
 from retool_jax.assets import QWEN3_TOKENIZER_DIR
 from retool_jax.chat import load_tokenizer
 from retool_jax.chat.prompt_contract import record_contract
+from retool_jax.data.batch import TokenBatch
 from retool_jax.data.chat_sft import load_preference_pairs
 from retool_jax.data.pipeline import InputPipeline, global_batch
 from retool_jax.models.logprobs import token_logprobs
@@ -95,8 +96,8 @@ def pack_pairs(
   pad_id: int,
   length_multiple: int = 64,
   length: int | None = None,
-) -> dict[str, np.ndarray]:
-  """`[2B, T]` arrays (chosen rows, then rejected rows): inputs, targets, target loss mask, attention mask.
+) -> TokenBatch:
+  """`[2B, T]` token rows (chosen rows, then rejected rows), one pair side per row, right-padded.
 
   `T` is the longest row bucketed to `length_multiple`, or exactly `length` when given.
   """
@@ -112,26 +113,23 @@ def pack_pairs(
   for i, (row_ids, row_mask) in enumerate(rows):
     ids[i, : len(row_ids)], mask[i, : len(row_mask)] = row_ids, row_mask
   lengths = np.asarray([len(r) - 1 for r, _ in rows])
-  return {
-    "input_ids_BT": ids[:, :-1],
-    "targets_BT": ids[:, 1:],
-    "mask_BT": mask[:, 1:],
-    "attention_mask_BT": (np.arange(t)[None] < lengths[:, None]).astype(np.int32),
-  }
+  segments = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+  positions = np.broadcast_to(np.arange(t, dtype=np.int32), segments.shape).copy()
+  return TokenBatch(ids[:, :-1], ids[:, 1:], mask[:, 1:], segments, positions)
 
 
-def split_sides(packed: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-  """`pack_pairs` output as `{"chosen": [B, T] arrays, "rejected": [B, T] arrays}`.
+def split_sides(packed: TokenBatch) -> dict[str, TokenBatch]:
+  """`pack_pairs` output as `{"chosen": [B, T] rows, "rejected": [B, T] rows}`.
 
   Each side is then a batch of pairs that can be laid out along the data axes like any other batch.
   """
-  half = next(iter(packed.values())).shape[0] // 2
-  return {"chosen": {k: v[:half] for k, v in packed.items()}, "rejected": {k: v[half:] for k, v in packed.items()}}
+  half = len(packed) // 2
+  return {"chosen": packed.rows(slice(None, half)), "rejected": packed.rows(slice(half, None))}
 
 
-def stack_sides(sides: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, jax.Array]:
+def stack_sides(sides: Mapping[str, TokenBatch]) -> TokenBatch:
   """The inverse of `split_sides`: chosen rows over rejected rows, `[2B, T]`."""
-  return {k: jnp.concatenate([v, sides["rejected"][k]]) for k, v in sides["chosen"].items()}
+  return jax.tree.map(lambda c, r: jnp.concatenate([c, r]), sides["chosen"], sides["rejected"])
 
 
 def pair_pipeline(
@@ -162,19 +160,22 @@ def num_updates(num_pairs: int, batch_size: int, num_epochs: int) -> int:
   return num_pairs * num_epochs // batch_size
 
 
-def pair_logps(model: Any, batch: dict[str, Any], *, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+def pair_logps(
+  model: Any, batch: TokenBatch | Mapping[str, TokenBatch], *, chunk_size: int
+) -> tuple[jax.Array, jax.Array]:
   """Sequence log-probs `(chosen_B, rejected_B)` of the assistant tokens of a `pack_pairs` batch, or of its
   `split_sides` form."""
-  if "chosen" in batch:
+  if not isinstance(batch, TokenBatch):
     batch = stack_sides(batch)
   out = token_logprobs(
     model,
-    batch["input_ids_BT"],
-    batch["targets_BT"],
-    attention_mask=batch["attention_mask_BT"],
+    batch.input_ids_BT,
+    batch.targets_BT,
+    positions=batch.positions_BT,
+    segment_ids=batch.segment_ids_BT,
     chunk_size=chunk_size,
   )
-  seq = sequence_logp(out.logprobs_BT, batch["mask_BT"])
+  seq = sequence_logp(out.logprobs_BT, batch.loss_mask_BT)
   half = seq.shape[0] // 2
   return seq[:half], seq[half:]
 
@@ -185,14 +186,14 @@ def _reference_logps(graphdef, params, batch, *, chunk_size: int):
 
 
 def precompute_reference(
-  state: state_lib.TrainState, batches: Sequence[dict[str, np.ndarray]], *, chunk_size: int
+  state: state_lib.TrainState, batches: Sequence[TokenBatch], *, chunk_size: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
   """Reference `(chosen_B, rejected_B)` log-probs of every batch under the state's current (frozen) weights."""
   return [
     tuple(
       np.asarray(x)
       for x in _reference_logps(
-        state.graphdef, state.model_params(), {k: jnp.asarray(v) for k, v in b.items()}, chunk_size=chunk_size
+        state.graphdef, state.model_params(), jax.tree.map(jnp.asarray, b), chunk_size=chunk_size
       )
     )
     for b in batches
@@ -202,7 +203,7 @@ def precompute_reference(
 @functools.partial(jax.jit, static_argnames=("beta", "label_smoothing", "chunk_size"), donate_argnames=("state",))
 def dpo_update(
   state: state_lib.TrainState,
-  batch: dict[str, jax.Array],
+  batch: TokenBatch | Mapping[str, TokenBatch],
   ref_chosen_B: jax.Array,
   ref_rejected_B: jax.Array,
   *,
@@ -282,11 +283,10 @@ def programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> list
     abstract.abstract_model(cfg, mesh), tx, mesh, lora_config=build.lora_config(c.lora)
   )
   t = 64 * -(-(c.data.max_length - 1) // 64)
-  fields = (("input_ids_BT", jnp.int32), ("targets_BT", jnp.int32), ("mask_BT", jnp.float32))
-  fields += (("attention_mask_BT", jnp.int32),)
 
   def side():
-    return {name: abstract.batch((c.batch_size, t), dtype, mesh) for name, dtype in fields}
+    ints = abstract.batch((c.batch_size, t), jnp.int32, mesh)
+    return TokenBatch(ints, ints, abstract.batch((c.batch_size, t), jnp.float32, mesh), ints, ints)
 
   sides = {"chosen": side(), "rejected": side()}
   ref = abstract.batch((c.batch_size,), jnp.float32, mesh)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from retool_jax.data.batch import FIELDS
 from retool_jax.data.pipeline import InputPipeline
 from retool_jax.models.logprobs import token_logprobs
 from retool_jax.rollout import MultiTurnConfig
@@ -65,14 +66,15 @@ def policy_logprobs(
       model,
       mb["input_ids_BT"],
       mb["targets_BT"],
-      attention_mask=mb["attention_mask_BT"],
+      positions=mb["positions_BT"],
+      segment_ids=mb["segment_ids_BT"],
       temperature=temperature,
       chunk_size=chunk,
       with_entropy=with_entropy,
     )
     return out.logprobs_BT, out.entropy_BT
 
-  inputs = {k: batch[k] for k in ("input_ids_BT", "targets_BT", "attention_mask_BT")}
+  inputs = {k: batch[k] for k in FIELDS if k != "loss_mask_BT"}
   return microbatch.map_rows(run, inputs, micro_batches)
 
 
@@ -94,7 +96,7 @@ def policy_update(
   whole batch's token (or sequence) count, so the update equals the one-pass update; the ratio / clip metrics
   are then means over the micro-batches (`ratio_max` their maximum, the losses their sum).
   """
-  mask_BT = batch["mask_BT"]
+  mask_BT = batch["loss_mask_BT"]
   num_tokens = num_seqs = None
   if micro_batches > 1:
     num_tokens = jnp.maximum(jnp.sum(mask_BT > 0), 1).astype(jnp.float32)
@@ -105,7 +107,8 @@ def policy_update(
       state.model(trainable),
       mb["input_ids_BT"],
       mb["targets_BT"],
-      attention_mask=mb["attention_mask_BT"],
+      positions=mb["positions_BT"],
+      segment_ids=mb["segment_ids_BT"],
       temperature=temperature,
       chunk_size=chunk,
       with_entropy=True,
@@ -114,7 +117,7 @@ def policy_update(
       out.logprobs_BT,
       mb["old_logp_BT"],
       mb["adv_BT"],
-      mb["mask_BT"],
+      mb["loss_mask_BT"],
       loss_config,
       ref_logp_BT=mb.get("ref_logp_BT"),
       entropy_BT=out.entropy_BT,
@@ -365,7 +368,7 @@ class RLTrainer:
       adv_B = adv_lib.rloo_advantages(rewards, c.group_size)
     else:
       adv_B = adv_lib.grpo_advantages(rewards, c.group_size, normalize_std=c.algorithm == "grpo")
-    return adv_lib.broadcast_to_tokens(adv_B, batch["mask_BT"]), {}
+    return adv_lib.broadcast_to_tokens(adv_B, batch["loss_mask_BT"]), {}
 
   # -- one step --------------------------------------------------------------------------------------
 
@@ -390,7 +393,8 @@ class RLTrainer:
       batch["ref_logp_BT"] = self.reference.logprobs(
         batch["input_ids_BT"],
         batch["targets_BT"],
-        attention_mask=batch["attention_mask_BT"],
+        positions=batch["positions_BT"],
+        segment_ids=batch["segment_ids_BT"],
         temperature=temperature,
         chunk_size=c.logprob_chunk,
         micro_batches=c.micro_batches(n),
@@ -427,7 +431,7 @@ class RLTrainer:
 
     for key in update_metrics[0]:
       metrics[key] = float(np.mean([m[key] for m in update_metrics]))
-    tokens = float(np.sum(packed.attention_mask_BT))
+    tokens = float(np.sum(packed.tokens.segment_ids_BT > 0))
     metrics.update(
       {
         "train_reward_mean": float(rewards.mean()),

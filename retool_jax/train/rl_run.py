@@ -160,8 +160,9 @@ def programs(config: ml_collections.ConfigDict, mesh: Any) -> list[Any]:
   def rows(b: int, *names_dtypes: tuple[str, Any]) -> dict[str, Any]:
     return {name: abstract.batch((b, t), dtype, mesh) for name, dtype in names_dtypes}
 
-  inputs = (("input_ids_BT", jnp.int32), ("targets_BT", jnp.int32), ("attention_mask_BT", jnp.int32))
-  floats = ("mask_BT", "rollout_logp_BT", "old_logp_BT", "adv_BT")
+  inputs = (("input_ids_BT", jnp.int32), ("targets_BT", jnp.int32))
+  inputs += (("segment_ids_BT", jnp.int32), ("positions_BT", jnp.int32))
+  floats = ("loss_mask_BT", "rollout_logp_BT", "old_logp_BT", "adv_BT")
   if rl.loss.kl_coef > 0:
     floats += ("ref_logp_BT",)
   temperature = float(multiturn.temperature)
@@ -200,7 +201,14 @@ def programs(config: ml_collections.ConfigDict, mesh: Any) -> list[Any]:
       Program(
         "rl/reference_logprobs",
         reference._fn,
-        (state.params, full["input_ids_BT"], full["targets_BT"], None, None, full["attention_mask_BT"]),
+        (
+          state.params,
+          full["input_ids_BT"],
+          full["targets_BT"],
+          full["positions_BT"],
+          full["segment_ids_BT"],
+          None,
+        ),
         dict(temperature=temperature, chunk_size=rl.logprob_chunk, micro_batches=rl.micro_batches(n)),
         others("reference"),
       )
@@ -217,8 +225,8 @@ def programs(config: ml_collections.ConfigDict, mesh: Any) -> list[Any]:
     )
   )
   if critic_state is not None:
-    critic_inputs = (("input_ids_BT", jnp.int32), ("attention_mask_BT", jnp.int32))
-    critic_floats = (("mask_BT", jnp.float32), ("old_values_BT", jnp.float32), ("returns_BT", jnp.float32))
+    critic_inputs = (("input_ids_BT", jnp.int32), ("segment_ids_BT", jnp.int32), ("positions_BT", jnp.int32))
+    critic_floats = (("loss_mask_BT", jnp.float32), ("old_values_BT", jnp.float32), ("returns_BT", jnp.float32))
     clip = abstract.batch((), jnp.float32, mesh, sharded=False)
     out += [
       Program(

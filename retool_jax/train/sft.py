@@ -23,7 +23,8 @@ from retool_jax.chat import load_tokenizer
 from retool_jax.chat.prompt_contract import record_sft_contract
 from retool_jax.data import load_chat_sft, load_retool_sft
 from retool_jax.data.io import field, read_rows
-from retool_jax.data.packing import PACKED_FIELDS, PackedRows, pack_sequences
+from retool_jax.data.batch import FIELDS, TokenBatch
+from retool_jax.data.packing import PackedRows, pack_sequences
 from retool_jax.data.pipeline import InputPipeline, global_batch
 from retool_jax.models.logprobs import token_logprobs
 from retool_jax.models.qwen3 import Qwen3
@@ -170,10 +171,11 @@ def build_datasets(data: ml_collections.ConfigDict, seed: int) -> tuple[PackedRo
   return train, (pack(eval_examples) if eval_examples else None)
 
 
-def _device_batch(batch, mesh) -> dict[str, jax.Array]:
+def _device_batch(batch, mesh) -> TokenBatch:
+  """A pipeline batch of packed rows on the mesh, its padding slots out of the loss."""
   rows = dict(batch.examples)
-  rows["loss_mask"] = rows["loss_mask"] * batch.mask[:, None].astype(rows["loss_mask"].dtype)  # padding slots
-  return global_batch(rows, sharding_lib.data_sharding(mesh))
+  rows["loss_mask_BT"] = rows["loss_mask_BT"] * batch.mask[:, None].astype(rows["loss_mask_BT"].dtype)
+  return global_batch(TokenBatch.of(rows), sharding_lib.data_sharding(mesh))
 
 
 # ---- steps --------------------------------------------------------------------------------------
@@ -181,7 +183,7 @@ def _device_batch(batch, mesh) -> dict[str, jax.Array]:
 
 def sft_loss(
   model: Qwen3,
-  batch: dict[str, jax.Array],
+  batch: TokenBatch,
   normaliser: jax.Array,
   *,
   chunk_size: int,
@@ -191,19 +193,19 @@ def sft_loss(
   """`sum(nll * loss_mask) / normaliser` plus the weighted router loss; metrics hold the first term alone."""
   out = token_logprobs(
     model,
-    batch["input_ids"],
-    batch["targets"],
-    positions=batch["positions"],
-    segment_ids=batch["segment_ids"],
+    batch.input_ids_BT,
+    batch.targets_BT,
+    positions=batch.positions_BT,
+    segment_ids=batch.segment_ids_BT,
     chunk_size=chunk_size,
   )
-  nll, _ = losses.sft_loss(out.logprobs_BT, batch["loss_mask"], num_tokens=normaliser)
+  nll, _ = losses.sft_loss(out.logprobs_BT, batch.loss_mask_BT, num_tokens=normaliser)
   aux = out.router_aux_loss if out.router_aux_loss is not None else jnp.zeros((), jnp.float32)
   loss = nll + router_aux_coef * aux_weight * aux if router_aux_coef else nll
   return loss, {"nll": nll, "router_aux_loss": aux}
 
 
-def _microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
+def _microbatches(batch: TokenBatch, n: int) -> TokenBatch:
   """`[G, ...]` -> `[n, G/n, ...]` taking every n-th row, so each micro-batch stays spread over the mesh."""
 
   def split(x):
@@ -224,8 +226,8 @@ def make_train_step(
 ):
   """`(state, batch) -> (state, metrics)`: one optimizer update on a global batch."""
 
-  def step(state: state_lib.TrainState, batch: dict[str, jax.Array]):
-    normaliser = jnp.maximum(jnp.sum(batch["loss_mask"] > 0), 1).astype(jnp.float32)
+  def step(state: state_lib.TrainState, batch: TokenBatch):
+    normaliser = jnp.maximum(batch.num_loss_tokens(), 1).astype(jnp.float32)
 
     def grads_of(trainable, mb):
       def loss_fn(t):
@@ -259,7 +261,7 @@ def make_train_step(
       "grad_norm": optax.tree.norm(grads),
       "learning_rate": schedule(state.step),
       "loss_tokens": normaliser,
-      "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
+      "tokens": jnp.sum(batch.segment_ids_BT > 0).astype(jnp.float32),
     }
     if is_moe:
       metrics["router_aux_loss"] = aux["router_aux_loss"]
@@ -273,14 +275,14 @@ def make_eval_step(*, chunk_size: int):
 
   def step(state: state_lib.TrainState, batch):
     _, aux = sft_loss(state.model(), batch, jnp.ones(()), chunk_size=chunk_size)
-    return aux["nll"], jnp.sum(batch["loss_mask"] > 0).astype(jnp.float32)
+    return aux["nll"], batch.num_loss_tokens().astype(jnp.float32)
 
   return step
 
 
 def jit_steps(config: ml_collections.ConfigDict, shardings: state_lib.TrainState, schedule, mesh, *, is_moe: bool):
   """`(train_step, eval_step)` jitted with the state's and the batch's shardings, as `train` runs them."""
-  batch_shardings = {k: sharding_lib.data_sharding(mesh) for k in PACKED_FIELDS}
+  batch_shardings = TokenBatch(*(sharding_lib.data_sharding(mesh) for _ in FIELDS))
   train_step = jax.jit(
     make_train_step(
       schedule,
@@ -305,7 +307,7 @@ def programs(config: ml_collections.ConfigDict, mesh) -> list[Program]:
   state, shardings = abstract.abstract_train_state(model, tx, mesh, lora_config=build.lora_config(config.lora))
   train_step, eval_step = jit_steps(config, shardings, schedule, mesh, is_moe=cfg.is_moe)
   rows = abstract.batch((config.data.global_batch_size, config.data.seq_len), jnp.int32, mesh)
-  batch = {k: rows for k in PACKED_FIELDS}
+  batch = TokenBatch(*(rows for _ in FIELDS))
   return [
     Program("sft/train_step", train_step, (state, batch)),
     Program("sft/eval_step", eval_step, (state, batch)),

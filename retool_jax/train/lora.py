@@ -105,6 +105,3 @@ def merge_lora(model: nnx.Module, lora: Mapping, cfg: LoraConfig) -> nnx.Module:
   nnx.replace_by_pure_dict(state, apply_lora(nnx.to_pure_dict(state), lora, cfg))
   return nnx.merge(graphdef, state)
 
-
-def num_lora_params(lora: Mapping) -> int:
-  return sum(x.size for x in jax.tree.leaves(lora))

@@ -55,6 +55,11 @@ def test_dpo_train_prefers_chosen_and_writes_checkpoint_and_metrics(tmp_path):
   assert last["loss"] < 0.5 * first["loss"]
   assert last["reward_accuracy"] == 1.0 and last["reward_margin"] > first["reward_margin"]
   assert Checkpointer(tmp_path / "run" / "checkpoints", save_every=1).latest_step() == 10  # the final state
+  run = tmp_path / "run"  # the run folder every trainer writes
+  assert json.loads((run / "config.json").read_text())["batch_size"] == 4
+  assert json.loads((run / "summary.json").read_text()) == last and last["step"] == 10
+  assert json.loads((run / "prompt_contract.json").read_text())["enable_thinking"] is False
+  assert all(r["perf/step_time_s"] > 0 for r in records)
 
 
 def _hosts(n, count, **kwargs):

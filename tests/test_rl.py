@@ -63,7 +63,9 @@ def test_pack_rollouts_shifts_and_pads():
   b = _rollout([5, 6, 9], [0, 0, 1], [0, 0, -1.0])
   batch = pack_rollouts([a, b], pad_id=0, length_multiple=4)
   assert batch.shape == (2, 4)
-  np.testing.assert_array_equal(batch.tokens.input_ids_BT, [[5, 6, 7, 8], [5, 6, 9, 0]])  # last ids predict nothing
+  np.testing.assert_array_equal(
+    batch.tokens.input_ids_BT, [[5, 6, 7, 8], [5, 6, 9, 0]]
+  )  # last ids predict nothing
   np.testing.assert_array_equal(batch.tokens.targets_BT, [[6, 7, 8, 0], [6, 9, 0, 0]])
   np.testing.assert_array_equal(batch.tokens.loss_mask_BT, [[0, 1, 1, 0], [0, 1, 0, 0]])
   np.testing.assert_array_equal(batch.tokens.segment_ids_BT, [[1, 1, 1, 0], [1, 1, 0, 0]])

@@ -104,4 +104,3 @@ def merge_lora(model: nnx.Module, lora: Mapping, cfg: LoraConfig) -> nnx.Module:
   state = jax.tree.map(lambda x: x, state)  # fresh variables: the input model is left as it is
   nnx.replace_by_pure_dict(state, apply_lora(nnx.to_pure_dict(state), lora, cfg))
   return nnx.merge(graphdef, state)
-

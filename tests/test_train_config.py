@@ -185,7 +185,7 @@ def test_sft_end_to_end_on_retool_records(tmp_path, fixtures_dir):
   from retool_jax.chat import load_tokenizer
 
   tok = load_tokenizer(config.data.tokenizer)
-  trained = tok.decode(train_rows.targets[0][train_rows.loss_mask[0] > 0])
+  trained = tok.decode(train_rows.tokens.targets_BT[0][train_rows.tokens.loss_mask_BT[0] > 0])
   assert "<answer>" in trained and "<interpreter>" not in trained and "What is" not in trained
 
   last = sft.train(config)

@@ -27,8 +27,14 @@ from typing import Any, Sequence
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax is imported: libtpu compiles, nothing runs on a TPU
 
+import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from retool_jax import sharding as sharding_lib  # noqa: E402
+from retool_jax import topologies  # noqa: E402
+from retool_jax.programs import resident_bytes  # noqa: E402
+from retool_jax.train import check_config  # noqa: E402
 
 GiB = 1024**3
 
@@ -89,8 +95,6 @@ def _xla_message(e: Exception) -> str:
 
 def compile_program(program, hbm_bytes: int, *, min_headroom: float = 0.10, dump_dir: str = "") -> Row:
   """Lowers and compiles `program` (a `retool_jax.programs.Program`) and reads its memory and cost analysis."""
-  from retool_jax.programs import resident_bytes  # noqa: PLC0415
-
   resident = resident_bytes(program)
   t0 = time.perf_counter()
   try:
@@ -161,12 +165,6 @@ def run_programs(
   config, topology: str, *, only: str = "", min_headroom: float = 0.10, dump_hlo: str = "", progress=None
 ) -> tuple[list[Row], Any]:
   """Compiles the programs of `config` for `topology`; returns the rows and the `Topology`."""
-  import jax  # noqa: PLC0415
-
-  from retool_jax import sharding as sharding_lib  # noqa: PLC0415
-  from retool_jax import topologies  # noqa: PLC0415
-  from retool_jax.train import check_config  # noqa: PLC0415
-
   trainer = check_config(config)
   if not hasattr(trainer, "programs"):
     raise ValueError(f"config.trainer={config.trainer!r} does not list its programs (no `programs(config, mesh)`)")
@@ -189,12 +187,6 @@ def run_programs(
 
 def list_programs(config, topology: str) -> list[str]:
   """`name: argument shapes` of each program, without compiling."""
-  import jax  # noqa: PLC0415
-
-  from retool_jax import sharding as sharding_lib  # noqa: PLC0415
-  from retool_jax import topologies  # noqa: PLC0415
-  from retool_jax.train import check_config  # noqa: PLC0415
-
   trainer = check_config(config)
   devices = topologies.devices(topologies.get(topology))
   mesh = sharding_lib.make_mesh(**config.mesh.to_dict(), devices=devices)
@@ -212,8 +204,6 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = _CONFIG.value
   try:
-    from retool_jax import topologies  # noqa: PLC0415
-
     topologies.get(_TOPOLOGY.value)
     if _LIST.value:
       print("\n".join(list_programs(config, _TOPOLOGY.value)))

@@ -24,21 +24,31 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
 
+from retool_jax import sharding as sharding_lib
+from retool_jax.assets import QWEN3_TOKENIZER_DIR
+from retool_jax.chat import load_tokenizer, render_ids
 from retool_jax.chat.parse import ToolCall, parse_tool_calls
 from retool_jax.chat.prompt_contract import ContractError, PromptContract, check_tokenizer_fits, find_contract
+from retool_jax.data import load_math
+from retool_jax.rewards import get_reward
+from retool_jax.rollout import JaxEngine, MultiTurnConfig, SGLangEngine
+from retool_jax.rollout.multiturn import session_tools
+from retool_jax.rollout.scoring import rollout_and_score
+from retool_jax.sandbox import default_sandbox
+from retool_jax.train import build, validate_config
 
 FREE_FORM = ("rollout", "model.overrides")  # checked by MultiTurnConfig / Qwen3Config
 
 
 def default_config() -> ml_collections.ConfigDict:
   """Every field an evaluation reads, with its default."""
-  from retool_jax.train import sft  # noqa: PLC0415
-
   c = ml_collections.ConfigDict()
   c.workdir = "runs/eval"  # trajectories.jsonl, summary.json, summary.md
   c.seed = 0
-  c.model = sft.default_config().model  # checkpoint (Orbax or HF folder) / preset / overrides / dtypes
+  c.model = build.model_fields()  # checkpoint (Orbax or HF folder) / preset / overrides / dtypes
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # a math problem file any `load_math` schema reads (AIME, MATH-500, GSM8K, DAPO)
@@ -217,8 +227,6 @@ def prompt_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   Returns `tokenizer`, `prompt_style`, `tools_in_prompt`, `system_prompt`, `rollout` (the `MultiTurnConfig`
   fields) and `contract` (None when the checkpoint has none).
   """
-  from retool_jax.assets import QWEN3_TOKENIZER_DIR  # noqa: PLC0415
-
   c = config
   contract = find_contract(c.model.checkpoint) if c.model.checkpoint else None
   recorded = contract or PromptContract(tokenizer=str(QWEN3_TOKENIZER_DIR), prompt_style="retool")
@@ -234,14 +242,9 @@ def prompt_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _engine(c: ml_collections.ConfigDict, tokenizer: Any, tokenizer_name: str, max_length: int) -> Any:
-  from retool_jax.rollout import JaxEngine, SGLangEngine  # noqa: PLC0415
-
   if c.engine.sglang_url:
     return SGLangEngine(c.engine.sglang_url)
-  from retool_jax import sharding as sharding_lib  # noqa: PLC0415
-  from retool_jax.train import sft  # noqa: PLC0415
-
-  model = sft.build_model(c.model, sharding_lib.make_mesh(**c.mesh.to_dict()), c.seed)
+  model = build.build_model(c.model, sharding_lib.make_mesh(**c.mesh.to_dict()), c.seed)
   check_tokenizer_fits(
     tokenizer,
     model.config.vocab_size,
@@ -261,8 +264,6 @@ def _engine(c: ml_collections.ConfigDict, tokenizer: Any, tokenizer_name: str, m
 async def _rollouts(
   engine: Any, prompts: list[Any], answers: list[str], tools: Any, multiturn, reward_fn, tokenizer
 ):
-  from retool_jax.train.rl import rollout_and_score  # noqa: PLC0415
-
   try:
     return await rollout_and_score(engine, prompts, answers, tools, multiturn, reward_fn, tokenizer)
   finally:
@@ -276,12 +277,6 @@ def evaluate(config: ml_collections.ConfigDict, engine: Any = None) -> dict[str,
 
   `engine` (any `retool_jax.rollout.Engine`) replaces the one the config would build.
   """
-  from retool_jax.chat import load_tokenizer  # noqa: PLC0415
-  from retool_jax.data import load_math  # noqa: PLC0415
-  from retool_jax.rewards import get_reward  # noqa: PLC0415
-  from retool_jax.rollout import MultiTurnConfig  # noqa: PLC0415
-  from retool_jax.rollout.multiturn import session_tools  # noqa: PLC0415
-  from retool_jax.sandbox import default_sandbox  # noqa: PLC0415
 
   check_config(config)
   c = config
@@ -297,8 +292,6 @@ def evaluate(config: ml_collections.ConfigDict, engine: Any = None) -> dict[str,
   system = [{"role": "system", "content": prompt["system_prompt"]}] if prompt["system_prompt"] else []
   prompts = [_with_system(e.prompt, system) for e in examples for _ in range(n)]
   if not prompt["tools_in_prompt"]:
-    from retool_jax.chat import render_ids  # noqa: PLC0415
-
     prompts = [render_ids(tokenizer, p, enable_thinking=multiturn.enable_thinking) for p in prompts]
   answers = [e.ground_truth for e in examples for _ in range(n)]
   rollouts, results = asyncio.run(_rollouts(engine, prompts, answers, tools, multiturn, reward_fn, tokenizer))
@@ -328,8 +321,6 @@ def _with_system(messages: list[dict], system: list[dict]) -> list[dict]:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Fails with the name of the first field that is unknown, mistyped or out of range."""
-  from retool_jax.train import validate_config  # noqa: PLC0415
-
   validate_config(config, default_config(), free_form=FREE_FORM)
   if not config.data.path:
     raise ValueError("config.data.path is empty: evaluation needs problems with answers")
@@ -342,10 +333,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def main(argv: list[str]) -> None:
-  from absl import app, flags, logging  # noqa: PLC0415
-
-  from retool_jax.sharding import initialize_distributed  # noqa: PLC0415
-
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
@@ -355,7 +342,7 @@ def main(argv: list[str]) -> None:
     check_config(config)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  initialize_distributed()
+  sharding_lib.initialize_distributed()
   try:
     summary = evaluate(config)
   except ContractError as e:
@@ -364,9 +351,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # noqa: PLC0415
-  from ml_collections import config_flags  # noqa: PLC0415
-
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file (configs/eval_*.py).")
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -8,7 +8,11 @@ topology without the hardware.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
+
+import jax
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,11 +31,6 @@ class Program:
 
 def resident_bytes(program: Program) -> int:
   """Bytes one device holds for `program.resident` (each array's shard; replicated arrays in full)."""
-  import math  # noqa: PLC0415
-
-  import jax  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
-
   total = 0
   for x in jax.tree.leaves(program.resident):
     if not isinstance(x, jax.ShapeDtypeStruct):

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from retool_jax.data import pack_sequences
-from retool_jax.data.packing import PACKED_FIELDS
+from retool_jax.data.batch import FIELDS
 
 
 def example(n, start, prompt):
@@ -19,35 +19,35 @@ def test_layout():
   a, b, c = example(5, 100, 2), example(3, 200, 1), example(6, 300, 3)
   packed = pack_sequences([a, b, c], 8, pad_id=0)
   assert len(packed) == 2 and packed.examples == ((0, 1), (2,))
-  row = {name: getattr(packed, name)[0].tolist() for name in PACKED_FIELDS}
+  row = {name.removesuffix("_BT"): getattr(packed.tokens, name)[0].tolist() for name in FIELDS}
   assert row["input_ids"] == [100, 101, 102, 103, 104, 200, 201, 202]
   assert row["segment_ids"] == [1, 1, 1, 1, 1, 2, 2, 2]
   assert row["positions"] == [0, 1, 2, 3, 4, 0, 1, 2]
   # targets stay inside their segment; the mask is that of the target token
   assert row["targets"] == [101, 102, 103, 104, 0, 201, 202, 0]
   assert row["loss_mask"] == [0, 1, 1, 1, 0, 1, 1, 0]
-  row = {name: getattr(packed, name)[1].tolist() for name in PACKED_FIELDS}
+  row = {name.removesuffix("_BT"): getattr(packed.tokens, name)[1].tolist() for name in FIELDS}
   assert row["segment_ids"] == [1] * 6 + [0, 0] and row["positions"] == [0, 1, 2, 3, 4, 5, 0, 0]
   assert row["input_ids"][6:] == [0, 0] and row["loss_mask"] == [0, 0, 1, 1, 1, 0, 0, 0]
-  assert all(getattr(packed, name).dtype == np.int32 for name in PACKED_FIELDS)
+  assert all(getattr(packed.tokens, name).dtype == np.int32 for name in FIELDS)
 
 
 def test_overflow_and_skips():
   long, short = example(10, 1, 2), example(3, 50, 1)
-  assert pack_sequences([long, short], 6).input_ids[0].tolist()[:6] == [1, 2, 3, 4, 5, 6]
-  assert pack_sequences([long, short], 6, overflow="drop").examples == ((1,),)
+  assert pack_sequences([long, short], 6, pad_id=0).tokens.input_ids_BT[0].tolist()[:6] == [1, 2, 3, 4, 5, 6]
+  assert pack_sequences([long, short], 6, pad_id=0, overflow="drop").examples == ((1,),)
   with pytest.raises(ValueError, match="example 0 has 10 tokens, more than seq_len=6"):
-    pack_sequences([long], 6, overflow="error")
+    pack_sequences([long], 6, pad_id=0, overflow="error")
   untrained = (np.arange(4), np.zeros(4))
-  assert pack_sequences([untrained, short], 6).examples == ((1,),)
+  assert pack_sequences([untrained, short], 6, pad_id=0).examples == ((1,),)
   with pytest.raises(ValueError, match="example 0: 4 ids but 3 loss-mask bits"):
-    pack_sequences([(np.arange(4), np.ones(3))], 6)
+    pack_sequences([(np.arange(4), np.ones(3))], 6, pad_id=0)
 
 
 def test_batches():
-  packed = pack_sequences([example(6, 10 * k, 1) for k in range(5)], 8)
+  packed = pack_sequences([example(6, 10 * k, 1) for k in range(5)], 8, pad_id=0)
   batches = list(packed.batches(2))
-  assert len(batches) == 2 and batches[0]["segment_ids"].shape == (2, 8)
+  assert len(batches) == 2 and batches[0].segment_ids_BT.shape == (2, 8)
   assert len(list(packed.batches(2, drop_remainder=False))) == 3
 
 
@@ -59,7 +59,9 @@ def test_every_trained_target_survives_packing(specs, seq_len):
   # Each (input, target) pair trained in the packed rows is trained in exactly one source example.
   trained = sorted(
     (int(i), int(t))
-    for i, t, m in zip(packed.input_ids.ravel(), packed.targets.ravel(), packed.loss_mask.ravel())
+    for i, t, m in zip(
+      packed.tokens.input_ids_BT.ravel(), packed.tokens.targets_BT.ravel(), packed.tokens.loss_mask_BT.ravel()
+    )
     if m
   )
   expected = sorted(
@@ -70,7 +72,7 @@ def test_every_trained_target_survives_packing(specs, seq_len):
     if mask[j + 1]
   )
   assert trained == expected
-  seg, pos = packed.segment_ids, packed.positions
+  seg, pos = packed.tokens.segment_ids_BT, packed.tokens.positions_BT
   assert ((seg == 0) <= (pos == 0)).all()  # padding has position 0
   starts = np.diff(np.pad(seg, ((0, 0), (1, 0))), axis=1) != 0
   assert (pos[starts & (seg > 0)] == 0).all()  # positions restart with each segment

@@ -33,10 +33,10 @@ def test_pack_pairs_stacks_chosen_over_rejected():
     (np.array([1, 2, 4, 5]), np.array([0, 1, 1, 1])),
   )
   b = pack_pairs([((c_ids, c_mask), (r_ids, r_mask))], pad_id=0, length_multiple=4)
-  np.testing.assert_array_equal(b["input_ids_BT"], [[1, 2, 3, 0], [1, 2, 4, 5]])
-  np.testing.assert_array_equal(b["targets_BT"], [[2, 3, 0, 0], [2, 4, 5, 0]])
-  np.testing.assert_array_equal(b["mask_BT"], [[1, 1, 0, 0], [1, 1, 1, 0]])
-  np.testing.assert_array_equal(b["attention_mask_BT"], [[1, 1, 0, 0], [1, 1, 1, 0]])
+  np.testing.assert_array_equal(b.input_ids_BT, [[1, 2, 3, 0], [1, 2, 4, 5]])
+  np.testing.assert_array_equal(b.targets_BT, [[2, 3, 0, 0], [2, 4, 5, 0]])
+  np.testing.assert_array_equal(b.loss_mask_BT, [[1, 1, 0, 0], [1, 1, 1, 0]])
+  np.testing.assert_array_equal(b.segment_ids_BT, [[1, 1, 0, 0], [1, 1, 1, 0]])
   with pytest.raises(ValueError, match="at least one pair"):
     pack_pairs([], pad_id=0)
 
@@ -63,7 +63,7 @@ def test_dpo_learns_the_preference():
     for batch, (ref_c, ref_r) in zip(batches, refs):
       state, m = dpo_update(
         state,
-        {k: jnp.asarray(v) for k, v in batch.items()},
+        jax.tree.map(jnp.asarray, batch),
         ref_c,
         ref_r,
         beta=0.5,

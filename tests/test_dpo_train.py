@@ -55,6 +55,11 @@ def test_dpo_train_prefers_chosen_and_writes_checkpoint_and_metrics(tmp_path):
   assert last["loss"] < 0.5 * first["loss"]
   assert last["reward_accuracy"] == 1.0 and last["reward_margin"] > first["reward_margin"]
   assert Checkpointer(tmp_path / "run" / "checkpoints", save_every=1).latest_step() == 10  # the final state
+  run = tmp_path / "run"  # the run folder every trainer writes
+  assert json.loads((run / "config.json").read_text())["batch_size"] == 4
+  assert json.loads((run / "summary.json").read_text()) == last and last["step"] == 10
+  assert json.loads((run / "prompt_contract.json").read_text())["enable_thinking"] is False
+  assert all(r["perf/step_time_s"] > 0 for r in records)
 
 
 def _hosts(n, count, **kwargs):
@@ -102,11 +107,11 @@ def test_split_sides_keeps_each_pair_in_one_row():
   pairs = [((np.arange(2 + i), np.ones(2 + i)), (np.arange(5 + i), np.ones(5 + i))) for i in range(3)]
   packed = pack_pairs(pairs, pad_id=0, length_multiple=4)
   sides = split_sides(packed)
-  assert sides["chosen"]["attention_mask_BT"].sum(axis=1).tolist() == [1, 2, 3]
-  assert sides["rejected"]["attention_mask_BT"].sum(axis=1).tolist() == [4, 5, 6]
+  assert sides["chosen"].segment_ids_BT.sum(axis=1).tolist() == [1, 2, 3]
+  assert sides["rejected"].segment_ids_BT.sum(axis=1).tolist() == [4, 5, 6]
   fixed = pack_pairs(pairs, pad_id=0, length=16)  # a length every host agrees on
-  assert fixed["input_ids_BT"].shape == (6, 16)
-  np.testing.assert_array_equal(fixed["input_ids_BT"][:, :8], packed["input_ids_BT"])
+  assert fixed.input_ids_BT.shape == (6, 16)
+  np.testing.assert_array_equal(fixed.input_ids_BT[:, :8], packed.input_ids_BT)
 
 
 def test_dpo_resumes_exactly_with_float32_masters_and_lora(tmp_path):

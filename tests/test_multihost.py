@@ -19,7 +19,8 @@ from retool_jax.rollout import MultiTurnConfig
 from retool_jax.rollout.types import FinishReason, GenerateResult
 from retool_jax.train import state as state_lib
 from retool_jax.train.multihost import Ragged, gather_rows, global_sum
-from retool_jax.train.rl import RLConfig, RLTrainer
+from retool_jax.train.rl import RLTrainer
+from retool_jax.train.rl_config import RLConfig
 from retool_jax.train.rl_run import prompt_pipeline
 
 

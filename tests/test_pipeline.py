@@ -176,11 +176,11 @@ def test_record_sources_and_transform():
 
 
 def test_array_sources():
-  packed = pack_sequences([(np.arange(k + 2), np.ones(k + 2)) for k in range(12)], seq_len=16)
+  packed = pack_sequences([(np.arange(k + 2), np.ones(k + 2)) for k in range(12)], seq_len=16, pad_id=0)
   pipe = InputPipeline(packed, global_batch_size=4, seed=2, process_index=0, process_count=2)
   batch = next(pipe)
-  assert batch.examples["input_ids"].shape == (2, 16)
-  np.testing.assert_array_equal(batch.examples["segment_ids"], packed.segment_ids[batch.indices])
+  assert batch.examples["input_ids_BT"].shape == (2, 16)
+  np.testing.assert_array_equal(batch.examples["segment_ids_BT"], packed.tokens.segment_ids_BT[batch.indices])
   columns = {"x": np.arange(10), "y": np.arange(10) * 2}
   batch = next(InputPipeline(columns, global_batch_size=5, process_index=0, process_count=1))
   np.testing.assert_array_equal(batch.examples["y"], 2 * batch.examples["x"])

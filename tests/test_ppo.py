@@ -20,7 +20,8 @@ from retool_jax.rollout import JaxEngine, MultiTurnConfig
 from retool_jax.rollout.multiturn import Rollout, TurnStats
 from retool_jax.train import check_config
 from retool_jax.train import state as state_lib
-from retool_jax.train.rl import RLConfig, RLTrainer
+from retool_jax.train.rl import RLTrainer
+from retool_jax.train.rl_config import RLConfig
 from retool_jax.train.rl_batch import pack_rollouts
 from retool_jax.train.rl_run import build_critic
 from retool_jax.train.value_head import Critic, CriticConfig, ValueModel, create_critic_state
@@ -72,7 +73,7 @@ def test_value_model_shapes_and_zero_init(tiny):
 def test_gae_skips_tool_output_and_ends_after_last_policy_token(tiny):
   _, cfg = tiny
   batch = _batch()
-  mask = np.asarray(batch["mask_BT"])
+  mask = np.asarray(batch["loss_mask_BT"])
   np.testing.assert_array_equal(mask[0], [0, 1, 1, 1, 0, 0, 1, 1])
   critic = _critic(cfg, config=CriticConfig(whiten_advantages=False))
   rl = RLConfig(algorithm="ppo", num_prompts=2, group_size=1, gamma=0.5, lam=1.0)
@@ -85,8 +86,15 @@ def test_gae_skips_tool_output_and_ends_after_last_policy_token(tiny):
     expected[b, steps] = reward * 0.5 ** np.arange(len(steps))[::-1]
   np.testing.assert_allclose(np.asarray(adv), expected, atol=1e-6)
   np.testing.assert_allclose(np.asarray(rows["returns_BT"]), expected, atol=1e-6)
-  np.testing.assert_array_equal(np.asarray(rows["mask_BT"]), mask)
-  assert set(rows) == {"input_ids_BT", "attention_mask_BT", "mask_BT", "old_values_BT", "returns_BT"}
+  np.testing.assert_array_equal(np.asarray(rows["loss_mask_BT"]), mask)
+  assert set(rows) == {
+    "input_ids_BT",
+    "segment_ids_BT",
+    "positions_BT",
+    "loss_mask_BT",
+    "old_values_BT",
+    "returns_BT",
+  }
 
   whitened, _ = _critic(cfg).advantages(np.array([1.0, -2.0]), batch, rl)
   on = mask > 0
@@ -97,7 +105,7 @@ def test_gae_skips_tool_output_and_ends_after_last_policy_token(tiny):
 def test_kl_penalty_enters_the_rewards(tiny):
   _, cfg = tiny
   batch = _batch()
-  mask = np.asarray(batch["mask_BT"])
+  mask = np.asarray(batch["loss_mask_BT"])
   kl = np.where(mask > 0, np.linspace(0.1, 0.8, mask.size).reshape(mask.shape), 0.0).astype(np.float32)
   batch["old_logp_BT"] = jnp.full(mask.shape, -1.0)
   batch["ref_logp_BT"] = jnp.asarray(-1.0 - kl)  # log pi_old - log pi_ref = kl

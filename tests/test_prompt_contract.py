@@ -34,7 +34,8 @@ from retool_jax.chat_cli import main, parse_args, settings_from
 from retool_jax.checkpoint import save as save_checkpoint
 from retool_jax.checkpoint.converters import orbax_to_hf
 from retool_jax.checkpoint.hf_export import write_hf
-from retool_jax.demo_task.pipeline import next_commands, sft_rows
+from retool_jax.data.packing import pack_sequences
+from retool_jax.demo_task.pipeline import next_commands
 from retool_jax.demo_task.task import Problem, prompt_ids
 from retool_jax.demo_task.teacher import TeacherConfig, teacher_rollouts
 from retool_jax.demo_task.tokenizer import build_tokenizer, save_tokenizer
@@ -298,7 +299,9 @@ def train_tiny_run(run: Path, tok, tok_dir: Path, steps: int = 150) -> float:
   assert "<interpreter>\n5535\n" in rollout.text and rollout.ids[: rollout.num_prompt_tokens] == prompt_ids(
     tok, problem
   )
-  rows = {k: jnp.asarray(v) for k, v in sft_rows([rollout], tok.pad_token_id).items()}
+  rows = jax.tree.map(
+    jnp.asarray, pack_sequences([(rollout.ids, rollout.loss_mask)], 128, pad_id=tok.pad_token_id).tokens
+  )
   cfg = tiny_config(max_position_embeddings=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
   tx, schedule = state_lib.make_optimizer({"learning_rate": 3e-3, "schedule": "constant"}, steps)
   state = state_lib.TrainState.create(Qwen3(cfg, rngs=nnx.Rngs(0)), tx, jax.random.key(0))

@@ -15,7 +15,9 @@ from retool_jax.rewards.result import RewardResult
 from retool_jax.rollout import JaxEngine, MultiTurnConfig
 from retool_jax.rollout.multiturn import Rollout
 from retool_jax.train import state as state_lib
-from retool_jax.train.rl import RLConfig, RLTrainer, rollout_metrics
+from retool_jax.rollout.scoring import rollout_metrics
+from retool_jax.train.rl import RLTrainer
+from retool_jax.train.rl_config import RLConfig
 from retool_jax.train.rl_batch import bucket_length, minibatch_indices, pack_rollouts
 
 
@@ -61,10 +63,13 @@ def test_pack_rollouts_shifts_and_pads():
   b = _rollout([5, 6, 9], [0, 0, 1], [0, 0, -1.0])
   batch = pack_rollouts([a, b], pad_id=0, length_multiple=4)
   assert batch.shape == (2, 4)
-  np.testing.assert_array_equal(batch.input_ids_BT, [[5, 6, 7, 8], [5, 6, 9, 0]])  # last ids predict nothing
-  np.testing.assert_array_equal(batch.targets_BT, [[6, 7, 8, 0], [6, 9, 0, 0]])
-  np.testing.assert_array_equal(batch.mask_BT, [[0, 1, 1, 0], [0, 1, 0, 0]])
-  np.testing.assert_array_equal(batch.attention_mask_BT, [[1, 1, 1, 0], [1, 1, 0, 0]])
+  np.testing.assert_array_equal(
+    batch.tokens.input_ids_BT, [[5, 6, 7, 8], [5, 6, 9, 0]]
+  )  # last ids predict nothing
+  np.testing.assert_array_equal(batch.tokens.targets_BT, [[6, 7, 8, 0], [6, 9, 0, 0]])
+  np.testing.assert_array_equal(batch.tokens.loss_mask_BT, [[0, 1, 1, 0], [0, 1, 0, 0]])
+  np.testing.assert_array_equal(batch.tokens.segment_ids_BT, [[1, 1, 1, 0], [1, 1, 0, 0]])
+  np.testing.assert_array_equal(batch.tokens.positions_BT, [[0, 1, 2, 3], [0, 1, 2, 3]])
   np.testing.assert_allclose(batch.rollout_logp_BT, [[0, -0.5, -0.25, 0], [0, -1.0, 0, 0]])
   assert [bucket_length(n, 64) for n in (1, 64, 65, 129, 300)] == [64, 64, 128, 192, 320]
   rows = minibatch_indices(8, 2, np.random.default_rng(0))

@@ -7,7 +7,7 @@ import pytest
 
 from retool_jax.rollout import MultiTurnConfig
 from retool_jax.train import check_config
-from retool_jax.train.rl import RLConfig
+from retool_jax.train.rl_config import RLConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -11,7 +11,8 @@ from retool_jax.models.qwen3 import Qwen3
 from retool_jax.train import state as state_lib
 from retool_jax.train.losses import PolicyLossConfig
 from retool_jax.train.microbatch import merge_rows, split_rows
-from retool_jax.train.rl import RLConfig, policy_logprobs, policy_update
+from retool_jax.train.rl import policy_logprobs, policy_update
+from retool_jax.train.rl_config import RLConfig
 from retool_jax.train.value_head import ValueModel, critic_update, critic_values
 
 B, T = 4, 12
@@ -27,8 +28,9 @@ def _batch(seed: int = 0) -> dict[str, jax.Array]:
   return {
     "input_ids_BT": jnp.asarray(ids[:, :-1]),
     "targets_BT": jnp.asarray(ids[:, 1:]),
-    "attention_mask_BT": jnp.asarray(attention),
-    "mask_BT": jnp.asarray(mask, jnp.float32),
+    "segment_ids_BT": jnp.asarray(attention),
+    "positions_BT": jnp.asarray(np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))),
+    "loss_mask_BT": jnp.asarray(mask, jnp.float32),
     "rollout_logp_BT": jnp.asarray(-rng.uniform(0.5, 3.0, (B, T)), jnp.float32),
     "old_logp_BT": jnp.asarray(-rng.uniform(0.5, 3.0, (B, T)), jnp.float32),
     "adv_BT": jnp.asarray(rng.normal(size=(B, T)), jnp.float32),
@@ -89,7 +91,7 @@ def test_critic_micro_batched_values_and_update_match():
   batch = _batch(2)
   values = critic_values(_state(value_model), batch)
   np.testing.assert_allclose(critic_values(_state(value_model), batch, micro_batches=2), values, atol=1e-6)
-  rows = {k: batch[k] for k in ("input_ids_BT", "attention_mask_BT", "mask_BT")}
+  rows = {k: batch[k] for k in ("input_ids_BT", "segment_ids_BT", "positions_BT", "loss_mask_BT")}
   rows.update(old_values_BT=values, returns_BT=values + jnp.asarray(np.random.default_rng(3).normal(size=(B, T))))
   clip = jnp.float32(0.2)
   s1, m1 = critic_update(_state(value_model), rows, clip)

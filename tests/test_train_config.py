@@ -12,7 +12,7 @@ import pytest
 
 from retool_jax import plot
 from retool_jax.chat.prompt_contract import find_contract
-from retool_jax.train import check_config, get_trainer, sft, validate_config
+from retool_jax.train import build, check_config, get_trainer, sft, validate_config
 from retool_jax.train.metrics import MetricsWriter, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,9 +63,9 @@ def test_unknown_mistyped_and_missing_fields_are_named():
   with pytest.raises(
     ValueError, match=r"model.overrides \(Qwen3Config\): unknown field\(s\) \['hiden_size'\].*hidden_size"
   ):
-    sft.model_config(config.model)
+    build.model_config(config.model)
   with pytest.raises(ValueError, match="set model.checkpoint"):
-    sft.model_config(sft.default_config().model)
+    build.model_config(sft.default_config().model)
 
 
 def test_trainer_registry():
@@ -185,7 +185,7 @@ def test_sft_end_to_end_on_retool_records(tmp_path, fixtures_dir):
   from retool_jax.chat import load_tokenizer
 
   tok = load_tokenizer(config.data.tokenizer)
-  trained = tok.decode(train_rows.targets[0][train_rows.loss_mask[0] > 0])
+  trained = tok.decode(train_rows.tokens.targets_BT[0][train_rows.tokens.loss_mask_BT[0] > 0])
   assert "<answer>" in trained and "<interpreter>" not in trained and "What is" not in trained
 
   last = sft.train(config)

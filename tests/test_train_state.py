@@ -1,5 +1,7 @@
 """Train state: optimizer pieces, SFT loss normalisation and accumulation, LoRA, sharding, reference model."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +34,7 @@ OPTIM = dict(schedule="constant", learning_rate=1e-2, warmup_steps=0, weight_dec
 def _batch(n_rows=4, seq_len=24, seed=0):
   examples = sft.synthetic_examples(3 * n_rows, CFG.vocab_size, seed, min_len=5, max_len=14)
   rows = pack_sequences(examples, seq_len, pad_id=0)
-  return {k: jnp.asarray(v[:n_rows]) for k, v in next(rows.batches(n_rows)).items()}
+  return jax.tree.map(jnp.asarray, next(rows.batches(n_rows)))
 
 
 def _state(mesh=None, lora=None, optim=OPTIM):
@@ -86,8 +88,8 @@ def test_sft_loss_is_mean_nll_over_loss_tokens(base):
   state, _, step = base
   batch = _batch()
   model = state.model()
-  logp = naive_logprobs(model(batch["input_ids"], batch["positions"], batch["segment_ids"]), batch["targets"])
-  mask = np.asarray(batch["loss_mask"]) > 0
+  logp = naive_logprobs(model(batch.input_ids_BT, batch.positions_BT, batch.segment_ids_BT), batch.targets_BT)
+  mask = np.asarray(batch.loss_mask_BT) > 0
   expected = -np.asarray(logp)[mask].mean()
   _, metrics = step(state, batch)
   assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
@@ -99,7 +101,9 @@ def test_gradient_accumulation_gives_the_same_update():
   state = state_lib.TrainState.create(Qwen3(CFG, rngs=nnx.Rngs(0)), optax.sgd(1.0), jax.random.key(0))
   schedule = optax.constant_schedule(1.0)
   batch = _batch(n_rows=4)
-  batch["loss_mask"] = batch["loss_mask"].at[0, :6].set(0)  # micro-batches with unequal loss-token counts
+  batch = dataclasses.replace(
+    batch, loss_mask_BT=batch.loss_mask_BT.at[0, :6].set(0)
+  )  # micro-batches with unequal loss-token counts
   one, m1 = _step(schedule, 1)(state, batch)
   two, m2 = _step(schedule, 2)(state, batch)
   assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-6)
@@ -107,7 +111,7 @@ def test_gradient_accumulation_gives_the_same_update():
   for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   assert int(one.step) == int(two.step) == 1
-  counts = np.asarray(batch["loss_mask"]).reshape(2, 2, -1).swapaxes(0, 1).sum(axis=(1, 2))
+  counts = np.asarray(batch.loss_mask_BT).reshape(2, 2, -1).swapaxes(0, 1).sum(axis=(1, 2))
   assert counts[0] != counts[1]
 
 
@@ -124,7 +128,7 @@ def test_lora_trains_only_adapters_and_merges():
   base = jax.tree.map(np.asarray, state.params)
   # B starts at zero: the adapted model is the base model
   np.testing.assert_array_equal(
-    state.model()(batch["input_ids"]), nnx.merge(state.graphdef, base)(batch["input_ids"])
+    state.model()(batch.input_ids_BT), nnx.merge(state.graphdef, base)(batch.input_ids_BT)
   )
   step = _step(schedule)
   for _ in range(3):
@@ -132,8 +136,8 @@ def test_lora_trains_only_adapters_and_merges():
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), base)  # frozen
   assert float(jnp.abs(state.lora["dense_layers/mlp/down_proj"]["b"]).max()) > 0
   merged = lora_lib.merge_lora(nnx.merge(state.graphdef, state.params), state.lora, lcfg)
-  np.testing.assert_allclose(merged(batch["input_ids"]), state.model()(batch["input_ids"]), rtol=1e-5, atol=1e-5)
-  assert not np.allclose(merged(batch["input_ids"]), nnx.merge(state.graphdef, base)(batch["input_ids"]))
+  np.testing.assert_allclose(merged(batch.input_ids_BT), state.model()(batch.input_ids_BT), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(merged(batch.input_ids_BT), nnx.merge(state.graphdef, base)(batch.input_ids_BT))
   with pytest.raises(ValueError, match="unknown"):
     lora_lib.LoraConfig(targets=("qkv",))
 
@@ -172,8 +176,8 @@ def test_reference_model_skipped_at_zero_and_offloaded(base):
   parked = state_lib.make_reference(0.1, state, shardings, offload=True)
   leaf = jax.tree.leaves(parked.params)[0]
   assert isinstance(leaf, np.ndarray) or leaf.sharding.memory_kind == "pinned_host"
-  args = (batch["input_ids"], batch["targets"])
-  kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
+  args = (batch.input_ids_BT, batch.targets_BT)
+  kw = dict(positions=batch.positions_BT, segment_ids=batch.segment_ids_BT)
   a, b = on_device.logprobs(*args, **kw), parked.logprobs(*args, **kw)
   np.testing.assert_array_equal(a.logprobs_BT, b.logprobs_BT)
   state, _ = step(state, batch)  # the policy moves on; the reference does not

@@ -1,13 +1,7 @@
-"""Sequence packing for SFT: several `(ids, loss_mask)` examples per fixed-length row.
+"""Sequence packing for SFT: several `(ids, loss_mask)` examples per fixed-length row of a `TokenBatch`.
 
-Each packed row is a set of `[T]` int32 arrays:
-
-* `input_ids` - tokens, padding after the last segment;
-* `targets` - the next token within the same segment (padding where there is none);
-* `loss_mask` - 1 where `targets` is trained: the example's mask bit of the *target* token, so a
-  prompt or tool-output token is never a target; 0 on each segment's last token and on padding;
-* `segment_ids` - 1, 2, ... per example, 0 for padding;
-* `positions` - restart at 0 in every segment (0 on padding).
+A target's loss weight is the example's mask bit of the *target* token, so a prompt or tool-output token is
+never a target; positions are 0 on padding.
 """
 
 from __future__ import annotations
@@ -17,29 +11,26 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-PACKED_FIELDS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+from retool_jax.data.batch import TokenBatch
+
 OVERFLOW = ("truncate", "drop", "error")
 
 
 @dataclasses.dataclass(frozen=True)
 class PackedRows:
-  """`[N, T]` int32 arrays (see the module docstring) and which examples each row holds."""
+  """`[N, T]` int32 token rows and which examples each row holds."""
 
-  input_ids: np.ndarray
-  targets: np.ndarray
-  loss_mask: np.ndarray
-  segment_ids: np.ndarray
-  positions: np.ndarray
+  tokens: TokenBatch
   examples: tuple[tuple[int, ...], ...]
 
   def __len__(self) -> int:
-    return self.input_ids.shape[0]
+    return len(self.tokens)
 
-  def batches(self, batch_size: int, *, drop_remainder: bool = True) -> Iterator[dict[str, np.ndarray]]:
-    """Consecutive `[batch_size, T]` dicts of the packed fields."""
+  def batches(self, batch_size: int, *, drop_remainder: bool = True) -> Iterator[TokenBatch]:
+    """Consecutive `[batch_size, T]` batches."""
     stop = len(self) - len(self) % batch_size if drop_remainder else len(self)
     for start in range(0, stop, batch_size):
-      yield {name: getattr(self, name)[start : start + batch_size] for name in PACKED_FIELDS}
+      yield self.tokens.rows(slice(start, start + batch_size))
 
 
 def _fit(
@@ -67,13 +58,14 @@ def pack_sequences(
   examples: Iterable[tuple[Sequence[int], Sequence[int]]],
   seq_len: int,
   *,
-  pad_id: int = 151643,
+  pad_id: int,
   overflow: str = "truncate",
 ) -> PackedRows:
   """Packs examples into rows of `seq_len` tokens, first-fit in decreasing length.
 
   `overflow` handles examples longer than `seq_len`: ``truncate`` (keep the start), ``drop`` or ``error``.
-  Examples with no trained target are skipped. `pad_id` defaults to Qwen's `<|endoftext|>`.
+  Examples with no trained target are skipped; `pad_id` fills the
+  rest of each row (the tokenizer's pad id).
   """
   if seq_len < 2:
     raise ValueError(f"seq_len must be at least 2, got {seq_len}")
@@ -96,20 +88,18 @@ def pack_sequences(
     slots.sort()  # source order inside a row
   rows.sort()  # and rows in the order of their first example
   shape = (len(rows), seq_len)
-  out = {name: np.zeros(shape, np.int32) for name in PACKED_FIELDS}
-  out["input_ids"][:] = pad_id
-  out["targets"][:] = pad_id
+  out = TokenBatch.zeros(shape, pad_id)
   members = []
   for r, slots in enumerate(rows):
     start = 0
     for segment, slot in enumerate(slots, start=1):
       _, ids, mask = kept[slot]
       end = start + ids.size
-      out["input_ids"][r, start:end] = ids
-      out["targets"][r, start : end - 1] = ids[1:]
-      out["loss_mask"][r, start : end - 1] = mask[1:]
-      out["segment_ids"][r, start:end] = segment
-      out["positions"][r, start:end] = np.arange(ids.size, dtype=np.int32)
+      out.input_ids_BT[r, start:end] = ids
+      out.targets_BT[r, start : end - 1] = ids[1:]
+      out.loss_mask_BT[r, start : end - 1] = mask[1:]
+      out.segment_ids_BT[r, start:end] = segment
+      out.positions_BT[r, start:end] = np.arange(ids.size, dtype=np.int32)
       start = end
     members.append(tuple(kept[slot][0] for slot in slots))
-  return PackedRows(**out, examples=tuple(members))
+  return PackedRows(out, examples=tuple(members))

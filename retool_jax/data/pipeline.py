@@ -28,9 +28,10 @@ import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
-from retool_jax.data.packing import PACKED_FIELDS, PackedRows
+from retool_jax.data.packing import PackedRows
 
 REMAINDERS = ("pad", "carry")
 STATE_KEYS = ("seed", "epoch", "position", "num_examples")
@@ -72,7 +73,7 @@ def permutation(seed: int, epoch: int, size: int) -> np.ndarray:
 
 def _as_columns(source: Any) -> dict[str, np.ndarray] | None:
   if isinstance(source, PackedRows):
-    return {name: getattr(source, name) for name in PACKED_FIELDS}
+    return source.tokens.arrays()
   if isinstance(source, Mapping):
     columns = {k: np.asarray(v) for k, v in source.items()}
     sizes = {k: v.shape[0] if v.ndim else None for k, v in columns.items()}
@@ -100,8 +101,6 @@ class InputPipeline:
     collate: Callable[[list[Any]], Any] = default_collate,
   ):
     if process_index is None or process_count is None:
-      import jax
-
       process_index = jax.process_index() if process_index is None else process_index
       process_count = jax.process_count() if process_count is None else process_count
     if process_count < 1 or not 0 <= process_index < process_count:
@@ -202,8 +201,6 @@ class InputPipeline:
     return Batch(self._gather(indices), valid, indices, epochs.astype(np.int64))
 
 
-def global_batch(tree: Any, sharding: "jax.sharding.Sharding") -> Any:  # noqa: F821
+def global_batch(tree: Any, sharding: jax.sharding.Sharding) -> Any:
   """Assembles every host's `[B, ...]` arrays into global `[G, ...]` `jax.Array`s laid out by `sharding`."""
-  import jax
-
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)

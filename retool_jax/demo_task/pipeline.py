@@ -30,17 +30,20 @@ import numpy as np
 from flax import nnx
 
 from retool_jax.chat.prompt_contract import record_rollout_contract
+from retool_jax.data.batch import TokenBatch
 from retool_jax.demo_task.task import make_problems, prompt_ids
 from retool_jax.demo_task.teacher import TeacherConfig, teacher_rollouts
 from retool_jax.demo_task.tokenizer import build_tokenizer, save_tokenizer
 from retool_jax.models.qwen3 import Qwen3, Qwen3Config
 from retool_jax.rewards import get_reward
 from retool_jax.rollout import JaxEngine, MultiTurnConfig
+from retool_jax.rollout.scoring import evaluate
 from retool_jax.train import state as state_lib
 from retool_jax.train.checkpointing import Checkpointer
 from retool_jax.train.metrics import MetricsWriter
-from retool_jax.train.rl import RLConfig, RLTrainer, evaluate
+from retool_jax.train.rl import RLTrainer
 from retool_jax.train.rl_batch import pack_rollouts
+from retool_jax.train.rl_config import RLConfig
 from retool_jax.train.sft import make_train_step
 
 EVAL_KEYS = ("accuracy", "format_ok", "tool_use_rate", "reward_mean", "response_length")
@@ -63,22 +66,15 @@ def model_config(cfg: ml_collections.ConfigDict, tokenizer: Any) -> Qwen3Config:
 
 def sft_rows(rollouts, pad_id: int) -> dict[str, np.ndarray]:
   """The SFT trainer's batch layout for whole trajectories (one per row, right-padded)."""
-  packed = pack_rollouts(rollouts, pad_id=pad_id, length_multiple=8)
-  b, t = packed.shape
-  return {
-    "input_ids": packed.input_ids_BT,
-    "targets": packed.targets_BT,
-    "loss_mask": packed.mask_BT.astype(np.int32),
-    "segment_ids": packed.attention_mask_BT,
-    "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-  }
+  tokens = pack_rollouts(rollouts, pad_id=pad_id, length_multiple=8).tokens
+  return {**tokens.arrays(), "loss_mask_BT": tokens.loss_mask_BT.astype(np.int32)}
 
 
 def run_sft(
   cfg: ml_collections.ConfigDict, model: Qwen3, rows: dict[str, np.ndarray], workdir: Path, t0: float
 ) -> state_lib.TrainState:
   s = cfg.sft
-  n = rows["input_ids"].shape[0]
+  n = rows["input_ids_BT"].shape[0]
   steps = s.epochs * (n // s.batch_size)
   tx, schedule = state_lib.make_optimizer(s.optim.to_dict(), steps)
   state = state_lib.TrainState.create(model, tx, jax.random.key(cfg.seed))
@@ -89,7 +85,7 @@ def run_sft(
       order = rng.permutation(n)
       for i in range(n // s.batch_size):
         idx = order[i * s.batch_size : (i + 1) * s.batch_size]
-        state, m = step_fn(state, {k: jnp.asarray(v[idx]) for k, v in rows.items()})
+        state, m = step_fn(state, TokenBatch.of({k: jnp.asarray(v[idx]) for k, v in rows.items()}))
         step = int(state.step)
         if step % s.log_every == 0 or step == steps:
           m = jax.device_get(m)
@@ -234,7 +230,7 @@ def run_demo(config: ml_collections.ConfigDict) -> dict[str, Any]:
         _log(
           f"RL step {step}/{cfg.rl_steps}: reward {m['reward_mean']:+.3f} accuracy {m['accuracy']:.3f} "
           f"tool use {m['tool_use_rate']:.2f} clipfrac {m['pg_clipfrac']:.3f} entropy {m['entropy']:.3f} "
-          f"({m['perf/step_time']:.1f}s)",
+          f"({m['perf/step_time_s']:.1f}s)",
           t0,
         )
   trainer.close()
@@ -288,6 +284,6 @@ def _plots(workdir: Path) -> None:
       "entropy",
       "grad_norm",
       "response_length",
-      "perf/step_time",
+      "perf/step_time_s",
     ],
   )

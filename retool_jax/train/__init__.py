@@ -2,7 +2,10 @@
 
 A trainer is a module with `default_config() -> ConfigDict` (every field it reads, documented, with defaults;
 also the schema configs are checked against), `train(config) -> dict`, and optionally `FREE_FORM`, the dotted
-paths of sub-configs it validates itself. Register new trainers in `TRAINERS`.
+paths of sub-configs it validates itself. Register new trainers in `TRAINERS`. Every trainer runs the same loop
+(`retool_jax.train.loop`): the same run-folder files, metric names and resume behaviour.
+
+    summary = retool_jax.train.run(config)  # what `python -m retool_jax.train --config=...` does
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from types import ModuleType
 from typing import Iterable
 
 import ml_collections
+
+from retool_jax.sharding import initialize_distributed
 
 # config.trainer -> module; every trainer shares the train state, checkpointing and metrics.
 TRAINERS: dict[str, str] = {
@@ -76,3 +81,11 @@ def check_config(config: ml_collections.ConfigDict) -> ModuleType:
   trainer = get_trainer(config.trainer)
   validate_config(config, trainer.default_config(), free_form=getattr(trainer, "FREE_FORM", ()))
   return trainer
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+  """Checks `config`, initialises multi-host JAX (when launched so) and runs its trainer; returns the last logged
+  metrics (what the run folder's `summary.json` holds)."""
+  trainer = check_config(config)
+  initialize_distributed()
+  return trainer.train(config)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from retool_jax.train import check_config, run
+
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Training config file (configs/NAME.py).", lock_config=True
 )
@@ -19,16 +21,12 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-  from retool_jax.sharding import initialize_distributed
-  from retool_jax.train import check_config
-
   config = _CONFIG.value
   try:
-    trainer = check_config(config)
+    check_config(config)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  initialize_distributed()
-  trainer.train(config)
+  run(config)
 
 
 if __name__ == "__main__":

@@ -18,18 +18,17 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from retool_jax import sharding as sharding_lib
+from retool_jax.checkpoint import layout
 from retool_jax.models.qwen3 import Qwen3
 from retool_jax.models.qwen3_config import Qwen3Config, preset
 from retool_jax.train import lora as lora_lib
 from retool_jax.train import state as state_lib
-from retool_jax.train.sft import EXECUTION
+from retool_jax.train.build import EXECUTION
 
 
 def _checkpoint_config(path: Path) -> Qwen3Config:
   if (path / "config.json").exists():
     return Qwen3Config.from_hf(path / "config.json")
-  from retool_jax.checkpoint import layout  # noqa: PLC0415
-
   return layout.config_from_record(layout.read_config(path), where=str(path))
 
 

@@ -19,7 +19,6 @@ Precomputed reference log-probs are stored per pair, so any epoch's order select
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import nnx
+from jax.experimental import multihost_utils
 
+from retool_jax import sharding as sharding_lib
+from retool_jax.assets import QWEN3_TOKENIZER_DIR
+from retool_jax.chat import load_tokenizer
+from retool_jax.chat.prompt_contract import record_contract
+from retool_jax.data.batch import TokenBatch
+from retool_jax.data.chat_sft import load_preference_pairs
 from retool_jax.data.pipeline import InputPipeline, global_batch
 from retool_jax.models.logprobs import token_logprobs
-from retool_jax.models.qwen3_config import Qwen3Config
+from retool_jax.programs import Program
+from retool_jax.train import abstract, build, loop
 from retool_jax.train import state as state_lib
 from retool_jax.train.losses import dpo_loss, sequence_logp
 
@@ -50,7 +58,7 @@ __all__ = [
 ]
 
 
-_DEFAULT_ATTENTION = Qwen3Config.__dataclass_fields__["attention_impl"].default
+FREE_FORM = ("model.overrides",)  # validated against Qwen3Config instead of the schema
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -61,16 +69,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.num_epochs = 1
   c.batch_size = 8  # pairs per update, over all hosts
-  c.model = ml_collections.ConfigDict()
-  c.model.checkpoint = ""  # Orbax (retool_jax layout, or a trainer's checkpoints folder) or Hugging Face folder
-  c.model.dtype = "bfloat16"  # compute
-  c.model.param_dtype = "float32"  # master weights and optimizer state
-  c.model.remat = "none"  # none | full | dots | dots_with_no_batch_dims | attention_out
-  c.model.preset = ""  # the checkpoint's Qwen3 size ("4B"): lets `retool_jax.aot` check a run without it
-  c.model.attention_impl = (
-    _DEFAULT_ATTENTION  # auto (splash on TPU, cuDNN on GPU, blockwise elsewhere) | xla | ...
-  )
-  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="q,k,v,o,gate,up,down"))  # rank 0 = full
+  c.model = build.model_fields()  # model.checkpoint: the policy DPO starts from
+  c.lora = build.lora_fields()
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # json / jsonl / parquet rows {"prompt", "chosen", "rejected"[, "tools"]}
@@ -84,20 +84,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss.chunk_size = 512
   c.reference = ml_collections.ConfigDict()
   c.reference.precompute = True  # score the reference once before training, then free it
-  c.optim = ml_collections.ConfigDict(
-    dict(
-      schedule="constant",
-      learning_rate=5e-7,
-      warmup_steps=0,
-      decay_steps=0,
-      end_lr_factor=0.0,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-      weight_decay=0.0,
-      grad_clip_norm=1.0,
-    )
-  )
+  c.optim = build.optim_fields(5e-7)
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
   c.log = ml_collections.ConfigDict(dict(every_steps=1, tensorboard=True, progress=True))
   return c
@@ -109,8 +96,8 @@ def pack_pairs(
   pad_id: int,
   length_multiple: int = 64,
   length: int | None = None,
-) -> dict[str, np.ndarray]:
-  """`[2B, T]` arrays (chosen rows, then rejected rows): inputs, targets, target loss mask, attention mask.
+) -> TokenBatch:
+  """`[2B, T]` token rows (chosen rows, then rejected rows), one pair side per row, right-padded.
 
   `T` is the longest row bucketed to `length_multiple`, or exactly `length` when given.
   """
@@ -126,26 +113,23 @@ def pack_pairs(
   for i, (row_ids, row_mask) in enumerate(rows):
     ids[i, : len(row_ids)], mask[i, : len(row_mask)] = row_ids, row_mask
   lengths = np.asarray([len(r) - 1 for r, _ in rows])
-  return {
-    "input_ids_BT": ids[:, :-1],
-    "targets_BT": ids[:, 1:],
-    "mask_BT": mask[:, 1:],
-    "attention_mask_BT": (np.arange(t)[None] < lengths[:, None]).astype(np.int32),
-  }
+  segments = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+  positions = np.broadcast_to(np.arange(t, dtype=np.int32), segments.shape).copy()
+  return TokenBatch(ids[:, :-1], ids[:, 1:], mask[:, 1:], segments, positions)
 
 
-def split_sides(packed: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-  """`pack_pairs` output as `{"chosen": [B, T] arrays, "rejected": [B, T] arrays}`.
+def split_sides(packed: TokenBatch) -> dict[str, TokenBatch]:
+  """`pack_pairs` output as `{"chosen": [B, T] rows, "rejected": [B, T] rows}`.
 
   Each side is then a batch of pairs that can be laid out along the data axes like any other batch.
   """
-  half = next(iter(packed.values())).shape[0] // 2
-  return {"chosen": {k: v[:half] for k, v in packed.items()}, "rejected": {k: v[half:] for k, v in packed.items()}}
+  half = len(packed) // 2
+  return {"chosen": packed.rows(slice(None, half)), "rejected": packed.rows(slice(half, None))}
 
 
-def stack_sides(sides: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, jax.Array]:
+def stack_sides(sides: Mapping[str, TokenBatch]) -> TokenBatch:
   """The inverse of `split_sides`: chosen rows over rejected rows, `[2B, T]`."""
-  return {k: jnp.concatenate([v, sides["rejected"][k]]) for k, v in sides["chosen"].items()}
+  return jax.tree.map(lambda c, r: jnp.concatenate([c, r]), sides["chosen"], sides["rejected"])
 
 
 def pair_pipeline(
@@ -176,39 +160,40 @@ def num_updates(num_pairs: int, batch_size: int, num_epochs: int) -> int:
   return num_pairs * num_epochs // batch_size
 
 
-def pair_logps(model: Any, batch: dict[str, Any], *, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+def pair_logps(
+  model: Any, batch: TokenBatch | Mapping[str, TokenBatch], *, chunk_size: int
+) -> tuple[jax.Array, jax.Array]:
   """Sequence log-probs `(chosen_B, rejected_B)` of the assistant tokens of a `pack_pairs` batch, or of its
   `split_sides` form."""
-  if "chosen" in batch:
+  if not isinstance(batch, TokenBatch):
     batch = stack_sides(batch)
   out = token_logprobs(
     model,
-    batch["input_ids_BT"],
-    batch["targets_BT"],
-    attention_mask=batch["attention_mask_BT"],
+    batch.input_ids_BT,
+    batch.targets_BT,
+    positions=batch.positions_BT,
+    segment_ids=batch.segment_ids_BT,
     chunk_size=chunk_size,
   )
-  seq = sequence_logp(out.logprobs_BT, batch["mask_BT"])
+  seq = sequence_logp(out.logprobs_BT, batch.loss_mask_BT)
   half = seq.shape[0] // 2
   return seq[:half], seq[half:]
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size",))
 def _reference_logps(graphdef, params, batch, *, chunk_size: int):
-  from flax import nnx  # noqa: PLC0415
-
   return pair_logps(nnx.merge(graphdef, params), batch, chunk_size=chunk_size)
 
 
 def precompute_reference(
-  state: state_lib.TrainState, batches: Sequence[dict[str, np.ndarray]], *, chunk_size: int
+  state: state_lib.TrainState, batches: Sequence[TokenBatch], *, chunk_size: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
   """Reference `(chosen_B, rejected_B)` log-probs of every batch under the state's current (frozen) weights."""
   return [
     tuple(
       np.asarray(x)
       for x in _reference_logps(
-        state.graphdef, state.model_params(), {k: jnp.asarray(v) for k, v in b.items()}, chunk_size=chunk_size
+        state.graphdef, state.model_params(), jax.tree.map(jnp.asarray, b), chunk_size=chunk_size
       )
     )
     for b in batches
@@ -218,7 +203,7 @@ def precompute_reference(
 @functools.partial(jax.jit, static_argnames=("beta", "label_smoothing", "chunk_size"), donate_argnames=("state",))
 def dpo_update(
   state: state_lib.TrainState,
-  batch: dict[str, jax.Array],
+  batch: TokenBatch | Mapping[str, TokenBatch],
   ref_chosen_B: jax.Array,
   ref_rejected_B: jax.Array,
   *,
@@ -240,8 +225,6 @@ def _to_host(x: jax.Array) -> np.ndarray:
   """The whole value of a global array, on every host."""
   if x.is_fully_addressable:
     return np.asarray(x)
-  from jax.experimental import multihost_utils
-
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -250,8 +233,6 @@ def _batch_placer(mesh: jax.sharding.Mesh, global_rows: int) -> Callable[[Any], 
 
   On one process a batch the data axes do not divide is replicated instead (several hosts need them to divide).
   """
-  from retool_jax import sharding as sharding_lib
-
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if global_rows % shards and jax.process_count() > 1:
     raise ValueError(
@@ -294,23 +275,18 @@ def _precompute_by_pair(
 def programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> list[Any]:
   """The programs a DPO run of `config` executes on `mesh`, with abstract arguments (see `retool_jax.aot`):
   the reference log-probs of a batch and one update, at `batch_size` pairs of `data.max_length` tokens."""
-  from retool_jax.programs import Program  # noqa: PLC0415
-  from retool_jax.train import abstract, sft  # noqa: PLC0415
 
   c = config
-  model_fields = sft.default_config().model
-  model_fields.update(c.model.to_dict())
-  cfg = abstract.model_config(model_fields)
+  cfg = abstract.model_config(c.model)
   tx, _ = state_lib.make_optimizer(c.optim.to_dict(), c.optim.warmup_steps + 1)
   state, _ = abstract.abstract_train_state(
-    abstract.abstract_model(cfg, mesh), tx, mesh, lora_config=sft.lora_config(c.lora)
+    abstract.abstract_model(cfg, mesh), tx, mesh, lora_config=build.lora_config(c.lora)
   )
   t = 64 * -(-(c.data.max_length - 1) // 64)
-  fields = (("input_ids_BT", jnp.int32), ("targets_BT", jnp.int32), ("mask_BT", jnp.float32))
-  fields += (("attention_mask_BT", jnp.int32),)
 
   def side():
-    return {name: abstract.batch((c.batch_size, t), dtype, mesh) for name, dtype in fields}
+    ints = abstract.batch((c.batch_size, t), jnp.int32, mesh)
+    return TokenBatch(ints, ints, abstract.batch((c.batch_size, t), jnp.float32, mesh), ints, ints)
 
   sides = {"chosen": side(), "rejected": side()}
   ref = abstract.batch((c.batch_size,), jnp.float32, mesh)
@@ -330,14 +306,6 @@ def programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> list
 
 def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Runs DPO as `config` says; returns the last logged metrics."""
-  from retool_jax import sharding as sharding_lib  # noqa: PLC0415
-  from retool_jax.assets import QWEN3_TOKENIZER_DIR  # noqa: PLC0415
-  from retool_jax.chat import load_tokenizer  # noqa: PLC0415
-  from retool_jax.data.chat_sft import load_preference_pairs  # noqa: PLC0415
-  from retool_jax.train import sft  # noqa: PLC0415
-  from retool_jax.train.checkpointing import Checkpointer  # noqa: PLC0415
-  from retool_jax.train.metrics import MetricsWriter  # noqa: PLC0415
-
   c = config
   if not c.data.path:
     raise ValueError("config.data.path is empty: DPO needs preference pairs")
@@ -355,15 +323,13 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
       f"batch_size={c.batch_size}"
     )
   mesh = sharding_lib.make_mesh(**c.mesh.to_dict())
-  model_fields = sft.default_config().model
-  model_fields.update(c.model.to_dict())
-  model = sft.build_model(model_fields, mesh, c.seed)
+  model = build.build_model(c.model, mesh, c.seed)
   pipeline = pair_pipeline(encoded, batch_size=c.batch_size, num_epochs=c.num_epochs, seed=c.seed)
   total = num_updates(len(encoded), c.batch_size, c.num_epochs)
   tx, _ = state_lib.make_optimizer(c.optim.to_dict(), total)
   root = jax.random.key(c.seed)
   state, shardings = state_lib.create_train_state(
-    model, tx, root, mesh, lora_config=sft.lora_config(c.lora), lora_rng=jax.random.fold_in(root, 2)
+    model, tx, root, mesh, lora_config=build.lora_config(c.lora), lora_rng=jax.random.fold_in(root, 2)
   )
   del model
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -380,51 +346,41 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
       )
   else:
     reference = state_lib.make_reference(1.0, state, shardings)
-  ckpt = Checkpointer(
-    Path(c.workdir) / "checkpoints",
-    save_every=c.checkpoint.every_steps,
-    keep=c.checkpoint.keep,
-    async_save=c.checkpoint.async_save,
-  )
-  start = ckpt.latest_step() or 0
-  if start:
-    state, record = ckpt.restore(state, shardings, start)
-    pipeline.restore(record["data"])
-  from tqdm.auto import tqdm  # noqa: PLC0415
+  held = {"state": state}
 
-  bar = tqdm(total=total, initial=start, desc="dpo", disable=not c.log.progress or jax.process_index() != 0)
-  cfg = state.model().config
-  last: dict[str, Any] = {}
-  with (
-    MetricsWriter(c.workdir, resume_step=start or None, tensorboard=c.log.tensorboard) as writer,
-    jax.set_mesh(mesh),  # activations follow the logical-axis table; attention kernels shard over the mesh
-  ):
-    for step in range(start + 1, total + 1):
-      t0 = time.perf_counter()
-      batch = next(pipeline)  # whole: only a run's unfinished last batch would hold padding, and it is never read
-      sides = place(split_sides(pack_pairs(batch.examples, pad_id=pad, length=length)))
-      if refs is not None:
-        ref_c, ref_r = place((refs[0][batch.indices], refs[1][batch.indices]))
-      else:
-        ref_c, ref_r = _reference_logps(
-          state.graphdef, reference.device_params(), sides, chunk_size=c.loss.chunk_size
-        )
-      state, m = dpo_update(
-        state,
-        sides,
-        ref_c,
-        ref_r,
-        beta=c.loss.beta,
-        label_smoothing=c.loss.label_smoothing,
-        chunk_size=c.loss.chunk_size,
+  def step() -> dict[str, float]:
+    batch = next(pipeline)  # whole: only a run's unfinished last batch would hold padding, and it is never read
+    sides = place(split_sides(pack_pairs(batch.examples, pad_id=pad, length=length)))
+    if refs is not None:
+      ref_c, ref_r = place((refs[0][batch.indices], refs[1][batch.indices]))
+    else:
+      ref_c, ref_r = _reference_logps(
+        state.graphdef, reference.device_params(), sides, chunk_size=c.loss.chunk_size
       )
-      if step % c.log.every_steps == 0 or step == total:
-        last = {k: float(v) for k, v in jax.device_get(m).items()}
-        last["perf/step_time"] = time.perf_counter() - t0
-        writer.write(step, last)
-      ckpt.save(state, cfg, data_state=pipeline.state(), force=step == total)
-      bar.update(1)
-      bar.set_postfix(loss=f"{float(m['loss']):.4f}", acc=f"{float(m['reward_accuracy']):.2f}")
-  bar.close()
-  ckpt.close()
-  return last
+    held["state"], metrics = dpo_update(
+      held["state"],
+      sides,
+      ref_c,
+      ref_r,
+      beta=c.loss.beta,
+      label_smoothing=c.loss.label_smoothing,
+      chunk_size=c.loss.chunk_size,
+    )
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+  task = loop.Task(
+    name="dpo",
+    num_steps=total,
+    model_config=state.model().config,
+    step=step,
+    saved=[loop.Saved("checkpoints", lambda: held["state"], lambda s: held.update(state=s), shardings)],
+    position=pipeline.state,
+    restore=lambda record, _: pipeline.restore(record["data"]),
+    log_every=c.log.every_steps,
+    progress={"loss": ("loss", ".4f"), "acc": ("reward_accuracy", ".2f")},
+  )
+
+  def contract(workdir: Path) -> None:
+    record_contract(workdir, c.data.tokenizer or QWEN3_TOKENIZER_DIR, enable_thinking=c.data.enable_thinking)
+
+  return loop.run(c, task, mesh, contract=contract)

@@ -104,7 +104,3 @@ def merge_lora(model: nnx.Module, lora: Mapping, cfg: LoraConfig) -> nnx.Module:
   state = jax.tree.map(lambda x: x, state)  # fresh variables: the input model is left as it is
   nnx.replace_by_pure_dict(state, apply_lora(nnx.to_pure_dict(state), lora, cfg))
   return nnx.merge(graphdef, state)
-
-
-def num_lora_params(lora: Mapping) -> int:
-  return sum(x.size for x in jax.tree.leaves(lora))

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
 PERF_PREFIX = "perf/"
@@ -79,8 +80,6 @@ class MetricsWriter:
       truncate_after(self.path, resume_step)
     self._file = open(self.path, "a")
     if tensorboard:
-      from tensorboardX import SummaryWriter
-
       purge = None if resume_step is None else resume_step + 1
       # one event file per (re)start; the suffix keeps two starts in the same second apart
       self._tb = SummaryWriter(

@@ -17,7 +17,12 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from flax import nnx
+from jax._src import distributed
+from jax.experimental import multihost_utils
 from numpy.typing import DTypeLike
+
+from retool_jax import sharding as sharding_lib
 
 Gather = Callable[[Any], Any]
 
@@ -38,8 +43,6 @@ def default_gather() -> Gather | None:
   """`process_allgather` when this run has several processes, else None (nothing to exchange)."""
   if jax.process_count() == 1:
     return None
-  from jax.experimental import multihost_utils
-
   return multihost_utils.process_allgather
 
 
@@ -55,8 +58,6 @@ def barrier(name: str, timeout_s: float = 600.0) -> None:
   global _barriers
   if jax.process_count() == 1:
     return
-  from jax._src import distributed
-
   _barriers += 1
   distributed.global_state.client.wait_at_barrier(f"retool_jax/{name}/{_barriers}", int(timeout_s * 1000))
 
@@ -172,15 +173,11 @@ def to_host(x: jax.Array) -> np.ndarray:
   """The whole value of a (possibly sharded over processes) array, on every host."""
   if x.is_fully_addressable or x.is_fully_replicated:
     return np.asarray(x)
-  from jax.experimental import multihost_utils
-
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def local_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
   """A mesh of this process's own devices, sharded like `mesh` where its axes fit (the rest goes to fsdp)."""
-  from retool_jax import sharding as sharding_lib
-
   devices = jax.local_devices()
   tensor = mesh.shape["tensor"] if len(devices) % mesh.shape["tensor"] == 0 else 1
   return sharding_lib.make_mesh(data=1, fsdp=-1, tensor=tensor, expert=1, devices=devices)
@@ -189,10 +186,6 @@ def local_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
 def to_local(module: Any, mesh: jax.sharding.Mesh) -> Any:
   """A copy of an NNX module whose arrays live on the process-local `mesh` (from `local_mesh`), laid out by the
   logical-axis table: what a process runs on its own, e.g. an embedded rollout engine serving its prompts."""
-  from flax import nnx
-
-  from retool_jax import sharding as sharding_lib
-
   graphdef, state = nnx.split(module)
   shardings = sharding_lib.state_shardings(state, mesh)
   values = jax.tree.map(lambda x: to_host(x) if isinstance(x, jax.Array) else x, state)

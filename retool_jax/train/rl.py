@@ -32,218 +32,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from retool_jax.data.batch import FIELDS
 from retool_jax.data.pipeline import InputPipeline
-from retool_jax.fields import dataclass_kwargs
 from retool_jax.models.logprobs import token_logprobs
-from retool_jax.rewards import score_batch
-from retool_jax.rollout import MultiTurnConfig, generate_multiturn
+from retool_jax.rollout import MultiTurnConfig
+from retool_jax.rollout.scoring import metrics_of_stats, rollout_and_score, rollout_stats
 from retool_jax.train import advantages as adv_lib
 from retool_jax.train import dapo, microbatch, multihost
 from retool_jax.train.losses import PolicyLossConfig, policy_loss
 from retool_jax.train.rl_batch import minibatch_indices, pack_rollouts
+from retool_jax.train.rl_config import RLConfig
 from retool_jax.train.state import TrainState
-
-ALGORITHMS = ("grpo", "dr_grpo", "rloo", "ppo")
-
-
-@dataclasses.dataclass(frozen=True)
-class OverlongConfig:
-  """DAPO's soft overlong punishment on the number of response tokens (disabled when `cache_len` is 0)."""
-
-  max_len: int = 0
-  cache_len: int = 0
-  penalty: float = 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class RLConfig:
-  """What one RL step does.
-
-  Attributes:
-    algorithm: `grpo` (group mean/std advantages), `dr_grpo` (group mean only), `rloo` (leave-one-out) or
-      `ppo` (a critic and GAE; see `retool_jax.train.value_head`).
-    num_prompts / group_size: prompts per step and samples per prompt.
-    num_minibatches / num_epochs: optimizer updates per rollout batch are `num_minibatches * num_epochs`.
-    loss: the clipped policy-gradient objective (`PolicyLossConfig`: clip_low / clip_high, dual_clip,
-      aggregation, kl_coef / kl_estimator (KL to the reference as a loss), entropy_coef, tis_cap).
-    kl_reward_coef: PPO's KL-to-reference penalty folded into the per-token rewards (k1), or 0.
-    dynamic_sampling: DAPO: drop groups whose rewards are all equal and sample more prompts until
-      `num_prompts` informative groups are found or `max_sampling_rounds` rounds have run.
-    overlong: DAPO's soft overlong punishment.
-    gamma / lam: GAE discount and trace decay (PPO).
-    logprob_chunk: time chunk of the log-prob computation (bounds the logits memory).
-    micro_batch_size: rows per forward / backward pass of the log-prob passes and the updates (gradients are
-      accumulated over a minibatch's micro-batches: the same update, less activation memory); 0 = whole
-      batches. Must divide the minibatch.
-    length_multiple: padded lengths are bucketed to multiples of this.
-    seed: sampling seeds and minibatch shuffling.
-  """
-
-  algorithm: str = "grpo"
-  num_prompts: int = 32
-  group_size: int = 8
-  num_minibatches: int = 1
-  num_epochs: int = 1
-  loss: PolicyLossConfig = PolicyLossConfig()
-  kl_reward_coef: float = 0.0
-  dynamic_sampling: bool = False
-  max_sampling_rounds: int = 4
-  overlong: OverlongConfig = OverlongConfig()
-  gamma: float = 1.0
-  lam: float = 1.0
-  logprob_chunk: int = 256
-  micro_batch_size: int = 0
-  length_multiple: int = 64
-  seed: int = 0
-
-  def __post_init__(self):
-    if self.algorithm not in ALGORITHMS:
-      raise ValueError(f"rl.algorithm={self.algorithm!r}; expected one of {ALGORITHMS}")
-    for name in (
-      "num_prompts",
-      "group_size",
-      "num_minibatches",
-      "num_epochs",
-      "max_sampling_rounds",
-      "logprob_chunk",
-      "length_multiple",
-    ):
-      if getattr(self, name) < 1:
-        raise ValueError(f"rl.{name}={getattr(self, name)} must be >= 1")
-    if self.algorithm == "rloo" and self.group_size < 2:
-      raise ValueError("rl.algorithm='rloo' needs rl.group_size >= 2")
-    if (self.num_prompts * self.group_size) % self.num_minibatches:
-      raise ValueError(
-        f"rl.num_prompts * rl.group_size = {self.num_prompts * self.group_size} does not split "
-        f"into rl.num_minibatches={self.num_minibatches}"
-      )
-    if self.micro_batch_size < 0 or self.micro_batch_size and self.minibatch_size % self.micro_batch_size:
-      raise ValueError(
-        f"rl.micro_batch_size={self.micro_batch_size} must divide the minibatch of "
-        f"{self.minibatch_size} rows (rl.num_prompts * rl.group_size / rl.num_minibatches), or be 0"
-      )
-    if self.kl_reward_coef < 0:
-      raise ValueError(f"rl.kl_reward_coef={self.kl_reward_coef} must be >= 0")
-    if self.kl_reward_coef > 0 and self.algorithm != "ppo":
-      raise ValueError(
-        "rl.kl_reward_coef (KL as a reward penalty) needs rl.algorithm='ppo'; use rl.loss.kl_coef for a KL loss"
-      )
-
-  @property
-  def batch_size(self) -> int:
-    return self.num_prompts * self.group_size
-
-  @property
-  def minibatch_size(self) -> int:
-    return self.batch_size // self.num_minibatches
-
-  def micro_batches(self, rows: int) -> int:
-    """Micro-batches a pass over `rows` rows takes (1 when they do not split into `micro_batch_size`)."""
-    if not self.micro_batch_size or rows <= self.micro_batch_size or rows % self.micro_batch_size:
-      return 1
-    return rows // self.micro_batch_size
-
-  @property
-  def needs_reference(self) -> bool:
-    return self.loss.kl_coef > 0 or self.kl_reward_coef > 0
-
-  @classmethod
-  def from_config(cls, config: Any) -> "RLConfig":
-    """From a `ConfigDict` / mapping; unknown keys (at any level) are errors naming the field."""
-    values = dataclass_kwargs(cls, config, "rl")
-    if "loss" in values and not isinstance(values["loss"], PolicyLossConfig):
-      values["loss"] = PolicyLossConfig(**dataclass_kwargs(PolicyLossConfig, values["loss"], "rl.loss"))
-    if "overlong" in values and not isinstance(values["overlong"], OverlongConfig):
-      values["overlong"] = OverlongConfig(**dataclass_kwargs(OverlongConfig, values["overlong"], "rl.overlong"))
-    return cls(**values)
-
-
-# ---- scoring and rollout statistics ---------------------------------------------------------------
-
-
-def reward_info(rollout: Any) -> dict[str, Any]:
-  """What the reward function is told about how a response was produced."""
-  finish = rollout.turns[-1].finish_reason if rollout.turns else None
-  return {
-    "num_tool_calls": rollout.tool_calls,
-    "truncated": rollout.status == "truncated",
-    "finish_reason": finish,
-  }
-
-
-def score_rollouts(reward_fn: Any, rollouts: Sequence[Any], answers: Sequence[str]) -> list[Any]:
-  return score_batch(reward_fn, [r.text for r in rollouts], list(answers), [reward_info(r) for r in rollouts])
-
-
-def rollout_stats(rollouts: Sequence[Any], results: Sequence[Any]) -> dict[str, np.ndarray]:
-  """Per-trajectory figures `rollout_metrics` averages (arrays of one row per rollout, easy to gather)."""
-  return {
-    "reward": np.asarray([r.reward for r in results], np.float64),
-    "correct": np.asarray([bool(r.correct) for r in results], bool),
-    "format_ok": np.asarray([bool(r.format_ok) for r in results], bool),
-    "tool_calls": np.asarray([r.tool_calls for r in rollouts], np.float64),
-    "tool_errors": np.asarray([r.tool_errors for r in rollouts], np.float64),
-    "policy_tokens": np.asarray([sum(r.loss_mask) for r in rollouts], np.float64),
-    "truncated": np.asarray([r.status == "truncated" for r in rollouts], bool),
-    "aborted": np.asarray([r.status == "aborted" for r in rollouts], bool),
-  }
-
-
-def metrics_of_stats(stats: Mapping[str, np.ndarray]) -> dict[str, float]:
-  """Batch means of `rollout_stats` (`accuracy` is verified correctness, never the reward)."""
-  rewards, calls, tokens = stats["reward"], stats["tool_calls"], stats["policy_tokens"]
-  return {
-    "reward_mean": float(rewards.mean()),
-    "reward_std": float(rewards.std()),
-    "accuracy": float(np.mean(stats["correct"])),
-    "format_ok": float(np.mean(stats["format_ok"])),
-    "tool_calls_per_traj": float(calls.mean()),
-    "tool_use_rate": float(np.mean(calls > 0)),
-    "tool_error_rate": float(stats["tool_errors"].sum()) / max(float(calls.sum()), 1.0),
-    "response_length": float(tokens.mean()),
-    "response_length_max": float(tokens.max()),
-    "truncation_rate": float(np.mean(stats["truncated"])),
-    "abort_rate": float(np.mean(stats["aborted"])),
-  }
-
-
-def rollout_metrics(rollouts: Sequence[Any], results: Sequence[Any]) -> dict[str, float]:
-  """Batch means of the rollouts and their scores (`accuracy` is verified correctness, never the reward)."""
-  return metrics_of_stats(rollout_stats(rollouts, results))
-
-
-async def rollout_and_score(
-  engine: Any,
-  prompts: Sequence[Any],
-  answers: Sequence[str],
-  tools: Any,
-  multiturn: MultiTurnConfig,
-  reward_fn: Any,
-  tokenizer: Any,
-) -> tuple[list, list]:
-  rollouts = await generate_multiturn(engine, prompts, tools, multiturn, tokenizer=tokenizer)
-  return rollouts, score_rollouts(reward_fn, rollouts, answers)
-
-
-def evaluate(
-  engine: Any,
-  prompts: Sequence[Any],
-  answers: Sequence[str],
-  tools: Any,
-  multiturn: MultiTurnConfig,
-  reward_fn: Any,
-  tokenizer: Any,
-  *,
-  samples: int = 1,
-) -> dict[str, float]:
-  """Rollout metrics of `samples` responses per prompt (held-out accuracy, format, tool use, ...)."""
-  prompts = [p for p in prompts for _ in range(samples)]
-  answers = [a for a in answers for _ in range(samples)]
-  rollouts, results = asyncio.run(
-    rollout_and_score(engine, prompts, answers, tools, multiturn, reward_fn, tokenizer)
-  )
-  return rollout_metrics(rollouts, results)
-
 
 # ---- jitted pieces ----------------------------------------------------------------------------------
 
@@ -267,14 +66,15 @@ def policy_logprobs(
       model,
       mb["input_ids_BT"],
       mb["targets_BT"],
-      attention_mask=mb["attention_mask_BT"],
+      positions=mb["positions_BT"],
+      segment_ids=mb["segment_ids_BT"],
       temperature=temperature,
       chunk_size=chunk,
       with_entropy=with_entropy,
     )
     return out.logprobs_BT, out.entropy_BT
 
-  inputs = {k: batch[k] for k in ("input_ids_BT", "targets_BT", "attention_mask_BT")}
+  inputs = {k: batch[k] for k in FIELDS if k != "loss_mask_BT"}
   return microbatch.map_rows(run, inputs, micro_batches)
 
 
@@ -296,7 +96,7 @@ def policy_update(
   whole batch's token (or sequence) count, so the update equals the one-pass update; the ratio / clip metrics
   are then means over the micro-batches (`ratio_max` their maximum, the losses their sum).
   """
-  mask_BT = batch["mask_BT"]
+  mask_BT = batch["loss_mask_BT"]
   num_tokens = num_seqs = None
   if micro_batches > 1:
     num_tokens = jnp.maximum(jnp.sum(mask_BT > 0), 1).astype(jnp.float32)
@@ -307,7 +107,8 @@ def policy_update(
       state.model(trainable),
       mb["input_ids_BT"],
       mb["targets_BT"],
-      attention_mask=mb["attention_mask_BT"],
+      positions=mb["positions_BT"],
+      segment_ids=mb["segment_ids_BT"],
       temperature=temperature,
       chunk_size=chunk,
       with_entropy=True,
@@ -316,7 +117,7 @@ def policy_update(
       out.logprobs_BT,
       mb["old_logp_BT"],
       mb["adv_BT"],
-      mb["mask_BT"],
+      mb["loss_mask_BT"],
       loss_config,
       ref_logp_BT=mb.get("ref_logp_BT"),
       entropy_BT=out.entropy_BT,
@@ -527,7 +328,7 @@ class RLTrainer:
     }
     rows = multihost.gather_rows(fields, self._gather)
     trajectories = [
-      Trajectory(ids, mask, logp)
+      GatheredRollout(ids, mask, logp)
       for ids, mask, logp in zip(rows["ids"].rows(), rows["loss_mask"].rows(), rows["logprobs"].rows())
     ]
     order = np.argsort(rows["slot"], kind="stable")
@@ -567,7 +368,7 @@ class RLTrainer:
       adv_B = adv_lib.rloo_advantages(rewards, c.group_size)
     else:
       adv_B = adv_lib.grpo_advantages(rewards, c.group_size, normalize_std=c.algorithm == "grpo")
-    return adv_lib.broadcast_to_tokens(adv_B, batch["mask_BT"]), {}
+    return adv_lib.broadcast_to_tokens(adv_B, batch["loss_mask_BT"]), {}
 
   # -- one step --------------------------------------------------------------------------------------
 
@@ -592,7 +393,8 @@ class RLTrainer:
       batch["ref_logp_BT"] = self.reference.logprobs(
         batch["input_ids_BT"],
         batch["targets_BT"],
-        attention_mask=batch["attention_mask_BT"],
+        positions=batch["positions_BT"],
+        segment_ids=batch["segment_ids_BT"],
         temperature=temperature,
         chunk_size=c.logprob_chunk,
         micro_batches=c.micro_batches(n),
@@ -629,7 +431,7 @@ class RLTrainer:
 
     for key in update_metrics[0]:
       metrics[key] = float(np.mean([m[key] for m in update_metrics]))
-    tokens = float(np.sum(packed.attention_mask_BT))
+    tokens = float(np.sum(packed.tokens.segment_ids_BT > 0))
     metrics.update(
       {
         "train_reward_mean": float(rewards.mean()),
@@ -638,7 +440,7 @@ class RLTrainer:
         "time/reference": t2 - t1,
         "time/train": t3 - t2,
         "time/sync": t4 - t3,
-        "perf/step_time": t4 - t0,
+        "perf/step_time_s": t4 - t0,
         "perf/tokens_per_s": tokens / (t4 - t0),
         "perf/train_tokens_per_s": c.num_epochs * tokens / max(t3 - t2, 1e-9),
       }
@@ -651,8 +453,8 @@ class RLTrainer:
 
 
 @dataclasses.dataclass(frozen=True)
-class Trajectory:
-  """What a policy update needs of a rollout (as another host sent it): tokens, loss mask, engine log-probs."""
+class GatheredRollout:
+  """What a policy update needs of a rollout another host sent: tokens, loss mask, engine log-probs."""
 
   ids: np.ndarray
   loss_mask: np.ndarray

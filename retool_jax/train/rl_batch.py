@@ -2,8 +2,8 @@
 
 Trajectories are right-padded to a multiple of `length_multiple`, so a steady workload compiles a few
 programs. Position `t` predicts token `t + 1`: `input_ids_BT` are the
-ids without the last token, `targets_BT` without the first, and `mask_BT` / `rollout_logp_BT` are the loss mask
-and engine log-probs of the targets. Prompt, tool-output and padding tokens have mask 0.
+ids without the last token, `targets_BT` without the first, and `loss_mask_BT` / `rollout_logp_BT` are the loss
+mask and engine log-probs of the targets. Prompt, tool-output and padding tokens have mask 0.
 """
 
 from __future__ import annotations
@@ -14,26 +14,27 @@ from typing import Any
 
 import numpy as np
 
+from retool_jax.data.batch import TokenBatch
+
 
 @dataclasses.dataclass
-class TokenBatch:
-  """Host arrays of one rollout batch (`[B, T]` unless noted)."""
+class RolloutBatch:
+  """Host arrays of one rollout batch: its token rows (one trajectory per row, right-padded: segment 1, then
+  padding) and the engine's log-probs of their targets."""
 
-  input_ids_BT: np.ndarray
-  targets_BT: np.ndarray
-  mask_BT: np.ndarray  # float32, 1 on policy-generated targets
-  attention_mask_BT: np.ndarray  # int32, 1 on real (unpadded) inputs
-  rollout_logp_BT: np.ndarray  # float32, the engine's log-probs of the targets (0 elsewhere)
+  tokens: TokenBatch  # loss_mask_BT: float32, 1 on policy-generated targets
+  rollout_logp_BT: np.ndarray  # float32, 0 off the policy's targets
 
   @property
   def shape(self) -> tuple[int, int]:
-    return self.input_ids_BT.shape
+    return self.tokens.shape
 
-  def select(self, rows: np.ndarray) -> "TokenBatch":
-    return TokenBatch(**{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)})
+  def select(self, rows: np.ndarray) -> "RolloutBatch":
+    return RolloutBatch(self.tokens.rows(rows), self.rollout_logp_BT[rows])
 
   def arrays(self) -> dict[str, np.ndarray]:
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    """`{field: array}`: the token fields and `rollout_logp_BT`, what the policy update reads."""
+    return {**self.tokens.arrays(), "rollout_logp_BT": self.rollout_logp_BT}
 
 
 def bucket_length(n: int, length_multiple: int = 64) -> int:
@@ -43,7 +44,7 @@ def bucket_length(n: int, length_multiple: int = 64) -> int:
 
 def pack_rollouts(
   rollouts: Sequence[Any], *, pad_id: int, length_multiple: int = 64, max_length: int | None = None
-) -> TokenBatch:
+) -> RolloutBatch:
   """Right-padded training arrays of `rollouts` (anything with `ids`, `loss_mask`, `logprobs`)."""
   if not rollouts:
     raise ValueError("pack_rollouts needs at least one rollout")
@@ -68,8 +69,9 @@ def pack_rollouts(
     mask[i, :n] = r.loss_mask
     logp[i, :n] = r.logprobs
   lengths = np.asarray([len(r.ids) - 1 for r in rollouts])
-  attention = (np.arange(t)[None, :] < lengths[:, None]).astype(np.int32)
-  return TokenBatch(ids[:, :-1], ids[:, 1:], mask[:, 1:], attention, logp[:, 1:])
+  segments = (np.arange(t)[None, :] < lengths[:, None]).astype(np.int32)
+  positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
+  return RolloutBatch(TokenBatch(ids[:, :-1], ids[:, 1:], mask[:, 1:], segments, positions), logp[:, 1:])
 
 
 def minibatch_indices(batch_size: int, num_minibatches: int, rng: np.random.Generator | None) -> list[np.ndarray]:

@@ -17,18 +17,36 @@ logs the metrics an uninterrupted one would (wall-clock figures aside).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+from flax import nnx
 
+from retool_jax import sharding as sharding_lib
+from retool_jax.assets import QWEN3_TOKENIZER_DIR
+from retool_jax.chat import load_tokenizer
 from retool_jax.chat.prompt_contract import record_rl_contract
+from retool_jax.data.math_datasets import load_math
 from retool_jax.data.pipeline import InputPipeline
-from retool_jax.train import multihost, sft
-from retool_jax.train.rl import RLConfig, RLTrainer
+from retool_jax.models.qwen3 import Qwen3
+from retool_jax.programs import Program
+from retool_jax.rewards import get_reward
+from retool_jax.rollout import JaxEngine, MultiTurnConfig, SGLangEngine
+from retool_jax.rollout.engine_programs import engine_programs
+from retool_jax.rollout.multiturn import session_tools
+from retool_jax.rollout.sglang_engine import SGLangOptions
+from retool_jax.sandbox import default_sandbox
+from retool_jax.train import abstract, build, loop, multihost, value_head
+from retool_jax.train import rl as rl_lib
+from retool_jax.train import state as state_lib
+from retool_jax.train.rl import RLTrainer
+from retool_jax.train.rl_batch import bucket_length
+from retool_jax.train.rl_config import RLConfig
+from retool_jax.train.value_head import Critic, CriticConfig, ValueModel, create_critic_state
 
 FREE_FORM = ("rl", "rollout", "model.overrides")  # checked by RLConfig / MultiTurnConfig / Qwen3Config
 
@@ -40,7 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.workdir = "runs/rl"
   c.seed = 0
   c.num_steps = 100  # RL steps (one rollout batch each)
-  c.model = sft.default_config().model  # checkpoint / preset / overrides / dtypes / remat, as for SFT
+  c.model = build.model_fields()  # checkpoint / preset / overrides / dtypes / remat, as for SFT
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # math problems (json / jsonl / parquet), e.g. DAPO-Math-17k
@@ -58,44 +76,22 @@ def default_config() -> ml_collections.ConfigDict:
   c.rollout = ml_collections.ConfigDict()  # MultiTurnConfig fields
   c.rl = ml_collections.ConfigDict()  # RLConfig fields
   c.reference = ml_collections.ConfigDict(dict(offload=False))  # offload: park it in host memory between uses
-  c.optim = _optim(1e-6)
-  c.lora = sft.default_config().lora  # rank 0 = full fine-tuning; else only adapters train (merged on export)
+  c.optim = build.optim_fields(1e-6, weight_decay=0.01)
+  c.lora = build.lora_fields()  # rank 0 = full fine-tuning; else only adapters train (merged on export)
   # PPO only (rl.algorithm="ppo"): a value model built like the policy (same checkpoint / preset) plus a head.
   c.critic = ml_collections.ConfigDict()
   c.critic.clip_value = 0.2  # value clipping around the rollout-time values; 0 = unclipped
   c.critic.whiten_advantages = True
   c.critic.head_init_scale = 0.0  # 0 = a zero-initialised value head
-  c.critic.optim = _optim(1e-5)
+  c.critic.optim = build.optim_fields(1e-5, weight_decay=0.01)
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=20, keep=3, async_save=True))  # every N RL steps
   c.log = ml_collections.ConfigDict(dict(tensorboard=True, progress=True))  # progress: a tqdm bar
   return c
 
 
-def _optim(learning_rate: float) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(
-    dict(
-      schedule="constant",
-      learning_rate=learning_rate,
-      warmup_steps=0,
-      decay_steps=0,
-      end_lr_factor=0.0,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-      weight_decay=0.01,
-      grad_clip_norm=1.0,
-    )
-  )
-
-
 def build_critic(c: ml_collections.ConfigDict, mesh: Any, total_updates: int) -> Any:
   """The PPO critic: a second copy of the policy's backbone with a value head, and its own AdamW."""
-  from flax import nnx  # noqa: PLC0415
-
-  from retool_jax.train import state as state_lib  # noqa: PLC0415
-  from retool_jax.train.value_head import Critic, CriticConfig, ValueModel, create_critic_state  # noqa: PLC0415
-
-  backbone = sft.build_model(c.model, mesh, c.seed)
+  backbone = build.build_model(c.model, mesh, c.seed)
   value_model = ValueModel(backbone, rngs=nnx.Rngs(c.seed + 1), init_scale=c.critic.head_init_scale)
   tx, _ = state_lib.make_optimizer(c.critic.optim.to_dict(), total_updates)
   state = create_critic_state(value_model, tx, jax.random.key(c.seed + 1), mesh)
@@ -150,19 +146,6 @@ def programs(config: ml_collections.ConfigDict, mesh: Any) -> list[Any]:
 
   Rollout batches are padded to the context limit (`rollout.max_context`, bucketed to `rl.length_multiple`),
   the longest a run sees."""
-  import jax.numpy as jnp  # noqa: PLC0415
-  from flax import nnx  # noqa: PLC0415
-
-  from retool_jax.models.qwen3 import Qwen3  # noqa: PLC0415
-  from retool_jax.programs import Program  # noqa: PLC0415
-  from retool_jax.rollout import MultiTurnConfig  # noqa: PLC0415
-  from retool_jax.rollout.engine_programs import engine_programs  # noqa: PLC0415
-  from retool_jax.train import abstract  # noqa: PLC0415
-  from retool_jax.train import rl as rl_lib  # noqa: PLC0415
-  from retool_jax.train import state as state_lib  # noqa: PLC0415
-  from retool_jax.train import value_head  # noqa: PLC0415
-  from retool_jax.train.rl_batch import bucket_length  # noqa: PLC0415
-
   c = config
   rl = RLConfig.from_config(c.rl)
   multiturn = MultiTurnConfig.from_config(c.rollout)
@@ -170,15 +153,16 @@ def programs(config: ml_collections.ConfigDict, mesh: Any) -> list[Any]:
   updates = max(c.num_steps * rl.num_minibatches * rl.num_epochs, c.optim.warmup_steps + 1)
   tx, _ = state_lib.make_optimizer(c.optim.to_dict(), updates)
   model = abstract.abstract_model(cfg, mesh)
-  state, shardings = abstract.abstract_train_state(model, tx, mesh, lora_config=sft.lora_config(c.lora))
+  state, shardings = abstract.abstract_train_state(model, tx, mesh, lora_config=build.lora_config(c.lora))
   t = bucket_length(multiturn.max_context - 1, rl.length_multiple)
   n, m = rl.batch_size, rl.minibatch_size
 
   def rows(b: int, *names_dtypes: tuple[str, Any]) -> dict[str, Any]:
     return {name: abstract.batch((b, t), dtype, mesh) for name, dtype in names_dtypes}
 
-  inputs = (("input_ids_BT", jnp.int32), ("targets_BT", jnp.int32), ("attention_mask_BT", jnp.int32))
-  floats = ("mask_BT", "rollout_logp_BT", "old_logp_BT", "adv_BT")
+  inputs = (("input_ids_BT", jnp.int32), ("targets_BT", jnp.int32))
+  inputs += (("segment_ids_BT", jnp.int32), ("positions_BT", jnp.int32))
+  floats = ("loss_mask_BT", "rollout_logp_BT", "old_logp_BT", "adv_BT")
   if rl.loss.kl_coef > 0:
     floats += ("ref_logp_BT",)
   temperature = float(multiturn.temperature)
@@ -217,7 +201,14 @@ def programs(config: ml_collections.ConfigDict, mesh: Any) -> list[Any]:
       Program(
         "rl/reference_logprobs",
         reference._fn,
-        (state.params, full["input_ids_BT"], full["targets_BT"], None, None, full["attention_mask_BT"]),
+        (
+          state.params,
+          full["input_ids_BT"],
+          full["targets_BT"],
+          full["positions_BT"],
+          full["segment_ids_BT"],
+          None,
+        ),
         dict(temperature=temperature, chunk_size=rl.logprob_chunk, micro_batches=rl.micro_batches(n)),
         others("reference"),
       )
@@ -234,8 +225,8 @@ def programs(config: ml_collections.ConfigDict, mesh: Any) -> list[Any]:
     )
   )
   if critic_state is not None:
-    critic_inputs = (("input_ids_BT", jnp.int32), ("attention_mask_BT", jnp.int32))
-    critic_floats = (("mask_BT", jnp.float32), ("old_values_BT", jnp.float32), ("returns_BT", jnp.float32))
+    critic_inputs = (("input_ids_BT", jnp.int32), ("segment_ids_BT", jnp.int32), ("positions_BT", jnp.int32))
+    critic_floats = (("loss_mask_BT", jnp.float32), ("old_values_BT", jnp.float32), ("returns_BT", jnp.float32))
     clip = abstract.batch((), jnp.float32, mesh, sharded=False)
     out += [
       Program(
@@ -269,27 +260,8 @@ def programs(config: ml_collections.ConfigDict, mesh: Any) -> list[Any]:
   return out
 
 
-def _resume_step(checkpointers: list[Any]) -> int | None:
-  """The latest RL step every checkpointer holds (policy and critic are saved side by side)."""
-  common = set.intersection(*(set(ck.all_steps()) for ck in checkpointers))
-  return max(common) if common else None
-
-
 def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Runs `config.num_steps` RL steps; returns the last step's metrics."""
-  from retool_jax import sharding as sharding_lib  # noqa: PLC0415
-  from retool_jax.assets import QWEN3_TOKENIZER_DIR  # noqa: PLC0415
-  from retool_jax.chat import load_tokenizer  # noqa: PLC0415
-  from retool_jax.data.math_datasets import load_math  # noqa: PLC0415
-  from retool_jax.rewards import get_reward  # noqa: PLC0415
-  from retool_jax.rollout import JaxEngine, MultiTurnConfig, SGLangEngine  # noqa: PLC0415
-  from retool_jax.rollout.multiturn import session_tools  # noqa: PLC0415
-  from retool_jax.rollout.sglang_engine import SGLangOptions  # noqa: PLC0415
-  from retool_jax.sandbox import default_sandbox  # noqa: PLC0415
-  from retool_jax.train import state as state_lib  # noqa: PLC0415
-  from retool_jax.train.checkpointing import Checkpointer  # noqa: PLC0415
-  from retool_jax.train.metrics import MetricsWriter  # noqa: PLC0415
-
   c = config
   rl = RLConfig.from_config(c.rl)
   multiturn = MultiTurnConfig.from_config(c.rollout)
@@ -304,35 +276,17 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     raise ValueError(f"rl.num_prompts={rl.num_prompts} must be a multiple of the {jax.process_count()} hosts")
   prompts = prompt_pipeline(examples, num_prompts=rl.num_prompts, seed=c.seed)
   mesh = sharding_lib.make_mesh(**c.mesh.to_dict())
-  model = sft.build_model(c.model, mesh, c.seed)
+  model = build.build_model(c.model, mesh, c.seed)
   updates = c.num_steps * rl.num_minibatches * rl.num_epochs
   tx, _ = state_lib.make_optimizer(c.optim.to_dict(), updates)
   root = jax.random.key(c.seed)
   state, shardings = state_lib.create_train_state(
-    model, tx, root, mesh, lora_config=sft.lora_config(c.lora), lora_rng=jax.random.fold_in(root, 2)
+    model, tx, root, mesh, lora_config=build.lora_config(c.lora), lora_rng=jax.random.fold_in(root, 2)
   )
   # the reference is the starting policy: built before any restore
   reference = state_lib.make_reference(float(rl.needs_reference), state, shardings, offload=c.reference.offload)
   critic = build_critic(c, mesh, updates) if rl.algorithm == "ppo" else None
 
-  def checkpointer(name: str) -> Checkpointer:
-    cc = c.checkpoint
-    return Checkpointer(workdir / name, save_every=cc.every_steps, keep=cc.keep, async_save=cc.async_save)
-
-  ckpt = checkpointer("checkpoints")
-  critic_ckpt = checkpointer("critic_checkpoints") if critic is not None else None
-  checkpointers = [ckpt] + ([critic_ckpt] if critic_ckpt is not None else [])
-  start = _resume_step(checkpointers)
-  for ck in checkpointers:
-    ck.delete_after(start)  # a step only one of them reached is replayed
-  prompts_used = 0
-  if start is not None:
-    state, record = ckpt.restore(state, shardings, start)
-    prompts.restore(record["data"])
-    prompts_used = int(record["data"].get("prompts_used", 0))
-    if critic is not None:
-      critic.state, _ = critic_ckpt.restore(critic.state, None, start)
-  start = start or 0
   if c.engine.sglang_url:
     sync_dir = c.engine.sync_dir or str((workdir / "weight_sync").absolute())  # the server must read it
     options = SGLangOptions(sync_dir=sync_dir, sync_dtype=c.engine.sync_dtype)
@@ -363,50 +317,32 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     prompts=prompts,
     reference=reference,
     critic=critic,
-    step_count=start,
+    step_count=0,
   )
-  trainer.prompts_used = prompts_used
-  if start:
+
+  def restore(record: dict[str, Any], start: int) -> None:
+    prompts.restore(record["data"])
+    trainer.step_count = start
+    trainer.prompts_used = int(record["data"].get("prompts_used", 0))
     trainer.sync_weights()  # the engine starts from the restored policy
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(c.to_json_best_effort(indent=2) + "\n")
-    record_rl_contract(workdir, c, multiturn)
 
-  from tqdm.auto import tqdm  # noqa: PLC0415
-
-  bar = tqdm(
-    total=c.num_steps,
-    initial=start,
-    desc=f"rl:{rl.algorithm}",
-    disable=not c.log.progress or jax.process_index() != 0,
-    dynamic_ncols=True,
+  saved = [loop.Saved("checkpoints", lambda: trainer.state, lambda s: setattr(trainer, "state", s), shardings)]
+  if critic is not None:
+    saved.append(loop.Saved("critic_checkpoints", lambda: critic.state, lambda s: setattr(critic, "state", s)))
+  task = loop.Task(
+    name=f"rl:{rl.algorithm}",
+    num_steps=c.num_steps,
+    model_config=model.config,
+    step=trainer.step,
+    saved=saved,
+    position=trainer.position,
+    restore=restore,
+    progress={
+      "reward": ("reward_mean", "+.3f"),
+      "acc": ("accuracy", ".3f"),
+      "tools": ("tool_calls_per_traj", ".2f"),
+      "len": ("response_length", ".0f"),
+    },
+    close=trainer.close,
   )
-  metrics: dict[str, Any] = {}
-  with (
-    MetricsWriter(workdir, resume_step=start or None, tensorboard=c.log.tensorboard) as writer,
-    jax.set_mesh(mesh),  # activations follow the logical-axis table; attention kernels shard over the mesh
-  ):
-    for step in range(start + 1, c.num_steps + 1):
-      t0 = time.perf_counter()
-      metrics = trainer.step()
-      writer.write(step, metrics)
-      last = step == c.num_steps
-      position = trainer.position()
-      ckpt.save(trainer.state, model.config, data_state=position, step=step, force=last)
-      if critic is not None:
-        critic_ckpt.save(critic.state, model.config, extra=position, step=step, force=last)
-      bar.update(1)
-      bar.set_postfix(
-        reward=f"{metrics['reward_mean']:+.3f}",
-        acc=f"{metrics['accuracy']:.3f}",
-        tools=f"{metrics['tool_calls_per_traj']:.2f}",
-        len=f"{metrics['response_length']:.0f}",
-        s=f"{time.perf_counter() - t0:.1f}",
-      )
-  bar.close()
-  ckpt.close()
-  if critic_ckpt is not None:
-    critic_ckpt.close()
-  trainer.close()
-  return metrics
+  return loop.run(c, task, mesh, contract=lambda workdir: record_rl_contract(workdir, c, multiturn))

@@ -9,38 +9,31 @@ accumulation gives the same update as one large batch. Packed rows keep examples
 
 from __future__ import annotations
 
-import json
-import time
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import nnx
 
 from retool_jax import sharding as sharding_lib
+from retool_jax.assets import QWEN3_TOKENIZER_DIR
+from retool_jax.chat import load_tokenizer
 from retool_jax.chat.prompt_contract import record_sft_contract
-from retool_jax.data.packing import PACKED_FIELDS, PackedRows, pack_sequences
+from retool_jax.data import load_chat_sft, load_retool_sft
+from retool_jax.data.io import field, read_rows
+from retool_jax.data.batch import FIELDS, TokenBatch
+from retool_jax.data.packing import PackedRows, pack_sequences
 from retool_jax.data.pipeline import InputPipeline, global_batch
-from retool_jax.fields import check_fields, field_names
 from retool_jax.models.logprobs import token_logprobs
 from retool_jax.models.qwen3 import Qwen3
-from retool_jax.models.qwen3_config import Qwen3Config, preset
 from retool_jax.programs import Program
-from retool_jax.train import lora as lora_lib
-from retool_jax.train import losses
+from retool_jax.train import abstract, build, loop, losses
 from retool_jax.train import state as state_lib
-from retool_jax.train.checkpointing import Checkpointer
-from retool_jax.train.metrics import MetricsWriter
 
 DATA_FORMATS = ("retool_sft", "chat", "tokens", "synthetic")
-EXECUTION_FIELDS = ("param_dtype", "dtype", "remat", "scan_layers", "attention_impl", "moe_impl")
-EXECUTION = ("param_dtype", "dtype", "remat", "scan_layers", "attention_impl")  # config.model fields
 FREE_FORM = ("model.overrides",)  # validated against Qwen3Config instead of the schema
-_DEFAULT_ATTENTION = Qwen3Config.__dataclass_fields__["attention_impl"].default
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -52,18 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_steps = 0  # optimizer updates; 0: `data.num_epochs` epochs
   c.grad_accum_steps = 1  # micro-batches per update (global_batch_size must divide evenly)
 
-  c.model = ml_collections.ConfigDict()
-  c.model.checkpoint = ""  # Orbax (retool_jax layout) or Hugging Face folder; "" = random init
-  c.model.preset = ""  # Qwen3 size for random init ("0.6B", "4B", ...); "" = `overrides` only
-  c.model.overrides = ml_collections.ConfigDict()  # Qwen3Config fields (architecture for random init)
-  c.model.param_dtype = "float32"  # master weights and optimizer state
-  c.model.dtype = "bfloat16"  # compute
-  c.model.remat = "none"  # none | full | dots | dots_with_no_batch_dims | attention_out
-  c.model.scan_layers = False
-  c.model.attention_impl = (
-    _DEFAULT_ATTENTION  # auto (splash on TPU, cuDNN on GPU, blockwise elsewhere) | xla | ...
-  )
-
+  c.model = build.model_fields()
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
 
   c.data = ml_collections.ConfigDict()
@@ -83,22 +65,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.synthetic_examples = 256  # synthetic: arithmetic token sequences for smoke tests
   c.data.synthetic_vocab = 256
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.schedule = "warmup_cosine"  # constant | warmup_cosine | warmup_linear
-  c.optim.learning_rate = 1e-5
-  c.optim.warmup_steps = 0
-  c.optim.decay_steps = 0  # warmup included; 0 = num_steps
-  c.optim.end_lr_factor = 0.0  # final lr = end_lr_factor * learning_rate
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.0  # AdamW; norms and biases are never decayed
-  c.optim.grad_clip_norm = 1.0  # global-norm clipping; 0 = off
-
-  c.lora = ml_collections.ConfigDict()
-  c.lora.rank = 0  # 0 = full fine-tuning
-  c.lora.alpha = 16.0
-  c.lora.targets = "q,k,v,o,gate,up,down"
+  c.optim = build.optim_fields(1e-5, schedule="warmup_cosine")
+  c.lora = build.lora_fields()
 
   c.loss = ml_collections.ConfigDict()
   c.loss.chunk_size = 512  # time chunk of the log-prob computation (peak logits memory)
@@ -139,16 +107,29 @@ def synthetic_examples(
   return out
 
 
-def load_examples(data: ml_collections.ConfigDict, path: str, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-  """`(ids, loss_mask)` pairs from `path` in `data.format`."""
+def load_tokenizer_of(data: ml_collections.ConfigDict) -> Any:
+  """The tokenizer of `data` (`data.tokenizer`, else the packaged Qwen3 tokenizer)."""
+  return load_tokenizer(data.tokenizer or QWEN3_TOKENIZER_DIR)
+
+
+def pad_id_of(tokenizer: Any) -> int:
+  """The tokenizer's padding id (its end-of-text id when it names no pad token)."""
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+  if pad is None:
+    raise ValueError(f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither a pad nor an EOS id")
+  return int(pad)
+
+
+def load_examples(
+  data: ml_collections.ConfigDict, path: str, seed: int, tokenizer: Any = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+  """`(ids, loss_mask)` pairs from `path` in `data.format` (`tokenizer`: default `load_tokenizer_of(data)`)."""
   limit = data.limit or None
   if data.format == "synthetic":
     return synthetic_examples(data.synthetic_examples, data.synthetic_vocab, seed)
   if not path:
     raise ValueError(f"data.path is empty; data.format={data.format!r} reads a json/jsonl/parquet file")
   if data.format == "tokens":
-    from retool_jax.data.io import field, read_rows
-
     out = []
     for i, row in enumerate(read_rows(path, limit=limit)):
       where = f"{path}: row {i}"
@@ -160,27 +141,25 @@ def load_examples(data: ml_collections.ConfigDict, path: str, seed: int) -> list
         raise ValueError(f"{where}: {ids.size} input_ids but {mask.size} loss_mask bits")
       out.append((ids, mask))
     return out
-  from retool_jax.assets import QWEN3_TOKENIZER_DIR
-  from retool_jax.chat import load_tokenizer
-  from retool_jax.data import load_chat_sft, load_retool_sft
-
-  tok = load_tokenizer(data.tokenizer or QWEN3_TOKENIZER_DIR)
   if data.format == "retool_sft":
     examples = load_retool_sft(path, style=data.style, limit=limit)
   elif data.format == "chat":
     examples = load_chat_sft(path, limit=limit)
   else:
     raise ValueError(f"data.format={data.format!r}; expected one of {DATA_FORMATS}")
+  tok = tokenizer if tokenizer is not None else load_tokenizer_of(data)
   return [ex.encode(tok, enable_thinking=data.enable_thinking) for ex in examples]
 
 
 def build_datasets(data: ml_collections.ConfigDict, seed: int) -> tuple[PackedRows, PackedRows | None]:
-  """Packed training rows and packed eval rows (or None)."""
-  pad_id = 0 if data.format == "synthetic" else 151643
-  examples = load_examples(data, data.path, seed)
+  """Packed training rows and packed eval rows (or None), padded with the tokenizer's pad id (0 for synthetic
+  sequences)."""
+  tokenizer = None if data.format == "synthetic" else load_tokenizer_of(data)
+  pad_id = 0 if tokenizer is None else pad_id_of(tokenizer)
+  examples = load_examples(data, data.path, seed, tokenizer)
   eval_examples = None
   if data.eval_path or data.format == "synthetic" and data.eval_holdout:
-    eval_examples = load_examples(data, data.eval_path, seed + 1)[: data.eval_holdout or None]
+    eval_examples = load_examples(data, data.eval_path, seed + 1, tokenizer)[: data.eval_holdout or None]
   elif data.eval_holdout:
     if data.eval_holdout >= len(examples):
       raise ValueError(f"data.eval_holdout={data.eval_holdout} leaves no training examples (have {len(examples)})")
@@ -192,66 +171,11 @@ def build_datasets(data: ml_collections.ConfigDict, seed: int) -> tuple[PackedRo
   return train, (pack(eval_examples) if eval_examples else None)
 
 
-def _device_batch(batch, mesh) -> dict[str, jax.Array]:
+def _device_batch(batch, mesh) -> TokenBatch:
+  """A pipeline batch of packed rows on the mesh, its padding slots out of the loss."""
   rows = dict(batch.examples)
-  rows["loss_mask"] = rows["loss_mask"] * batch.mask[:, None].astype(rows["loss_mask"].dtype)  # padding slots
-  return global_batch(rows, sharding_lib.data_sharding(mesh))
-
-
-# ---- model --------------------------------------------------------------------------------------
-
-
-def model_config(m: ml_collections.ConfigDict) -> Qwen3Config | None:
-  """The Qwen3Config for random init (None when loading `m.checkpoint`)."""
-  execution = {k: m[k] for k in EXECUTION if k in m}
-  overrides = dict(m.overrides)
-  check_fields(overrides, field_names(Qwen3Config), "model.overrides (Qwen3Config)")
-  if not (m.checkpoint or m.preset or overrides):
-    raise ValueError(
-      "model: set model.checkpoint (a Qwen3 Hugging Face or Orbax folder), or model.preset / "
-      "model.overrides for a randomly initialised model"
-    )
-  if m.checkpoint:
-    arch = set(overrides) - set(EXECUTION_FIELDS)
-    if arch:
-      raise ValueError(
-        f"model.overrides {sorted(arch)} change the architecture of model.checkpoint={m.checkpoint}"
-      )
-    return None
-  try:
-    fields = {**execution, **overrides}
-    return preset(m.preset, **fields) if m.preset else Qwen3Config(**fields)
-  except TypeError as e:
-    raise ValueError(
-      f"model: without model.checkpoint or model.preset, model.overrides must give the whole architecture ({e})"
-    ) from None
-
-
-def build_model(m: ml_collections.ConfigDict, mesh, seed: int) -> Qwen3:
-  """Random init straight onto the mesh, or a checkpoint loaded onto it, with the config's dtypes and remat."""
-  cfg = model_config(m)
-  if cfg is not None:
-    return sharding_lib.create_sharded(lambda: Qwen3(cfg, rngs=nnx.Rngs(seed)), mesh)
-  path = Path(m.checkpoint)
-  if (path / "config.json").exists():
-    from retool_jax.models.qwen3_hf import load_hf
-
-    loaded = load_hf(path, dtype=m.param_dtype, mesh=mesh)
-  else:
-    from retool_jax.checkpoint import layout
-
-    loaded = layout.load(path, mesh, dtype=m.param_dtype)
-  execution = {k: m[k] for k in EXECUTION if k in m}
-  cfg = loaded.config.replace(**{**execution, **dict(m.overrides)})
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0))))
-  return nnx.merge(graphdef, nnx.state(loaded))
-
-
-def lora_config(c: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
-  if not c.rank:
-    return None
-  targets = tuple(t.strip() for t in c.targets.split(",") if t.strip())
-  return lora_lib.LoraConfig(rank=c.rank, alpha=c.alpha, targets=targets)
+  rows["loss_mask_BT"] = rows["loss_mask_BT"] * batch.mask[:, None].astype(rows["loss_mask_BT"].dtype)
+  return global_batch(TokenBatch.of(rows), sharding_lib.data_sharding(mesh))
 
 
 # ---- steps --------------------------------------------------------------------------------------
@@ -259,7 +183,7 @@ def lora_config(c: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
 
 def sft_loss(
   model: Qwen3,
-  batch: dict[str, jax.Array],
+  batch: TokenBatch,
   normaliser: jax.Array,
   *,
   chunk_size: int,
@@ -269,19 +193,19 @@ def sft_loss(
   """`sum(nll * loss_mask) / normaliser` plus the weighted router loss; metrics hold the first term alone."""
   out = token_logprobs(
     model,
-    batch["input_ids"],
-    batch["targets"],
-    positions=batch["positions"],
-    segment_ids=batch["segment_ids"],
+    batch.input_ids_BT,
+    batch.targets_BT,
+    positions=batch.positions_BT,
+    segment_ids=batch.segment_ids_BT,
     chunk_size=chunk_size,
   )
-  nll, _ = losses.sft_loss(out.logprobs_BT, batch["loss_mask"], num_tokens=normaliser)
+  nll, _ = losses.sft_loss(out.logprobs_BT, batch.loss_mask_BT, num_tokens=normaliser)
   aux = out.router_aux_loss if out.router_aux_loss is not None else jnp.zeros((), jnp.float32)
   loss = nll + router_aux_coef * aux_weight * aux if router_aux_coef else nll
   return loss, {"nll": nll, "router_aux_loss": aux}
 
 
-def _microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
+def _microbatches(batch: TokenBatch, n: int) -> TokenBatch:
   """`[G, ...]` -> `[n, G/n, ...]` taking every n-th row, so each micro-batch stays spread over the mesh."""
 
   def split(x):
@@ -302,8 +226,8 @@ def make_train_step(
 ):
   """`(state, batch) -> (state, metrics)`: one optimizer update on a global batch."""
 
-  def step(state: state_lib.TrainState, batch: dict[str, jax.Array]):
-    normaliser = jnp.maximum(jnp.sum(batch["loss_mask"] > 0), 1).astype(jnp.float32)
+  def step(state: state_lib.TrainState, batch: TokenBatch):
+    normaliser = jnp.maximum(batch.num_loss_tokens(), 1).astype(jnp.float32)
 
     def grads_of(trainable, mb):
       def loss_fn(t):
@@ -337,7 +261,7 @@ def make_train_step(
       "grad_norm": optax.tree.norm(grads),
       "learning_rate": schedule(state.step),
       "loss_tokens": normaliser,
-      "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
+      "tokens": jnp.sum(batch.segment_ids_BT > 0).astype(jnp.float32),
     }
     if is_moe:
       metrics["router_aux_loss"] = aux["router_aux_loss"]
@@ -351,14 +275,14 @@ def make_eval_step(*, chunk_size: int):
 
   def step(state: state_lib.TrainState, batch):
     _, aux = sft_loss(state.model(), batch, jnp.ones(()), chunk_size=chunk_size)
-    return aux["nll"], jnp.sum(batch["loss_mask"] > 0).astype(jnp.float32)
+    return aux["nll"], batch.num_loss_tokens().astype(jnp.float32)
 
   return step
 
 
 def jit_steps(config: ml_collections.ConfigDict, shardings: state_lib.TrainState, schedule, mesh, *, is_moe: bool):
   """`(train_step, eval_step)` jitted with the state's and the batch's shardings, as `train` runs them."""
-  batch_shardings = {k: sharding_lib.data_sharding(mesh) for k in PACKED_FIELDS}
+  batch_shardings = TokenBatch(*(sharding_lib.data_sharding(mesh) for _ in FIELDS))
   train_step = jax.jit(
     make_train_step(
       schedule,
@@ -377,15 +301,13 @@ def jit_steps(config: ml_collections.ConfigDict, shardings: state_lib.TrainState
 
 def programs(config: ml_collections.ConfigDict, mesh) -> list[Program]:
   """The programs an SFT run of `config` executes on `mesh` (abstract arguments; see `retool_jax.aot`)."""
-  from retool_jax.train import abstract  # noqa: PLC0415
-
   cfg = abstract.model_config(config.model)
   tx, schedule = state_lib.make_optimizer(config.optim, max(config.num_steps, config.optim.warmup_steps + 1))
   model = abstract.abstract_model(cfg, mesh)
-  state, shardings = abstract.abstract_train_state(model, tx, mesh, lora_config=lora_config(config.lora))
+  state, shardings = abstract.abstract_train_state(model, tx, mesh, lora_config=build.lora_config(config.lora))
   train_step, eval_step = jit_steps(config, shardings, schedule, mesh, is_moe=cfg.is_moe)
   rows = abstract.batch((config.data.global_batch_size, config.data.seq_len), jnp.int32, mesh)
-  batch = {k: rows for k in PACKED_FIELDS}
+  batch = TokenBatch(*(rows for _ in FIELDS))
   return [
     Program("sft/train_step", train_step, (state, batch)),
     Program("sft/eval_step", eval_step, (state, batch)),
@@ -404,25 +326,11 @@ def evaluate(eval_fn, state, rows: PackedRows, mesh, global_batch_size: int, max
   return nll / max(count, 1.0)
 
 
-# ---- loop ---------------------------------------------------------------------------------------
-
-
-def _progress(total: int, initial: int, enabled: bool):
-  from tqdm.auto import tqdm
-
-  return tqdm(
-    total=total, initial=initial, disable=not enabled or jax.process_index() != 0, desc="sft", dynamic_ncols=True
-  )
-
-
-def _batches(pipeline: InputPipeline, mesh) -> Iterator[tuple[dict, dict]]:
-  for batch in pipeline:
-    yield _device_batch(batch, mesh), pipeline.state()
+# ---- run ----------------------------------------------------------------------------------------
 
 
 def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Runs (or resumes) SFT as `config` says; returns the last logged metrics."""
-  workdir = Path(config.workdir)
   mesh = sharding_lib.make_mesh(**config.mesh)
   data = config.data
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -435,7 +343,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   pipeline = InputPipeline(rows, global_batch_size=data.global_batch_size, seed=config.seed, shuffle=data.shuffle)
   num_steps = config.num_steps or data.num_epochs * pipeline.steps_per_epoch()
 
-  model = build_model(config.model, mesh, config.seed)
+  model = build.build_model(config.model, mesh, config.seed)
   cfg = model.config
   tx, schedule = state_lib.make_optimizer(config.optim, num_steps)
   root = jax.random.key(config.seed)
@@ -444,62 +352,32 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     tx,
     jax.random.fold_in(root, 1),
     mesh,
-    lora_config=lora_config(config.lora),
+    lora_config=build.lora_config(config.lora),
     lora_rng=jax.random.fold_in(root, 2),
   )
   del model
-
-  ckpt = Checkpointer(
-    workdir / "checkpoints",
-    save_every=config.checkpoint.every_steps,
-    keep=config.checkpoint.keep,
-    async_save=config.checkpoint.async_save,
-  )
-  start = ckpt.latest_step()
-  if start is not None:
-    state, record = ckpt.restore(state, shardings, start)
-    pipeline.restore(record["data"])
-  start = start or 0
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    record_sft_contract(workdir, config.data)
-
   train_step, eval_step = jit_steps(config, shardings, schedule, mesh, is_moe=cfg.is_moe)
+  held = {"state": state}
 
-  last: dict[str, Any] = {}
-  bar = _progress(num_steps, start, config.log.progress)
-  batches = _batches(pipeline, mesh)
-  with (
-    MetricsWriter(workdir, resume_step=start if start else None, tensorboard=config.log.tensorboard) as writer,
-    jax.set_mesh(mesh),
-  ):
-    for step in range(start + 1, num_steps + 1):
-      t0 = time.perf_counter()
-      batch, data_state = next(batches)
-      state, metrics = train_step(state, batch)
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      elapsed = time.perf_counter() - t0
-      metrics["perf/step_time_s"] = elapsed
-      metrics["perf/tokens_per_s"] = metrics["tokens"] / elapsed
-      if eval_rows is not None and (
-        step == num_steps or config.eval.every_steps and step % config.eval.every_steps == 0
-      ):
-        metrics["eval_loss"] = evaluate(
-          eval_step, state, eval_rows, mesh, data.global_batch_size, config.eval.max_batches
-        )
-      if step % config.log.every_steps == 0 or step == num_steps:
-        writer.write(step, metrics)
-        last = {"step": step, **metrics}
-      ckpt.save(state, cfg, data_state=data_state, force=step == num_steps)
-      bar.update(1)
-      bar.set_postfix(
-        loss=f"{metrics['loss']:.4f}",
-        lr=f"{metrics['learning_rate']:.2e}",
-        tok_s=f"{metrics['perf/tokens_per_s']:.0f}",
-      )
-  bar.close()
-  ckpt.close()
-  if jax.process_index() == 0:
-    (workdir / "summary.json").write_text(json.dumps(last, indent=2) + "\n")
-  return last
+  def step() -> dict[str, float]:
+    held["state"], metrics = train_step(held["state"], _device_batch(next(pipeline), mesh))
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+  def evaluate_now() -> dict[str, float]:
+    loss = evaluate(eval_step, held["state"], eval_rows, mesh, data.global_batch_size, config.eval.max_batches)
+    return {"eval_loss": loss}
+
+  task = loop.Task(
+    name="sft",
+    num_steps=num_steps,
+    model_config=cfg,
+    step=step,
+    saved=[loop.Saved("checkpoints", lambda: held["state"], lambda s: held.update(state=s), shardings)],
+    position=pipeline.state,
+    restore=lambda record, _: pipeline.restore(record["data"]),
+    evaluate=evaluate_now if eval_rows is not None else None,
+    eval_every=config.eval.every_steps,
+    log_every=config.log.every_steps,
+    progress={"loss": ("loss", ".4f"), "lr": ("learning_rate", ".2e"), "tok_s": ("perf/tokens_per_s", ".0f")},
+  )
+  return loop.run(config, task, mesh, contract=lambda workdir: record_sft_contract(workdir, data))

@@ -30,7 +30,7 @@ from retool_jax.train.losses import value_loss
 from retool_jax.train.masked import masked_mean, masked_var
 from retool_jax.train.state import TrainState, create_train_state
 
-CRITIC_INPUTS = ("input_ids_BT", "attention_mask_BT", "mask_BT")
+CRITIC_INPUTS = ("input_ids_BT", "segment_ids_BT", "positions_BT", "loss_mask_BT")
 
 
 class ValueModel(nnx.Module):
@@ -43,9 +43,11 @@ class ValueModel(nnx.Module):
     self.value_kernel = nnx.Param(kernel.astype(backbone.config.jnp_param_dtype), axes=("embed",))
     self.value_bias = nnx.Param(jnp.zeros((), backbone.config.jnp_param_dtype))
 
-  def __call__(self, input_ids_BT: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, input_ids_BT: jax.Array, segment_ids_BT: jax.Array | None = None, positions_BT: jax.Array | None = None
+  ) -> jax.Array:
     """Values `[B, T]` in float32."""
-    h_BTD = self.backbone.forward(input_ids_BT, attention_mask=attention_mask).hidden_BTD
+    h_BTD = self.backbone.forward(input_ids_BT, positions_BT, segment_ids_BT).hidden_BTD
     w_D = self.value_kernel[...].astype(h_BTD.dtype)
     v_BT = jnp.einsum("btd,d->bt", h_BTD, w_D, preferred_element_type=jnp.float32)
     return v_BT + self.value_bias[...].astype(jnp.float32)
@@ -77,8 +79,10 @@ class CriticConfig:
 def critic_values(state: TrainState, batch: Mapping[str, jax.Array], *, micro_batches: int = 1) -> jax.Array:
   """The critic's values `[B, T]` under its current weights, `micro_batches` row groups at a time."""
   model = state.model()
-  inputs = {k: batch[k] for k in ("input_ids_BT", "attention_mask_BT")}
-  return microbatch.map_rows(lambda mb: model(mb["input_ids_BT"], mb["attention_mask_BT"]), inputs, micro_batches)
+  inputs = {k: batch[k] for k in ("input_ids_BT", "segment_ids_BT", "positions_BT")}
+  return microbatch.map_rows(
+    lambda mb: model(mb["input_ids_BT"], mb["segment_ids_BT"], mb["positions_BT"]), inputs, micro_batches
+  )
 
 
 @functools.partial(jax.jit, donate_argnames=("state",), static_argnames=("micro_batches",))
@@ -91,14 +95,14 @@ def critic_update(
   (`vf_loss` their sum)."""
   num_tokens = None
   if micro_batches > 1:
-    num_tokens = jnp.maximum(jnp.sum(batch["mask_BT"] > 0), 1).astype(jnp.float32)
+    num_tokens = jnp.maximum(jnp.sum(batch["loss_mask_BT"] > 0), 1).astype(jnp.float32)
 
   def loss_fn(trainable, mb):
-    v_BT = state.model(trainable)(mb["input_ids_BT"], mb["attention_mask_BT"])
+    v_BT = state.model(trainable)(mb["input_ids_BT"], mb["segment_ids_BT"], mb["positions_BT"])
     loss, metrics = value_loss(
-      v_BT, mb["old_values_BT"], mb["returns_BT"], mb["mask_BT"], clip_value=clip_value, num_tokens=num_tokens
+      v_BT, mb["old_values_BT"], mb["returns_BT"], mb["loss_mask_BT"], clip_value=clip_value, num_tokens=num_tokens
     )
-    return loss, dict(metrics, values_mean=masked_mean(v_BT, mb["mask_BT"]))
+    return loss, dict(metrics, values_mean=masked_mean(v_BT, mb["loss_mask_BT"]))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if micro_batches == 1:
@@ -166,7 +170,7 @@ class Critic:
     `rl` is the `RLConfig` (`gamma`, `lam`, `kl_reward_coef`); a KL reward penalty reads `batch["old_logp_BT"]`
     and `batch["ref_logp_BT"]`.
     """
-    mask_BT = batch["mask_BT"]
+    mask_BT = batch["loss_mask_BT"]
     values_BT = self.values(batch, rl.micro_batches(mask_BT.shape[0]))
     kl_BT = None
     if rl.kl_reward_coef > 0:

@@ -76,3 +76,9 @@ def check_config(config: ml_collections.ConfigDict) -> ModuleType:
   trainer = get_trainer(config.trainer)
   validate_config(config, trainer.default_config(), free_form=getattr(trainer, "FREE_FORM", ()))
   return trainer
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+  """What `python -m retool_jax.train --config=...` does once flags are parsed: checks `config` against its
+  trainer's schema, then trains; returns the trainer's result (its last metrics)."""
+  return check_config(config).train(config)

@@ -20,15 +20,15 @@ def main(argv: list[str]) -> None:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   from retool_jax.sharding import initialize_distributed
-  from retool_jax.train import check_config
+  from retool_jax.train import check_config, run
 
   config = _CONFIG.value
   try:
-    trainer = check_config(config)
+    check_config(config)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   initialize_distributed()
-  trainer.train(config)
+  run(config)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ logs the metrics an uninterrupted one would (wall-clock figures aside).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,8 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.engine.sync_dtype = "bfloat16"  # SGLang: dtype of the synced weights
   c.engine.max_batch_size = 256
   c.engine.decode_chunk = 32
-  c.reward = "retool"  # a registered reward name or "module:function"
+  c.reward = "retool"  # a registered reward name, "module:function", or a weighted sum "retool + 0.5 * format"
   c.tools = "interpreter"  # interpreter (a sandboxed session per trajectory) | none (no tool schema in the prompt)
+  c.tools_in_prompt = True  # False: the tools run, their schemas stay out of the prompt (the bare problem)
   c.rollout = ml_collections.ConfigDict()  # MultiTurnConfig fields
   c.rl = ml_collections.ConfigDict()  # RLConfig fields
   c.reference = ml_collections.ConfigDict(dict(offload=False))  # offload: park it in host memory between uses
@@ -279,7 +281,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Runs `config.num_steps` RL steps; returns the last step's metrics."""
   from retool_jax import sharding as sharding_lib  # noqa: PLC0415
   from retool_jax.assets import QWEN3_TOKENIZER_DIR  # noqa: PLC0415
-  from retool_jax.chat import load_tokenizer  # noqa: PLC0415
+  from retool_jax.chat import load_tokenizer, render_ids  # noqa: PLC0415
   from retool_jax.data.math_datasets import load_math  # noqa: PLC0415
   from retool_jax.rewards import get_reward  # noqa: PLC0415
   from retool_jax.rollout import JaxEngine, MultiTurnConfig, SGLangEngine  # noqa: PLC0415
@@ -300,6 +302,11 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   workdir = Path(c.workdir)
   tokenizer = load_tokenizer(c.data.tokenizer or QWEN3_TOKENIZER_DIR)
   examples = load_math(c.data.path, prompt_style=c.data.prompt_style, limit=c.data.limit or None)
+  if not c.tools_in_prompt:  # rendered here, so the rollouts do not add the tools' schemas
+    thinking = multiturn.enable_thinking
+    examples = [
+      dataclasses.replace(e, prompt=render_ids(tokenizer, e.prompt, enable_thinking=thinking)) for e in examples
+    ]
   if rl.num_prompts % jax.process_count():
     raise ValueError(f"rl.num_prompts={rl.num_prompts} must be a multiple of the {jax.process_count()} hosts")
   prompts = prompt_pipeline(examples, num_prompts=rl.num_prompts, seed=c.seed)

@@ -174,9 +174,18 @@ def load_examples(data: ml_collections.ConfigDict, path: str, seed: int) -> list
   return [ex.encode(tok, enable_thinking=data.enable_thinking) for ex in examples]
 
 
+def _pad_id(tokenizer_dir: str) -> int:
+  """The padding id of the data's tokenizer (`data.tokenizer`, "" = the packaged Qwen3 one)."""
+  from retool_jax.assets import QWEN3_TOKENIZER_DIR
+  from retool_jax.chat import load_tokenizer
+
+  tok = load_tokenizer(tokenizer_dir or QWEN3_TOKENIZER_DIR)
+  return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
 def build_datasets(data: ml_collections.ConfigDict, seed: int) -> tuple[PackedRows, PackedRows | None]:
   """Packed training rows and packed eval rows (or None)."""
-  pad_id = 0 if data.format == "synthetic" else 151643
+  pad_id = 0 if data.format == "synthetic" else _pad_id(data.tokenizer)
   examples = load_examples(data, data.path, seed)
   eval_examples = None
   if data.eval_path or data.format == "synthetic" and data.eval_holdout:

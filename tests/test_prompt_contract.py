@@ -34,7 +34,9 @@ from retool_jax.chat.prompt_contract import (
 from retool_jax.checkpoint import save as save_checkpoint
 from retool_jax.checkpoint.converters import orbax_to_hf
 from retool_jax.checkpoint.hf_export import write_hf
-from retool_jax.demo_task.pipeline import next_commands, sft_rows
+from retool_jax.data.packing import PACKED_FIELDS, pack_sequences
+from retool_jax.demo_task.config import demo_config, rl_config
+from retool_jax.demo_task.pipeline import by_hand_commands, next_commands
 from retool_jax.demo_task.task import Problem, prompt_ids
 from retool_jax.demo_task.teacher import TeacherConfig, teacher_rollouts
 from retool_jax.demo_task.tokenizer import build_tokenizer, save_tokenizer
@@ -279,11 +281,29 @@ def test_demo_prints_commands_for_its_run_folder():
     "python -m retool_jax.chat --checkpoint runs/demo_cpu/rl/checkpoints",
     "python -m retool_jax.evaluate --config=configs/eval_demo.py",
   ]
+  assert by_hand_commands("runs/demo_cpu") == [
+    "python -m retool_jax.demo_task.data",
+    "python -m retool_jax.train --config=configs/demo_sft.py",
+    "python -m retool_jax.evaluate --config=configs/eval_demo.py:sft",
+    "python -m retool_jax.train --config=configs/demo_rl.py",
+  ]
   chat, evaluate = next_commands("/tmp/x")
+  assert chat.endswith("--checkpoint /tmp/x/rl/checkpoints") and evaluate.endswith("eval_demo.py:rl,/tmp/x")
+  data, sft, _, rl = by_hand_commands("/tmp/x")
   assert (
-    chat.endswith("--checkpoint /tmp/x/rl/checkpoints")
-    and "--config.model.checkpoint=/tmp/x/rl/checkpoints" in evaluate
+    data.endswith("--workdir=/tmp/x") and sft.endswith("demo_sft.py:/tmp/x") and rl.endswith("demo_rl.py:/tmp/x")
   )
+
+
+def test_demo_rl_records_the_demo_contract(tmp_path, demo_tok_dir):
+  """The demo's RL run: bare prompts (no tool schemas) although the interpreter runs, ReTool <code> calls."""
+  c = rl_config(demo_config(str(tmp_path)))
+  assert c.tools == "interpreter" and c.tools_in_prompt is False
+  assert c.data.tokenizer == str(tmp_path / "tokenizer")  # written by the data step
+  c.data.tokenizer = str(demo_tok_dir)
+  record_rl_contract(tmp_path / "rl", c, MultiTurnConfig.from_config(c.rollout))
+  rl = load_contract(tmp_path / "rl")
+  assert not rl.tools_in_prompt and rl.call_formats == ("code",) and rl.prompt_style == "raw"
 
 
 # ---- a trained tiny checkpoint, driven through stdin ---------------------------------------------
@@ -298,7 +318,8 @@ def train_tiny_run(run: Path, tok, tok_dir: Path, steps: int = 150) -> float:
   assert "<interpreter>\n5535\n" in rollout.text and rollout.ids[: rollout.num_prompt_tokens] == prompt_ids(
     tok, problem
   )
-  rows = {k: jnp.asarray(v) for k, v in sft_rows([rollout], tok.pad_token_id).items()}
+  packed = pack_sequences([(rollout.ids, rollout.loss_mask)], 128, pad_id=tok.pad_token_id)
+  rows = {k: jnp.asarray(getattr(packed, k)) for k in PACKED_FIELDS}
   cfg = tiny_config(max_position_embeddings=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
   tx, schedule = state_lib.make_optimizer({"learning_rate": 3e-3, "schedule": "constant"}, steps)
   state = state_lib.TrainState.create(Qwen3(cfg, rngs=nnx.Rngs(0)), tx, jax.random.key(0))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 
 from absl import app, flags, logging
+from datasets.utils.logging import disable_progress_bar
 from ml_collections import config_flags
 
 from retool_jax.demo_task import run_demo
@@ -28,6 +29,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+  disable_progress_bar()  # the data files are a few hundred KB; the trainers show their own progress
   sandbox = default_sandbox()  # the tool calls' sandbox: say which isolation the model's code runs under
   print(f"sandbox backend: {sandbox.backend_name} ({sandbox.backend_reason})", flush=True)
   results = run_demo(_CONFIG.value)

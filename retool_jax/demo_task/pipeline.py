@@ -112,8 +112,9 @@ def _fmt(ev: dict[str, float]) -> str:
 
 
 def run_demo(demo: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Runs the whole demo in `demo.workdir`; returns (and writes to `results.json`) `{"sft": figures, "rl":
-  figures, "data": ..., "timings": ..., "rl_step_time": ..., "next_commands": [chat, evaluate]}`."""
+  """Runs the whole demo in `demo.workdir`; returns (and writes to `results.json`) the held-out figures after
+  each phase (`sft`, `rl`), the data step's figures, the phases' `timings`, the mean `rl_step_time`, and the
+  `by_hand_commands` and `next_commands` (chat, evaluate) for the run folder."""
   t0 = time.perf_counter()
   files = DemoFiles(Path(demo.workdir))
   for phase in PHASES:  # a rerun replaces the previous run's results
@@ -138,8 +139,9 @@ def run_demo(demo: ml_collections.ConfigDict) -> dict[str, Any]:
   _log(
     f"SFT: Qwen3 with {model.num_params() / 1e6:.2f}M parameters from scratch, vocabulary {model.vocab_size}", t0
   )
-  sft = timed("sft_s", run, sft_config(demo))
-  _log(f"SFT: {sft_config(demo).num_steps} steps, loss {sft.get('loss', float('nan')):.4f}", t0)
+  sft_cfg = sft_config(demo)
+  sft = timed("sft_s", run, sft_cfg)
+  _log(f"SFT: {sft_cfg.num_steps} steps, final loss {sft.get('loss', float('nan')):.4f}", t0)
   after_sft = held_out_figures(timed("eval_sft_s", evaluate, eval_config(demo, "sft")))
   _log("after SFT: " + _fmt(after_sft), t0)
   rl = timed("rl_s", run, rl_config(demo))

@@ -203,7 +203,7 @@ def test_data_step_writes_what_the_phase_configs_read(tmp_path):
   # SFT: the tokens rows pack with the demo tokenizer's padding, every id inside the model's vocabulary
   sft_c = sft_config(demo)
   rows, _ = sft.build_datasets(sft_c.data, sft_c.seed)
-  assert sorted(i for row in rows.examples for i in row) == list(range(24))
+  assert rows.examples == tuple((i,) for i in range(24))  # one trajectory per row, every one whole
   assert rows.input_ids.max() < VOCAB_SIZE and (rows.input_ids[rows.segment_ids == 0] == tok.pad_token_id).all()
   first = json.loads(files.sft_data.read_text().splitlines()[0])
   assert first["input_ids"][: len(prompt_ids(tok, problems["sft"][0]))] == prompt_ids(tok, problems["sft"][0])

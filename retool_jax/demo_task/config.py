@@ -79,6 +79,7 @@ def demo_config(workdir: str = DEFAULT_WORKDIR) -> ml_collections.ConfigDict:
       num_examples=2048,
       epochs=6,  # SFT steps: epochs * num_examples // batch_size
       batch_size=32,
+      seq_len=72,  # the longest trajectory (70 tokens) rounded up to 8: one trajectory per row
       log_every=10,
       optim=dict(
         learning_rate=5e-3,
@@ -156,7 +157,8 @@ def sft_config(demo: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     format="tokens",
     path=str(files.sft_data),
     tokenizer=str(files.tokenizer),
-    seq_len=demo.rollout.max_context,
+    seq_len=demo.sft.seq_len,
+    overflow="error",  # a longer trajectory says so instead of losing its answer
     global_batch_size=demo.sft.batch_size,
   )
   c.optim.update(demo.sft.optim.to_dict())

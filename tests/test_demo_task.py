@@ -174,7 +174,9 @@ def test_demo_configs_are_trainer_configs():
   # the old demo's SFT: 6 epochs of 2048 trajectories in batches of 32
   assert sft_c.num_steps == 384 and sft_c.data.format == "tokens" and sft_c.model.dtype == "float32"
   assert rl_c.model.checkpoint == f"{sft_c.workdir}/checkpoints" and rl_c.num_steps == demo.rl_steps
-  assert rl_c.tools == "interpreter" and not rl_c.tools_in_prompt and rl_c.reward == "retool + 0.5 * format"
+  assert (
+    rl_c.tools == "interpreter_stateless" and not rl_c.tools_in_prompt and rl_c.reward == "retool + 0.5 * format"
+  )
   rewards.get_reward(rl_c.reward)
   RLConfig.from_config(rl_c.rl)
   MultiTurnConfig.from_config(rl_c.rollout)

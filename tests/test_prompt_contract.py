@@ -296,14 +296,17 @@ def test_demo_prints_commands_for_its_run_folder():
 
 
 def test_demo_rl_records_the_demo_contract(tmp_path, demo_tok_dir):
-  """The demo's RL run: bare prompts (no tool schemas) although the interpreter runs, ReTool <code> calls."""
+  """The demo's RL run: bare prompts (no tool schemas) although the interpreter runs, ReTool <code> calls; a run
+  with the schemas in the prompt records that."""
   c = rl_config(demo_config(str(tmp_path)))
-  assert c.tools == "interpreter" and c.tools_in_prompt is False
+  assert c.tools == "interpreter_stateless" and c.tools_in_prompt is False
   assert c.data.tokenizer == str(tmp_path / "tokenizer")  # written by the data step
   c.data.tokenizer = str(demo_tok_dir)
   record_rl_contract(tmp_path / "rl", c, MultiTurnConfig.from_config(c.rollout))
   rl = load_contract(tmp_path / "rl")
   assert not rl.tools_in_prompt and rl.call_formats == ("code",) and rl.prompt_style == "raw"
+  c.tools, c.tools_in_prompt = "interpreter", True
+  assert record_rl_contract(tmp_path / "rl_schemas", c, MultiTurnConfig.from_config(c.rollout)).tools_in_prompt
 
 
 # ---- a trained tiny checkpoint, driven through stdin ---------------------------------------------

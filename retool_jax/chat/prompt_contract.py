@@ -226,7 +226,7 @@ def record_rl_contract(folder: str | os.PathLike, config: Any, multiturn: Any) -
     folder,
     config.data.tokenizer or _bundled_tokenizer(),
     multiturn,
-    tools_in_prompt=config.tools == "interpreter" and config.get("tools_in_prompt", True),
+    tools_in_prompt=config.tools != "none" and config.get("tools_in_prompt", True),
     prompt_style=config.data.prompt_style,
   )
 

@@ -180,7 +180,7 @@ def rl_config(demo: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.update(path=str(files.rl_problems), prompt_style="raw", tokenizer=str(files.tokenizer))
   c.engine.update(demo.engine.to_dict())
   c.reward = demo.reward
-  c.tools = "interpreter"
+  c.tools = "interpreter_stateless"  # one call per trajectory: no interpreter session to start for each
   c.tools_in_prompt = False  # the bare question; the model learned the <code> format from its SFT data
   c.rollout = ml_collections.ConfigDict(demo.rollout.to_dict())
   c.rl = ml_collections.ConfigDict(demo.rl.to_dict())

@@ -55,7 +55,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.engine.max_batch_size = 256
   c.engine.decode_chunk = 32
   c.reward = "retool"  # a registered reward name, "module:function", or a weighted sum "retool + 0.5 * format"
-  c.tools = "interpreter"  # interpreter (a sandboxed session per trajectory) | none (no tool schema in the prompt)
+  # interpreter: a sandboxed session per trajectory (state kept between its calls) | interpreter_stateless: every
+  # call in a fresh sandboxed interpreter (no session start-up per trajectory) | none (no tool schema in the prompt)
+  c.tools = "interpreter"
   c.tools_in_prompt = True  # False: the tools run, their schemas stay out of the prompt (the bare problem)
   c.rollout = ml_collections.ConfigDict()  # MultiTurnConfig fields
   c.rl = ml_collections.ConfigDict()  # RLConfig fields
@@ -135,7 +137,7 @@ def prompt_pipeline(
   )
 
 
-TOOLS = ("interpreter", "none")
+TOOLS = ("interpreter", "interpreter_stateless", "none")
 
 
 def prompt_length(multiturn: Any) -> int:
@@ -291,6 +293,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   from retool_jax.train import state as state_lib  # noqa: PLC0415
   from retool_jax.train.checkpointing import Checkpointer  # noqa: PLC0415
   from retool_jax.train.metrics import MetricsWriter  # noqa: PLC0415
+  from retool_jax.tools import default_registry  # noqa: PLC0415
 
   c = config
   rl = RLConfig.from_config(c.rl)
@@ -364,7 +367,13 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     state,
     engine=engine,
     tokenizer=tokenizer,
-    tools=session_tools(default_sandbox()) if c.tools == "interpreter" else None,
+    tools=(
+      session_tools(default_sandbox())
+      if c.tools == "interpreter"
+      else default_registry()
+      if c.tools == "interpreter_stateless"
+      else None
+    ),
     multiturn=multiturn,
     reward_fn=get_reward(c.reward),
     prompts=prompts,

@@ -54,9 +54,9 @@ def write_random_checkpoint(path: str, layers: int) -> tuple[int, int]:
   """A random bf16 Qwen3 checkpoint, generated and written one tensor at a time; (bytes, largest tensor)."""
   import ml_dtypes
 
+  from retool_jax.models.qwen3_config import Qwen3Config
   from retool_jax.models.qwen3_hf import hf_shapes
   from retool_jax.models.safetensors_io import write_sharded
-  from retool_jax.models.qwen3_config import Qwen3Config
 
   os.makedirs(path)
   hf = {**CONFIG, "num_hidden_layers": layers}

@@ -1,16 +1,29 @@
-"""The demo task: its tokenizer keeps the Qwen3 chat format; the teacher's SFT data is really executed."""
+"""The demo task: its tokenizer keeps the Qwen3 chat format; the teacher's SFT data is really executed; the
+demo's phase configs are ordinary trainer configs that read what the data step writes."""
 
 import asyncio
+import importlib.util
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from retool_jax import rewards
+from retool_jax import evaluate, rewards
 from retool_jax.chat import SpecialIds, load_tokenizer, render_ids
+from retool_jax.chat.prompt_contract import find_contract
+from retool_jax.data import load_math
+from retool_jax.demo_task.config import DemoFiles, demo_config, eval_config, model_overrides, rl_config, sft_config
+from retool_jax.demo_task.data import prepare, problem_sets
 from retool_jax.demo_task.task import Problem, answer_turn, code_turn, make_problems, prompt_ids
 from retool_jax.demo_task.teacher import TeacherConfig, TeacherEngine, estimate, slip, teacher_rollouts
-from retool_jax.demo_task.tokenizer import build_tokenizer, save_tokenizer
+from retool_jax.demo_task.tokenizer import TOKENS, VOCAB_SIZE, build_tokenizer, save_tokenizer
+from retool_jax.models.qwen3_config import Qwen3Config
 from retool_jax.rollout import GenerateRequest, MultiTurnConfig, SamplingParams
+from retool_jax.train import check_config, sft
+from retool_jax.train.rl_config import RLConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 MULTITURN = MultiTurnConfig(
   max_context=192, max_turns=4, max_new_tokens=64, call_formats=("code",), enable_thinking=False
@@ -128,3 +141,89 @@ def test_teacher_slips_make_wrong_copies(tokenizer):
   backward = asyncio.run(engine.generate(requests[::-1]))[::-1]
   assert [r.output_ids for r in forward] == [r.output_ids for r in backward]
   assert all(tokenizer.decode(r.output_ids) != answer_turn(p.answer) for r, p in zip(forward, problems))
+
+
+# ---- the demo's configs and data step ---------------------------------------------------------------
+
+
+def load_config(name: str, arg: str | None = None):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config() if arg is None else module.get_config(arg)
+
+
+def test_token_ids_without_building_the_tokenizer(tokenizer):
+  assert (
+    [tokenizer.convert_tokens_to_ids(t) for t in TOKENS]
+    == list(range(len(TOKENS)))
+    == sorted(tokenizer.get_vocab().values())
+  )
+  assert len(tokenizer) <= VOCAB_SIZE and VOCAB_SIZE % 64 == 0
+  cfg = Qwen3Config(**model_overrides(demo_config()))
+  assert (cfg.eos_token_id, cfg.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
+  assert cfg.bos_token_id is None and cfg.vocab_size == VOCAB_SIZE
+
+
+def test_demo_configs_are_trainer_configs():
+  demo = load_config("demo_cpu")
+  assert demo == demo_config()
+  sft_c, rl_c = load_config("demo_sft"), load_config("demo_rl")
+  assert check_config(sft_c).__name__ == "retool_jax.train.sft" and sft_c == sft_config(demo)
+  assert check_config(rl_c).__name__ == "retool_jax.train.rl_run" and rl_c == rl_config(demo)
+  # the old demo's SFT: 6 epochs of 2048 trajectories in batches of 32
+  assert sft_c.num_steps == 384 and sft_c.data.format == "tokens" and sft_c.model.dtype == "float32"
+  assert rl_c.model.checkpoint == f"{sft_c.workdir}/checkpoints" and rl_c.num_steps == demo.rl_steps
+  assert (
+    rl_c.tools == "interpreter_stateless" and not rl_c.tools_in_prompt and rl_c.reward == "retool + 0.5 * format"
+  )
+  rewards.get_reward(rl_c.reward)
+  RLConfig.from_config(rl_c.rl)
+  MultiTurnConfig.from_config(rl_c.rollout)
+  for variant in ("sft", "rl"):
+    ev = load_config("eval_demo", variant)
+    evaluate.check_config(ev)
+    assert ev == eval_config(demo, variant) and ev.model.checkpoint == f"runs/demo_cpu/{variant}/checkpoints"
+  # another run folder moves every path with it
+  other = load_config("demo_rl", "/tmp/elsewhere")
+  assert other.workdir == "/tmp/elsewhere/rl" and other.data.path.startswith("/tmp/elsewhere/")
+  assert load_config("eval_demo", "sft,/tmp/elsewhere").data.path == "/tmp/elsewhere/heldout.jsonl"
+  with pytest.raises(ValueError, match="unknown variant"):
+    load_config("eval_demo", "ppo")
+
+
+def test_data_step_writes_what_the_phase_configs_read(tmp_path):
+  demo = demo_config(str(tmp_path / "run"))
+  demo.sft.num_examples, demo.rl_steps, demo.rl.num_prompts, demo.eval.num_problems = 24, 2, 4, 6
+  summary = prepare(demo)
+  files = DemoFiles(tmp_path / "run")
+  assert json.loads(files.data_summary.read_text()) == summary
+  assert (summary["sft_examples"], summary["rl_problems"], summary["heldout_problems"]) == (24, 8, 6)
+  tok = load_tokenizer(files.tokenizer)
+  problems = problem_sets(demo)
+
+  # SFT: the tokens rows pack with the demo tokenizer's padding, every id inside the model's vocabulary
+  sft_c = sft_config(demo)
+  rows, _ = sft.build_datasets(sft_c.data, sft_c.seed)
+  assert rows.examples == tuple((i,) for i in range(24))  # one trajectory per row, every one whole
+  assert rows.input_ids.max() < VOCAB_SIZE and (rows.input_ids[rows.segment_ids == 0] == tok.pad_token_id).all()
+  first = json.loads(files.sft_data.read_text().splitlines()[0])
+  assert first["input_ids"][: len(prompt_ids(tok, problems["sft"][0]))] == prompt_ids(tok, problems["sft"][0])
+  assert "<interpreter>" in tok.decode(first["input_ids"]) or "\\boxed" in tok.decode(first["input_ids"])
+
+  # RL: load_math reads the problems as the bare question, rendered as the teacher's prompts were
+  rl_c = rl_config(demo)
+  examples = load_math(rl_c.data.path, prompt_style=rl_c.data.prompt_style)
+  assert [e.ground_truth for e in examples] == [p.answer for p in problems["rl"]]
+  thinking = MultiTurnConfig.from_config(rl_c.rollout).enable_thinking
+  assert render_ids(tok, examples[0].prompt, enable_thinking=thinking) == prompt_ids(tok, problems["rl"][0])
+
+  # held-out: disjoint from the training problems; the evaluation reads it
+  heldout = load_math(eval_config(demo, "rl").data.path, prompt_style="raw")
+  assert [e.ground_truth for e in heldout] == [p.answer for p in problems["heldout"]]
+  assert not set(problems["heldout"]) & (set(problems["sft"]) | set(problems["rl"]))
+
+  # the SFT checkpoints (token rows record no prompt format) find the data step's contract above them
+  contract = find_contract(files.phase("sft") / "checkpoints")
+  assert not contract.tools_in_prompt and contract.call_formats == ("code",) and contract.prompt_style == "raw"
+  assert contract.tokenizer_path() == files.tokenizer.resolve()

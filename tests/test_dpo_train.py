@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 from flax import nnx
-from tiny_qwen3 import tiny_config
 
 from retool_jax.checkpoint import layout, save
 from retool_jax.demo_task.tokenizer import build_tokenizer
@@ -16,6 +15,7 @@ from retool_jax.train import check_config
 from retool_jax.train.checkpointing import Checkpointer
 from retool_jax.train.dpo import default_config, num_updates, pack_pairs, pair_pipeline, split_sides, train
 from retool_jax.train.metrics import read_metrics, without_wall_clock
+from tiny_qwen3 import tiny_config
 
 
 def test_dpo_train_prefers_chosen_and_writes_checkpoint_and_metrics(tmp_path):

@@ -9,7 +9,6 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_qwen3 import tiny_config
 
 from retool_jax.demo_task.task import make_problems, prompt_ids
 from retool_jax.demo_task.tokenizer import build_tokenizer
@@ -22,6 +21,7 @@ from retool_jax.train.multihost import Ragged, gather_rows, global_sum
 from retool_jax.train.rl import RLTrainer
 from retool_jax.train.rl_config import RLConfig
 from retool_jax.train.rl_run import prompt_pipeline
+from tiny_qwen3 import tiny_config
 
 
 def fake_gathers(count: int) -> list:

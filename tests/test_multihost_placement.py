@@ -7,11 +7,11 @@ import asyncio
 import jax
 import numpy as np
 from flax import nnx
-from tiny_qwen3 import tiny_config
 
 from retool_jax import sharding as sharding_lib
 from retool_jax.models.qwen3 import Qwen3
 from retool_jax.train import multihost
+from tiny_qwen3 import tiny_config
 
 
 def test_host_to_global_places_values_and_keys_replicated():

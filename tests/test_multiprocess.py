@@ -14,9 +14,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from training_process import wait_for_step
 
 from retool_jax.train.metrics import read_metrics, without_wall_clock
+from training_process import wait_for_step
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "launch" / "local_multihost.sh"
@@ -292,11 +292,11 @@ def test_grpo_with_an_engine_per_process_matches_one_process(grpo_setup, tmp_pat
 @pytest.fixture(scope="module")
 def dpo_setup(tmp_path_factory) -> Path:
   from flax import nnx
-  from tiny_qwen3 import tiny_config
 
   from retool_jax.checkpoint import save
   from retool_jax.demo_task.tokenizer import build_tokenizer
   from retool_jax.models.qwen3 import Qwen3
+  from tiny_qwen3 import tiny_config
 
   root = tmp_path_factory.mktemp("dpo")
   cfg = tiny_config()

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_qwen3 import tiny_config
 
 from retool_jax import sharding as sharding_lib
 from retool_jax.demo_task.task import make_problems, prompt_ids
@@ -21,10 +20,11 @@ from retool_jax.rollout.multiturn import Rollout, TurnStats
 from retool_jax.train import check_config
 from retool_jax.train import state as state_lib
 from retool_jax.train.rl import RLTrainer
-from retool_jax.train.rl_config import RLConfig
 from retool_jax.train.rl_batch import pack_rollouts
+from retool_jax.train.rl_config import RLConfig
 from retool_jax.train.rl_run import build_critic
 from retool_jax.train.value_head import Critic, CriticConfig, ValueModel, create_critic_state
+from tiny_qwen3 import tiny_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

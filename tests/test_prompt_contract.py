@@ -35,7 +35,8 @@ from retool_jax.checkpoint import save as save_checkpoint
 from retool_jax.checkpoint.converters import orbax_to_hf
 from retool_jax.checkpoint.hf_export import write_hf
 from retool_jax.data.packing import pack_sequences
-from retool_jax.demo_task.pipeline import next_commands
+from retool_jax.demo_task.config import demo_config, rl_config
+from retool_jax.demo_task.pipeline import by_hand_commands, next_commands
 from retool_jax.demo_task.task import Problem, prompt_ids
 from retool_jax.demo_task.teacher import TeacherConfig, teacher_rollouts
 from retool_jax.demo_task.tokenizer import build_tokenizer, save_tokenizer
@@ -280,11 +281,32 @@ def test_demo_prints_commands_for_its_run_folder():
     "python -m retool_jax.chat --checkpoint runs/demo_cpu/rl/checkpoints",
     "python -m retool_jax.evaluate --config=configs/eval_demo.py",
   ]
+  assert by_hand_commands("runs/demo_cpu") == [
+    "python -m retool_jax.demo_task.data",
+    "python -m retool_jax.train --config=configs/demo_sft.py",
+    "python -m retool_jax.evaluate --config=configs/eval_demo.py:sft",
+    "python -m retool_jax.train --config=configs/demo_rl.py",
+  ]
   chat, evaluate = next_commands("/tmp/x")
+  assert chat.endswith("--checkpoint /tmp/x/rl/checkpoints") and evaluate.endswith("eval_demo.py:rl,/tmp/x")
+  data, sft, _, rl = by_hand_commands("/tmp/x")
   assert (
-    chat.endswith("--checkpoint /tmp/x/rl/checkpoints")
-    and "--config.model.checkpoint=/tmp/x/rl/checkpoints" in evaluate
+    data.endswith("--workdir=/tmp/x") and sft.endswith("demo_sft.py:/tmp/x") and rl.endswith("demo_rl.py:/tmp/x")
   )
+
+
+def test_demo_rl_records_the_demo_contract(tmp_path, demo_tok_dir):
+  """The demo's RL run: bare prompts (no tool schemas) although the interpreter runs, ReTool <code> calls; a run
+  with the schemas in the prompt records that."""
+  c = rl_config(demo_config(str(tmp_path)))
+  assert c.tools == "interpreter_stateless" and c.tools_in_prompt is False
+  assert c.data.tokenizer == str(tmp_path / "tokenizer")  # written by the data step
+  c.data.tokenizer = str(demo_tok_dir)
+  record_rl_contract(tmp_path / "rl", c, MultiTurnConfig.from_config(c.rollout))
+  rl = load_contract(tmp_path / "rl")
+  assert not rl.tools_in_prompt and rl.call_formats == ("code",) and rl.prompt_style == "raw"
+  c.tools, c.tools_in_prompt = "interpreter", True
+  assert record_rl_contract(tmp_path / "rl_schemas", c, MultiTurnConfig.from_config(c.rollout)).tools_in_prompt
 
 
 # ---- a trained tiny checkpoint, driven through stdin ---------------------------------------------

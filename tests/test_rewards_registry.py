@@ -106,6 +106,14 @@ def test_combined_reward_sums_weighted_parts_and_keeps_primary_correctness():
   assert as_pairs(RETOOL_WRONG, "45", {"num_tool_calls": 2}).reward == pytest.approx(result.reward)
   with pytest.raises(ValueError, match="at least one"):
     combine_rewards({})
+  as_text = get_reward("retool + 0.5 * format")  # the one-string form a config field holds
+  assert as_text(RETOOL_WRONG, "45", {"num_tool_calls": 2}).reward == pytest.approx(result.reward)
+  assert get_reward(f"2 * {__name__}:length_penalty")(RETOOL_CORRECT, "45").reward == pytest.approx(
+    -0.002 * len(RETOOL_CORRECT)
+  )
+  for bad in ("retool + ", "x * format", "retool +* format"):
+    with pytest.raises(ValueError, match="cannot read the term"):
+      get_reward(bad)
 
 
 def length_penalty(response, ground_truth, info, scale=0.001):

@@ -14,11 +14,11 @@ from retool_jax.models.qwen3 import Qwen3, Qwen3Config
 from retool_jax.rewards.result import RewardResult
 from retool_jax.rollout import JaxEngine, MultiTurnConfig
 from retool_jax.rollout.multiturn import Rollout
-from retool_jax.train import state as state_lib
 from retool_jax.rollout.scoring import rollout_metrics
+from retool_jax.train import state as state_lib
 from retool_jax.train.rl import RLTrainer
-from retool_jax.train.rl_config import RLConfig
 from retool_jax.train.rl_batch import bucket_length, minibatch_indices, pack_rollouts
+from retool_jax.train.rl_config import RLConfig
 
 
 def test_config_checks_fields():

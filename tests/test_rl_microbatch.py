@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_qwen3 import tiny_config
 
 from retool_jax.models.qwen3 import Qwen3
 from retool_jax.train import state as state_lib
@@ -14,6 +13,7 @@ from retool_jax.train.microbatch import merge_rows, split_rows
 from retool_jax.train.rl import policy_logprobs, policy_update
 from retool_jax.train.rl_config import RLConfig
 from retool_jax.train.value_head import ValueModel, critic_update, critic_values
+from tiny_qwen3 import tiny_config
 
 B, T = 4, 12
 

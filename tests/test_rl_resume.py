@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from training_process import sigkill_after_step
 
 from retool_jax.data.records import Example
 from retool_jax.demo_task.task import make_problems
 from retool_jax.demo_task.tokenizer import build_tokenizer, save_tokenizer
 from retool_jax.train.metrics import read_metrics, without_wall_clock
 from retool_jax.train.rl_run import prompt_pipeline
+from training_process import sigkill_after_step
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_STEPS = 14

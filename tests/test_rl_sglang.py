@@ -7,8 +7,6 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from sglang_double import QwenModel, SGLangDouble
-from tiny_qwen3 import tiny_config
 
 from retool_jax.checkpoint import layout
 from retool_jax.demo_task.task import make_problems
@@ -19,6 +17,8 @@ from retool_jax.rollout.weight_sync import write_hf_checkpoint
 from retool_jax.train import check_config
 from retool_jax.train.metrics import read_metrics
 from retool_jax.train.rl_run import default_config, train
+from sglang_double import QwenModel, SGLangDouble
+from tiny_qwen3 import tiny_config
 
 
 def test_rl_run_on_sglang_syncs_weights_through_disk(tmp_path):

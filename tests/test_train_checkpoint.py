@@ -8,13 +8,13 @@ from flax import nnx
 
 from retool_jax import sharding as sharding_lib
 from retool_jax.checkpoint import layout
+from retool_jax.data.packing import pack_sequences
 from retool_jax.data.pipeline import InputPipeline
 from retool_jax.models.qwen3 import Qwen3, Qwen3Config
 from retool_jax.train import lora as lora_lib
 from retool_jax.train import sft
 from retool_jax.train import state as state_lib
 from retool_jax.train.checkpointing import Checkpointer
-from retool_jax.data.packing import pack_sequences
 
 CFG = Qwen3Config(
   vocab_size=64,

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from training_process import sigkill_after_step
 
 from retool_jax.train.metrics import PERF_PREFIX, read_metrics
+from training_process import sigkill_after_step
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_STEPS = 14

@@ -220,12 +220,12 @@ def record_sft_contract(folder: str | os.PathLike, data: Any) -> PromptContract 
 
 
 def record_rl_contract(folder: str | os.PathLike, config: Any, multiturn: Any) -> PromptContract:
-  """The contract of an RL run (`config.data`, `config.tools`) with rollouts `multiturn`."""
+  """The contract of an RL run (`config.data`, `config.tools`, `config.tools_in_prompt`) with rollouts `multiturn`."""
   return record_rollout_contract(
     folder,
     config.data.tokenizer or _bundled_tokenizer(),
     multiturn,
-    tools_in_prompt=config.tools == "interpreter",
+    tools_in_prompt=config.tools != "none" and config.get("tools_in_prompt", True),
     prompt_style=config.data.prompt_style,
   )
 

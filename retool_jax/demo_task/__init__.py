@@ -1,5 +1,5 @@
-"""The CPU demo's synthetic tool-needing task: multi-digit multiplication, its tokenizer, its SFT teacher and
-the SFT -> GRPO pipeline (`run_demo`)."""
+"""The CPU demo's synthetic tool-needing task (multi-digit multiplication, its tokenizer and SFT teacher), its
+data step, the product configs of its phases, and the orchestrator that runs them (`run_demo`)."""
 
 from retool_jax.demo_task.pipeline import run_demo
 

@@ -33,6 +33,15 @@ TASK_TAGS = (
 )
 CHARACTERS = tuple(sorted(set(string.printable) - set("\x0b\x0c\r")))
 UNK = "<|unk|>"
+PAD_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"
+# Every token in id order: what `build_tokenizer` assigns (vocabulary first, then the added tokens in order).
+TOKENS = (UNK, *CHARACTERS, *SPECIAL_TOKENS, *QWEN_TAGS, *TASK_TAGS)
+VOCAB_SIZE = -(-len(TOKENS) // 64) * 64  # the model's embedding rows: the tokens, rounded up to 64
+
+
+def token_id(token: str) -> int:
+  """The id `build_tokenizer()` gives `token`, without building it (what the demo's configs need)."""
+  return TOKENS.index(token)
 
 
 def build_tokenizer():
@@ -48,8 +57,8 @@ def build_tokenizer():
   return PreTrainedTokenizerFast(
     tokenizer_object=backend,
     chat_template=qwen3_chat_template(),
-    eos_token="<|im_end|>",
-    pad_token="<|endoftext|>",
+    eos_token=EOS_TOKEN,
+    pad_token=PAD_TOKEN,
     unk_token=UNK,
     clean_up_tokenization_spaces=False,
   )

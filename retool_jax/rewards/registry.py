@@ -114,14 +114,36 @@ def combine_rewards(weighted: Mapping[Any, float] | Sequence[tuple[Any, float]])
   return CombinedReward(tuple(parts))
 
 
+def parse_weighted(spec: str) -> list[tuple[str, float]]:
+  """``"retool + 0.5 * format"`` -> ``[("retool", 1.0), ("format", 0.5)]`` (terms ``[weight *] reward``)."""
+  terms = []
+  for term in spec.split("+"):
+    weight, _, name = term.rpartition("*")
+    name = name.strip()
+    try:
+      value = float(weight) if "*" in term else 1.0
+    except ValueError:
+      value = None
+    if not name or value is None:
+      raise ValueError(
+        f"reward {spec!r}: cannot read the term {term.strip()!r}; write 'reward' or 'weight * reward'"
+      )
+    terms.append((name, value))
+  return terms
+
+
 def get_reward(spec: Any, **kwargs: Any) -> RewardFn:
   """A reward function from a name, a ``module:function`` path, a callable, or ``{spec: weight}``.
 
   Examples: ``get_reward("math", mode="strict")``, ``get_reward("retool")``,
   ``get_reward("my_project.rewards:length_penalty", scale=0.1)``,
-  ``get_reward({"retool": 1.0, "format": 0.1})``. Keyword arguments go to the factory of a
-  registered name, or to every call of a plug-in.
+  ``get_reward({"retool": 1.0, "format": 0.1})`` or, as one string, ``get_reward("retool + 0.1 * format")``.
+  Keyword arguments go to the factory of a registered name, or to every call of a plug-in.
   """
+  if isinstance(spec, str) and ("+" in spec or "*" in spec):
+    if kwargs:
+      raise TypeError("keyword arguments cannot be given with a combination of rewards")
+    return combine_rewards(parse_weighted(spec))
   if isinstance(spec, str):
     if ":" in spec:
       return PluginReward(_load_plugin(spec), kwargs)

@@ -17,6 +17,7 @@ logs the metrics an uninterrupted one would (wall-clock figures aside).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from flax import nnx
 
 from retool_jax import sharding as sharding_lib
 from retool_jax.assets import QWEN3_TOKENIZER_DIR
-from retool_jax.chat import load_tokenizer
+from retool_jax.chat import load_tokenizer, render_ids
 from retool_jax.chat.prompt_contract import record_rl_contract
 from retool_jax.data.math_datasets import load_math
 from retool_jax.data.pipeline import InputPipeline
@@ -40,6 +41,7 @@ from retool_jax.rollout.engine_programs import engine_programs
 from retool_jax.rollout.multiturn import session_tools
 from retool_jax.rollout.sglang_engine import SGLangOptions
 from retool_jax.sandbox import default_sandbox
+from retool_jax.tools import default_registry
 from retool_jax.train import abstract, build, loop, multihost, value_head
 from retool_jax.train import rl as rl_lib
 from retool_jax.train import state as state_lib
@@ -71,8 +73,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.engine.sync_dtype = "bfloat16"  # SGLang: dtype of the synced weights
   c.engine.max_batch_size = 256
   c.engine.decode_chunk = 32
-  c.reward = "retool"  # a registered reward name or "module:function"
-  c.tools = "interpreter"  # interpreter (a sandboxed session per trajectory) | none (no tool schema in the prompt)
+  c.reward = "retool"  # a registered reward name, "module:function", or a weighted sum "retool + 0.5 * format"
+  # interpreter: a sandboxed session per trajectory (state kept between its calls) | interpreter_stateless: every
+  # call in a fresh sandboxed interpreter (no session start-up per trajectory) | none (no tool schema in the prompt)
+  c.tools = "interpreter"
+  c.tools_in_prompt = True  # False: the tools run, their schemas stay out of the prompt (the bare problem)
   c.rollout = ml_collections.ConfigDict()  # MultiTurnConfig fields
   c.rl = ml_collections.ConfigDict()  # RLConfig fields
   c.reference = ml_collections.ConfigDict(dict(offload=False))  # offload: park it in host memory between uses
@@ -129,7 +134,7 @@ def prompt_pipeline(
   )
 
 
-TOOLS = ("interpreter", "none")
+TOOLS = ("interpreter", "interpreter_stateless", "none")
 
 
 def prompt_length(multiturn: Any) -> int:
@@ -272,6 +277,11 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   workdir = Path(c.workdir)
   tokenizer = load_tokenizer(c.data.tokenizer or QWEN3_TOKENIZER_DIR)
   examples = load_math(c.data.path, prompt_style=c.data.prompt_style, limit=c.data.limit or None)
+  if not c.tools_in_prompt:  # rendered here, so the rollouts do not add the tools' schemas
+    thinking = multiturn.enable_thinking
+    examples = [
+      dataclasses.replace(e, prompt=render_ids(tokenizer, e.prompt, enable_thinking=thinking)) for e in examples
+    ]
   if rl.num_prompts % jax.process_count():
     raise ValueError(f"rl.num_prompts={rl.num_prompts} must be a multiple of the {jax.process_count()} hosts")
   prompts = prompt_pipeline(examples, num_prompts=rl.num_prompts, seed=c.seed)
@@ -311,7 +321,13 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     state,
     engine=engine,
     tokenizer=tokenizer,
-    tools=session_tools(default_sandbox()) if c.tools == "interpreter" else None,
+    tools=(
+      session_tools(default_sandbox())
+      if c.tools == "interpreter"
+      else default_registry()
+      if c.tools == "interpreter_stateless"
+      else None
+    ),
     multiturn=multiturn,
     reward_fn=get_reward(c.reward),
     prompts=prompts,

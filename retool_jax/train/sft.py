@@ -22,8 +22,8 @@ from retool_jax.assets import QWEN3_TOKENIZER_DIR
 from retool_jax.chat import load_tokenizer
 from retool_jax.chat.prompt_contract import record_sft_contract
 from retool_jax.data import load_chat_sft, load_retool_sft
-from retool_jax.data.io import field, read_rows
 from retool_jax.data.batch import FIELDS, TokenBatch
+from retool_jax.data.io import field, read_rows
 from retool_jax.data.packing import PackedRows, pack_sequences
 from retool_jax.data.pipeline import InputPipeline, global_batch
 from retool_jax.models.logprobs import token_logprobs

@@ -35,9 +35,8 @@ from retool_jax.chat.prompt_contract import ContractError, PromptContract, check
 from retool_jax.data import load_math
 from retool_jax.rewards import get_reward
 from retool_jax.rollout import JaxEngine, MultiTurnConfig, SGLangEngine
-from retool_jax.rollout.multiturn import session_tools
+from retool_jax.rollout.multiturn import TOOL_MODES, tools_for
 from retool_jax.rollout.scoring import rollout_and_score
-from retool_jax.sandbox import default_sandbox
 from retool_jax.train import build, validate_config
 
 FREE_FORM = ("rollout", "model.overrides")  # checked by MultiTurnConfig / Qwen3Config
@@ -60,7 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.engine.max_batch_size = 64
   c.engine.decode_chunk = 32
   c.reward = "retool"  # a registered reward name or "module:function"
-  c.tools = True  # False: plain generation, no tools shown or run
+  # interpreter: a sandboxed session per trajectory | interpreter_stateless: every call in a fresh sandboxed
+  # interpreter (no session start-up per trajectory) | none: plain generation, no tools shown or run
+  c.tools = "interpreter"
   # False: tools run, but their schemas stay out of the system prompt (prompts that describe the interpreter in
   # words, as models trained on such prompts expect). None: the checkpoint's prompt contract, else True.
   c.tools_in_prompt = ml_collections.config_dict.placeholder(bool)
@@ -286,7 +287,7 @@ def evaluate(config: ml_collections.ConfigDict, engine: Any = None) -> dict[str,
   tokenizer = load_tokenizer(prompt["tokenizer"])
   examples = load_math(c.data.path, prompt_style=prompt["prompt_style"], limit=c.data.limit or None)
   reward_fn = get_reward(c.reward)
-  tools = session_tools(default_sandbox()) if c.tools else None
+  tools = tools_for(c.tools)
   engine = engine if engine is not None else _engine(c, tokenizer, prompt["tokenizer"], multiturn.max_context)
 
   system = [{"role": "system", "content": prompt["system_prompt"]}] if prompt["system_prompt"] else []
@@ -324,6 +325,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   validate_config(config, default_config(), free_form=FREE_FORM)
   if not config.data.path:
     raise ValueError("config.data.path is empty: evaluation needs problems with answers")
+  if config.tools not in TOOL_MODES:
+    raise ValueError(f"config.tools={config.tools!r}; expected one of {TOOL_MODES}")
   n = config.eval.num_samples
   if n < 1:
     raise ValueError(f"config.eval.num_samples={n} must be >= 1")

@@ -206,7 +206,8 @@ def test_data_step_writes_what_the_phase_configs_read(tmp_path):
   sft_c = sft_config(demo)
   rows, _ = sft.build_datasets(sft_c.data, sft_c.seed)
   assert rows.examples == tuple((i,) for i in range(24))  # one trajectory per row, every one whole
-  assert rows.input_ids.max() < VOCAB_SIZE and (rows.input_ids[rows.segment_ids == 0] == tok.pad_token_id).all()
+  ids_BT, segments_BT = rows.tokens.input_ids_BT, rows.tokens.segment_ids_BT
+  assert ids_BT.max() < VOCAB_SIZE and (ids_BT[segments_BT == 0] == tok.pad_token_id).all()
   first = json.loads(files.sft_data.read_text().splitlines()[0])
   assert first["input_ids"][: len(prompt_ids(tok, problems["sft"][0]))] == prompt_ids(tok, problems["sft"][0])
   assert "<interpreter>" in tok.decode(first["input_ids"]) or "\\boxed" in tok.decode(first["input_ids"])

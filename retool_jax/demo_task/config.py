@@ -202,6 +202,7 @@ def eval_config(demo: ml_collections.ConfigDict, variant: str = "rl") -> ml_coll
   c.model.checkpoint = str(files.phase(variant) / "checkpoints")
   c.model.dtype = "float32"
   c.data.update(path=str(files.heldout), tokenizer=str(files.tokenizer), prompt_style="raw")
+  c.tools = "interpreter_stateless"  # as in RL: one call per trajectory, no session to start for each
   c.tools_in_prompt = False
   c.reward = demo.reward
   c.rollout = ml_collections.ConfigDict(dict(demo.rollout.to_dict(), temperature=demo.eval.temperature))

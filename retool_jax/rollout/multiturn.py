@@ -24,6 +24,7 @@ from retool_jax.chat.parse import FORMATS, CallError
 from retool_jax.chat.tokenizer import encode_text
 from retool_jax.fields import dataclass_kwargs
 from retool_jax.rollout.types import Engine, GenerateRequest, SamplingParams
+from retool_jax.sandbox import default_sandbox
 from retool_jax.tools import default_registry
 
 __all__ = [
@@ -194,6 +195,22 @@ def session_tools(sandbox: Any) -> Callable[[], contextlib.AbstractAsyncContextM
       await session.aclose()
 
   return per_trajectory
+
+
+# How a run's trajectories get their tools: a sandboxed interpreter session each (state kept between its calls),
+# every call in a fresh sandboxed interpreter (no session start-up per trajectory), or no tools.
+TOOL_MODES = ("interpreter", "interpreter_stateless", "none")
+
+
+def tools_for(mode: str, sandbox: Any = None) -> Any:
+  """The `tools` argument of `generate_multiturn` for a run's `tools` setting (one of `TOOL_MODES`)."""
+  if mode not in TOOL_MODES:
+    raise ValueError(f"tools={mode!r}; expected one of {TOOL_MODES}")
+  if mode == "none":
+    return None
+  if mode == "interpreter_stateless":
+    return default_registry(sandbox=sandbox) if sandbox is not None else default_registry()
+  return session_tools(sandbox if sandbox is not None else default_sandbox())
 
 
 async def generate_multiturn(

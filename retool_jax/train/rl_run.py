@@ -38,10 +38,8 @@ from retool_jax.programs import Program
 from retool_jax.rewards import get_reward
 from retool_jax.rollout import JaxEngine, MultiTurnConfig, SGLangEngine
 from retool_jax.rollout.engine_programs import engine_programs
-from retool_jax.rollout.multiturn import session_tools
+from retool_jax.rollout.multiturn import TOOL_MODES, tools_for
 from retool_jax.rollout.sglang_engine import SGLangOptions
-from retool_jax.sandbox import default_sandbox
-from retool_jax.tools import default_registry
 from retool_jax.train import abstract, build, loop, multihost, value_head
 from retool_jax.train import rl as rl_lib
 from retool_jax.train import state as state_lib
@@ -134,7 +132,7 @@ def prompt_pipeline(
   )
 
 
-TOOLS = ("interpreter", "interpreter_stateless", "none")
+TOOLS = TOOL_MODES
 
 
 def prompt_length(multiturn: Any) -> int:
@@ -321,13 +319,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     state,
     engine=engine,
     tokenizer=tokenizer,
-    tools=(
-      session_tools(default_sandbox())
-      if c.tools == "interpreter"
-      else default_registry()
-      if c.tools == "interpreter_stateless"
-      else None
-    ),
+    tools=tools_for(c.tools),
     multiturn=multiturn,
     reward_fn=get_reward(c.reward),
     prompts=prompts,

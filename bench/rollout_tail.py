@@ -129,8 +129,12 @@ def main() -> None:
   trajectories = workload(args.trajectories, args.seed)
   warmup = workload(args.warmup_trajectories, args.seed + 1) if args.warmup_trajectories else None
   turns = sum(len(t.turn_tokens) for t in trajectories)
-  print(f"{args.trajectories} trajectories, {turns} turns, {sum(sum(t.turn_tokens) for t in trajectories)} tokens")
-  rows = {b: measure(model, b, args.slots, trajectories, warmup) for b in ("static", "continuous")}
+  tokens = sum(sum(t.turn_tokens) for t in trajectories)
+  print(f"{args.trajectories} trajectories, {turns} turns, {tokens} tokens", flush=True)
+  rows = {}
+  for b in ("static", "continuous"):
+    rows[b] = measure(model, b, args.slots, trajectories, warmup)
+    print(b, {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[b].items()}, flush=True)
   keys = ["wall_s", "warmup_s", "utilisation", "prefill_tokens", "prefill_padded", "p50_s", "p99_s", "programs"]
   keys += ["decode_steps", "prefix_hits", "pool_hits", "pool_parks", "evictions"]
   print(f"{'':16}" + "".join(f"{b:>14}" for b in rows))

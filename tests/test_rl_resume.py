@@ -21,6 +21,14 @@ from retool_jax.train.rl_run import prompt_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_STEPS = 14
+# What the sampled tokens alone decide. With tool calls, rows reach the engine whenever their tool returns, and
+# XLA's CPU matmuls round a row differently with the shape of the call it is packed into (the prefill's rows and
+# chunk), so engine log-probs (and what the update computes from them) agree to the last bits only.
+TOKEN_METRICS = (
+  "step", "batch_size", "sampling_rounds", "reward_mean", "reward_std", "train_reward_mean", "accuracy", "format_ok",
+  "tool_calls_per_traj", "tool_use_rate", "tool_error_rate", "response_length", "response_length_max",
+  "truncation_rate", "abort_rate",
+)  # fmt: skip
 
 # Rewards a tiny random policy can climb and that differ between samples: the share of '7' characters; code
 # blocks opened, closed and answered by the interpreter (the demo tokenizer's `<code>` and `</code>` are single
@@ -182,7 +190,14 @@ def test_sigkill_then_resume_matches_uninterrupted_run(setup, algorithm, tools, 
   assert resumed.returncode == 0, resumed.stderr
   got = read_metrics(killed)
   assert [r["step"] for r in got] == list(range(1, steps + 1))
-  assert [without_wall_clock(r) for r in got] == [without_wall_clock(r) for r in expected], moment
+  got, expected = [without_wall_clock(r) for r in got], [without_wall_clock(r) for r in expected]
+  if tools == "none":  # every step's rows reach the engine together: both runs decode the same batches
+    assert got == expected, moment
+  else:
+    assert [{k: r.get(k) for k in TOKEN_METRICS} for r in got] == [
+      {k: r.get(k) for k in TOKEN_METRICS} for r in expected
+    ], moment
+    assert got == [pytest.approx(r, rel=1e-4, abs=1e-6) for r in expected], moment
   saved = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
   assert saved[-1] == steps
   if algorithm == "ppo":

@@ -203,10 +203,13 @@ class SlotScheduler:
       row = self.pool[-pool_best]
       self.restores[-1] = (-pool_best, dst, pool_reuse)
       self.slots[dst].tokens = row.tokens[:pool_reuse]
-      row.tokens = row.tokens[:0]
+      if pool_reuse == len(row.tokens):  # the slot will hold an extension: the row is free again
+        row.tokens = row.tokens[:0]
       self.engine.stats["pool_hits"] += 1
       return dst, dst, pool_reuse
     if reuse > 0 and self.slots[best].job is None:
+      if self.pool and reuse < len(self.slots[best].tokens):  # keep what only shares a head with this prompt
+        self._park(best)
       return best, best, reuse  # continue in place
     dst = self._free_slot(free)
     return (dst, best, reuse) if reuse > 0 else (dst, dst, 0)

@@ -1,5 +1,5 @@
-"""The slot engine: continuous batching, prefix reuse across turns and samples, abort and deadlines, memory budget,
-and exactness (a seeded row does not depend on its batch mates or on prefix reuse; trainer log-probs)."""
+"""The slot engine: continuous batching, prefix reuse across turns and samples, the kept-prefix pool, abort and
+deadlines, memory budget, and exactness (a seeded row does not depend on its batch mates or on prefix reuse; trainer log-probs)."""
 
 import asyncio
 
@@ -165,8 +165,8 @@ def test_update_weights_drops_kept_prefixes(model):
   )
 
 
-def test_least_recently_used_prefix_is_evicted(model):
-  engine = engine_for(model, max_batch_size=2)
+def test_least_recently_used_prefix_is_evicted_without_a_pool(model):
+  engine = engine_for(model, max_batch_size=2, prefix_pool=0)
   prompts = [tuple(range(s, s + 20)) for s in (1, 30, 60)]
   for p in prompts:
     run(engine.generate([GenerateRequest(p, sampled(4, seed=0))]))
@@ -175,6 +175,75 @@ def test_least_recently_used_prefix_is_evicted(model):
   assert engine.stats["prefix_hits"] == 1
   run(engine.generate([GenerateRequest(prompts[0], sampled(4, seed=0))]))
   assert engine.stats["prefix_hits"] == 1 and engine.stats["evictions"] == 2
+
+
+def test_next_turn_after_its_slot_was_reused_restores_the_pooled_prefix(model):
+  engine = engine_for(model, max_batch_size=1, prefix_pool=2)
+  rng = np.random.default_rng(1)
+  first, other = rng.integers(1, 128, 30).tolist(), rng.integers(1, 128, 25).tolist()
+  [turn1] = run(engine.generate([GenerateRequest(tuple(first), sampled(10, seed=1))]))
+  run(engine.generate([GenerateRequest(tuple(other), sampled(6, seed=2))]))  # takes the only slot
+  assert engine.stats["pool_parks"] == 1 and engine.stats["evictions"] == 0
+  ids = first + turn1.output_ids + rng.integers(1, 128, 7).tolist()
+  second = GenerateRequest(tuple(ids), sampled(12, seed=3, temperature=0.8))
+  before = dict(engine.stats)
+  [pooled] = run(engine.generate([second]))
+  assert engine.stats["pool_hits"] == before["pool_hits"] + 1
+  assert engine.stats["prefix_hits"] == before["prefix_hits"] + 1
+  new_prefill = engine.stats["prefill_tokens"] - before["prefill_tokens"]
+  assert new_prefill == 1 + 7  # the unfed last token, the observation
+  assert engine.stats["reused_tokens"] - before["reused_tokens"] == len(ids) - 8
+  assert engine.stats["pool_parks"] == 2  # the other trajectory's prefix made room
+
+  fresh = engine_for(model, max_batch_size=1, prefix_pool=0)
+  [whole] = run(fresh.generate([second]))
+  assert fresh.stats["prefill_tokens"] == len(ids)
+  assert pooled.output_ids == whole.output_ids
+  np.testing.assert_allclose(pooled.output_logprobs, whole.output_logprobs, atol=1e-5, rtol=0)
+  ref = trainer_logprobs(model, ids + pooled.output_ids, len(ids), temperature=0.8)
+  np.testing.assert_allclose(pooled.output_logprobs, ref, atol=1e-5, rtol=0)
+
+
+def test_pool_evicts_its_least_recently_used_prefix(model):
+  engine = engine_for(model, max_batch_size=1, prefix_pool=2)
+  prompts = [tuple(range(s, s + 20)) for s in (1, 30, 60, 90)]
+  for p in prompts:  # each takes the slot: the previous prompt is parked
+    run(engine.generate([GenerateRequest(p, sampled(4, seed=0))]))
+  assert engine.stats["pool_parks"] == 3 and engine.stats["evictions"] == 1  # the first was overwritten
+  hits = engine.stats["pool_hits"]
+  run(engine.generate([GenerateRequest(prompts[1] + (5,), sampled(4, seed=0))]))
+  assert engine.stats["pool_hits"] == hits + 1
+  misses = engine.stats["prefix_misses"]
+  run(engine.generate([GenerateRequest(prompts[0] + (5,), sampled(4, seed=0))]))
+  assert engine.stats["prefix_misses"] == misses + 1 and engine.stats["pool_hits"] == hits + 1
+
+
+def test_update_weights_drops_the_pool(model):
+  engine = engine_for(model, max_batch_size=1, prefix_pool=2)
+  prompts = [tuple(range(s, s + 20)) for s in (1, 30)]
+  for p in prompts:
+    run(engine.generate([GenerateRequest(p, sampled(4, seed=0))]))
+  assert engine.stats["pool_parks"] == 1
+  other = qwen3.Qwen3(TINY, rngs=nnx.Rngs(9))
+  run(engine.update_weights(nnx.state(other), version=1))
+  before = dict(engine.stats)
+  [res] = run(engine.generate([GenerateRequest(prompts[0] + (5,), sampled(6, seed=4))]))
+  assert engine.stats["prefix_misses"] == before["prefix_misses"] + 1
+  assert engine.stats["pool_hits"] == before["pool_hits"]
+  assert engine.stats["prefill_tokens"] == before["prefill_tokens"] + 21
+  [ref] = run(engine_for(other).generate([GenerateRequest(prompts[0] + (5,), sampled(6, seed=4))]))
+  assert res.output_ids == ref.output_ids and res.weight_version == 1
+
+
+def test_pool_size_comes_from_the_budget(model):
+  per_row = 2 * 2 * TINY.num_key_value_heads * TINY.head_dim * 4 * 1024
+  engine = JaxEngine(model, max_length=1024, max_batch_size=4, kv_cache_gib=7 * per_row / 2**30)
+  assert (engine.num_slots, engine.prefix_pool) == (4, 3)
+  engine = JaxEngine(model, max_length=1024, max_batch_size=4, kv_cache_gib=100 * per_row / 2**30)
+  assert engine.prefix_pool == 16  # at most 4 per slot
+  assert JaxEngine(model, max_length=1024, max_batch_size=4, prefix_pool=5).prefix_pool == 5
+  with pytest.raises(ValueError, match=r"prefix_pool=-1 must be >= 0"):
+    JaxEngine(model, prefix_pool=-1)
 
 
 def test_kv_budget_sets_the_slots():
@@ -195,6 +264,7 @@ def test_cache_is_sharded_over_the_mesh():
   res = run(engine.generate([req]))[0]
   spec = engine._scheduler.state.cache.k["dense"].sharding.spec
   assert spec[1] == ("data", "fsdp") and spec[3] == "tensor"
+  assert engine._scheduler.state.pool_k["dense"].sharding.spec == spec  # pool rows sharded like the slots
   ref = run(engine_for(qwen3.Qwen3(TINY, rngs=nnx.Rngs(0))).generate([req]))[0]
   assert res.output_ids == ref.output_ids
   np.testing.assert_allclose(res.output_logprobs, ref.output_logprobs, atol=1e-5)

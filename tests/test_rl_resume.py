@@ -1,6 +1,7 @@
 """RL runs from a config: the prompt pipeline resumes in place, and a run killed with SIGKILL at a random moment
 and started again logs exactly the metrics of an uninterrupted run (policy, optimizer, critic, reference,
-prompt position and sampling seeds all restored)."""
+prompt position and sampling seeds all restored), also with multi-turn rollouts that call the sandboxed
+interpreter (tool results arrive in any order, the embedded engine's rows must not depend on it)."""
 
 import json
 import os
@@ -20,12 +21,26 @@ from training_process import sigkill_after_step
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_STEPS = 14
+# What the sampled tokens alone decide. With tool calls, rows reach the engine whenever their tool returns, and
+# XLA's CPU matmuls round a row differently with the shape of the call it is packed into (the prefill's rows and
+# chunk), so engine log-probs (and what the update computes from them) agree to the last bits only.
+TOKEN_METRICS = (
+  "step", "batch_size", "sampling_rounds", "reward_mean", "reward_std", "train_reward_mean", "accuracy", "format_ok",
+  "tool_calls_per_traj", "tool_use_rate", "tool_error_rate", "response_length", "response_length_max",
+  "truncation_rate", "abort_rate",
+)  # fmt: skip
 
-# A reward a tiny random policy can climb and that differs between samples: the share of '7' characters.
+# Rewards a tiny random policy can climb and that differ between samples: the share of '7' characters; code
+# blocks opened, closed and answered by the interpreter (the demo tokenizer's `<code>` and `</code>` are single
+# tokens, so a random policy writes some; the sandbox runs whatever they hold, errors are observations too).
 REWARD_MODULE = '''
 def sevens(response, ground_truth, info):
   text = response.replace("<|im_end|>", "")
   return text.count("7") / max(len(text), 1)
+
+
+def code_calls(response, ground_truth, info):
+  return sum(response.count(tag) for tag in ("<code>", "</code>", "<interpreter>")) / 4
 '''
 
 CONFIG = '''
@@ -46,12 +61,19 @@ def get_config(algorithm="grpo"):
   c.data.tokenizer = "{tokenizer}"
   c.data.prompt_style = "problem"
   c.reward = "rl_resume_reward:sevens"
-  # no interpreter (its schema would make the character-level prompts ~3k tokens long) and one turn: every
-  # step's rows reach the engine together, so both runs decode the same batches
   c.tools = "none"
   c.rollout = ml_collections.ConfigDict(dict(
     max_context=96, max_turns=1, max_new_tokens=12, call_formats=("code",), enable_thinking=False))
-  rl = dict(algorithm=algorithm, num_prompts=2, group_size=4, num_minibatches=2, length_multiple=32)
+  num_prompts = 2
+  if "{tools}" == "interpreter":  # the tool schemas make the character-level prompts ~3.3k tokens long
+    c.model.overrides.max_position_embeddings = 4096
+    c.reward = "rl_resume_reward:code_calls"
+    c.tools = "interpreter"
+    c.rollout = ml_collections.ConfigDict(dict(
+      max_context=3584, max_turns=3, max_new_tokens=32, max_observation_tokens=48, call_formats=("code",),
+      enable_thinking=False))
+    num_prompts = 4
+  rl = dict(algorithm=algorithm, num_prompts=num_prompts, group_size=4, num_minibatches=2, length_multiple=32)
   if algorithm == "ppo":
     rl.update(kl_reward_coef=0.05, lam=0.95)
   else:
@@ -118,50 +140,65 @@ def setup(tmp_path_factory) -> tuple[Path, dict]:
   return root, env | {"RL_RESUME_EOS": str(tokenizer.eos_token_id)}
 
 
-def _command(root: Path, workdir: Path, algorithm: str, eos: str) -> list[str]:
+def _command(root: Path, workdir: Path, algorithm: str, eos: str, tools: str = "none", steps: int = NUM_STEPS):
   config = root / f"config_{workdir.name}.py"
   config.write_text(
     CONFIG.format(
       workdir=workdir,
-      num_steps=NUM_STEPS,
+      num_steps=steps,
       eos=eos,
       data=root / "problems.jsonl",
       tokenizer=root / "tokenizer",
+      tools=tools,
     )
   )
   return [sys.executable, "-m", "retool_jax.train", f"--config={config}:{algorithm}"]
 
 
 @pytest.mark.slow  # three short RL runs in subprocesses (mostly XLA compilation)
-@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
-def test_sigkill_then_resume_matches_uninterrupted_run(setup, algorithm):
+@pytest.mark.parametrize(
+  "algorithm,tools,steps", [("grpo", "none", NUM_STEPS), ("ppo", "none", NUM_STEPS), ("grpo", "interpreter", 6)]
+)
+def test_sigkill_then_resume_matches_uninterrupted_run(setup, algorithm, tools, steps):
   root, env = setup
   eos = env["RL_RESUME_EOS"]
-  straight = root / f"straight_{algorithm}"
+  name = f"{algorithm}_{tools}"
+  straight = root / f"straight_{name}"
   done = subprocess.run(
-    _command(root, straight, algorithm, eos), cwd=ROOT, env=env, capture_output=True, text=True
+    _command(root, straight, algorithm, eos, tools, steps), cwd=ROOT, env=env, capture_output=True, text=True
   )
   assert done.returncode == 0, done.stderr
   expected = read_metrics(straight)
-  assert [r["step"] for r in expected] == list(range(1, NUM_STEPS + 1))
+  assert [r["step"] for r in expected] == list(range(1, steps + 1))
   assert len({r["reward_mean"] for r in expected}) > 1 and any(r["grad_norm"] > 0 for r in expected)  # it learns
+  if tools == "interpreter":  # the sandbox ran code (and its results were fed back) in most steps
+    assert sum(r["tool_calls_per_traj"] > 0 for r in expected) >= steps // 2, [
+      r["tool_calls_per_traj"] for r in expected
+    ]
 
-  killed = root / f"killed_{algorithm}"
-  command = _command(root, killed, algorithm, eos)
+  killed = root / f"killed_{name}"
+  command = _command(root, killed, algorithm, eos, tools, steps)
   proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   # a random moment after a random step (in a rollout, an update, a checkpoint save, ...)
-  after, delay = random.randint(2, 6), random.uniform(0.0, 0.1)
+  after, delay = random.randint(2, min(6, steps - 2)), random.uniform(0.0, 0.1)
   moment = f"killed {delay:.3f}s after step {after}"
   sigkill_after_step(proc, killed / "metrics.jsonl", after, delay)
   partial = read_metrics(killed)
-  assert after <= partial[-1]["step"] < NUM_STEPS, f"not {moment}"
+  assert after <= partial[-1]["step"] < steps, f"not {moment}"
 
   resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
   assert resumed.returncode == 0, resumed.stderr
   got = read_metrics(killed)
-  assert [r["step"] for r in got] == list(range(1, NUM_STEPS + 1))
-  assert [without_wall_clock(r) for r in got] == [without_wall_clock(r) for r in expected], moment
-  steps = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
-  assert steps[-1] == NUM_STEPS
+  assert [r["step"] for r in got] == list(range(1, steps + 1))
+  got, expected = [without_wall_clock(r) for r in got], [without_wall_clock(r) for r in expected]
+  if tools == "none":  # every step's rows reach the engine together: both runs decode the same batches
+    assert got == expected, moment
+  else:
+    assert [{k: r.get(k) for k in TOKEN_METRICS} for r in got] == [
+      {k: r.get(k) for k in TOKEN_METRICS} for r in expected
+    ], moment
+    assert got == [pytest.approx(r, rel=1e-4, abs=1e-6) for r in expected], moment
+  saved = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved[-1] == steps
   if algorithm == "ppo":
-    assert (killed / "critic_checkpoints" / str(NUM_STEPS)).is_dir()
+    assert (killed / "critic_checkpoints" / str(steps)).is_dir()

@@ -3,7 +3,7 @@
 `engine_programs` lists the largest prefill and decode programs `JaxEngine` (continuous batching) compiles for
 `max_batch_size` slots of `max_length` tokens: the packed prefill of `max_prefill_rows` rows of up to
 `prefill_chunk` prompt tokens and the decode chunk over every slot, both attending over the whole slot length
-(the worst bucket). The policy's weights are held as the engine holds them (a copy sharded like the policy),
+(the worst bucket), and with a kept-prefix pool the copy that parks and restores a slot's worth of rows. The policy's weights are held as the engine holds them (a copy sharded like the policy),
 the KV cache with KV heads over `tensor` and slots over `data` / `fsdp`.
 """
 
@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from retool_jax.models.qwen3 import Qwen3
 from retool_jax.programs import Program
 from retool_jax.rollout import slot_programs
-from retool_jax.rollout.jax_engine import with_attention
+from retool_jax.rollout.jax_engine import pool_rows, with_attention
 from retool_jax.rollout.slot_scheduler import bucket
 
 
@@ -36,9 +36,12 @@ def engine_programs(
   max_prefill_rows: int = 16,
   max_stop_ids: int = 8,
   attention_impl: str | None = "blockwise",
+  kv_cache_gib: float | None = None,
+  prefix_pool: int | None = None,
   resident: tuple = (),
 ) -> list[Program]:
-  """`[prefill, decode]` of the slot engine: `max_batch_size` slots of `max_length` tokens.
+  """`[prefill, decode]` (and `move` with a pool) of the slot engine: `max_batch_size` slots of `max_length`
+  tokens and the kept-prefix pool.
 
   Args:
     model: the policy, abstract or real, whose variables carry the shardings the engine keeps (its copy of the
@@ -49,6 +52,8 @@ def engine_programs(
     prompt_len / max_length: the longest prompt and the context limit (prompt + generation).
     num_stop_ids: stop tokens per request (EOS and the request's stop ids); at most `max_stop_ids`.
     attention_impl: as given to `JaxEngine` (the attention over the cache).
+    kv_cache_gib / prefix_pool: as given to `JaxEngine` (the pool's rows; `kv_cache_gib` does not cap the slots
+      here).
     min_new_bucket: unused (static batching's budget bucket), accepted for compatibility.
     resident: what else the run keeps on the devices while the engine runs (`Program.resident`).
   """
@@ -64,17 +69,24 @@ def engine_programs(
   cfg = model.config
   counts = {k: n for k in ("dense", "moe") if (n := sum(1 for kk, _ in model.layer_plan if kk == k))}
   replicated = NamedSharding(mesh, PartitionSpec())
+  if prefix_pool is None:
+    per_token = (
+      2 * sum(counts.values()) * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(cfg.jnp_dtype).itemsize
+    )
+    prefix_pool = pool_rows(per_token * s, b, kv_cache_gib)
 
   def sds(x, sharding=replicated):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
   state = jax.eval_shape(
-    lambda: slot_programs.init_state(counts, b, s, cfg.num_key_value_heads, cfg.head_dim, cfg.jnp_dtype, w)
+    lambda: slot_programs.init_state(
+      counts, b, s, cfg.num_key_value_heads, cfg.head_dim, cfg.jnp_dtype, w, pool=prefix_pool
+    )
   )
   state = jax.tree.map(sds, state)
   for kind in counts:
-    shape = state.cache.k[kind].shape
-    state.cache.k[kind] = state.cache.v[kind] = sds(state.cache.k[kind], slot_programs.cache_sharding(mesh, shape))
+    for group in (state.cache.k, state.cache.v, state.pool_k, state.pool_v):
+      group[kind] = sds(group[kind], slot_programs.cache_sharding(mesh, group[kind].shape))
   i32, f32 = jnp.int32, jnp.float32
   rows = slot_programs.PrefillRows(
     *(jax.ShapeDtypeStruct(shape, dtype, sharding=replicated) for shape, dtype in (
@@ -83,6 +95,19 @@ def engine_programs(
     ))
   )  # fmt: skip
   keep = jax.ShapeDtypeStruct((b,), bool, sharding=replicated)
+  moves = []
+  if prefix_pool:
+    n = bucket(b, 1)
+    index = jax.ShapeDtypeStruct((n,), i32, sharding=replicated)
+    moves.append(
+      Program(
+        f"engine/move[rows={n},slots={b},pool={prefix_pool},cache={s}]",
+        slot_programs.move_rows,
+        (state, index, index, index, index, index),
+        {},
+        resident,
+      )
+    )
   return [
     Program(
       f"engine/prefill[rows={r},t={t},slots={b},cache={s}]",
@@ -98,4 +123,5 @@ def engine_programs(
       dict(steps=decode_chunk, attend_length=s),
       resident,
     ),
+    *moves,
   ]

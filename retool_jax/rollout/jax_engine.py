@@ -8,9 +8,11 @@ Continuous batching (the default): a fixed number of decode slots (`max_batch_si
 holds at `max_length` tokens each), each with its own length, position, sampling parameters and PRNG key. A
 scheduler admits queued requests into free slots between decode chunks of `decode_chunk` steps, prefills them
 in packed chunks (power-of-two token buckets, so few programs compile), and returns each row the moment it
-ends (stop token, stop string, budget, `abort`, deadline). A finished request's KV stays in its slot, so the
-next turn of a trajectory prefills only its new tokens and the samples of a GRPO group share their prompt's
-prefill (`engine.stats`: prefix hits, misses, evictions); new weights drop every kept prefix. A token's noise
+ends (stop token, stop string, budget, `abort`, deadline). A finished request's KV stays in its slot, and
+moves to a pool of kept prefixes beyond the slots (`prefix_pool` rows) when the slot is given to another
+request, so the next turn of a trajectory prefills only its new tokens even after its slot was reused, and the
+samples of a GRPO group share their prompt's prefill (`engine.stats`: prefix hits, misses, evictions, pool
+parks and hits, reused tokens); new weights drop every kept prefix. A token's noise
 depends only on its request's seed and its index, so a seeded request gives the same tokens whichever
 requests share its slots and whether its prefix was reused.
 
@@ -44,6 +46,15 @@ from retool_jax.rollout.types import FinishReason, GenerateRequest, GenerateResu
 __all__ = ["JaxEngine", "with_attention"]
 
 BATCHING = ("continuous", "static")
+DEFAULT_POOL_GIB = 0.25  # the kept-prefix pool without a KV budget
+MAX_POOL_PER_SLOT = 4  # pool rows per decode slot, at most (when sized from memory)
+
+
+def pool_rows(bytes_per_row: int, slots: int, kv_cache_gib: float | None) -> int:
+  """Kept-prefix pool rows from memory: what `kv_cache_gib` holds beyond the slots (`DEFAULT_POOL_GIB` without
+  a budget), at most `MAX_POOL_PER_SLOT` per slot."""
+  budget = DEFAULT_POOL_GIB * 2**30 if kv_cache_gib is None else kv_cache_gib * 2**30 - slots * bytes_per_row
+  return int(max(0, min(MAX_POOL_PER_SLOT * slots, budget // bytes_per_row)))
 
 
 @dataclasses.dataclass
@@ -88,6 +99,9 @@ class JaxEngine:
     batching: "continuous" (slots) or "static" (the previous batcher).
     kv_cache_gib: KV memory budget; the slots are as many as it holds at `max_length` tokens each (at most
       `max_batch_size`). None: `max_batch_size` slots, their length growing by powers of two with the requests.
+    prefix_pool: rows of the kept-prefix pool (as long as the slots). None: what `kv_cache_gib` holds beyond
+      the slots at `max_length` tokens a row (without a budget: `DEFAULT_POOL_GIB`), at most
+      `MAX_POOL_PER_SLOT` per slot. 0: a prefix lives only as long as its slot is not reused.
     prefill_chunk: most prompt tokens of one request per prefill call (longer prompts take several calls,
       with decode chunks in between).
     max_prefill_tokens / max_prefill_rows: most tokens / requests packed into one prefill call.
@@ -113,6 +127,7 @@ class JaxEngine:
     decode_chunk: int = 16,
     batching: str = "continuous",
     kv_cache_gib: float | None = None,
+    prefix_pool: int | None = None,
     prefill_chunk: int = 512,
     max_prefill_tokens: int = 2048,
     max_prefill_rows: int = 16,
@@ -165,6 +180,10 @@ class JaxEngine:
     self.layer_counts = {k: n for k in ("dense", "moe") if (n := sum(1 for kk, _ in model.layer_plan if kk == k))}
     self.cache_dtype = model.config.jnp_dtype
     self.num_slots = self._slots_for_budget(kv_cache_gib)
+    if prefix_pool is not None and prefix_pool < 0:
+      raise ValueError(f"prefix_pool={prefix_pool} must be >= 0")
+    per_row = self.kv_bytes_per_token() * self.max_length
+    self.prefix_pool = pool_rows(per_row, self.num_slots, kv_cache_gib) if prefix_pool is None else prefix_pool
     self._seeds = np.random.default_rng(seed)
     self._queue: asyncio.Queue[_Pending] | None = None
     self._loop: asyncio.AbstractEventLoop | None = None
@@ -173,11 +192,13 @@ class JaxEngine:
     self._new_params: tuple[Any, Any] | None = None  # (params, version) waiting for the slots to drain
     self._static = StaticBatcher(self)
     self.programs: set[tuple] = set()  # static batching: the shapes compiled
-    self._scheduler = SlotScheduler(self, self.num_slots, max_stop_ids, mesh=_mesh_of(self._params))
+    self._scheduler = SlotScheduler(
+      self, self.num_slots, max_stop_ids, mesh=_mesh_of(self._params), pool=self.prefix_pool
+    )
     self.stats: dict[str, int] = dict.fromkeys(
       ("batches", "rows", "generated_tokens", "decode_chunks", "decode_steps", "slot_steps", "useful_tokens")
       + ("prefill_calls", "prefill_tokens", "prefill_padded_tokens", "reused_tokens")
-      + ("prefix_hits", "prefix_misses", "evictions", "compiled_programs"),
+      + ("prefix_hits", "prefix_misses", "evictions", "pool_parks", "pool_hits", "compiled_programs"),
       0,
     )
 

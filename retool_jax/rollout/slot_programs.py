@@ -1,10 +1,12 @@
 """Device programs of the slot engine: packed prefill into slots, decode chunks over all slots, cache growth.
 
-Letters: B slots, S cache columns per slot, R rows of one prefill call, T tokens per prefill row, C decode
-steps of one chunk, W stop-id width.
+Letters: B slots, P kept-prefix pool rows, S cache columns per slot (and pool row), R rows of one prefill call,
+T tokens per prefill row, C decode steps of one chunk, W stop-id width, N rows of one pool copy.
 
 The state lives on the device between calls; the host scheduler decides which slot holds what and passes only
-small per-row arrays. A row's noise depends on its own key and the index of the token it samples, so a seeded
+small per-row arrays. The pool holds the KV of finished rows whose slots were needed for other requests
+(decode never runs over it); `move_rows` parks slot rows there and copies kept prefixes back into slots.
+A row's noise depends on its own key and the index of the token it samples, so a seeded
 request samples the same tokens whichever slots it shares a chunk with.
 """
 
@@ -38,6 +40,8 @@ class SlotState:
   keys_B2: jax.Array  # uint32 PRNG key data of the slot's request
   max_new_B: jax.Array  # the request's token budget
   stop_ids_BW: jax.Array  # int32, -1 padded
+  pool_k: dict[str, jax.Array]  # [L, P, S, K, H] kept prefixes, columns from 0
+  pool_v: dict[str, jax.Array]
 
 
 jax.tree_util.register_dataclass(
@@ -87,11 +91,12 @@ def init_state(
   dtype,
   stop_width: int,
   mesh=None,
+  pool: int = 0,
 ) -> SlotState:
-  shape = lambda n: (n, slots, length, num_kv_heads, head_dim)
+  shape = lambda n, rows=slots: (n, rows, length, num_kv_heads, head_dim)
 
   def make():
-    z = lambda n: jnp.zeros(shape(n), dtype)
+    z = lambda n, rows=slots: jnp.zeros(shape(n, rows), dtype)
     cache = KVCache(
       {k: z(n) for k, n in layer_counts.items()},
       {k: z(n) for k, n in layer_counts.items()},
@@ -110,6 +115,8 @@ def init_state(
       jnp.zeros((slots, 2), jnp.uint32),
       i32,
       jnp.full((slots, stop_width), -1, jnp.int32),
+      {k: z(n, pool) for k, n in layer_counts.items()},
+      {k: z(n, pool) for k, n in layer_counts.items()},
     )
 
   out = jax.eval_shape(make)
@@ -118,6 +125,7 @@ def init_state(
   shardings = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.P()), out)
   for kind, n in layer_counts.items():
     shardings.cache.k[kind] = shardings.cache.v[kind] = cache_sharding(mesh, shape(n))
+    shardings.pool_k[kind] = shardings.pool_v[kind] = cache_sharding(mesh, shape(n, pool))
   return jax.jit(make, out_shardings=shardings)()
 
 
@@ -133,7 +141,38 @@ def grow(state: SlotState, *, length: int) -> SlotState:
     jnp.pad(c.valid_BS, ((0, 0), (0, pad))),
     c.index_B,
   )
-  return dataclasses.replace(state, cache=cache)
+  pool_k = {k: widen(a) for k, a in state.pool_k.items()}
+  pool_v = {k: widen(a) for k, a in state.pool_v.items()}
+  return dataclasses.replace(state, cache=cache, pool_k=pool_k, pool_v=pool_v)
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def move_rows(
+  state: SlotState,
+  park_slot_N: jax.Array,
+  park_pool_N: jax.Array,
+  restore_pool_N: jax.Array,
+  restore_slot_N: jax.Array,
+  restore_len_N: jax.Array,
+) -> SlotState:
+  """Parks slot rows in the pool, then copies pool rows into slots (their first `restore_len_N` columns valid).
+
+  Padding entries hold an index past the end (B or P): nothing is written for them.
+  """
+  c = state.cache
+  take = lambda a, rows: jnp.take(a, rows, axis=1, mode="clip")
+  park = lambda pool, slots: pool.at[:, park_pool_N].set(take(slots, park_slot_N), mode="drop")
+  pool_k = {k: park(a, c.k[k]) for k, a in state.pool_k.items()}
+  pool_v = {k: park(a, c.v[k]) for k, a in state.pool_v.items()}
+  restore = lambda slots, pool: slots.at[:, restore_slot_N].set(take(pool, restore_pool_N), mode="drop")
+  valid_NS = jnp.arange(c.max_length)[None, :] < restore_len_N[:, None]
+  cache = KVCache(
+    {k: restore(a, pool_k[k]) for k, a in c.k.items()},
+    {k: restore(a, pool_v[k]) for k, a in c.v.items()},
+    c.valid_BS.at[restore_slot_N].set(valid_NS, mode="drop"),
+    c.index_B.at[restore_slot_N].set(restore_len_N, mode="drop"),
+  )
+  return dataclasses.replace(state, cache=cache, pool_k=pool_k, pool_v=pool_v)
 
 
 def _stopped(tokens_B, stop_ids_BW):
@@ -180,17 +219,18 @@ def prefill(graphdef, params, state: SlotState, rows: PrefillRows, *, attend_len
     valid_BS,
     put0(c.index_B, sub.index_B),
   )
-  state = SlotState(
-    cache,
-    put0(state.last_B, tokens),
-    put0(state.count_B, jnp.where(rows.last_R, 1, 0)),
-    put0(state.active_B, rows.last_R & ~ends),
-    put0(state.temperature_B, rows.temperature_R),
-    put0(state.top_p_B, rows.top_p_R),
-    put0(state.top_k_B, rows.top_k_R),
-    put0(state.keys_B2, rows.keys_R2),
-    put0(state.max_new_B, rows.max_new_R),
-    put0(state.stop_ids_BW, rows.stop_ids_RW),
+  state = dataclasses.replace(
+    state,
+    cache=cache,
+    last_B=put0(state.last_B, tokens),
+    count_B=put0(state.count_B, jnp.where(rows.last_R, 1, 0)),
+    active_B=put0(state.active_B, rows.last_R & ~ends),
+    temperature_B=put0(state.temperature_B, rows.temperature_R),
+    top_p_B=put0(state.top_p_B, rows.top_p_R),
+    top_k_B=put0(state.top_k_B, rows.top_k_R),
+    keys_B2=put0(state.keys_B2, rows.keys_R2),
+    max_new_B=put0(state.max_new_B, rows.max_new_R),
+    stop_ids_BW=put0(state.stop_ids_BW, rows.stop_ids_RW),
   )
   return state, tokens, lps
 
@@ -205,7 +245,8 @@ def decode_chunk(graphdef, params, state: SlotState, keep_B: jax.Array, *, steps
   model = nnx.merge(graphdef, params)
   b = state.last_B.shape[0]
   s = state.cache.max_length
-  state = dataclasses.replace(state, active_B=state.active_B & keep_B)
+  pool_k, pool_v = state.pool_k, state.pool_v  # not carried through the loop
+  state = dataclasses.replace(state, active_B=state.active_B & keep_B, pool_k={}, pool_v={})
   out = jnp.zeros((b, steps), jnp.int32)
   out_lp = jnp.zeros((b, steps), jnp.float32)
 
@@ -241,4 +282,4 @@ def decode_chunk(graphdef, params, state: SlotState, keep_B: jax.Array, *, steps
   _, state, out, out_lp, new = jax.lax.while_loop(
     cond, body, (jnp.int32(0), state, out, out_lp, jnp.zeros((b,), jnp.int32))
   )
-  return state, out, out_lp, new
+  return dataclasses.replace(state, pool_k=pool_k, pool_v=pool_v), out, out_lp, new

@@ -5,10 +5,14 @@ one request, or prefilling one (its prompt goes in by chunks of at most `prefill
 packed into one call). A finished request leaves its prompt and output in the slot, so a later request that
 extends them (the next turn of a trajectory, the continuation of an aborted row) prefills only what is new;
 a request whose prompt another slot already holds (the samples of one GRPO group) copies that slot's prefix.
-Kept prefixes are overwritten least recently used first, and dropped when the weights change.
+When a free slot holding a kept prefix is given to another request, the prefix is parked in the pool (rows
+beyond the slots that decode never runs over); a request that extends a parked prefix gets it copied back into
+its slot and prefills only the rest. The pool overwrites its least recently used prefix when full; everything
+kept is dropped when the weights change.
 
 `step()` is one scheduler iteration: finish aborted / timed-out rows, admit queued requests into free slots,
-run one packed prefill call, run one decode chunk over every decoding slot, and return the finished rows.
+park and restore prefixes (one copy call), run one packed prefill call, run one decode chunk over every decoding
+slot, and return the finished rows.
 """
 
 from __future__ import annotations
@@ -72,12 +76,15 @@ class Slot:
 class SlotScheduler:
   """Slots on the device plus their bookkeeping; see the module docstring. Not thread-safe: one caller."""
 
-  def __init__(self, engine, slots: int, stop_width: int, mesh=None):
+  def __init__(self, engine, slots: int, stop_width: int, mesh=None, pool: int = 0):
     self.engine = engine
     self.num_slots = slots
     self.stop_width = stop_width
     self.mesh = mesh
     self.slots = [Slot(np.zeros((0,), np.int32)) for _ in range(slots)]
+    self.pool = [Slot(np.zeros((0,), np.int32)) for _ in range(pool)]  # kept prefixes (never with a job)
+    self.parks: list[tuple[int, int]] = []  # (slot, pool row) copies due before the next prefill
+    self.restores: list[tuple[int, int, int]] = []  # (pool row, slot, tokens) copies due after the parks
     self.waiting: collections.deque[Job] = collections.deque()
     self.state: programs.SlotState | None = None
     self.length = 0  # columns per slot
@@ -98,14 +105,16 @@ class SlotScheduler:
 
   def drop_prefixes(self) -> None:
     """Forgets every kept prefix (new weights never see KV computed with the old ones)."""
-    for s in self.slots:
+    for s in self.slots + self.pool:
       if s.job is None:
         s.tokens = s.tokens[:0]
 
   def cancel_all(self) -> list[Job]:
     jobs = list(self.waiting) + [s.job for s in self.slots if s.job is not None]
     self.waiting.clear()
-    for s in self.slots:
+    self.parks.clear()
+    self.restores.clear()
+    for s in self.slots + self.pool:
       s.job, s.decoding, s.tokens = None, False, s.tokens[:0]
     return jobs
 
@@ -116,6 +125,7 @@ class SlotScheduler:
     self._expire(done)
     if admit:
       self._admit(version, done)
+    self._move()
     self._prefill(graphdef, params, done)
     self._decode(graphdef, params, done)
     return done
@@ -156,13 +166,8 @@ class SlotScheduler:
       self._ensure_length(len(job.prompt) + job.budget)
       dst, source, reuse = self._place(job, free)
       slot = self.slots[dst]
-      if reuse:
-        self.engine.stats["prefix_hits"] += 1
-        self.engine.stats["reused_tokens"] += reuse
-      else:
-        self.engine.stats["prefix_misses"] += 1
-        if len(slot.tokens):
-          self.engine.stats["evictions"] += 1
+      self.engine.stats["prefix_hits" if reuse else "prefix_misses"] += 1
+      self.engine.stats["reused_tokens"] += reuse
       job.written, job.source, job.version = reuse, source, version
       job.admitted_at = time.monotonic()
       slot.job, slot.decoding = job, False
@@ -175,7 +180,7 @@ class SlotScheduler:
   def _wait_for_shared_prefix(self, job: Job) -> bool:
     """True when a slot now prefilling will soon hold a longer prefix of this prompt than any slot holds now
     (the other samples of a group wait for the first one's prefill instead of repeating it)."""
-    held = max((common_prefix(s.tokens, job.prompt) for s in self.slots), default=0)
+    held = max((common_prefix(s.tokens, job.prompt) for s in self.slots + self.pool), default=0)
     for s in self.slots:
       if s.job is not None and not s.decoding:
         coming = min(common_prefix(s.job.prompt, job.prompt), len(job.prompt) - 1)
@@ -184,18 +189,77 @@ class SlotScheduler:
     return False
 
   def _place(self, job: Job, free: list[int]) -> tuple[int, int, int]:
-    """(destination slot, source slot, prefix tokens reused)."""
-    held = [(common_prefix(s.tokens, job.prompt), s.job is None, -i) for i, s in enumerate(self.slots)]
-    best_len, _, best = max(held)
+    """(destination slot, source slot, prefix tokens reused); schedules the pool copies this needs."""
+    limit = len(job.prompt) - 1
+    held = [(min(common_prefix(s.tokens, job.prompt), limit), s.job is None, -i) for i, s in enumerate(self.slots)]
+    reuse, _, best = max(held)
     best = -best
-    reuse = min(best_len, len(job.prompt) - 1)
+    restoring = {p for p, _, _ in self.restores}
+    pooled = [(min(common_prefix(r.tokens, job.prompt), limit), -p) for p, r in enumerate(self.pool)]
+    pool_reuse, pool_best = max((c for c in pooled if -c[1] not in restoring), default=(0, 0))
+    if pool_reuse > reuse:  # copy the parked prefix back into a free slot
+      self.restores.append((-pool_best, -1, pool_reuse))  # reserved: parking cannot pick this row
+      dst = self._free_slot(free)
+      row = self.pool[-pool_best]
+      self.restores[-1] = (-pool_best, dst, pool_reuse)
+      self.slots[dst].tokens = row.tokens[:pool_reuse]
+      if pool_reuse == len(row.tokens):  # the slot will hold an extension: the row is free again
+        row.tokens = row.tokens[:0]
+      self.engine.stats["pool_hits"] += 1
+      return dst, dst, pool_reuse
     if reuse > 0 and self.slots[best].job is None:
+      if self.pool and reuse < len(self.slots[best].tokens):  # keep what only shares a head with this prompt
+        self._park(best)
       return best, best, reuse  # continue in place
-    # A free slot: an empty one, else the least recently used kept prefix.
+    dst = self._free_slot(free)
+    return (dst, best, reuse) if reuse > 0 else (dst, dst, 0)
+
+  def _free_slot(self, free: list[int]) -> int:
+    """An empty free slot, else the one whose kept prefix was used least recently (parked in the pool)."""
     dst = min(free, key=lambda i: (len(self.slots[i].tokens) > 0, self.slots[i].last_used))
-    if reuse > 0:
-      return dst, best, reuse
-    return dst, dst, 0
+    slot = self.slots[dst]
+    if len(slot.tokens):
+      self._park(dst)
+    slot.tokens = slot.tokens[:0]
+    return dst
+
+  def _park(self, i: int) -> None:
+    """Copies slot i's kept prefix into the pool: over a pooled prefix it extends, else into an empty row, else
+    over the least recently used one (an eviction)."""
+    slot = self.slots[i]
+    n = len(slot.tokens)
+    restoring = {p for p, _, _ in self.restores}
+    candidates = [p for p in range(len(self.pool)) if p not in restoring]
+    if any(common_prefix(self.pool[p].tokens, slot.tokens) == n for p in candidates):
+      return  # the pool already holds it (or an extension)
+    if not candidates:
+      self.engine.stats["evictions"] += 1
+      return
+    prefix = [p for p in candidates if common_prefix(self.pool[p].tokens, slot.tokens) == len(self.pool[p].tokens)]
+    p = min(candidates, key=lambda p: (p not in prefix, self.pool[p].last_used))
+    if p not in prefix:
+      self.engine.stats["evictions"] += 1
+    self.parks.append((i, p))
+    self.pool[p].tokens, self.pool[p].last_used = slot.tokens, slot.last_used
+    self.engine.stats["pool_parks"] += 1
+
+  def _move(self) -> None:
+    """Runs the parks and restores admission scheduled (one call; row counts bucketed)."""
+    if not (self.parks or self.restores):
+      return
+    n = bucket(max(len(self.parks), len(self.restores)), 1)
+    b, p = self.num_slots, len(self.pool)
+    park_slot, park_pool = np.full((n,), b, np.int32), np.full((n,), p, np.int32)
+    restore_pool, restore_slot = np.full((n,), p, np.int32), np.full((n,), b, np.int32)
+    restore_len = np.zeros((n,), np.int32)
+    for k, (i, q) in enumerate(self.parks):
+      park_slot[k], park_pool[k] = i, q
+    for k, (q, i, m) in enumerate(self.restores):
+      restore_pool[k], restore_slot[k], restore_len[k] = q, i, m
+    self.programs.add(("move", n, self.length))
+    self.state = programs.move_rows(self.state, park_slot, park_pool, restore_pool, restore_slot, restore_len)
+    self.parks.clear()
+    self.restores.clear()
 
   def _ensure_length(self, need: int) -> None:
     need = min(need, self.engine.max_length)
@@ -211,6 +275,7 @@ class SlotScheduler:
         self.engine.cache_dtype,
         self.stop_width,
         self.mesh,
+        pool=len(self.pool),
       )
     elif need > self.length:
       new = min(bucket(need, self.engine.min_slot_length), self.engine.max_length)

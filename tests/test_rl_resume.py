@@ -65,12 +65,13 @@ def get_config(algorithm="grpo"):
   c.rollout = ml_collections.ConfigDict(dict(
     max_context=96, max_turns=1, max_new_tokens=12, call_formats=("code",), enable_thinking=False))
   num_prompts = 2
-  if "{tools}" == "interpreter":  # the tool schemas make the character-level prompts ~3.3k tokens long
-    c.model.overrides.max_position_embeddings = 4096
+  if "{tools}" == "interpreter":  # the sandbox runs the calls; no schemas in the character-level prompts
+    c.model.overrides.max_position_embeddings = 256
     c.reward = "rl_resume_reward:code_calls"
     c.tools = "interpreter"
+    c.tools_in_prompt = False
     c.rollout = ml_collections.ConfigDict(dict(
-      max_context=3584, max_turns=3, max_new_tokens=32, max_observation_tokens=48, call_formats=("code",),
+      max_context=224, max_turns=3, max_new_tokens=32, max_observation_tokens=48, call_formats=("code",),
       enable_thinking=False))
     num_prompts = 4
   rl = dict(algorithm=algorithm, num_prompts=num_prompts, group_size=4, num_minibatches=2, length_multiple=32)

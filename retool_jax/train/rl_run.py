@@ -71,6 +71,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.engine.sync_dtype = "bfloat16"  # SGLang: dtype of the synced weights
   c.engine.max_batch_size = 256
   c.engine.decode_chunk = 32
+  c.engine.kv_cache_gib = 0.0  # embedded: KV memory per device for slots and kept prefixes; 0 = sized by the slots
+  c.engine.prefix_pool = -1  # embedded: rows of kept prefixes beyond the slots; -1 = what kv_cache_gib leaves
   c.reward = "retool"  # a registered reward name, "module:function", or a weighted sum "retool + 0.5 * format"
   # interpreter: a sandboxed session per trajectory (state kept between its calls) | interpreter_stateless: every
   # call in a fresh sandboxed interpreter (no session start-up per trajectory) | none (no tool schema in the prompt)
@@ -133,6 +135,13 @@ def prompt_pipeline(
 
 
 TOOLS = TOOL_MODES
+
+
+def engine_memory(engine: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The embedded engine's KV budget and kept-prefix pool from `config.engine` (unset: the engine's defaults)."""
+  return dict(
+    kv_cache_gib=engine.kv_cache_gib or None, prefix_pool=None if engine.prefix_pool < 0 else engine.prefix_pool
+  )
 
 
 def prompt_length(multiturn: Any) -> int:
@@ -258,6 +267,7 @@ def programs(config: ml_collections.ConfigDict, mesh: Any) -> list[Any]:
       max_length=prompt + min(b for b in budget if b),
       decode_chunk=c.engine.decode_chunk,
       num_stop_ids=1 + len(multiturn.stop_token_ids),
+      **engine_memory(c.engine),
       resident=others("engine"),
     )
   return out
@@ -310,6 +320,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
         max_batch_size=c.engine.max_batch_size,
         decode_chunk=c.engine.decode_chunk,
         seed=c.seed,
+        **engine_memory(c.engine),
       )
 
     # several processes: one engine per process, on its own devices, generating its share of the prompts

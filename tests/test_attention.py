@@ -15,7 +15,7 @@ from flax import nnx
 from jax.experimental import topologies
 
 from retool_jax import sharding as sh
-from retool_jax.models import attention, qwen3, splash_attention
+from retool_jax.models import attention, qwen3
 from retool_jax.models.attention import AttentionMask, SelfAttentionMask, attend, causal_mask
 
 B = 2
@@ -126,8 +126,8 @@ def test_splash_in_the_pallas_interpreter_equals_xla(case):
 
 def test_splash_runs_the_kernel_for_training_masks_only(monkeypatch):
   calls = []
-  real = splash_attention.splash_attention
-  monkeypatch.setattr(splash_attention, "splash_attention", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
+  real = attention.splash_attention
+  monkeypatch.setattr(attention, "splash_attention", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
   q, k, v = _qkv(16, 16, 4, 2)
   for case in SQUARE:
     jax.eval_shape(lambda q, k, v: attend(q, k, v, CASES[case](16, 16), impl="splash"), q, k, v)

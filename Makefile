@@ -34,6 +34,8 @@ demo: sysdeps $(VENV)/.installed
 	$(PY) -m retool_jax.demo
 
 test: sysdeps $(VENV)/.installed-test
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -rs
 
 test-slow: $(VENV)/.installed-test

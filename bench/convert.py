@@ -20,7 +20,12 @@ import sys
 import tempfile
 import time
 
+import ml_dtypes
 import numpy as np
+
+from retool_jax.models.qwen3_config import Qwen3Config
+from retool_jax.models.qwen3_hf import hf_shapes
+from retool_jax.models.safetensors_io import write_sharded
 
 CONFIG = dict(
   model_type="qwen3",
@@ -52,12 +57,6 @@ print("RESULT " + json.dumps({"seconds": time.perf_counter() - start, "peak_rss"
 
 def write_random_checkpoint(path: str, layers: int) -> tuple[int, int]:
   """A random bf16 Qwen3 checkpoint, generated and written one tensor at a time; (bytes, largest tensor)."""
-  import ml_dtypes
-
-  from retool_jax.models.qwen3_config import Qwen3Config
-  from retool_jax.models.qwen3_hf import hf_shapes
-  from retool_jax.models.safetensors_io import write_sharded
-
   os.makedirs(path)
   hf = {**CONFIG, "num_hidden_layers": layers}
   shapes = hf_shapes(Qwen3Config.from_hf(hf))

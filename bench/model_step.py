@@ -70,9 +70,9 @@ def jax_train_step_rate(cfg: qwen3.Qwen3Config, batch: int, seq: int, steps: int
 
 
 def torch_train_step_rate(cfg: qwen3.Qwen3Config, batch: int, seq: int, steps: int, warmup: int = 2) -> float:
-  import torch
-  from transformers import Qwen3Config as HFConfig
-  from transformers import Qwen3ForCausalLM
+  import torch  # noqa: PLC0415  (optional: the PyTorch baseline only)
+  from transformers import Qwen3Config as HFConfig  # noqa: PLC0415  (the PyTorch baseline only)
+  from transformers import Qwen3ForCausalLM  # noqa: PLC0415  (needs torch)
 
   hf_cfg = cfg.to_hf()
   hf_cfg.pop("architectures"), hf_cfg.pop("model_type")

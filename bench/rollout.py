@@ -21,9 +21,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from flax import nnx  # noqa: E402
 from transformers import Qwen3Config as HFQwen3Config  # noqa: E402
 from transformers import Qwen3ForCausalLM  # noqa: E402
 
+from retool_jax.assets import QWEN3_TOKENIZER_DIR  # noqa: E402
+from retool_jax.chat import load_tokenizer  # noqa: E402
 from retool_jax.models import qwen3, qwen3_hf  # noqa: E402
 from retool_jax.rollout import GenerateRequest, JaxEngine, MultiTurnConfig, SamplingParams, run_agent  # noqa: E402
 
@@ -145,13 +148,8 @@ def main():
     f"  JaxEngine {ours:,.0f} tok/s | HF generate {theirs:,.0f} tok/s | ratio {ours / theirs:.2f}x (goal >= 3x)"
   )
 
-  from retool_jax.assets import QWEN3_TOKENIZER_DIR
-  from retool_jax.chat import load_tokenizer
-
   tokenizer = load_tokenizer(QWEN3_TOKENIZER_DIR)
   big = qwen3.Qwen3Config(**{**TINY, "vocab_size": len(tokenizer)})
-  from flax import nnx
-
   agent_model = qwen3.Qwen3(big, rngs=nnx.Rngs(0))
   print(
     f"2. multi-turn: {args.trajectories} agent rollouts x {args.turns} turns (24-64 tokens each), "

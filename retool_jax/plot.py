@@ -29,10 +29,10 @@ def series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None, keys: Sequence[str] | None = None) -> Path:
   """Renders the curves of a run folder into a PNG and returns its path."""
-  import matplotlib
+  import matplotlib  # noqa: PLC0415  (loaded, and its backend chosen, only when a plot is drawn)
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # noqa: PLC0415
 
   run_dir = Path(run_dir)
   if not (run_dir / METRICS_FILE).exists():

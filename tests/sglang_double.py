@@ -50,8 +50,13 @@ import threading
 import time
 import zlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from aiohttp import web
+from flax import nnx
+
+from retool_jax.models.qwen3_hf import load_hf
 
 SPECIALS = {0: "<|endoftext|>", 1: "<|im_start|>", 2: "<|im_end|>"}
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?\n"
@@ -112,12 +117,6 @@ class QwenModel:
     self.load(model_path)
 
   def load(self, model_path: str) -> None:
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from retool_jax.models.qwen3_hf import load_hf
-
     model = load_hf(model_path)
     graphdef, state = nnx.split(model)
     self.vocab_size = model.config.vocab_size

@@ -91,7 +91,7 @@ def test_slice_devices_from_libtpu(name, devices):
 
 @needs_libtpu
 def test_rows_and_headroom_of_one_program():
-  from retool_jax.aot import compile_program, format_table
+  from retool_jax.aot import compile_program, format_table  # noqa: PLC0415  (defines absl flags at import)
 
   devices = topologies.devices(topologies.get("v5e-8"))
   mesh = jax.make_mesh((8,), ("x",), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
@@ -109,7 +109,7 @@ def test_rows_and_headroom_of_one_program():
 
 @needs_libtpu
 def test_sft_programs_fit_a_small_slice():
-  from retool_jax.aot import run_programs
+  from retool_jax.aot import run_programs  # noqa: PLC0415  (defines absl flags at import)
 
   c = _load("sft_tiny")
   rows, topo = run_programs(c, "v5p-8")
@@ -127,7 +127,7 @@ def test_sft_programs_fit_a_small_slice():
 
 @needs_libtpu
 def test_rl_programs_fit_a_small_slice():
-  from retool_jax.aot import run_programs
+  from retool_jax.aot import run_programs  # noqa: PLC0415  (defines absl flags at import)
 
   c = _load("grpo_tiny")
   c.model.overrides.update(dict(vocab_size=256, hidden_size=64, num_attention_heads=2, head_dim=128))
@@ -147,7 +147,7 @@ def test_rl_programs_fit_a_small_slice():
 
 @needs_libtpu
 def test_ppo_critic_programs():
-  from retool_jax.aot import run_programs
+  from retool_jax.aot import run_programs  # noqa: PLC0415  (defines absl flags at import)
 
   c = _load("ppo_tiny")
   c.model.overrides.update(dict(vocab_size=256, hidden_size=64))

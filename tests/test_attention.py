@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.experimental import topologies
 
 from retool_jax import sharding as sh
 from retool_jax.models import attention, qwen3
@@ -124,11 +125,9 @@ def test_splash_in_the_pallas_interpreter_equals_xla(case):
 
 
 def test_splash_runs_the_kernel_for_training_masks_only(monkeypatch):
-  from retool_jax.models import splash_attention
-
   calls = []
-  real = splash_attention.splash_attention
-  monkeypatch.setattr(splash_attention, "splash_attention", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
+  real = attention.splash_attention
+  monkeypatch.setattr(attention, "splash_attention", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
   q, k, v = _qkv(16, 16, 4, 2)
   for case in SQUARE:
     jax.eval_shape(lambda q, k, v: attend(q, k, v, CASES[case](16, 16), impl="splash"), q, k, v)
@@ -345,7 +344,6 @@ def test_splash_compiles_for_a_tpu_topology():
   for four v5p chips (fsdp=2, tensor=2) on this CPU-only host."""
   if importlib.util.find_spec("libtpu") is None:
     pytest.skip("libtpu is not installed (pip install -e .[aot]): no TPU compiler on this host")
-  from jax.experimental import topologies
 
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile only: other processes may hold libtpu too
   devices = topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu").devices

@@ -20,6 +20,7 @@ from retool_jax.demo_task.teacher import TeacherConfig, TeacherEngine, estimate,
 from retool_jax.demo_task.tokenizer import TOKENS, VOCAB_SIZE, build_tokenizer, save_tokenizer
 from retool_jax.models.qwen3_config import Qwen3Config
 from retool_jax.rollout import GenerateRequest, MultiTurnConfig, SamplingParams
+from retool_jax.tools import default_registry
 from retool_jax.train import check_config, sft
 from retool_jax.train.rl_config import RLConfig
 
@@ -93,8 +94,6 @@ def test_slip_changes_exactly_one_digit_and_estimate_is_wrong():
 
 
 def test_teacher_trajectories_are_executed_in_the_sandbox(tokenizer):
-  from retool_jax.tools import default_registry
-
   problems = make_problems(40, seed=3)
   config = TeacherConfig(tool_rate=0.5, slip_rate=0.0)
   rollouts = asyncio.run(teacher_rollouts(tokenizer, problems, default_registry(), MULTITURN, config, seed=0))
@@ -116,8 +115,6 @@ def test_teacher_trajectories_are_executed_in_the_sandbox(tokenizer):
 
 
 def test_teacher_slips_make_wrong_copies(tokenizer):
-  from retool_jax.tools import default_registry
-
   problems = make_problems(12, seed=4)
   rollouts = asyncio.run(
     teacher_rollouts(

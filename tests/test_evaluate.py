@@ -1,5 +1,6 @@
 """Evaluation: pass@k by hand, call statistics of hand-made rollouts, a scripted-engine run with real tools, the CLI."""
 
+import importlib.util
 import json
 import math
 import os
@@ -312,9 +313,6 @@ def test_cli_on_a_tiny_random_model_writes_the_files(tmp_path, fixtures_dir):
 
 @pytest.mark.parametrize("variant", ["rl", "sft"])
 def test_demo_eval_config_checks(variant):
-  import importlib.util
-  from pathlib import Path
-
   path = Path(__file__).resolve().parents[1] / "configs" / "eval_demo.py"
   spec = importlib.util.spec_from_file_location("eval_demo", path)
   module = importlib.util.module_from_spec(spec)

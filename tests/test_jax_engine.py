@@ -17,7 +17,7 @@ from retool_jax.assets import QWEN3_TOKENIZER_DIR
 from retool_jax.chat import load_tokenizer
 from retool_jax.models import qwen3, qwen3_hf
 from retool_jax.models.logprobs import token_logprobs
-from retool_jax.rollout import Engine, GenerateRequest, JaxEngine, SamplingParams
+from retool_jax.rollout import Engine, GenerateRequest, JaxEngine, SamplingParams, slot_programs
 from retool_jax.rollout.sampling import filter_logits, find_stop_string, sample
 
 TINY = qwen3.Qwen3Config(
@@ -257,8 +257,6 @@ def test_bucketed_shapes_compile_once_per_bucket_not_per_request():
 
 def test_prefill_projects_only_the_last_position_to_the_vocabulary(tiny_model):
   """The prompt's [R, T, V] logits are never built (with Qwen3's 152k vocabulary they dominate prefill)."""
-  from retool_jax.rollout import slot_programs
-
   engine = JaxEngine(tiny_model, max_batch_size=2)
   state = slot_programs.init_state(
     engine.layer_counts, 2, 32, TINY.num_key_value_heads, TINY.head_dim, jnp.float32, 4

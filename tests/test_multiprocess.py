@@ -14,8 +14,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
+from retool_jax.checkpoint import save
+from retool_jax.demo_task.task import make_problems
+from retool_jax.demo_task.tokenizer import build_tokenizer, save_tokenizer
+from retool_jax.models.qwen3 import Qwen3
 from retool_jax.train.metrics import read_metrics, without_wall_clock
+from tiny_qwen3 import tiny_config
 from training_process import wait_for_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,9 +259,6 @@ def get_config():
 
 @pytest.fixture(scope="module")
 def grpo_setup(tmp_path_factory, env) -> tuple[Path, dict]:
-  from retool_jax.demo_task.task import make_problems
-  from retool_jax.demo_task.tokenizer import build_tokenizer, save_tokenizer
-
   root = tmp_path_factory.mktemp("grpo")
   tokenizer = build_tokenizer()
   save_tokenizer(tokenizer, root / "tokenizer")
@@ -291,13 +294,6 @@ def test_grpo_with_an_engine_per_process_matches_one_process(grpo_setup, tmp_pat
 
 @pytest.fixture(scope="module")
 def dpo_setup(tmp_path_factory) -> Path:
-  from flax import nnx
-
-  from retool_jax.checkpoint import save
-  from retool_jax.demo_task.tokenizer import build_tokenizer
-  from retool_jax.models.qwen3 import Qwen3
-  from tiny_qwen3 import tiny_config
-
   root = tmp_path_factory.mktemp("dpo")
   cfg = tiny_config()
   save(root / "policy", Qwen3(cfg, rngs=nnx.Rngs(0)), cfg)

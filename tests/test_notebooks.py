@@ -12,6 +12,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from retool_jax import evaluate as ev
+
 COLAB = Path(__file__).resolve().parents[1] / "colab"
 
 
@@ -68,8 +70,6 @@ def test_quickstart_trains_and_writes_a_run(tmp_path):
   assert any((workdir / "rl" / "checkpoints").iterdir())
 
   # The run's RL checkpoint evaluates through the CLI's code path with configs/eval_demo.py.
-  from retool_jax import evaluate as ev
-
   spec = importlib.util.spec_from_file_location("eval_demo", COLAB.parent / "configs" / "eval_demo.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

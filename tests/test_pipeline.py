@@ -2,10 +2,13 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -130,8 +133,6 @@ def test_resume_from_saved_position(remainder):
 
 
 def test_state_round_trips_through_an_orbax_checkpoint(tmp_path):
-  import orbax.checkpoint as ocp
-
   pipe = InputPipeline(list(range(30)), global_batch_size=4, seed=5, process_index=0, process_count=1)
   for _ in range(11):
     next(pipe)
@@ -219,9 +220,6 @@ def test_bad_arguments_are_named():
 
 def test_everything_but_the_builders_works_without_tensorflow_datasets():
   """`tensorflow-datasets` is an optional extra: loaders, pipeline and trainers import without it."""
-  import subprocess
-  import sys
-
   code = f"""
 import sys
 sys.modules["tensorflow_datasets"] = None  # as if the [tfds] extra were not installed

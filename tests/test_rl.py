@@ -13,7 +13,7 @@ from retool_jax.demo_task.tokenizer import build_tokenizer
 from retool_jax.models.qwen3 import Qwen3, Qwen3Config
 from retool_jax.rewards.result import RewardResult
 from retool_jax.rollout import JaxEngine, MultiTurnConfig
-from retool_jax.rollout.multiturn import Rollout
+from retool_jax.rollout.multiturn import Rollout, TurnStats
 from retool_jax.rollout.scoring import rollout_metrics
 from retool_jax.train import state as state_lib
 from retool_jax.train.rl import RLTrainer
@@ -44,8 +44,6 @@ def test_config_checks_fields():
 
 
 def _rollout(ids, mask, logprobs, n_prompt=2, status="completed", calls=0):
-  from retool_jax.rollout.multiturn import TurnStats
-
   return Rollout(
     list(ids),
     list(mask),

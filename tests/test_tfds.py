@@ -25,6 +25,7 @@ from retool_jax.data import (  # noqa: E402
 )
 from retool_jax.data import tfds as rtfds  # noqa: E402
 from retool_jax.data.pipeline import InputPipeline  # noqa: E402
+from retool_jax.data.tfds.__main__ import main  # noqa: E402
 
 FIXTURES = Path(
   os.environ.get("RETOOL_FIXTURES", Path(__file__).resolve().parents[1].parent / "shared" / "fixtures")
@@ -229,8 +230,6 @@ def test_codec_round_trips_or_refuses():
 
 
 def test_command_line_prepares_without_tensorflow(tmp_path, capsys):
-  from retool_jax.data.tfds.__main__ import main
-
   args = [
     "aime2025",
     "--data_dir",

@@ -1,5 +1,6 @@
 """Entry point, config checking, metrics files, plots, and an end-to-end SFT run on ReTool-SFT records."""
 
+import importlib.util
 import json
 import math
 import struct
@@ -9,8 +10,10 @@ from pathlib import Path
 
 import ml_collections
 import pytest
+from tensorboardX.proto import event_pb2
 
 from retool_jax import plot
+from retool_jax.chat import load_tokenizer
 from retool_jax.chat.prompt_contract import find_contract
 from retool_jax.train import build, check_config, get_trainer, sft, validate_config
 from retool_jax.train.metrics import MetricsWriter, read_metrics
@@ -19,8 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_config(name):
-  import importlib.util
-
   spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -98,8 +99,6 @@ def test_command_line_rejects_a_mistyped_override(tmp_path):
 
 def _events(folder: Path) -> list[tuple[int, str, float]]:
   """(step, tag, value) of every scalar in TFRecord event files, read without TensorFlow."""
-  from tensorboardX.proto import event_pb2
-
   out = []
   for path in sorted(folder.glob("events.out.tfevents.*")):
     data = path.read_bytes()
@@ -182,8 +181,6 @@ def test_sft_end_to_end_on_retool_records(tmp_path, fixtures_dir):
 
   train_rows, eval_rows = sft.build_datasets(config.data, config.seed)
   assert len(eval_rows) >= 1
-  from retool_jax.chat import load_tokenizer
-
   tok = load_tokenizer(config.data.tokenizer)
   trained = tok.decode(train_rows.tokens.targets_BT[0][train_rows.tokens.loss_mask_BT[0] > 0])
   assert "<answer>" in trained and "<interpreter>" not in trained and "What is" not in trained

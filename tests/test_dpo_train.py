@@ -60,6 +60,7 @@ def test_dpo_train_prefers_chosen_and_writes_checkpoint_and_metrics(tmp_path):
   assert json.loads((run / "summary.json").read_text()) == last and last["step"] == 10
   assert json.loads((run / "prompt_contract.json").read_text())["enable_thinking"] is False
   assert all(r["perf/step_time_s"] > 0 for r in records)
+  assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn at the end of the loop
 
 
 def _hosts(n, count, **kwargs):

@@ -44,6 +44,16 @@ def lora_fields() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="q,k,v,o,gate,up,down"))
 
 
+def log_fields() -> ml_collections.ConfigDict:
+  """The `log` group every trainer reads (`train/loop.py`)."""
+  g = ml_collections.ConfigDict()
+  g.every_steps = 1  # steps between logged records (the last step is always logged)
+  g.tensorboard = True  # tensorboard/ event files beside metrics.jsonl
+  g.progress = True  # a tqdm bar
+  g.curves = True  # curves.png (every metric against the step) at the end of the run
+  return g
+
+
 def optim_fields(
   learning_rate: float, *, schedule: str = "constant", weight_decay: float = 0.0
 ) -> ml_collections.ConfigDict:

@@ -86,7 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.reference.precompute = True  # score the reference once before training, then free it
   c.optim = build.optim_fields(5e-7)
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True))
-  c.log = ml_collections.ConfigDict(dict(every_steps=1, tensorboard=True, progress=True))
+  c.log = build.log_fields()
   return c
 
 

@@ -8,7 +8,7 @@ run folder and the same resume behaviour:
 * `metrics.jsonl` and `tensorboard/` - one record per logged step (`perf/step_time_s` and friends are
   wall-clock figures);
 * `checkpoints/` (and one folder per extra state, e.g. PPO's `critic_checkpoints/`) numbered by step;
-* `summary.json` - the last logged metrics.
+* `summary.json` - the last logged metrics; `curves.png` - every metric against the step (`config.log.curves`).
 
 A run started again in the same `workdir` resumes from the latest step every state holds (checkpoints only
 some of them reached are deleted and replayed): the states, the data position and the metrics files continue
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from retool_jax.models.qwen3_config import Qwen3Config
 from retool_jax.train.checkpointing import Checkpointer
+from retool_jax.train.curves import plot_run
 from retool_jax.train.metrics import MetricsWriter
 from retool_jax.train.state import TrainState
 
@@ -179,4 +180,6 @@ def run(
     return json.loads(summary.read_text())
   if jax.process_index() == 0:
     summary.write_text(json.dumps(last, indent=2) + "\n")
+    if config.log.curves:
+      plot_run(workdir)
   return last

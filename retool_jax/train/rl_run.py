@@ -90,7 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.critic.head_init_scale = 0.0  # 0 = a zero-initialised value head
   c.critic.optim = build.optim_fields(1e-5, weight_decay=0.01)
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=20, keep=3, async_save=True))  # every N RL steps
-  c.log = ml_collections.ConfigDict(dict(tensorboard=True, progress=True))  # progress: a tqdm bar
+  c.log = build.log_fields()
   return c
 
 
@@ -356,6 +356,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     saved=saved,
     position=trainer.position,
     restore=restore,
+    log_every=c.log.every_steps,
     progress={
       "reward": ("reward_mean", "+.3f"),
       "acc": ("accuracy", ".3f"),

@@ -81,10 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True
 
-  c.log = ml_collections.ConfigDict()
-  c.log.every_steps = 1
-  c.log.tensorboard = True
-  c.log.progress = True
+  c.log = build.log_fields()
   return c
 
 

@@ -239,7 +239,10 @@ class _Compiles:
 
 def test_bucketed_shapes_compile_once_per_bucket_not_per_request():
   model = qwen3.Qwen3(TINY.replace(num_hidden_layers=1), rngs=nnx.Rngs(2))  # programs no other test compiled
-  engine = JaxEngine(model, min_prompt_bucket=16, min_attend_bucket=64, min_slot_length=64, max_batch_size=4)
+  # no kept-prefix pool: its one row-move program would compile on the first slot reuse
+  engine = JaxEngine(
+    model, min_prompt_bucket=16, min_attend_bucket=64, min_slot_length=64, max_batch_size=4, prefix_pool=0
+  )
   compiles = _Compiles()
 
   def one(n: int, m: int):

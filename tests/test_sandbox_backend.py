@@ -123,7 +123,8 @@ def _run_demo_main(env: dict[str, str]) -> subprocess.CompletedProcess:
   """The demo's entry point with the training replaced by a stub: only its start-up runs."""
   code = (
     "import sys\nfrom absl import app\nimport retool_jax.demo as demo\n"
-    "demo.run_demo = lambda config: {'stub': True, 'next_commands': []}\napp.run(demo.main, argv=['demo'])\n"
+    "demo.run_demo = lambda config: {'sft': {}, 'rl': {}, 'timings': {}, 'by_hand_commands': [], 'next_commands': []}\n"
+    "app.run(demo.main, argv=['demo'])\n"
   )
   return subprocess.run(
     [sys.executable, "-c", code], env=env, cwd=PROJECT, capture_output=True, text=True, timeout=300, check=False

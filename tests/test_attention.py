@@ -220,6 +220,47 @@ def test_blockwise_decode_reads_only_the_live_prefix_of_the_cache():
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
 
 
+def _skewed_cache(b, t, s, short=None, seed=0):
+  rng = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(rng.normal(size=(b, x, n, 8)), jnp.float32) for x, n in ((t, 4), (s, 2), (s, 2)))
+  lens = rng.integers(1, short or s // 4, size=b)
+  lens[0] = s - t  # one long row among short ones
+  q_idx = jnp.asarray(lens[:, None] + np.arange(t)[None], jnp.int32)
+  kv_seg = jnp.asarray(np.arange(s)[None] < lens[:, None] + t, jnp.int32)
+  return q, k, v, (jnp.ones((b, t), jnp.int32), kv_seg, q_idx), lens
+
+
+@pytest.mark.parametrize("b,t,rows", [(6, 1, 2), (5, 3, 8), (9, 1, 4)])
+def test_ragged_blockwise_is_bitwise_the_dense_schedule_and_has_its_gradient(b, t, rows):
+  from retool_jax.models.blockwise_attention import blockwise_attention  # noqa: PLC0415
+
+  q, k, v, mask, _ = _skewed_cache(b, t, 96)
+  run = lambda ragged: jax.jit(  # noqa: E731
+    lambda q, k, v: blockwise_attention(q, k, v, *mask, block_q=8, block_k=8, ragged=ragged, ragged_rows=rows)
+  )
+  assert np.array_equal(np.asarray(run(True)(q, k, v)), np.asarray(run(False)(q, k, v)))
+  grads = [
+    jax.grad(lambda q, k, v, r=r: jnp.sum(run(r)(q, k, v) ** 2), argnums=(0, 1, 2))(q, k, v) for r in (0, 1)
+  ]
+  for dense, ragged in zip(*grads):
+    np.testing.assert_allclose(np.asarray(ragged), np.asarray(dense), atol=1e-6, rtol=0)
+
+
+def test_cached_decode_rows_read_only_their_own_prefix():
+  """Over a KV cache a short row stops at its own last block: NaN past it stays out of its output.
+
+  One row holds 96 columns, the others fewer than 8: past block 0 only the long row is computed.
+  """
+  q, k, v, mask, _ = _skewed_cache(6, 1, 96, short=7)
+  poisoned = (np.arange(96)[None, :] >= 8) & (np.arange(6)[:, None] > 0)
+  poisoned = poisoned[:, :, None, None]
+  k_bad, v_bad = (jnp.where(poisoned, jnp.nan, x) for x in (k, v))
+  out = attend(q, k_bad, v_bad, AttentionMask(*mask), impl="blockwise", block_size=8)
+  ref = attend(q, k, v, AttentionMask(*mask), impl="xla")
+  assert np.isfinite(np.asarray(out)).all()
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
+
+
 def _shapes(jaxpr):
   for eqn in jaxpr.eqns:
     for var in eqn.outvars:

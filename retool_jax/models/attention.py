@@ -13,6 +13,8 @@ Implementations (`Qwen3Config.attention_impl`):
 
 - `xla`: the reference; materialises the `[B, K, G, T, S]` scores.
 - `blockwise`: online softmax over key blocks in plain JAX, O(T x block) memory forward and backward; any mask.
+  Over a KV cache (a mask that is not a `SelfAttentionMask`) it is ragged: each row visits only the key blocks
+  up to its own last column, so a long row does not slow the others down.
 - `splash`: TPU Pallas splash attention for training masks (`mask=None` or from `causal_mask`), else blockwise.
 - `cudnn`: GPU cuDNN flash attention for plain causal attention (`mask=None`), else blockwise.
 - `auto`: splash on TPU, cudnn on GPU, blockwise elsewhere.
@@ -132,4 +134,6 @@ def attend(
     mask = causal_mask(q_BTNH.shape[:2])
   if impl == "xla":
     return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask)
-  return blockwise_attention(q_BTNH, k_BSKH, v_BSKH, *mask, block_q=block_size, block_k=block_size)
+  # Over a KV cache (prefill and decode: no gradient) each row reads only its own written prefix.
+  ragged = not isinstance(mask, SelfAttentionMask)
+  return blockwise_attention(q_BTNH, k_BSKH, v_BSKH, *mask, block_q=block_size, block_k=block_size, ragged=ragged)

@@ -6,6 +6,12 @@ Memory is O(T x C) per head in the forward and the backward pass: the backward r
 probabilities from the saved log-sum-exp instead of keeping the `[T, S]` matrix. Key blocks past the last
 column any query may see are never visited (a decode step over a long cache reads only its written prefix), and
 each query block stops at the last key block its own queries reach. Rows that see no key give 0.
+
+Ragged (`ragged=True`, the KV-cache calls of prefill and decode): each row visits only
+its own key blocks, up to the last column its queries reach, so the rows of a decode batch cost what their own
+lengths cost rather than the longest row's. Rows are ordered by how many blocks they need; key block `j` is
+computed for the rows that reach it, `ragged_rows` at a time (all of them while more than half the batch
+does). Every row goes through the same per-block arithmetic, in the same order, as in the dense schedule.
 """
 
 from __future__ import annotations
@@ -41,10 +47,13 @@ def blockwise_attention(
   *,
   block_q: int = 512,
   block_k: int = 512,
+  ragged: bool = False,
+  ragged_rows: int = 8,
 ) -> jax.Array:
   """Attention output `[B, T, N, H]` under the segment / key-column rule of `AttentionMask`.
 
-  Block lengths are clipped to T and S; both axes are padded to a whole number of blocks.
+  Block lengths are clipped to T and S; both axes are padded to a whole number of blocks. `ragged`: each row
+  visits only its own key blocks, `ragged_rows` rows per call of a block (the backward pass is the dense one).
   """
   b, t, n, h = q_BTNH.shape
   s, kv = k_BSKH.shape[1], k_BSKH.shape[2]
@@ -60,7 +69,8 @@ def blockwise_attention(
   q_seg = _pad_axis(q_segment_BT.astype(jnp.int32), 1, tp, -2)
   q_idx = _pad_axis(q_index_BT.astype(jnp.int32), 1, tp, -1)
   kv_seg = _pad_axis(kv_segment_BS.astype(jnp.int32), 1, sp, -1)
-  out = _flash(bq, bk, q, k, v, q_seg, kv_seg, q_idx)
+  rows = min(ragged_rows, b) if ragged and sp > bk and b > 1 else 0
+  out = _flash(bq, bk, rows, q, k, v, q_seg, kv_seg, q_idx)
   return out[:, :t].reshape(b, t, n, h)
 
 
@@ -87,6 +97,88 @@ def _live_key_blocks(q_idx_BQ, bk: int, num_k_blocks: int):
   return jnp.clip((jnp.max(q_idx_BQ) + bk) // bk, 0, num_k_blocks)
 
 
+def _key_block_update(q_i, k_j, v_j, seen, scale, carry):
+  """One key block of the online softmax: `(m, l, acc)` of the queries `q_i` after keys `k_j`."""
+  m, l, acc = carry
+  s_ = _scores(q_i, k_j, scale)
+  m_new = jnp.maximum(m, jnp.max(jnp.where(seen, s_, _NEG), axis=-1))
+  p = jnp.where(seen, jnp.exp(s_ - m_new[..., None]), 0.0)
+  alpha = jnp.exp(m - m_new)
+  pv = jnp.einsum("bkgqc,bckh->bkgqh", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
+  return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+
+
+def _finish_block(m, l, acc, dtype):
+  """Output `[B, Q, K, G, H]` and log-sum-exp `[B, K, G, Q]` of a query block's accumulators."""
+  seen_any = l > 0
+  out = jnp.where(seen_any[..., None], acc / jnp.where(seen_any, l, 1.0)[..., None], 0.0)
+  lse = jnp.where(seen_any, m + jnp.log(jnp.where(seen_any, l, 1.0)), 0.0)
+  return jnp.einsum("bkgqh->bqkgh", out).astype(dtype), lse
+
+
+def _init_block(b, kv, g, bq, h):
+  return (
+    jnp.full((b, kv, g, bq), _NEG, jnp.float32),
+    jnp.zeros((b, kv, g, bq), jnp.float32),
+    jnp.zeros((b, kv, g, bq, h), jnp.float32),
+  )
+
+
+def _ragged_forward(bq, bk, rows, q, k, v, q_seg, kv_seg, q_idx):
+  """The forward pass with every row visiting only its own key blocks (see the module docstring)."""
+  b, tp, kv, g, h = q.shape
+  nq, nk = tp // bq, k.shape[1] // bk
+  scale = 1.0 / math.sqrt(h)
+  k_BJCKH = k.reshape(b, nk, bk, kv, h)
+  v_BJCKH = v.reshape(b, nk, bk, kv, h)
+  seg_BJC = kv_seg.reshape(b, nk, bk)
+
+  def query_block(_, i):
+    q_i = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
+    seg_i = jax.lax.dynamic_slice_in_dim(q_seg, i * bq, bq, axis=1)
+    idx_i = jax.lax.dynamic_slice_in_dim(q_idx, i * bq, bq, axis=1)
+    blocks_B = jnp.clip((jnp.max(idx_i, axis=1) + bk) // bk, 0, nk)
+    order_B = jnp.argsort(-blocks_B, stable=True)  # rows needing the most blocks first
+    need_B = blocks_B[order_B]
+
+    def update(j, carry, r_R):
+      """Key block j for the rows at sorted positions `r_R` (positions past the batch write nothing)."""
+      rows_R = order_B[jnp.minimum(r_R, b - 1)]
+      seen = _block_mask(seg_i[rows_R], idx_i[rows_R], seg_BJC[rows_R, j], j, bk)
+      take = lambda x: x[jnp.minimum(r_R, b - 1)]
+      new = _key_block_update(q_i[rows_R], k_BJCKH[rows_R, j], v_BJCKH[rows_R, j], seen, scale, map(take, carry))
+      return tuple(x.at[r_R].set(y, mode="drop") for x, y in zip(carry, new))
+
+    def key_block(j, carry):
+      reach = jnp.sum(need_B > j)  # the rows that see block j: sorted positions [0, reach)
+
+      def some(carry):
+        def chunk(c, carry):
+          r_R = c * rows + jnp.arange(rows)
+          return update(j, carry, jnp.where(r_R < reach, r_R, b))
+
+        return jax.lax.fori_loop(0, -(-reach // rows), chunk, carry)
+
+      return jax.lax.cond(2 * reach > b, lambda c: update(j, c, jnp.arange(b)), some, carry)
+
+    m, l, acc = jax.lax.fori_loop(0, need_B[0], key_block, _init_block(b, kv, g, bq, h))
+    inverse_B = jnp.argsort(order_B)
+    return None, _finish_block(m[inverse_B], l[inverse_B], acc[inverse_B], q.dtype)
+
+  return _query_blocks(query_block, nq, b, tp, kv, g, h)
+
+
+def _query_blocks(query_block, nq, b, tp, kv, g, h):
+  """Runs `query_block` over the query blocks; output `[B, Tp, K, G, H]`, log-sum-exp `[B, K, G, Tp]`."""
+  if nq == 1:
+    out_I, lse_I = jax.tree.map(lambda x: x[None], query_block(None, 0)[1])
+  else:
+    _, (out_I, lse_I) = jax.lax.scan(query_block, None, jnp.arange(nq))
+  out = jnp.moveaxis(out_I, 0, 1).reshape(b, tp, kv, g, h)
+  lse = jnp.moveaxis(lse_I, 0, 3).reshape(b, kv, g, tp)
+  return out, lse
+
+
 def _forward(bq, bk, q, k, v, q_seg, kv_seg, q_idx):
   """Returns the output `[B, Tp, K, G, H]` and the float32 log-sum-exp `[B, K, G, Tp]`."""
   b, tp, kv, g, h = q.shape
@@ -99,48 +191,35 @@ def _forward(bq, bk, q, k, v, q_seg, kv_seg, q_idx):
     idx_i = jax.lax.dynamic_slice_in_dim(q_idx, i * bq, bq, axis=1)
 
     def key_block(j, carry):
-      m, l, acc = carry
       k_j = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
       v_j = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
       seen = _block_mask(seg_i, idx_i, jax.lax.dynamic_slice_in_dim(kv_seg, j * bk, bk, axis=1), j, bk)
-      s_ = _scores(q_i, k_j, scale)
-      m_new = jnp.maximum(m, jnp.max(jnp.where(seen, s_, _NEG), axis=-1))
-      p = jnp.where(seen, jnp.exp(s_ - m_new[..., None]), 0.0)
-      alpha = jnp.exp(m - m_new)
-      pv = jnp.einsum("bkgqc,bckh->bkgqh", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
-      return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+      return _key_block_update(q_i, k_j, v_j, seen, scale, carry)
 
-    init = (
-      jnp.full((b, kv, g, bq), _NEG, jnp.float32),
-      jnp.zeros((b, kv, g, bq), jnp.float32),
-      jnp.zeros((b, kv, g, bq, h), jnp.float32),
-    )
-    m, l, acc = _loop(0, _live_key_blocks(idx_i, bk, nk), nk, key_block, init)
-    seen_any = l > 0
-    out = jnp.where(seen_any[..., None], acc / jnp.where(seen_any, l, 1.0)[..., None], 0.0)
-    lse = jnp.where(seen_any, m + jnp.log(jnp.where(seen_any, l, 1.0)), 0.0)
-    return None, (jnp.einsum("bkgqh->bqkgh", out).astype(q.dtype), lse)
+    m, l, acc = _loop(0, _live_key_blocks(idx_i, bk, nk), nk, key_block, _init_block(b, kv, g, bq, h))
+    return None, _finish_block(m, l, acc, q.dtype)
 
-  if nq == 1:
-    out_I, lse_I = jax.tree.map(lambda x: x[None], query_block(None, 0)[1])
-  else:
-    _, (out_I, lse_I) = jax.lax.scan(query_block, None, jnp.arange(nq))
-  out = jnp.moveaxis(out_I, 0, 1).reshape(b, tp, kv, g, h)  # [I, B, Q, ...] -> [B, I*Q, ...]
-  lse = jnp.moveaxis(lse_I, 0, 3).reshape(b, kv, g, tp)
-  return out, lse
+  return _query_blocks(query_block, nq, b, tp, kv, g, h)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _flash(bq, bk, q, k, v, q_seg, kv_seg, q_idx):
-  return _forward(bq, bk, q, k, v, q_seg, kv_seg, q_idx)[0]
+def _any_forward(bq, bk, rows, q, k, v, q_seg, kv_seg, q_idx):
+  """The ragged forward pass with `rows` rows per block call, the dense one when `rows` is 0."""
+  if rows:
+    return _ragged_forward(bq, bk, rows, q, k, v, q_seg, kv_seg, q_idx)
+  return _forward(bq, bk, q, k, v, q_seg, kv_seg, q_idx)
 
 
-def _flash_fwd(bq, bk, q, k, v, q_seg, kv_seg, q_idx):
-  out, lse = _forward(bq, bk, q, k, v, q_seg, kv_seg, q_idx)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _flash(bq, bk, rows, q, k, v, q_seg, kv_seg, q_idx):
+  return _any_forward(bq, bk, rows, q, k, v, q_seg, kv_seg, q_idx)[0]
+
+
+def _flash_fwd(bq, bk, rows, q, k, v, q_seg, kv_seg, q_idx):
+  out, lse = _any_forward(bq, bk, rows, q, k, v, q_seg, kv_seg, q_idx)
   return out, (q, k, v, q_seg, kv_seg, q_idx, out, lse)
 
 
-def _flash_bwd(bq, bk, res, d_out):
+def _flash_bwd(bq, bk, rows, res, d_out):
   """Key blocks outside, query blocks inside: dK and dV of a key block finish in one pass, dQ accumulates."""
   q, k, v, q_seg, kv_seg, q_idx, out, lse = res
   b, tp, kv, g, h = q.shape

@@ -119,7 +119,7 @@ def engine_programs(
     Program(
       f"engine/decode[slots={b},cache={s},steps={decode_chunk}]",
       slot_programs.decode_chunk,
-      (graphdef, params, state, keep),
+      (graphdef, params, state, keep, keep),
       dict(steps=decode_chunk, attend_length=s),
       resident,
     ),

@@ -12,9 +12,17 @@ ends (stop token, stop string, budget, `abort`, deadline). A finished request's 
 moves to a pool of kept prefixes beyond the slots (`prefix_pool` rows) when the slot is given to another
 request, so the next turn of a trajectory prefills only its new tokens even after its slot was reused, and the
 samples of a GRPO group share their prompt's prefill (`engine.stats`: prefix hits, misses, evictions, pool
-parks and hits, reused tokens); new weights drop every kept prefix. A token's noise
+parks and hits, reused tokens). A token's noise
 depends only on its request's seed and its index, so a seeded request gives the same tokens whichever
 requests share its slots and whether its prefix was reused.
+
+New weights (`update_weights`) serve every request admitted after they arrive; a request already running
+finishes on the weights it started with, unless it follows updates (`GenerateRequest.follow_updates`: it goes
+on with the new weights at its next decode chunk, its KV kept). The engine holds the newest `keep_versions`
+versions (and any that a running or queued request still uses), so requests may also pin one of them
+(`GenerateRequest.weight_version`): the trajectories of an asynchronous RL run can finish on the weights they
+started with while new ones start on newer weights. Kept prefixes of a version the engine no longer holds are
+dropped. Every result records the version of each token (`GenerateResult.output_versions`).
 
 `batching="static"` keeps the previous engine: requests gathered for `batch_window_s` run as one left-padded
 batch until its longest row ends (the baseline of `bench/rollout_tail.py`).
@@ -39,7 +47,7 @@ from flax import nnx
 from retool_jax.models.attention import resolve_impl
 from retool_jax.models.layers import Attention
 from retool_jax.models.qwen3 import Qwen3
-from retool_jax.rollout.slot_scheduler import Job, SlotScheduler
+from retool_jax.rollout.slot_scheduler import Job, SlotScheduler, Weights
 from retool_jax.rollout.static_batch import StaticBatcher
 from retool_jax.rollout.types import FinishReason, GenerateRequest, GenerateResult
 
@@ -114,6 +122,9 @@ class JaxEngine:
     attention_impl: attention over the cache ("blockwise": online softmax, no `[B, N, T, S]` scores, decode
       reads only the written prefix); None keeps the model config's.
     seed: draws the seeds of requests without one (in submission order).
+    weight_version: the label of the model's weights.
+    keep_versions: weight versions held for requests that pin one (the newest ones; versions a queued or
+      running request uses are held too).
   """
 
   def __init__(
@@ -142,11 +153,14 @@ class JaxEngine:
     pad_id: int = 0,
     seed: int = 0,
     weight_version: int | str | None = 0,
+    keep_versions: int = 1,
   ):
     if max_batch_size < 1 or decode_chunk < 1:
       raise ValueError(f"max_batch_size={max_batch_size} and decode_chunk={decode_chunk} must be >= 1")
     if batching not in BATCHING:
       raise ValueError(f"batching={batching!r} must be one of {BATCHING}")
+    if keep_versions < 1:
+      raise ValueError(f"keep_versions={keep_versions} must be >= 1")
     if min(prefill_chunk, max_prefill_tokens, max_prefill_rows, max_stop_ids) < 1:
       raise ValueError(
         f"prefill_chunk={prefill_chunk}, max_prefill_tokens={max_prefill_tokens}, "
@@ -154,7 +168,10 @@ class JaxEngine:
       )
     self._graphdef, params = nnx.split(with_attention(model, attention_impl))
     # Committed arrays, like the ones `update_weights` places, so that a swap reuses the compiled programs.
-    self._params = jax.tree.map(lambda a: jax.device_put(a, a.sharding), params)
+    params = jax.tree.map(lambda a: jax.device_put(a, a.sharding), params)
+    self._gen = 0  # generation of the newest weights; `_weights[gen] = (params, version label)`
+    self._weights: dict[int, tuple[Any, Any]] = {0: (params, weight_version)}
+    self.keep_versions = keep_versions
     self.config = model.config
     self.tokenizer = tokenizer
     if eos_token_ids is None:
@@ -176,7 +193,6 @@ class JaxEngine:
     self.max_stop_ids = max_stop_ids
     self.pad_id = pad_id
     self.weight_version = weight_version
-    self._serving_version = weight_version  # the version of `_params` (continuous: until a swap takes effect)
     self.layer_counts = {k: n for k in ("dense", "moe") if (n := sum(1 for kk, _ in model.layer_plan if kk == k))}
     self.cache_dtype = model.config.jnp_dtype
     self.num_slots = self._slots_for_budget(kv_cache_gib)
@@ -189,7 +205,6 @@ class JaxEngine:
     self._loop: asyncio.AbstractEventLoop | None = None
     self._worker: asyncio.Task | None = None
     self._device_lock = threading.Lock()
-    self._new_params: tuple[Any, Any] | None = None  # (params, version) waiting for the slots to drain
     self._static = StaticBatcher(self)
     self.programs: set[tuple] = set()  # static batching: the shapes compiled
     self._scheduler = SlotScheduler(
@@ -201,6 +216,16 @@ class JaxEngine:
       + ("prefix_hits", "prefix_misses", "evictions", "pool_parks", "pool_hits", "compiled_programs"),
       0,
     )
+
+  @property
+  def _params(self) -> Any:
+    """The newest weights."""
+    return self._weights[self._gen][0]
+
+  def held_versions(self) -> list[Any]:
+    """Labels of the weight versions the engine holds, oldest first."""
+    with self._device_lock:
+      return [label for _, label in self._weights.values()]
 
   def kv_bytes_per_token(self) -> int:
     cfg = self.config
@@ -243,20 +268,21 @@ class JaxEngine:
     self._scheduler.abort(request_id)
 
   async def update_weights(self, params: Any, version: int | str | None = None) -> None:
-    """Swaps in new weights (a `Qwen3`, an `nnx.State` or a nested dict of arrays with the model's layout).
+    """Adds new weights (a `Qwen3`, an `nnx.State` or a nested dict of arrays with the model's layout), placed
+    on the engine's devices (a resharding copy from wherever they are).
 
-    Requests already running finish with the weights they started with; the new weights serve requests
-    admitted after every running one has ended, and kept prefixes are dropped. Matching shapes and dtypes
-    reuse the compiled programs.
+    They serve every request admitted from now on, and the requests that follow updates from their next chunk;
+    requests already running finish with the weights they started with. Older versions stay while a request
+    uses them or they are among the newest `keep_versions`. Matching shapes and dtypes reuse the compiled
+    programs.
     """
     new = await asyncio.to_thread(self._convert_params, params)
     with self._device_lock:
+      self._gen += 1
       if self.batching == "static":
-        self._params = new
-        self.weight_version = version
-      else:
-        self._new_params = (new, version)
-        self.weight_version = version
+        self._weights = {}
+      self._weights[self._gen] = (new, version)
+      self.weight_version = version
 
   async def health(self) -> bool:
     worker = self._worker
@@ -322,21 +348,36 @@ class JaxEngine:
       message = f"prompt of {len(r.prompt_ids)} tokens leaves no room within max_length={self.max_length}"
       p.future.set_result(GenerateResult([], [], FinishReason("abort", message=message), self.weight_version))
       return
+    gen = None
+    if r.weight_version is not None:
+      with self._device_lock:
+        gen = max((g for g, (_, label) in self._weights.items() if label == r.weight_version), default=None)
+        held = [label for _, label in self._weights.values()]
+      if gen is None:
+        message = f"weight version {r.weight_version!r} is not held (the engine holds {held})"
+        p.future.set_result(GenerateResult([], [], FinishReason("abort", message=message), r.weight_version))
+        return
     deadline = None if r.deadline_s is None else p.submitted + r.deadline_s
     budget = min(r.sampling.max_new_tokens, room)
-    self._scheduler.submit(Job(r, p.future, p.seed, budget, deadline))
+    job = Job(r, p.future, p.seed, budget, deadline)
+    job.gen = gen
+    self._scheduler.submit(job)
 
   def _slot_step(self) -> list:
     sched = self._scheduler
     with self._device_lock:
-      if self._new_params is not None and not any(s.job is not None for s in sched.slots):
-        self._params, version = self._new_params
-        self._new_params = None
-        self._serving_version = version
-        sched.drop_prefixes()
-      graphdef, params, version = self._graphdef, self._params, self._serving_version
-      admit = self._new_params is None
-    finished = sched.step(graphdef, params, version, admit=admit)
+      held = set(sorted(self._weights)[-self.keep_versions :]) | sched.used_gens() | {self._gen}
+      released = {g for g in self._weights if g not in held}
+      for g in released:
+        del self._weights[g]
+      weights = Weights(
+        {g: w for g, (w, _) in self._weights.items()},
+        {g: label for g, (_, label) in self._weights.items()},
+        self._gen,
+      )
+    if released:
+      sched.drop_prefixes(released)
+    finished = sched.step(self._graphdef, weights)
     self.stats["compiled_programs"] = len(sched.programs)
     return finished
 

@@ -236,11 +236,14 @@ def prefill(graphdef, params, state: SlotState, rows: PrefillRows, *, attend_len
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "attend_length"), donate_argnames=("state",))
-def decode_chunk(graphdef, params, state: SlotState, keep_B: jax.Array, *, steps: int, attend_length: int):
-  """Up to `steps` decode steps over every active slot (`keep_B` False deactivates a slot first).
+def decode_chunk(
+  graphdef, params, state: SlotState, keep_B: jax.Array, run_B: jax.Array, *, steps: int, attend_length: int
+):
+  """Up to `steps` decode steps over the active slots in `run_B`, with `params` (`keep_B` False deactivates a
+  slot first; active slots outside `run_B` keep their state, for a call with another weight version).
 
-  Stops early once no slot is active. Returns `(state, tokens_BC, logprobs_BC, new_B)`: row b generated
-  `tokens_BC[b, :new_B[b]]` in this chunk.
+  Stops early once no slot of `run_B` is active. Returns `(state, tokens_BC, logprobs_BC, new_B)`: row b
+  generated `tokens_BC[b, :new_B[b]]` in this chunk.
   """
   model = nnx.merge(graphdef, params)
   b = state.last_B.shape[0]
@@ -252,11 +255,11 @@ def decode_chunk(graphdef, params, state: SlotState, keep_B: jax.Array, *, steps
 
   def cond(carry):
     i, st, _, _, _ = carry
-    return (i < steps) & jnp.any(st.active_B)
+    return (i < steps) & jnp.any(st.active_B & run_B)
 
   def body(carry):
     i, st, out, out_lp, new = carry
-    live = st.active_B
+    live = st.active_B & run_B
     hidden, cache = model.forward_cached_hidden(
       st.last_B[:, None],
       st.cache,
@@ -275,7 +278,7 @@ def decode_chunk(graphdef, params, state: SlotState, keep_B: jax.Array, *, steps
       cache=cache,
       last_B=jnp.where(live, tokens, st.last_B),
       count_B=count,
-      active_B=live & ~ended,
+      active_B=jnp.where(live, ~ended, st.active_B),
     )
     return i + 1, st, out, out_lp, new + live
 

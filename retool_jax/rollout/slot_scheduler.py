@@ -8,7 +8,13 @@ a request whose prompt another slot already holds (the samples of one GRPO group
 When a free slot holding a kept prefix is given to another request, the prefix is parked in the pool (rows
 beyond the slots that decode never runs over); a request that extends a parked prefix gets it copied back into
 its slot and prefills only the rest. The pool overwrites its least recently used prefix when full; everything
-kept is dropped when the weights change.
+kept under weights that are no longer held is dropped.
+
+Weight versions. The engine may hold several versions of the weights at once (`Weights`, keyed by a
+generation number): a request runs on the newest at its admission to the end, on the version it pins, or, if it
+follows updates, on the newest at every call (its KV is kept: a partial rollout). Decode and prefill calls run
+one version each; every generated token records the version that produced it. A kept prefix is reused only by
+a request on the same version (a request that follows updates also reuses other such requests' prefixes).
 
 `step()` is one scheduler iteration: finish aborted / timed-out rows, admit queued requests into free slots,
 park and restore prefixes (one copy call), run one packed prefill call, run one decode chunk over every decoding
@@ -42,6 +48,15 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
   return int(diff[0]) if len(diff) else n
 
 
+@dataclasses.dataclass(frozen=True)
+class Weights:
+  """The weight versions an engine holds: `params[gen]` and its label `label[gen]`; `latest` is the newest."""
+
+  params: dict[int, Any]
+  label: dict[int, Any]
+  latest: int
+
+
 @dataclasses.dataclass
 class Job:
   """A request from submission to its result."""
@@ -58,11 +73,17 @@ class Job:
   lps: list[float] = dataclasses.field(default_factory=list)
   checked: int = 0  # output tokens already searched for stop strings
   stop_hit: tuple[int, str] | None = None
-  version: Any = None
+  version: Any = None  # the label of the version it started on
   admitted_at: float = 0.0
+  gen: int | None = None  # the weights it runs on (None: the newest at admission)
+  versions: list[Any] = dataclasses.field(default_factory=list)  # the version label of every output token
 
   def __post_init__(self):
     self.prompt = np.asarray(self.request.prompt_ids, np.int32)
+
+  @property
+  def follow(self) -> bool:
+    return self.request.follow_updates
 
 
 @dataclasses.dataclass
@@ -71,6 +92,11 @@ class Slot:
   job: Job | None = None
   decoding: bool = False
   last_used: int = 0
+  gen: int = -1  # the weights its KV was computed with (the newest of them, for a request following updates)
+  follow: bool = False  # written by a request that follows updates
+
+  def reusable_by(self, job: Job) -> bool:
+    return self.gen == job.gen or (job.follow and self.follow)
 
 
 class SlotScheduler:
@@ -103,11 +129,16 @@ class SlotScheduler:
   def abort(self, request_id: str) -> None:
     self.aborted.add(request_id)
 
-  def drop_prefixes(self) -> None:
-    """Forgets every kept prefix (new weights never see KV computed with the old ones)."""
+  def drop_prefixes(self, gens: set[int]) -> None:
+    """Forgets the kept prefixes computed with the weights of `gens` (versions the engine no longer holds)."""
     for s in self.slots + self.pool:
-      if s.job is None:
+      if s.job is None and s.gen in gens:
         s.tokens = s.tokens[:0]
+
+  def used_gens(self) -> set[int]:
+    """The weight versions queued and running requests still need (those following updates need the newest)."""
+    jobs = list(self.waiting) + [s.job for s in self.slots if s.job is not None]
+    return {j.gen for j in jobs if j.gen is not None and not j.follow}
 
   def cancel_all(self) -> list[Job]:
     jobs = list(self.waiting) + [s.job for s in self.slots if s.job is not None]
@@ -120,14 +151,17 @@ class SlotScheduler:
 
   # ---- one iteration -------------------------------------------------------------------------------
 
-  def step(self, graphdef, params, version, admit: bool = True) -> list[tuple[Job, GenerateResult]]:
+  def step(self, graphdef, weights: Weights, admit: bool = True) -> list[tuple[Job, GenerateResult]]:
     done: list[tuple[Job, GenerateResult]] = []
     self._expire(done)
+    for s in self.slots:
+      if s.job is not None and s.job.follow:
+        s.job.gen = weights.latest
     if admit:
-      self._admit(version, done)
+      self._admit(weights, done)
     self._move()
-    self._prefill(graphdef, params, done)
-    self._decode(graphdef, params, done)
+    self._prefill(graphdef, weights, done)
+    self._decode(graphdef, weights, done)
     return done
 
   def _expire(self, done) -> None:
@@ -152,7 +186,7 @@ class SlotScheduler:
 
   # ---- admission -----------------------------------------------------------------------------------
 
-  def _admit(self, version, done) -> None:
+  def _admit(self, weights: Weights, done) -> None:
     deferred = []
     while self.waiting:
       job = self.waiting.popleft()
@@ -160,6 +194,8 @@ class SlotScheduler:
       if not free:
         self.waiting.appendleft(job)
         break
+      if job.gen is None or job.follow:
+        job.gen = weights.latest
       if self._wait_for_shared_prefix(job):
         deferred.append(job)
         continue
@@ -168,10 +204,11 @@ class SlotScheduler:
       slot = self.slots[dst]
       self.engine.stats["prefix_hits" if reuse else "prefix_misses"] += 1
       self.engine.stats["reused_tokens"] += reuse
-      job.written, job.source, job.version = reuse, source, version
+      job.written, job.source, job.version = reuse, source, weights.label[job.gen]
       job.admitted_at = time.monotonic()
       slot.job, slot.decoding = job, False
       slot.tokens = slot.tokens[:reuse] if source == dst else slot.tokens[:0]  # what the device holds now
+      slot.gen, slot.follow = job.gen, job.follow
       self.tick += 1
       slot.last_used = self.tick
       self.slots[source].last_used = self.tick
@@ -180,9 +217,11 @@ class SlotScheduler:
   def _wait_for_shared_prefix(self, job: Job) -> bool:
     """True when a slot now prefilling will soon hold a longer prefix of this prompt than any slot holds now
     (the other samples of a group wait for the first one's prefill instead of repeating it)."""
-    held = max((common_prefix(s.tokens, job.prompt) for s in self.slots + self.pool), default=0)
+    held = max(
+      (common_prefix(s.tokens, job.prompt) for s in self.slots + self.pool if s.reusable_by(job)), default=0
+    )
     for s in self.slots:
-      if s.job is not None and not s.decoding:
+      if s.job is not None and not s.decoding and (s.job.gen == job.gen or job.follow and s.job.follow):
         coming = min(common_prefix(s.job.prompt, job.prompt), len(job.prompt) - 1)
         if coming >= max(held + 16, 2 * held):
           return True
@@ -191,11 +230,12 @@ class SlotScheduler:
   def _place(self, job: Job, free: list[int]) -> tuple[int, int, int]:
     """(destination slot, source slot, prefix tokens reused); schedules the pool copies this needs."""
     limit = len(job.prompt) - 1
-    held = [(min(common_prefix(s.tokens, job.prompt), limit), s.job is None, -i) for i, s in enumerate(self.slots)]
+    match = lambda s: min(common_prefix(s.tokens, job.prompt), limit) if s.reusable_by(job) else 0
+    held = [(match(s), s.job is None, -i) for i, s in enumerate(self.slots)]
     reuse, _, best = max(held)
     best = -best
     restoring = {p for p, _, _ in self.restores}
-    pooled = [(min(common_prefix(r.tokens, job.prompt), limit), -p) for p, r in enumerate(self.pool)]
+    pooled = [(match(r), -p) for p, r in enumerate(self.pool)]
     pool_reuse, pool_best = max((c for c in pooled if -c[1] not in restoring), default=(0, 0))
     if pool_reuse > reuse:  # copy the parked prefix back into a free slot
       self.restores.append((-pool_best, -1, pool_reuse))  # reserved: parking cannot pick this row
@@ -203,6 +243,7 @@ class SlotScheduler:
       row = self.pool[-pool_best]
       self.restores[-1] = (-pool_best, dst, pool_reuse)
       self.slots[dst].tokens = row.tokens[:pool_reuse]
+      self.slots[dst].gen, self.slots[dst].follow = row.gen, row.follow
       if pool_reuse == len(row.tokens):  # the slot will hold an extension: the row is free again
         row.tokens = row.tokens[:0]
       self.engine.stats["pool_hits"] += 1
@@ -230,17 +271,22 @@ class SlotScheduler:
     n = len(slot.tokens)
     restoring = {p for p, _, _ in self.restores}
     candidates = [p for p in range(len(self.pool)) if p not in restoring]
-    if any(common_prefix(self.pool[p].tokens, slot.tokens) == n for p in candidates):
+    same = [p for p in candidates if (self.pool[p].gen, self.pool[p].follow) == (slot.gen, slot.follow)]
+    if any(common_prefix(self.pool[p].tokens, slot.tokens) == n for p in same):
       return  # the pool already holds it (or an extension)
     if not candidates:
       self.engine.stats["evictions"] += 1
       return
-    prefix = [p for p in candidates if common_prefix(self.pool[p].tokens, slot.tokens) == len(self.pool[p].tokens)]
-    p = min(candidates, key=lambda p: (p not in prefix, self.pool[p].last_used))
-    if p not in prefix:
+    free = lambda p: (
+      not len(self.pool[p].tokens)
+      or (p in same and common_prefix(self.pool[p].tokens, slot.tokens) == len(self.pool[p].tokens))
+    )  # empty, or a prefix of what it parks
+    p = min(candidates, key=lambda p: (not free(p), self.pool[p].last_used))
+    if not free(p):
       self.engine.stats["evictions"] += 1
     self.parks.append((i, p))
-    self.pool[p].tokens, self.pool[p].last_used = slot.tokens, slot.last_used
+    row = self.pool[p]
+    row.tokens, row.last_used, row.gen, row.follow = slot.tokens, slot.last_used, slot.gen, slot.follow
     self.engine.stats["pool_parks"] += 1
 
   def _move(self) -> None:
@@ -285,17 +331,20 @@ class SlotScheduler:
 
   # ---- prefill -------------------------------------------------------------------------------------
 
-  def _prefill(self, graphdef, params, done) -> None:
+  def _prefill(self, graphdef, weights: Weights, done) -> None:
     eng = self.engine
     rows = [i for i, s in enumerate(self.slots) if s.job is not None and not s.decoding]
     if not rows:
       return
     rows.sort(key=lambda i: self.slots[i].job.admitted_at)
+    gen = self.slots[rows[0]].job.gen  # one weight version per call: the oldest admission's
+    rows = [i for i in rows if self.slots[i].job.gen == gen]
     chosen, tokens = [], 0
     for i in rows:
       job = self.slots[i].job
       if job.source >= 0 and job.source != i:  # the shared prefix may have been overwritten since admission
-        held = min(common_prefix(self.slots[job.source].tokens, job.prompt), len(job.prompt) - 1)
+        source = self.slots[job.source]
+        held = min(common_prefix(source.tokens, job.prompt), len(job.prompt) - 1) if source.reusable_by(job) else 0
         if held < job.written:
           job.written, job.source = held, (job.source if held else i)
       n = min(len(job.prompt) - job.written, eng.prefill_chunk)
@@ -337,7 +386,9 @@ class SlotScheduler:
       slot_R, source_R, start_R, ids_RT, n_R, last_R, temp_R, top_p_R, top_k_R, keys_R2, max_new_R, stop_RW
     )  # host arrays: the call transfers them
     self.programs.add(("prefill", r, t, self.length, attend))
-    self.state, first, first_lp = programs.prefill(graphdef, params, self.state, rows_dev, attend_length=attend)
+    self.state, first, first_lp = programs.prefill(
+      graphdef, weights.params[gen], self.state, rows_dev, attend_length=attend
+    )
     first, first_lp = np.asarray(first), np.asarray(first_lp)
     eng.stats["prefill_calls"] += 1
     eng.stats["prefill_tokens"] += int(n_R.sum())
@@ -347,30 +398,37 @@ class SlotScheduler:
       job.written += n
       job.source = -1
       slot.tokens = job.prompt[: job.written].copy()
+      slot.gen = gen
       if not last_R[k]:
         continue
       slot.decoding = True
       job.out.append(int(first[k]))
       job.lps.append(float(first_lp[k]))
+      job.versions.append(weights.label[gen])
       reason = self._ended(job, self.length)
       if reason is not None:
         done.append((job, self._finish(i, reason)))
 
   # ---- decode --------------------------------------------------------------------------------------
 
-  def _decode(self, graphdef, params, done) -> None:
-    eng = self.engine
+  def _decode(self, graphdef, weights: Weights, done) -> None:
     live = [i for i, s in enumerate(self.slots) if s.job is not None and s.decoding]
-    if not live:
-      return
-    steps = eng.decode_chunk
-    longest = max(len(self.slots[i].tokens) + 1 for i in live)  # + the last token, fed first
-    attend = min(bucket(longest + steps, eng.min_attend_bucket), self.length)
     keep = np.zeros((self.num_slots,), bool)
     keep[live] = True
+    for gen in sorted({self.slots[i].job.gen for i in live}):  # one call per weight version, oldest first
+      rows = [i for i in live if self.slots[i].job.gen == gen]
+      self._decode_rows(graphdef, weights, gen, rows, keep, done)
+
+  def _decode_rows(self, graphdef, weights: Weights, gen: int, rows: list[int], keep: np.ndarray, done) -> None:
+    eng = self.engine
+    steps = eng.decode_chunk
+    longest = max(len(self.slots[i].tokens) + 1 for i in rows)  # + the last token, fed first
+    attend = min(bucket(longest + steps, eng.min_attend_bucket), self.length)
+    run = np.zeros((self.num_slots,), bool)
+    run[rows] = True
     self.programs.add(("decode", self.num_slots, self.length, steps, attend))
     self.state, out, out_lp, new = programs.decode_chunk(
-      graphdef, params, self.state, keep, steps=steps, attend_length=attend
+      graphdef, weights.params[gen], self.state, keep, run, steps=steps, attend_length=attend
     )
     out, out_lp, new = np.asarray(out), np.asarray(out_lp), np.asarray(new)
     ran = int(new.max())
@@ -378,12 +436,14 @@ class SlotScheduler:
     eng.stats["decode_steps"] += ran
     eng.stats["slot_steps"] += ran * self.num_slots
     eng.stats["useful_tokens"] += int(new.sum())
-    for i in live:
+    for i in rows:
       slot, job = self.slots[i], self.slots[i].job
       n = int(new[i])
       job.out.extend(out[i, :n].tolist())
       job.lps.extend(out_lp[i, :n].astype(float).tolist())
+      job.versions.extend([weights.label[gen]] * n)
       slot.tokens = np.concatenate([job.prompt, np.asarray(job.out[:-1], np.int32)])
+      slot.gen = gen
       reason = self._ended(job, self.length)
       if reason is not None:
         done.append((job, self._finish(i, reason)))
@@ -396,7 +456,7 @@ class SlotScheduler:
       hit = find_stop_string(job.out, job.checked, stops, eng.tokenizer.decode)
       job.checked = len(job.out)
       if hit is not None:
-        del job.out[hit[0] + 1 :], job.lps[hit[0] + 1 :]
+        del job.out[hit[0] + 1 :], job.lps[hit[0] + 1 :], job.versions[hit[0] + 1 :]
         return FinishReason("stop", hit[1])
     last = job.out[-1]
     if last in eng.eos_token_ids or last in job.request.sampling.stop_token_ids:
@@ -423,6 +483,7 @@ class SlotScheduler:
       reason,
       job.version,
       meta={"prompt_tokens": len(job.prompt), "request_id": job.request.request_id},
+      output_versions=list(job.versions),
     )
 
 

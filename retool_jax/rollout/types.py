@@ -33,10 +33,21 @@ class SamplingParams:
 
 @dataclasses.dataclass(frozen=True)
 class GenerateRequest:
+  """One generation call.
+
+  Which weights generate it, when an engine holds several versions (the embedded engine during an
+  asynchronous RL run): by default the newest at admission, kept to the end of the request; `weight_version`
+  pins a version the engine still holds; `follow_updates` moves the request onto each newer version as it
+  arrives, its KV cache kept (a partial rollout: its tokens then span versions, see
+  `GenerateResult.output_versions`).
+  """
+
   prompt_ids: tuple[int, ...]
   sampling: SamplingParams = SamplingParams()
   request_id: str | None = None
   deadline_s: float | None = None  # seconds after submission; then it ends with what it has (finish "abort")
+  weight_version: int | str | None = None
+  follow_updates: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +59,21 @@ class FinishReason:
 
 @dataclasses.dataclass
 class GenerateResult:
+  """What a request generated. `weight_version` is the version it started on; `output_versions`, when given,
+  is the version of every output token (None: all of them `weight_version`)."""
+
   output_ids: list[int]
   output_logprobs: list[float]  # one per output id
   finish_reason: FinishReason
   weight_version: str | int | None = None
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+  output_versions: list[Any] | None = None
+
+  def token_versions(self) -> list[Any]:
+    """The version of every output token."""
+    if self.output_versions is not None:
+      return list(self.output_versions)
+    return [self.weight_version] * len(self.output_ids)
 
 
 @runtime_checkable

@@ -268,3 +268,58 @@ def test_cache_is_sharded_over_the_mesh():
   ref = run(engine_for(qwen3.Qwen3(TINY, rngs=nnx.Rngs(0))).generate([req]))[0]
   assert res.output_ids == ref.output_ids
   np.testing.assert_allclose(res.output_logprobs, ref.output_logprobs, atol=1e-5)
+
+
+def test_requests_pin_a_held_weight_version_and_unknown_versions_abort(model):
+  other = qwen3.Qwen3(TINY, rngs=nnx.Rngs(9))
+  engine = engine_for(model, keep_versions=2)
+  prompt = tuple(range(1, 30))
+  run(engine.update_weights(nnx.state(other), version=1))
+  assert engine.held_versions() == [0, 1]
+  old, new, missing = run(
+    engine.generate(
+      [
+        GenerateRequest(prompt, sampled(12, seed=0), weight_version=0),
+        GenerateRequest(prompt, sampled(12, seed=0)),
+        GenerateRequest(prompt, sampled(12, seed=0), weight_version=7),
+      ]
+    )
+  )
+  alone = lambda m: run(engine_for(m).generate([GenerateRequest(prompt, sampled(12, seed=0))]))[0]  # noqa: E731
+  assert old.output_ids == alone(model).output_ids and old.token_versions() == [0] * 12
+  assert new.output_ids == alone(other).output_ids and new.weight_version == 1
+  assert missing.finish_reason.type == "abort" and "weight version 7 is not held" in missing.finish_reason.message
+  run(engine.update_weights(nnx.state(model), version=2))
+  run(engine.generate([GenerateRequest(prompt, sampled(2, seed=0))]))
+  assert engine.held_versions() == [1, 2]  # keep_versions=2: the oldest is released once nothing uses it
+
+
+def test_a_following_request_continues_on_new_weights_and_records_each_tokens_version(model):
+  """An update mid-request: the tokens after it come from the new weights, each labelled so.
+
+  The KV of the tokens before the switch is kept from the old weights, so only those tokens equal the
+  trainer's log-probs exactly; the later ones are the new weights' (the loss's importance ratio corrects them).
+  """
+  other = qwen3.Qwen3(TINY, rngs=nnx.Rngs(9))
+  engine = engine_for(model, min_slot_length=256, decode_chunk=4)
+  prompt = tuple(range(1, 12))
+  run(engine.generate([GenerateRequest(prompt, sampled(8, seed=1))]))  # compiles the programs
+
+  async def update_midway():
+    task = asyncio.create_task(
+      engine.generate([GenerateRequest(prompt, sampled(200, seed=3), follow_updates=True)])
+    )
+    start = engine.stats["decode_steps"]
+    while engine.stats["decode_steps"] < start + 20:
+      await asyncio.sleep(0.001)
+    await engine.update_weights(nnx.state(other), version=1)
+    return (await task)[0]
+
+  res = run(update_midway())
+  versions = res.token_versions()
+  switch = versions.index(1)
+  assert 20 <= switch < 200 and versions == [0] * switch + [1] * (200 - switch)
+  ids = list(prompt) + res.output_ids
+  lp = np.asarray(res.output_logprobs)
+  np.testing.assert_allclose(lp[:switch], trainer_logprobs(model, ids, len(prompt))[:switch], atol=1e-5)
+  assert np.abs(lp[switch:] - trainer_logprobs(model, ids, len(prompt))[switch:]).min() > 1e-4

@@ -415,9 +415,11 @@ class SlotScheduler:
     live = [i for i, s in enumerate(self.slots) if s.job is not None and s.decoding]
     keep = np.zeros((self.num_slots,), bool)
     keep[live] = True
-    for gen in sorted({self.slots[i].job.gen for i in live}):  # one call per weight version, oldest first
-      rows = [i for i in live if self.slots[i].job.gen == gen]
-      self._decode_rows(graphdef, weights, gen, rows, keep, done)
+    by_gen: dict[int, list[int]] = {}
+    for i in live:
+      by_gen.setdefault(self.slots[i].job.gen, []).append(i)
+    for gen in sorted(by_gen):  # one call per weight version, oldest first
+      self._decode_rows(graphdef, weights, gen, by_gen[gen], keep, done)
 
   def _decode_rows(self, graphdef, weights: Weights, gen: int, rows: list[int], keep: np.ndarray, done) -> None:
     eng = self.engine

@@ -5,7 +5,8 @@ random model for smoke tests) or an SGLang server (`engine.sglang_url`), scores 
 (accuracy is always the verified `correct`, never the shaped reward) and writes to `workdir`:
 
 * `trajectories.jsonl` - one line per rollout: problem, answer, response, correctness, tool and length stats;
-* `summary.json` / `summary.md` - avg@n, pass@k (unbiased estimator), tool calls per problem, execution success,
+* `summary.json` / `summary.md` - avg@n, pass@k (unbiased estimator), accuracy under the strict and the lenient
+  verifier (avg@n uses the reward's own), tool calls per problem, execution success,
   format correctness, tool accuracy, response length and truncation rate.
 
 Prompts are rendered as the checkpoint's prompt contract (`prompt_contract.json` of its run or export folder)
@@ -34,9 +35,10 @@ from retool_jax.chat.parse import ToolCall, parse_tool_calls
 from retool_jax.chat.prompt_contract import ContractError, PromptContract, check_tokenizer_fits, find_contract
 from retool_jax.data import load_math
 from retool_jax.rewards import get_reward
+from retool_jax.rewards.math_rewards import grade
 from retool_jax.rollout import JaxEngine, MultiTurnConfig, SGLangEngine
 from retool_jax.rollout.multiturn import TOOL_MODES, tools_for
-from retool_jax.rollout.scoring import rollout_and_score
+from retool_jax.rollout.scoring import reward_info, rollout_and_score
 from retool_jax.train import build, validate_config
 
 FREE_FORM = ("rollout", "model.overrides")  # checked by MultiTurnConfig / Qwen3Config
@@ -126,6 +128,15 @@ def call_stats(
   }
 
 
+def verdicts(rollout: Any, ground_truth: str) -> dict[str, bool]:
+  """The response's correctness under both verifiers (`correct_strict`, `correct_lenient`), whatever the reward."""
+  info = reward_info(rollout)
+  return {
+    f"correct_{mode}": bool(grade(rollout.text, ground_truth, info, mode=mode).verdict.correct)
+    for mode in ("strict", "lenient")
+  }
+
+
 def trajectory_record(
   problem: int, sample: int, example: Any, rollout: Any, result: Any, calls: Mapping[str, int]
 ) -> dict[str, Any]:
@@ -142,6 +153,7 @@ def trajectory_record(
     "correct": bool(result.correct),
     "reward": float(result.reward),
     "format_ok": bool(result.format_ok),
+    **verdicts(rollout, example.ground_truth),
     "status": rollout.status,
     "stop_reason": rollout.stop_reason,
     "response_tokens": int(sum(rollout.loss_mask)),
@@ -187,6 +199,9 @@ def summarize(records: Sequence[Mapping[str, Any]], pass_k: Sequence[int] = (1,)
   for k in sorted(set(pass_k)):
     if k <= n:
       summary[f"pass@{k}"] = float(np.mean([pass_at_k(n, c, k) for c in correct]))
+  for mode in ("strict", "lenient"):  # the reward's verifier decides avg@n; both are shown to see the gap
+    if all(f"correct_{mode}" in r for r in records):
+      summary[f"accuracy_{mode}"] = float(np.mean([r[f"correct_{mode}"] for r in records]))
   summary |= {
     "reward_mean": float(np.mean([r["reward"] for r in records])),
     "tool_calls_per_problem": total("tool_calls") / len(records),  # per attempt (one sample of a problem)

@@ -245,6 +245,30 @@ def test_evaluate_with_a_scripted_engine_writes_trajectories_and_summary(tmp_pat
   assert "| avg@3 | 0.3333 |" in (tmp_path / "eval" / "summary.md").read_text()
 
 
+class EquivalentFormsEngine(ScriptedEngine):
+  """Two answers to 18: one a fraction that only the lenient verifier reads as 18."""
+
+  SCRIPTS = [["<answer>\\boxed{\\frac{36}{2}}</answer>"], ["<answer>\\boxed{18}</answer>"]]
+
+
+@pytest.mark.parametrize("reward, avg", [("retool", 1.0), ("retool(strict=True)", 0.5)])
+def test_summary_shows_strict_and_lenient_accuracy_whatever_the_reward(
+  tmp_path, tokenizer, fixtures_dir, reward, avg
+):
+  c = ev.default_config()
+  c.workdir = str(tmp_path / "eval")
+  c.data.path = str(fixtures_dir / "gsm8k" / "test.jsonl")  # the first answer is 18
+  c.data.limit = 1
+  c.eval.num_samples = 2
+  c.eval.pass_k = (1,)
+  c.rollout.max_context = 4096
+  c.reward = reward
+  summary = ev.evaluate(c, engine=EquivalentFormsEngine(tokenizer))
+  assert (summary["avg@2"], summary["accuracy_strict"], summary["accuracy_lenient"]) == (avg, 0.5, 1.0)
+  lines = [json.loads(x) for x in (tmp_path / "eval" / "trajectories.jsonl").read_text().splitlines()]
+  assert [(r["correct_strict"], r["correct_lenient"]) for r in lines] == [(False, True), (True, True)]
+
+
 def test_tools_can_run_without_their_schemas_in_the_prompt(tmp_path, tokenizer, fixtures_dir):
   engine = ScriptedEngine(tokenizer)
   seen = []

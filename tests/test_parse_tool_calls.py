@@ -4,6 +4,7 @@ import asyncio
 import json
 from types import SimpleNamespace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -262,3 +263,48 @@ def test_reads_blocks_as_sglang_qwen25_does():
   # SGLang drops a malformed block and an unknown tool without a word; here both are errors, in text order.
   result = parse_tool_calls("<tool_call>\n{oops}\n</tool_call>" + block({"name": "nope"}), FakeRegistry())
   assert result.calls == [] and len(result.errors) == 2 and "unknown tool 'nope'" in result.errors[1]
+
+
+# ---- the tag named in prose ------------------------------------------------------------------------
+
+CALL_AFTER_PROSE = (
+  "<think>\nI will write a <tool_call> block ... </think>\n\n"
+  '<tool_call>\n{"name": "code_interpreter", "arguments": {"code": "print(2 + 2)"}}\n</tool_call>'
+)
+
+
+def test_a_tag_named_in_a_thought_does_not_swallow_the_real_call():
+  result = parse_tool_calls(CALL_AFTER_PROSE)
+  assert result.errors == []
+  assert [(c.name, c.arguments) for c in result.calls] == [("code_interpreter", {"code": "print(2 + 2)"})]
+  assert result.content == "<think>\nI will write a <tool_call> block ... </think>"
+
+
+@pytest.mark.parametrize(
+  "text",
+  ["Use <tool_call> tags to call tools.", "Tools are called in <tool_call> blocks; the answer is 4."],
+)
+def test_prose_that_names_the_tag_is_content_not_an_error(text):
+  result = parse_tool_calls(text)
+  assert not result.found and result.errors == []
+  assert result.content == text
+
+
+def test_calls_written_inline_or_cut_short_are_still_blocks():
+  inline = parse_tool_calls('<tool_call>{"name": "a", "arguments": {}}</tool_call>')
+  assert [c.name for c in inline.calls] == ["a"]
+  assert parse_tool_calls("<tool_call>42</tool_call>").errors  # closed: a block with a bad body
+  assert "incomplete" in parse_tool_calls('ok <tool_call>\n{"name": "a"').errors[0]
+  assert "incomplete" in parse_tool_calls("ok <tool_call>").errors[0]
+
+
+# ---- ReTool cells with several fenced blocks -------------------------------------------------------
+
+
+def test_a_code_cell_with_two_fenced_blocks_runs_both_in_order_without_fences():
+  text = "<code>\n```python\nx = 1\nprint(x)\n```\n```python\nprint(x + 1)\n```\n</code>"
+  (call,) = parse_tool_calls(text).calls
+  assert call.arguments["code"] == "x = 1\nprint(x)\nprint(x + 1)"
+  compile(call.arguments["code"], "<cell>", "exec")
+  bad = parse_tool_calls("<code>\n```python\nprint(1)\n```\n```bash\nls\n```\n</code>")
+  assert bad.calls == [] and "must be Python" in bad.errors[0]

@@ -12,7 +12,7 @@ from retool_jax.rewards.extract import tags_balanced
     (r"so $\boxed{\frac{1}{\sqrt{2}}}$.", r"\frac{1}{\sqrt{2}}"),
     (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
     (r"first \boxed{3}, then \boxed{4}", "4"),
-    (r"\boxed{3} and then \boxed{\frac{1}{2", "3"),  # the unclosed last box is skipped
+    (r"\boxed{3} and then \boxed{\frac{1}{2", None),  # the last box is unfinished: no answer, no fallback
     (r"so \boxed 5 it is", "5"),
     (r"\fbox{7}", "7"),
     (r"\boxed{ 12 }", "12"),
@@ -128,3 +128,38 @@ def test_tags_balanced(text, balanced):
 )
 def test_normalize_answer(raw, normalized):
   assert normalize_answer(raw) == normalized
+
+
+# ---- the last answer started is the final one ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "text",
+  [
+    r"Earlier: \boxed{300}. Final: \boxed{\frac{1}{2}",  # unfinished last box
+    r"Earlier: \boxed{300}. On second thought: \boxed{}",  # erased answer
+    r"Earlier: \boxed{300}. <answer>\boxed{</answer>",
+    r"Earlier: \boxed{300}. <answer></answer>",
+  ],
+)
+def test_an_unfinished_or_empty_last_answer_is_no_answer(text):
+  assert extract_answer(text) is None
+
+
+def test_an_empty_answer_line_is_a_heading_not_an_erased_answer():
+  found = extract_answer("Final answer:\n\\boxed{12}")
+  assert (found.answer, found.source) == ("12", "boxed")
+
+
+def test_prose_naming_the_tool_call_tag_keeps_the_answer_after_it():
+  text = r"Use <tool_call> tags to call tools. The answer is \boxed{4}."
+  assert extract_answer(text).answer == "4"
+  assert tags_balanced(text)
+  call = '<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>'
+  assert extract_answer(r"I write a <tool_call> block. " + call + r" so \boxed{5}").answer == "5"
+  assert extract_answer(call + r" \boxed{5} <tool_call>" + "\n" + r'{"x": "\boxed{6}"}').answer == "5"
+
+
+def test_unicode_minus_is_minus_in_strict_normalisation():
+  assert normalize_answer("−300") == normalize_answer("-300") == "-300"
+  assert normalize_answer("\\frac{−1}{2}") == "\\frac{-1}{2}"

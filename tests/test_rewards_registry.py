@@ -1,5 +1,6 @@
 """Shaped rewards, the format reward, the registry and batch summaries."""
 
+import re
 import uuid
 
 import pytest
@@ -156,3 +157,48 @@ def test_register_reward():
     register_reward(name, MathReward)
   with pytest.raises(ValueError, match="may not be empty or contain"):
     register_reward("pkg:fn", MathReward)
+
+
+# ---- truncation, options in reward strings ---------------------------------------------------------
+
+TRUNCATED_WITH_EARLY_BOX = r"<answer>\boxed{300}</answer> is my guess; let me check again with more" + " work" * 50
+
+
+def test_a_response_cut_by_the_length_limit_is_wrong_whatever_it_boxed_before():
+  cut = {"finish_reason": "length", "num_tool_calls": 2}
+  result = get_reward("retool")(TRUNCATED_WITH_EARLY_BOX, "300", cut)
+  assert (result.correct, result.format_ok, result.extracted) == (False, False, "300")
+  assert result.reward == pytest.approx(-0.8)  # the shaped wrong reward for 2 calls, never +1
+  finished = get_reward("retool")(TRUNCATED_WITH_EARLY_BOX, "300", {"finish_reason": "stop", "num_tool_calls": 2})
+  assert finished.correct and finished.reward == 1.0
+  graded = get_reward("retool(grade_truncated=True)")(TRUNCATED_WITH_EARLY_BOX, "300", cut)
+  assert graded.correct and graded.reward == 1.0
+
+
+def test_reward_strings_carry_options_alone_and_in_weighted_sums():
+  strict = get_reward("retool(strict=True)")
+  assert isinstance(strict, MathReward) and strict.mode == "strict" and strict.tool_shaping
+  assert get_reward("math(strict=False, wrong_reward=-0.5)") == MathReward(mode="lenient", wrong_reward=-0.5)
+  combined = get_reward("retool(strict=True) + 0.5 * format(answer_format='boxed')")
+  (name0, fn0, w0), (name1, fn1, w1) = combined.parts
+  assert (name0, w0, fn0.mode) == ("retool(strict=True)", 1.0, "strict")
+  assert (w1, fn1.answer_format) == (0.5, "boxed")
+  # strict does not evaluate: 1/2 is not 0.5 there, and is lenient
+  answer = r"<answer>\boxed{\frac{1}{2}}</answer>"
+  assert not strict(answer, "0.5").correct and get_reward("retool")(answer, "0.5").correct
+
+
+@pytest.mark.parametrize(
+  "spec, needle",
+  [
+    ("retool(strict=1)", "strict must be True or False"),
+    ("retool(strict=True, mode='strict')", "not both"),
+    ("retool(True)", "by name"),
+    ("retool(strict=yes)", "'strict' must be a literal"),
+    ("retool(strict=True", "write 'name' or"),
+    ("retool(bogus=1)", "bogus"),
+  ],
+)
+def test_bad_reward_options_are_named(spec, needle):
+  with pytest.raises(ValueError, match=re.escape(needle)):
+    get_reward(spec)

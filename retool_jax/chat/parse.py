@@ -8,8 +8,10 @@ Formats, found in text order:
   first when it is non-empty), or a list of such objects. Deliberate differences: a problem SGLang skips
   silently (malformed JSON, an unknown tool) is an error here; the newlines around the body are optional;
   ``arguments`` written as a JSON-encoded string are decoded. An unterminated last block is incomplete.
-* ``code`` - ReTool ``<code>```python ... ```</code>`` blocks; the Markdown fence is stripped and the code
-  becomes a call of the code tool.
+  A tag named in prose (``write a <tool_call> block``) is text, as it is for SGLang: see
+  :func:`opens_tool_call`.
+* ``code`` - ReTool ``<code>```python ... ```</code>`` blocks; the Markdown fences are stripped and the code
+  becomes a call of the code tool (several fenced blocks in one cell run in order, as one program).
 * ``markdown`` (optional) - bare ```` ```python ... ``` ```` blocks outside the other two.
 """
 
@@ -36,7 +38,9 @@ _OPENERS = {
   "markdown": re.compile(r"```(?:python3?|py)[ \t]*\n"),
 }
 _CLOSERS = {"tool_call": TOOL_CALL_CLOSE, "code": "</code>", "markdown": "```"}
-_FENCE = re.compile(r"\A```[ \t]*([\w+-]*)[^\n]*(?:\n|\Z)(.*?)(?:\n?```[ \t]*)?\Z", re.DOTALL)
+_BODY_START = re.compile(r"[ \t]*(?:[\r\n{\[]|\Z)")
+# One fenced block: its language, then its code up to the closing fence (or the end of the text).
+_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*(?:\n|\Z)(.*?)(?:\n?```|\Z)", re.DOTALL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +83,20 @@ class ParseResult:
     return bool(self.items)
 
 
+def opens_tool_call(text: str, index: int) -> bool:
+  """Whether the ``<tool_call>`` at ``text[index]`` opens a call block rather than naming the tag in prose.
+
+  It does when a body can start right after it (a line break, ``{`` or ``[``, spaces or tabs between, or the
+  end of the text: a call cut short), or when ``</tool_call>`` follows before any other ``<tool_call>``.
+  """
+  after = index + len(TOOL_CALL_OPEN)
+  if _BODY_START.match(text, after):
+    return True
+  close = text.find(TOOL_CALL_CLOSE, after)
+  reopen = text.find(TOOL_CALL_OPEN, after)
+  return close != -1 and (reopen == -1 or close < reopen)
+
+
 def parse_tool_calls(
   text: str,
   registry: Any = None,
@@ -108,6 +126,9 @@ def parse_tool_calls(
     if not found:
       break
     start, body_start, fmt = min(found)
+    if fmt == "tool_call" and not opens_tool_call(text, start):
+      pos = body_start
+      continue
     if content is None:
       content = text[:start].strip()
     close = text.find(_CLOSERS[fmt], body_start)
@@ -140,16 +161,17 @@ def _parse_block(fmt: str, body: str, number: int, code_tool: str) -> list[Union
 
 
 def _strip_fence(body: str) -> str | CallError:
+  """The code of a ``<code>`` body: the body itself, or the code of its fenced blocks joined in order."""
   body = body.strip()
   if not body.startswith("```"):
     return body
-  match = _FENCE.match(body)
-  if match is None:  # unreachable for well-formed strings; kept so that odd input never raises
-    return body.strip("`")
-  language, code = match.group(1), match.group(2)
-  if language.lower() not in PYTHON_FENCE_LANGUAGES:
-    return CallError(f"Error: code blocks must be Python; got a ```{language} block.")
-  return code
+  blocks = []
+  for match in _FENCE.finditer(body):
+    language, code = match.group(1), match.group(2)
+    if language.lower() not in PYTHON_FENCE_LANGUAGES:
+      return CallError(f"Error: code blocks must be Python; got a ```{language} block.")
+    blocks.append(code.strip("\n"))
+  return "\n".join(blocks)
 
 
 def _parse_json_calls(body: str, number: int) -> list[Union[ToolCall, CallError]]:

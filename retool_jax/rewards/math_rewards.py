@@ -74,11 +74,19 @@ def grade(
   mode: verify.Mode = "lenient",
   answer_format: AnswerFormat = "any",
   verifier: verify.Verifier | None = None,
+  grade_truncated: bool = False,
 ) -> Graded:
-  """Extracts the answer of ``response``, verifies it and checks its format."""
+  """Extracts the answer of ``response``, verifies it and checks its format.
+
+  A response cut by the length limit (``info.truncated``) has no final answer and is wrong, whatever box it
+  wrote before the cut (its extraction is still reported); ``grade_truncated=True`` grades it like a
+  finished one.
+  """
   check_options(mode, answer_format)
   info = as_info(info)
   extraction, verdict = verify.judge(response, ground_truth, mode, verifier=verifier)
+  if info.truncated and not grade_truncated:
+    verdict = verify.Verdict(False)
   return Graded(extraction, verdict, info, format_ok(response, extraction, info, answer_format))
 
 
@@ -88,6 +96,7 @@ class _GradingReward:
   mode: verify.Mode
   answer_format: AnswerFormat
   verifier: verify.Verifier | None
+  grade_truncated: bool
 
   def __post_init__(self):
     check_options(self.mode, self.answer_format)
@@ -105,6 +114,7 @@ class _GradingReward:
       mode=self.mode,
       answer_format=self.answer_format,
       verifier=self.verifier,
+      grade_truncated=self.grade_truncated,
     )
     return graded.result(self.score(graded))
 
@@ -119,7 +129,8 @@ class MathReward(_GradingReward):
   With ``tool_shaping`` (ReTool), a wrong answer after ``k`` tool calls scores
   ``min(shaped_wrong_cap, wrong_reward + tool_call_bonus * k)`` -- by default
   ``min(-0.6, -1 + 0.1 k)`` -- which rewards trying the interpreter without ever reaching the
-  score of a correct answer. A response with no final answer is wrong.
+  score of a correct answer. A response with no final answer is wrong, and so is one cut by the length limit
+  unless ``grade_truncated`` (see :func:`grade`).
   """
 
   mode: verify.Mode = "lenient"
@@ -130,6 +141,7 @@ class MathReward(_GradingReward):
   shaped_wrong_cap: float = -0.6
   answer_format: AnswerFormat = "any"
   verifier: verify.Verifier | None = None
+  grade_truncated: bool = False
 
   def score(self, graded: Graded) -> float:
     if graded.verdict.correct:
@@ -152,6 +164,7 @@ class FormatReward(_GradingReward):
   bad_reward: float = 0.0
   mode: verify.Mode = "lenient"
   verifier: verify.Verifier | None = None
+  grade_truncated: bool = False
 
   def score(self, graded: Graded) -> float:
     return self.ok_reward if graded.format_ok else self.bad_reward

@@ -2,7 +2,7 @@
 
 Two answers are strictly equal when their normalised strings are equal. Normalisation removes
 presentation only -- math delimiters, sizing and spacing commands, text wrappers, units, degree
-and percent signs, thousands separators, a leading ``x =`` -- and writes plain numbers in one
+and percent signs, thousands separators, a leading ``x =``, Unicode minus signs -- and writes plain numbers in one
 canonical form, so ``"025"``, ``"25"`` and ``"25.0"`` agree. It never evaluates anything.
 """
 
@@ -126,9 +126,14 @@ def _canonical_number(s: str) -> str:
   return "0" if text in ("-0", "+0") else text
 
 
+_MINUS_SIGNS = ("\u2212", "\ufe63", "\uff0d")  # minus sign, small and full-width hyphen-minus
+
+
 def normalize_answer(answer: str) -> str:
   """Canonical string form of a final answer, for exact-match comparison."""
   s = answer.strip()
+  for minus in _MINUS_SIGNS:
+    s = s.replace(minus, "-")
   for old in _REMOVED:
     s = s.replace(old, "")
   for old, new in _RENAMED:

@@ -8,20 +8,23 @@ correctness whatever the reward.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import numbers
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from retool_jax.rewards import math_rewards, verify
 from retool_jax.rewards.result import RewardFn, RewardResult, TrajectoryInfo, as_info
 
-_FACTORIES: dict[str, Callable[..., RewardFn]] = {
+_BUILTIN: dict[str, Callable[..., RewardFn]] = {
   "math": math_rewards.MathReward,
   "retool": math_rewards.retool_reward,
   "format": math_rewards.FormatReward,
 }
+_FACTORIES = dict(_BUILTIN)
 
 
 def register_reward(name: str, factory: Callable[..., RewardFn]) -> None:
@@ -114,14 +117,36 @@ def combine_rewards(weighted: Mapping[Any, float] | Sequence[tuple[Any, float]])
   return CombinedReward(tuple(parts))
 
 
+def _split_top_level(text: str, separator: str) -> list[str]:
+  """``text`` split at ``separator`` where it stands outside brackets and quotes."""
+  parts, depth, quote, start = [], 0, "", 0
+  for i, char in enumerate(text):
+    if quote:
+      quote = "" if char == quote and text[i - 1] != "\\" else quote
+    elif char in "'\"":
+      quote = char
+    elif char in "([{":
+      depth += 1
+    elif char in ")]}":
+      depth -= 1
+    elif char == separator and depth == 0:
+      parts.append(text[start:i])
+      start = i + 1
+  return [*parts, text[start:]]
+
+
 def parse_weighted(spec: str) -> list[tuple[str, float]]:
-  """``"retool + 0.5 * format"`` -> ``[("retool", 1.0), ("format", 0.5)]`` (terms ``[weight *] reward``)."""
+  """``"retool + 0.5 * format"`` -> ``[("retool", 1.0), ("format", 0.5)]`` (terms ``[weight *] reward``).
+
+  A term's reward may carry options, ``0.5 * math(strict=True)``; they stay in its string (see
+  :func:`parse_options`).
+  """
   terms = []
-  for term in spec.split("+"):
-    weight, _, name = term.rpartition("*")
+  for term in _split_top_level(spec, "+"):
+    *weight, name = _split_top_level(term, "*")
     name = name.strip()
     try:
-      value = float(weight) if "*" in term else 1.0
+      value = float("*".join(weight)) if weight else 1.0
     except ValueError:
       value = None
     if not name or value is None:
@@ -132,24 +157,78 @@ def parse_weighted(spec: str) -> list[tuple[str, float]]:
   return terms
 
 
+_WITH_OPTIONS = re.compile(r"\A\s*([^()\s]+)\s*(?:\((.*)\))?\s*\Z", re.DOTALL)
+
+
+def parse_options(spec: str) -> tuple[str, dict[str, Any]]:
+  """``"retool(strict=True, wrong_reward=-0.5)"`` -> ``("retool", {"strict": True, "wrong_reward": -0.5})``.
+
+  Options are keyword arguments with Python literal values.
+  """
+  match = _WITH_OPTIONS.match(spec)
+  if match is None:
+    raise ValueError(f"reward {spec!r}: write 'name' or 'name(option=value, ...)'")
+  name, arguments = match.group(1), match.group(2)
+  if arguments is None or not arguments.strip():
+    return name, {}
+  try:
+    call = ast.parse(f"options({arguments})", mode="eval").body
+  except SyntaxError as error:
+    raise ValueError(f"reward {spec!r}: cannot read its options ({error.msg})") from error
+  if call.args or any(k.arg is None for k in call.keywords):
+    raise ValueError(f"reward {spec!r}: options are written 'option=value', by name")
+  options = {}
+  for keyword in call.keywords:
+    try:
+      options[keyword.arg] = ast.literal_eval(keyword.value)
+    except ValueError as error:
+      raise ValueError(
+        f"reward {spec!r}: option {keyword.arg!r} must be a literal (number, string, True/False/None)"
+      ) from error
+  return name, options
+
+
+def _builtin_options(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+  """``strict=True`` / ``False`` of a built-in reward is ``mode="strict"`` / ``"lenient"``."""
+  if name not in _BUILTIN or "strict" not in kwargs:
+    return kwargs
+  kwargs = dict(kwargs)
+  strict = kwargs.pop("strict")
+  if not isinstance(strict, bool):
+    raise ValueError(f"reward {name!r}: option strict must be True or False, got {strict!r}")
+  if "mode" in kwargs:
+    raise ValueError(f"reward {name!r}: give strict or mode, not both")
+  kwargs["mode"] = "strict" if strict else "lenient"
+  return kwargs
+
+
 def get_reward(spec: Any, **kwargs: Any) -> RewardFn:
   """A reward function from a name, a ``module:function`` path, a callable, or ``{spec: weight}``.
 
-  Examples: ``get_reward("math", mode="strict")``, ``get_reward("retool")``,
+  Examples: ``get_reward("math", mode="strict")``, ``get_reward("retool")``, ``get_reward("retool(strict=True)")``,
   ``get_reward("my_project.rewards:length_penalty", scale=0.1)``,
   ``get_reward({"retool": 1.0, "format": 0.1})`` or, as one string, ``get_reward("retool + 0.1 * format")``.
-  Keyword arguments go to the factory of a registered name, or to every call of a plug-in.
+  Keyword arguments (and options written in the string) go to the factory of a registered name, or to every
+  call of a plug-in. The built-in rewards take ``strict=True`` for ``mode="strict"``.
   """
-  if isinstance(spec, str) and ("+" in spec or "*" in spec):
+  if isinstance(spec, str) and (len(_split_top_level(spec, "+")) > 1 or len(_split_top_level(spec, "*")) > 1):
     if kwargs:
       raise TypeError("keyword arguments cannot be given with a combination of rewards")
     return combine_rewards(parse_weighted(spec))
   if isinstance(spec, str):
-    if ":" in spec:
-      return PluginReward(_load_plugin(spec), kwargs)
-    if spec not in _FACTORIES:
-      raise ValueError(f"unknown reward {spec!r}; registered: {available_rewards()}, or use 'module:function'")
-    return _FACTORIES[spec](**kwargs)
+    name, options = parse_options(spec)
+    both = sorted(set(options) & set(kwargs))
+    if both:
+      raise ValueError(f"reward {spec!r}: options {both} are given both in the string and as arguments")
+    kwargs = _builtin_options(name, {**options, **kwargs})
+    if ":" in name:
+      return PluginReward(_load_plugin(name), kwargs)
+    if name not in _FACTORIES:
+      raise ValueError(f"unknown reward {name!r}; registered: {available_rewards()}, or use 'module:function'")
+    try:
+      return _FACTORIES[name](**kwargs)
+    except TypeError as error:
+      raise ValueError(f"reward {spec!r}: {error}") from error
   if isinstance(spec, Mapping) or hasattr(spec, "items"):
     if kwargs:
       raise TypeError("keyword arguments cannot be given with a combination of rewards")

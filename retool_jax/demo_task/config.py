@@ -111,6 +111,8 @@ def demo_config(workdir: str = DEFAULT_WORKDIR) -> ml_collections.ConfigDict:
       num_epochs=1,
       loss=dict(clip_low=0.2, clip_high=0.28, aggregation="token_mean"),
       length_multiple=32,
+      max_staleness=0,  # 1 or 2: rollouts run ahead of the updates (see README, asynchronous RL)
+      partial_rollouts="finish",
     )
   )
   c.rl_optim = ml_collections.ConfigDict(

@@ -481,6 +481,9 @@ class JaxEngine:
       new = jnp.asarray(new)
       if new.shape != old.shape:
         raise ValueError(f"update_weights: a parameter has shape {new.shape}, the model expects {old.shape}")
-      return jax.device_put(new.astype(old.dtype), old.sharding)
+      # several versions held: each owns its buffers, so a trainer that donates its own cannot delete them
+      return jax.device_put(
+        new.astype(old.dtype), old.sharding, may_alias=None if self.keep_versions == 1 else False
+      )
 
     return jax.tree.map(place, current, params)

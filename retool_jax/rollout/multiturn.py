@@ -75,6 +75,8 @@ class MultiTurnConfig:
   seed: int | None = None  # trajectory i, turn t samples with seed + 1000 * i + t
   stop: tuple[str, ...] = ()  # added to the format's own stops
   stop_token_ids: tuple[int, ...] = ()
+  weight_version: int | str | None = None  # pin every turn to this held version (`GenerateRequest`)
+  follow_updates: bool = False  # every turn moves onto newer weights as they arrive (a partial rollout)
 
   def __post_init__(self):
     for name in ("max_context", "max_turns", "max_observation_tokens"):
@@ -138,7 +140,8 @@ class Rollout:
   stop_reason: str  # eos, stop, max_context, max_response_tokens, max_turns, max_tool_calls, or an abort message
   turns: list[TurnStats]
   text: str  # the response (everything after the prompt), for the reward
-  weight_versions: list[Any] = dataclasses.field(default_factory=list)
+  weight_versions: list[Any] = dataclasses.field(default_factory=list)  # the version each turn started on
+  token_versions: list[Any] = dataclasses.field(default_factory=list)  # the version of each generated token
 
   @property
   def response_ids(self) -> list[int]:
@@ -254,7 +257,10 @@ async def _one_trajectory(engine, prompt, tools, config: MultiTurnConfig, tokeni
     traj = Trajectory(tokenizer, prompt_ids, enable_thinking=config.enable_thinking)
     turns: list[TurnStats] = []
     versions: list[Any] = []
-    status, reason = await _loop(engine, registry, config, tokenizer, traj, turns, versions, index)
+    token_versions: list[Any] = []
+    status, reason = await _loop(
+      engine, registry, config, tokenizer, traj, turns, (versions, token_versions), index
+    )
   ids, mask, logprobs = traj.ids, traj.loss_mask, traj.logprobs
   limit, _ = trajectory_budget(config, traj.num_prompt_tokens)
   if len(ids) > limit:  # an observation overflowed the budget: keep exactly the budget's tokens
@@ -269,6 +275,7 @@ async def _one_trajectory(engine, prompt, tools, config: MultiTurnConfig, tokeni
     turns,
     tokenizer.decode(ids[traj.num_prompt_tokens :]),
     versions,
+    token_versions[: int(sum(mask))],
   )
 
 
@@ -279,7 +286,7 @@ async def _loop(
   tokenizer,
   traj: Trajectory,
   turns: list[TurnStats],
-  versions: list[Any],
+  versions: tuple[list[Any], list[Any]],
   index: int,
 ) -> tuple[str, str]:
   stops, stop_ids = stop_criteria(config, tokenizer)
@@ -301,10 +308,18 @@ async def _loop(
       seed=None if config.seed is None else config.seed + 1000 * index + len(turns),
     )
     try:
-      [result] = await engine.generate([GenerateRequest(tuple(traj.ids), sampling, f"{index}-{len(turns)}")])
+      request = GenerateRequest(
+        tuple(traj.ids),
+        sampling,
+        f"{index}-{len(turns)}",
+        weight_version=config.weight_version,
+        follow_updates=config.follow_updates,
+      )
+      [result] = await engine.generate([request])
     except Exception as e:  # noqa: BLE001  (one failed request aborts its trajectory, not the batch)
       return "aborted", f"engine error: {type(e).__name__}: {e}"
-    versions.append(result.weight_version)
+    versions[0].append(result.weight_version)
+    versions[1].extend(result.token_versions())
     traj.add_generated(result.output_ids, result.output_logprobs)
     finish = result.finish_reason
     turn = TurnStats(len(result.output_ids), finish.type)

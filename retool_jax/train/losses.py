@@ -52,6 +52,9 @@ def aggregate(
   return jnp.sum(per_seq_B) / num_seqs
 
 
+MIS_LEVELS = ("token", "sequence")
+
+
 @dataclasses.dataclass(frozen=True)
 class PolicyLossConfig:
   """Clipped policy-gradient objective and its extra terms.
@@ -66,6 +69,11 @@ class PolicyLossConfig:
     entropy_coef: weight of the entropy bonus (needs `entropy_BT`).
     tis_cap: truncated importance sampling against the rollout engine's log-probs: each token's loss is weighted
       by `min(exp(old_logp - rollout_logp), tis_cap)` (needs `rollout_logp_BT`), or None for no correction.
+    mis_low / mis_high: masked importance sampling: tokens whose ratio `exp(old_logp - rollout_logp)` leaves
+      `[mis_low, mis_high]` add nothing to the policy-gradient loss (the normaliser is unchanged); None: no
+      bound on that side. Both None: no masking.
+    mis_level: `token` masks each token by its own ratio; `sequence` masks a whole sequence by the geometric
+      mean of its tokens' ratios.
   """
 
   clip_low: float = 0.2
@@ -76,6 +84,13 @@ class PolicyLossConfig:
   kl_estimator: KLEstimator = "k3"
   entropy_coef: float = 0.0
   tis_cap: float | None = None
+  mis_low: float | None = None
+  mis_high: float | None = None
+  mis_level: str = "token"
+
+  @property
+  def masks_ratios(self) -> bool:
+    return self.mis_low is not None or self.mis_high is not None
 
   def __post_init__(self):
     if not 0.0 <= self.clip_low < 1.0:
@@ -94,6 +109,15 @@ class PolicyLossConfig:
       )
     if self.tis_cap is not None and self.tis_cap <= 0.0:
       raise ValueError(f"PolicyLossConfig.tis_cap must be > 0 (or None), got {self.tis_cap}")
+    if self.mis_level not in MIS_LEVELS:
+      raise ValueError(f"PolicyLossConfig.mis_level must be one of {MIS_LEVELS}, got {self.mis_level!r}")
+    low, high = self.mis_low, self.mis_high
+    if (
+      (low is not None and low < 0.0)
+      or (high is not None and high <= 0.0)
+      or (None not in (low, high) and low >= high)
+    ):
+      raise ValueError(f"PolicyLossConfig.mis_low / mis_high must satisfy 0 <= low < high, got {low}, {high}")
 
 
 def clipped_pg_loss_BT(
@@ -128,6 +152,21 @@ def tis_weights(old_logp_BT: ArrayLike, rollout_logp_BT: ArrayLike, cap: float) 
   return jax.lax.stop_gradient(jnp.exp(jnp.minimum(log_w_BT, jnp.log(cap))))
 
 
+def mis_keep(old_logp_BT: jax.Array, rollout_logp_BT: jax.Array, mask_BT: jax.Array, config: PolicyLossConfig):
+  """1 where masked importance sampling keeps a token (its ratio, or its sequence's, is inside the band), else 0."""
+  log_r_BT = old_logp_BT - rollout_logp_BT
+  if config.mis_level == "sequence":
+    m_BT = mask_BT.astype(jnp.float32)
+    log_r_B = jnp.sum(log_r_BT * m_BT, axis=1) / jnp.maximum(jnp.sum(m_BT, axis=1), 1.0)
+    log_r_BT = jnp.broadcast_to(log_r_B[:, None], log_r_BT.shape)
+  keep_BT = jnp.ones(log_r_BT.shape, bool)
+  if config.mis_low is not None:
+    keep_BT &= log_r_BT >= jnp.log(config.mis_low)
+  if config.mis_high is not None:
+    keep_BT &= log_r_BT <= jnp.log(config.mis_high)
+  return jax.lax.stop_gradient(keep_BT.astype(jnp.float32))
+
+
 def policy_loss(
   logp_BT: ArrayLike,
   old_logp_BT: ArrayLike,
@@ -147,7 +186,8 @@ def policy_loss(
   Metrics: `pg_loss`, `pg_clipfrac`, `approx_kl` (k3 estimate of KL(old || current)), `ratio_mean`,
   `ratio_max`; with dual clip `pg_clipfrac_dual`; given `ref_logp_BT`, `kl` (and `kl_loss` when weighted);
   given `entropy_BT`, `entropy`; given `rollout_logp_BT`, `rollout_kl` (k3 estimate of KL(rollout engine ||
-  trainer's old policy)), and with `tis_cap`, `tis_weight_mean` and `tis_clipfrac` (tokens at the cap).
+  trainer's old policy)), `rollout_ratio_mean` / `rollout_ratio_max` (of `exp(old - rollout)`), with `tis_cap`,
+  `tis_weight_mean` and `tis_clipfrac` (tokens at the cap), and with a masked-IS band `mis_masked_frac`.
   """
   c = config
   mask_BT = jnp.asarray(mask_BT)
@@ -168,11 +208,19 @@ def policy_loss(
   }
   if c.dual_clip is not None:
     metrics["pg_clipfrac_dual"] = mean(dual_BT)
-  if c.tis_cap is not None and rollout_logp_BT is None:
-    raise ValueError("PolicyLossConfig.tis_cap is set but rollout_logp_BT was not given")
+  if (c.tis_cap is not None or c.masks_ratios) and rollout_logp_BT is None:
+    raise ValueError("PolicyLossConfig.tis_cap or mis_low / mis_high is set but rollout_logp_BT was not given")
   if rollout_logp_BT is not None:
     rollout_logp_BT = jax.lax.stop_gradient(where_mask(jnp.asarray(rollout_logp_BT, jnp.float32), mask_BT))
     metrics["rollout_kl"] = mean(kl_estimate(rollout_logp_BT, old_logp_BT, "k3"))
+    if c.masks_ratios:
+      rollout_ratio_BT = jnp.exp(old_logp_BT - rollout_logp_BT)
+      metrics["rollout_ratio_mean"] = mean(rollout_ratio_BT)
+      metrics["rollout_ratio_max"] = jax.lax.stop_gradient(masked_max(rollout_ratio_BT, mask_BT))
+  if c.masks_ratios:
+    keep_BT = mis_keep(old_logp_BT, rollout_logp_BT, mask_BT, c)
+    pg_BT = pg_BT * keep_BT
+    metrics["mis_masked_frac"] = mean(1.0 - keep_BT)
   if c.tis_cap is not None:
     w_BT = tis_weights(old_logp_BT, rollout_logp_BT, c.tis_cap)
     pg_BT = pg_BT * w_BT

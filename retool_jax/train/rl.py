@@ -38,7 +38,7 @@ from retool_jax.models.logprobs import token_logprobs
 from retool_jax.rollout import MultiTurnConfig
 from retool_jax.rollout.scoring import metrics_of_stats, rollout_and_score, rollout_stats
 from retool_jax.train import advantages as adv_lib
-from retool_jax.train import dapo, microbatch, multihost
+from retool_jax.train import dapo, microbatch, multihost, rl_async
 from retool_jax.train.losses import PolicyLossConfig, policy_loss
 from retool_jax.train.rl_batch import minibatch_indices, pack_rollouts
 from retool_jax.train.rl_config import RLConfig
@@ -221,15 +221,27 @@ class RLTrainer:
       step_count = int(jax.device_get(state.step)) // (config.num_minibatches * config.num_epochs)
     self.step_count = step_count
     self.prompts_used = 0  # prompts drawn by this trainer, over all hosts
+    if config.max_staleness > 0 and jax.process_count() > 1:
+      raise ValueError("rl.max_staleness > 0 (asynchronous RL) runs on one process; set it to 0 on several")
+    self._producer: rl_async.RolloutProducer | None = None
+    self._consumed_position: dict[str, Any] = {}
+    self.dropped_batches = 0  # sampled batches older than max_staleness when their turn came
+    self.replayed_batches = 0  # batches in flight when a resumed run was saved, sampled again
+    self._trainer_busy_s = 0.0
 
   def position(self) -> dict[str, int]:
     """Where the run is (what a checkpoint needs to resume exactly): RL steps taken, prompts drawn and, with a
     prompt pipeline, its `state()`."""
     position = {"rl_step": self.step_count, "prompts_used": self.prompts_used}
+    if self._producer is not None:  # the producer reads ahead: the data stands after the batches trained on
+      return position | self._consumed_position | {"async_drawn": self._producer.drawn}
     return position | self.pipeline.state() if self.pipeline is not None else position
 
   def close(self) -> None:
-    """Stops what the rollouts left running on the trainer's event loop (e.g. the engine's batcher)."""
+    """Stops the rollout producer and what the rollouts left running on the trainer's event loop (e.g. the
+    engine's batcher)."""
+    if self._producer is not None:
+      self._producer.stop()
     pending = asyncio.all_tasks(self._loop)
     for task in pending:
       task.cancel()
@@ -242,47 +254,54 @@ class RLTrainer:
 
   # -- rollout ---------------------------------------------------------------------------------------
 
-  def _sample_groups(self, items: PromptBatch, round_: int) -> tuple[list, list, list[str]]:
-    """Rolls out `group_size` trajectories per prompt of this host's slice. Trajectory `k` of the prompt in
-    global slot `s` (host `h` of `P` holds slots `h, h + P, ...`) samples with seeds derived from
-    `(seed, step, round, s * group_size + k)` alone, so the tokens do not depend on the number of hosts."""
+  async def _sample_groups(
+    self, items: PromptBatch, round_: int, index: int, **rollout: Any
+  ) -> tuple[list, list, list[str]]:
+    """Rolls out `group_size` trajectories per prompt of this host's slice, for batch `index` (the RL step it is
+    drawn for). Trajectory `k` of the prompt in global slot `s` (host `h` of `P` holds slots `h, h + P, ...`)
+    samples with seeds derived from `(seed, index, round, s * group_size + k)` alone, so the tokens do not
+    depend on the number of hosts. `rollout` overrides `MultiTurnConfig` fields (weight pinning)."""
     g = self.config.group_size
-    seed = self.config.seed + 7919 * (self.step_count * self.config.max_sampling_rounds + round_)
+    seed = self.config.seed + 7919 * (index * self.config.max_sampling_rounds + round_)
     base = (seed * 1000 * len(items) * self._hosts * g) % (2**31)
     answers = [str(it["answer"]) for it in items for _ in range(g)]
 
     def group(j: int) -> MultiTurnConfig:  # trajectory k of the group samples with base + 1000 * (s * g + k)
-      return dataclasses.replace(self.multiturn, seed=base + 1000 * (self._host + self._hosts * j) * g)
+      return dataclasses.replace(self.multiturn, seed=base + 1000 * (self._host + self._hosts * j) * g, **rollout)
 
     if self._hosts == 1:  # one call: trajectory i of the batch is trajectory i of the global batch
       calls = [([it["prompt"] for it in items for _ in range(g)], answers, group(0))]
     else:
       calls = [([it["prompt"]] * g, answers[j * g : (j + 1) * g], group(j)) for j, it in enumerate(items)]
 
-    async def run_all():
-      return await asyncio.gather(
-        *(
-          rollout_and_score(self.engine, prompts, ans, self.tools, mt, self.reward_fn, self.tokenizer)
-          for prompts, ans, mt in calls
-        )
+    done = await asyncio.gather(
+      *(
+        rollout_and_score(self.engine, prompts, ans, self.tools, mt, self.reward_fn, self.tokenizer)
+        for prompts, ans, mt in calls
       )
-
-    done = self._loop.run_until_complete(run_all())
+    )
     rollouts = [r for ro, _ in done for r in ro]
     results = [r for _, res in done for r in res]
     return rollouts, results, answers
 
   def _collect(self) -> tuple[list, np.ndarray, dict[str, float]]:
-    """Trajectories of whole groups and their training rewards (with dynamic sampling, only informative
-    groups), and the rollout metrics; on several hosts, every host's, in the order one host would hold them
-    (by sampling round, then global prompt slot)."""
+    """`_collect_batch` for this step, run to its end."""
+    rollouts, rewards, stats, drawn = self._loop.run_until_complete(self._collect_batch(self.step_count))
+    self.prompts_used += drawn
+    return rollouts, rewards, stats
+
+  async def _collect_batch(self, index: int, **rollout: Any) -> tuple[list, np.ndarray, dict[str, float], int]:
+    """Trajectories of whole groups of batch `index` and their training rewards (with dynamic sampling, only
+    informative groups), the rollout metrics, and the prompts drawn (over all hosts); on several hosts, every
+    host's trajectories, in the order one host would hold them (by sampling round, then global prompt slot)."""
     c, g = self.config, self.config.group_size
     rollouts, rewards, stats = [], [], {}
     all_stats, slots, all_slots = [], [], []
+    drawn = 0
     for round_ in range(c.max_sampling_rounds if c.dynamic_sampling else 1):
       items = next(self._prompts)
-      self.prompts_used += len(items) * self._hosts
-      ro, res, _ = self._sample_groups(items, round_)
+      drawn += len(items) * self._hosts
+      ro, res, _ = await self._sample_groups(items, round_, index, **rollout)
       slot = np.repeat(round_ * c.num_prompts + self._host + self._hosts * np.arange(len(items)), g)
       all_stats.append(rollout_stats(ro, res))
       all_slots.append(slot)
@@ -307,7 +326,7 @@ class RLTrainer:
     stats.update(metrics_of_stats(all_stats))
     if c.dynamic_sampling:
       stats["kept_fraction"] = len(rollouts) / max(len(all_stats["reward"]), 1)
-    return rollouts, rewards, stats
+    return rollouts, rewards, stats, drawn
 
   def _gather_hosts(
     self,
@@ -374,12 +393,20 @@ class RLTrainer:
 
   def step(self) -> dict[str, float]:
     """One rollout batch and its updates; returns the step's metrics."""
-    c, temperature = self.config, self.multiturn.temperature
+    if self.config.max_staleness > 0:
+      return self._async_step()
     t0 = time.perf_counter()
     rollouts, rewards, metrics = self._collect()
+    return self._train(rollouts, rewards, metrics, t0)
+
+  def _train(self, rollouts: list, rewards: np.ndarray, metrics: dict[str, float], t0: float) -> dict[str, float]:
+    """The updates of one rollout batch (sampled since `t0`) and the weight sync; returns the step's metrics."""
+    c, temperature = self.config, self.multiturn.temperature
     if len(rollouts) < c.group_size:
       metrics.update({"skipped": 1.0, "time/rollout": time.perf_counter() - t0})
       self.step_count += 1
+      if self._producer is not None:
+        self.sync_weights()  # the same weights under the new version: the producer may go on
       return metrics
     n = len(rollouts)
     packed = pack_rollouts(rollouts, pad_id=self.pad_id, length_multiple=c.length_multiple)
@@ -449,7 +476,87 @@ class RLTrainer:
 
   def sync_weights(self) -> None:
     """Sends the current weights (adapters merged) to the engine as a model, versioned by the RL step."""
-    self._loop.run_until_complete(self.engine.update_weights(self.state.model(), version=self.step_count))
+    update = self.engine.update_weights(self.state.model(), version=self.step_count)
+    if self._producer is None:
+      self._loop.run_until_complete(update)
+      return
+    self._producer.run(update)  # on the producer's loop, between two of its decode chunks
+    self._producer.advance(self.step_count)
+
+  # -- asynchronous steps (rl.max_staleness >= 1) -----------------------------------------------------
+
+  def _start_producer(self) -> None:
+    c = self.config
+    if hasattr(self.engine, "keep_versions"):
+      # pinned trajectories wait between turns (tool calls) while K newer versions arrive; following ones
+      # finish their current chunk on the version before
+      held = c.max_staleness + 2 if c.partial_rollouts == "finish" else 2
+      self.engine.keep_versions = max(self.engine.keep_versions, held)
+      # the engine's own copy of the weights it starts on (the trainer's buffers are donated by its updates)
+      self._loop.run_until_complete(self.engine.update_weights(self.state.model(), version=self.step_count))
+
+    async def sample(index: int, version: int):
+      rollout = {"weight_version": version} if c.partial_rollouts == "finish" else {"follow_updates": True}
+      if not hasattr(self.engine, "keep_versions"):
+        rollout = {}  # an engine that holds one version (SGLang): every turn runs on what it serves
+      result = await self._collect_batch(index, **rollout)
+      position = self.pipeline.state() if self.pipeline is not None else {}
+      return result, position
+
+    self._consumed_position = self.pipeline.state() if self.pipeline is not None else {}
+    self._producer = rl_async.RolloutProducer(
+      self._loop, sample, max_staleness=c.max_staleness, first_index=self.step_count, version=self.step_count
+    )
+    self._async_started = time.perf_counter()
+
+  def _async_step(self) -> dict[str, float]:
+    """Takes the next sampled batch no older than `max_staleness` versions and trains on it."""
+    c = self.config
+    if self._producer is None:
+      self._start_producer()
+    t0 = time.perf_counter()
+    while True:
+      produced = self._producer.get()
+      rollouts, rewards, metrics, drawn = produced.result
+      self.prompts_used += drawn
+      self._consumed_position = produced.position
+      if self.step_count - produced.version <= c.max_staleness:
+        break
+      self.dropped_batches += 1
+    wait = time.perf_counter() - t0
+    metrics.update(self._staleness_metrics(rollouts, produced.version))
+    metrics = self._train(rollouts, rewards, metrics, t0)
+    self._trainer_busy_s += time.perf_counter() - t0 - wait
+    elapsed = max(time.perf_counter() - self._async_started, 1e-9)
+    metrics.update(
+      {
+        "async/wait_s": wait,
+        "async/dropped_batches": float(self.dropped_batches),
+        "async/replayed_batches": float(self.replayed_batches),
+        "async/producer_busy": self._producer.busy_fraction(),
+        "async/trainer_busy": self._trainer_busy_s / elapsed,
+      }
+    )
+    return metrics
+
+  def _staleness_metrics(self, rollouts: Sequence[Any], version: int) -> dict[str, float]:
+    """How old the batch's tokens are when it trains: each token's staleness is the updates made since the
+    weights that sampled it (the batch's start version where the engine does not label tokens)."""
+    step, k = self.step_count, self.config.max_staleness
+    ages = []
+    for r in rollouts:
+      versions = getattr(r, "token_versions", None) or []
+      known = [v for v in versions if isinstance(v, int) and not isinstance(v, bool)]
+      ages += [step - v for v in known] if len(known) == len(versions) and known else [step - version]
+    ages = np.asarray(ages, np.float64)
+    metrics = {
+      "async/staleness_mean": float(ages.mean()),
+      "async/staleness_max": float(ages.max()),
+      "async/off_policy_token_frac": float(np.mean(ages > 0)),
+    }
+    for age in range(k + 1):
+      metrics[f"async/staleness_{age}"] = float(np.mean(ages == age))
+    return metrics
 
 
 @dataclasses.dataclass(frozen=True)

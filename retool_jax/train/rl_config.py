@@ -9,6 +9,7 @@ from retool_jax.fields import dataclass_kwargs
 from retool_jax.train.losses import PolicyLossConfig
 
 ALGORITHMS = ("grpo", "dr_grpo", "rloo", "ppo")
+PARTIAL_ROLLOUTS = ("finish", "continue")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,13 @@ class RLConfig:
       batches. Must divide the minibatch.
     length_multiple: padded lengths are bucketed to multiples of this.
     seed: sampling seeds and minibatch shuffling.
+    max_staleness: how many policy versions the rollouts may run ahead of the trainer (`K`). 0: the
+      synchronous step (rollout, then updates). K >= 1: a producer samples batches while the trainer
+      updates; a batch started on weights of step `v` trains at a step `<= v + K` (older ones are dropped
+      and counted). One process only.
+    partial_rollouts: with K >= 1, what a trajectory in flight does when new weights arrive: `finish` on the
+      version it started with (every turn pinned to it), or `continue` on the newest weights (its KV kept; its
+      tokens then span versions). The loss's importance ratio uses the engine's per-token log-probs either way.
   """
 
   algorithm: str = "grpo"
@@ -60,6 +68,8 @@ class RLConfig:
   micro_batch_size: int = 0
   length_multiple: int = 64
   seed: int = 0
+  max_staleness: int = 0
+  partial_rollouts: str = "finish"
 
   def __post_init__(self):
     if self.algorithm not in ALGORITHMS:
@@ -87,6 +97,10 @@ class RLConfig:
         f"rl.micro_batch_size={self.micro_batch_size} must divide the minibatch of "
         f"{self.minibatch_size} rows (rl.num_prompts * rl.group_size / rl.num_minibatches), or be 0"
       )
+    if self.max_staleness < 0:
+      raise ValueError(f"rl.max_staleness={self.max_staleness} must be >= 0")
+    if self.partial_rollouts not in PARTIAL_ROLLOUTS:
+      raise ValueError(f"rl.partial_rollouts={self.partial_rollouts!r}; expected one of {PARTIAL_ROLLOUTS}")
     if self.kl_reward_coef < 0:
       raise ValueError(f"rl.kl_reward_coef={self.kl_reward_coef} must be >= 0")
     if self.kl_reward_coef > 0 and self.algorithm != "ppo":

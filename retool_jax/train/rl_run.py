@@ -343,6 +343,8 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     prompts.restore(record["data"])
     trainer.step_count = start
     trainer.prompts_used = int(record["data"].get("prompts_used", 0))
+    # an asynchronous run's batches in flight at the save are sampled again from the saved position: counted
+    trainer.replayed_batches = max(int(record["data"].get("async_drawn", start)) - start, 0)
     trainer.sync_weights()  # the engine starts from the restored policy
 
   saved = [loop.Saved("checkpoints", lambda: trainer.state, lambda s: setattr(trainer, "state", s), shardings)]

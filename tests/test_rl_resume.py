@@ -48,7 +48,8 @@ import ml_collections
 from retool_jax.train.rl_run import default_config
 
 
-def get_config(algorithm="grpo"):
+def get_config(arg="grpo"):
+  algorithm, _, staleness = arg.partition(",")
   c = default_config()
   c.workdir = "{workdir}"
   c.num_steps = {num_steps}
@@ -74,7 +75,8 @@ def get_config(algorithm="grpo"):
       max_context=224, max_turns=3, max_new_tokens=32, max_observation_tokens=48, call_formats=("code",),
       enable_thinking=False))
     num_prompts = 4
-  rl = dict(algorithm=algorithm, num_prompts=num_prompts, group_size=4, num_minibatches=2, length_multiple=32)
+  rl = dict(algorithm=algorithm, num_prompts=num_prompts, group_size=4, num_minibatches=2, length_multiple=32,
+            max_staleness=int(staleness or 0))
   if algorithm == "ppo":
     rl.update(kl_reward_coef=0.05, lam=0.95)
   else:
@@ -141,7 +143,15 @@ def setup(tmp_path_factory) -> tuple[Path, dict]:
   return root, env | {"RL_RESUME_EOS": str(tokenizer.eos_token_id)}
 
 
-def _command(root: Path, workdir: Path, algorithm: str, eos: str, tools: str = "none", steps: int = NUM_STEPS):
+def _command(
+  root: Path,
+  workdir: Path,
+  algorithm: str,
+  eos: str,
+  tools: str = "none",
+  steps: int = NUM_STEPS,
+  staleness: int = 0,
+):
   config = root / f"config_{workdir.name}.py"
   config.write_text(
     CONFIG.format(
@@ -153,7 +163,7 @@ def _command(root: Path, workdir: Path, algorithm: str, eos: str, tools: str = "
       tools=tools,
     )
   )
-  return [sys.executable, "-m", "retool_jax.train", f"--config={config}:{algorithm}"]
+  return [sys.executable, "-m", "retool_jax.train", f"--config={config}:{algorithm},{staleness}"]
 
 
 @pytest.mark.slow  # three short RL runs in subprocesses (mostly XLA compilation)
@@ -203,3 +213,29 @@ def test_sigkill_then_resume_matches_uninterrupted_run(setup, algorithm, tools, 
   assert saved[-1] == steps
   if algorithm == "ppo":
     assert (killed / "critic_checkpoints" / str(steps)).is_dir()
+
+
+@pytest.mark.slow  # two short asynchronous RL runs in subprocesses
+def test_an_async_run_killed_with_sigkill_resumes_and_counts_the_batches_it_samples_again(setup):
+  root, env = setup
+  steps, staleness = 8, 1
+  killed = root / "killed_async"
+  command = _command(root, killed, "grpo", env["RL_RESUME_EOS"], steps=steps, staleness=staleness)
+  proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  sigkill_after_step(proc, killed / "metrics.jsonl", 5, random.uniform(0.0, 0.1))  # saved at step 4
+  before = {r["step"]: r for r in read_metrics(killed)}
+  assert 5 <= max(before) < steps
+  resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+  assert resumed.returncode == 0, resumed.stderr
+  got = read_metrics(killed)
+  assert [r["step"] for r in got] == list(range(1, steps + 1))
+  # the run resumed from the checkpoint of step 4, or of step 2 if the kill came before step 4's (asynchronous)
+  # save was committed: what a committed checkpoint holds is kept, the rest is redone
+  assert got[:2] == [before[1], before[2]]
+  for r in got:
+    assert r["async/staleness_max"] <= staleness and r["async/dropped_batches"] == 0
+  # the producer had read ahead of the saved step: those batches were sampled again and counted
+  replayed = [r["async/replayed_batches"] for r in got]
+  assert replayed[:2] == [0, 0] and all(n >= 1 for n in replayed[4:]), replayed
+  record = json.loads((killed / "checkpoints" / str(steps) / "train" / "metadata").read_text())
+  assert record["data"]["prompts_used"] == steps * 2  # every prompt trained on once, none skipped or doubled

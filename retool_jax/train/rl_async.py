@@ -51,6 +51,7 @@ class RolloutProducer:
   ):
     self._loop, self._sample, self.max_staleness = loop, sample, max_staleness
     self._index, self._version = first_index, version
+    self._started = first_index
     self._ready: queue.Queue[Produced | BaseException] = queue.Queue()
     self._admitted = asyncio.Event()
     self._task: asyncio.Task | None = None
@@ -74,6 +75,7 @@ class RolloutProducer:
           self._admitted.clear()
           await self._admitted.wait()
         index, version = self._index, self._version
+        self._started = index + 1
         t0 = time.perf_counter()
         result, position = await self._sample(index, version)
         self.busy_s += time.perf_counter() - t0
@@ -106,8 +108,8 @@ class RolloutProducer:
 
   @property
   def drawn(self) -> int:
-    """Draw index of the next batch the producer will start."""
-    return self._index
+    """Batches started (their prompts drawn), the one in flight included."""
+    return self._started
 
   def busy_fraction(self) -> float:
     return self.busy_s / max(time.perf_counter() - self.started, 1e-9)

@@ -228,6 +228,7 @@ class RLTrainer:
     self.dropped_batches = 0  # sampled batches older than max_staleness when their turn came
     self.replayed_batches = 0  # batches in flight when a resumed run was saved, sampled again
     self._trainer_busy_s = 0.0
+    self._async_started = 0.0
 
   def position(self) -> dict[str, int]:
     """Where the run is (what a checkpoint needs to resume exactly): RL steps taken, prompts drawn and, with a
@@ -487,21 +488,22 @@ class RLTrainer:
 
   def _start_producer(self) -> None:
     c = self.config
-    if hasattr(self.engine, "keep_versions"):
+    holds_versions = hasattr(self.engine, "keep_versions")  # the embedded engine; SGLang serves one version
+    if holds_versions:
       # pinned trajectories wait between turns (tool calls) while K newer versions arrive; following ones
       # finish their current chunk on the version before
       held = c.max_staleness + 2 if c.partial_rollouts == "finish" else 2
       self.engine.keep_versions = max(self.engine.keep_versions, held)
-      # the engine's own copy of the weights it starts on (the trainer's buffers are donated by its updates)
-      self._loop.run_until_complete(self.engine.update_weights(self.state.model(), version=self.step_count))
+      self.sync_weights()  # the engine's own copy (the trainer's buffers are donated by its updates)
+
+    def weights(version: int) -> dict[str, Any]:  # which weights a batch started on `version` samples with
+      if not holds_versions:
+        return {}  # every turn runs on what the server holds
+      return {"weight_version": version} if c.partial_rollouts == "finish" else {"follow_updates": True}
 
     async def sample(index: int, version: int):
-      rollout = {"weight_version": version} if c.partial_rollouts == "finish" else {"follow_updates": True}
-      if not hasattr(self.engine, "keep_versions"):
-        rollout = {}  # an engine that holds one version (SGLang): every turn runs on what it serves
-      result = await self._collect_batch(index, **rollout)
-      position = self.pipeline.state() if self.pipeline is not None else {}
-      return result, position
+      result = await self._collect_batch(index, **weights(version))
+      return result, self.pipeline.state() if self.pipeline is not None else {}
 
     self._consumed_position = self.pipeline.state() if self.pipeline is not None else {}
     self._producer = rl_async.RolloutProducer(

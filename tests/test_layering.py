@@ -22,6 +22,7 @@ LAYERS = {
   "sharding": 0,
   "topologies": 0,
   "programs": 0,
+  "progress": 0,
   "assets": 0,
   "models": 1,
   "checkpoint": 2,

@@ -23,6 +23,7 @@ LAYERS = {
   "topologies": 0,
   "programs": 0,
   "progress": 0,
+  "quiet": 0,
   "assets": 0,
   "models": 1,
   "checkpoint": 2,

@@ -8,7 +8,8 @@ Prompts are rendered as the model was trained: the tokenizer, system prompt, too
 observation formats and thinking come from the checkpoint's prompt contract (`prompt_contract.json` in the run
 or export folder); flags override them. A tokenizer whose ids do not fit the model is refused before loading.
 
-Every tool call and its result are shown. By default code-running tools ask before they run ("no" tells the
+A conversation that outgrows the model's context loses its oldest whole turns (said once), so that a reply
+still fits; `/reset` starts afresh. Every tool call and its result are shown. By default code-running tools ask before they run ("no" tells the
 model the user declined); `--no-confirm` runs them straight away. Commands: /reset, /tools, /exit.
 `ChatSession` takes `ask` / `say` functions, so notebooks and tests drive it without a terminal.
 """
@@ -36,7 +37,7 @@ from retool_jax.chat.prompt_contract import (
   find_contract,
 )
 from retool_jax.chat.render import render_ids
-from retool_jax.chat.tokenizer import IM_END, load_tokenizer
+from retool_jax.chat.tokenizer import IM_END, SpecialIds, load_tokenizer
 from retool_jax.chat.trajectory import Trajectory
 from retool_jax.checkpoint import load
 from retool_jax.checkpoint.layout import read_config
@@ -91,7 +92,9 @@ class ChatSession:
   """One conversation: user turns in, assistant replies and tool calls out (through `say`).
 
   The conversation is kept as token ids: what the model generated is never re-tokenised, and tool results are
-  appended in the settings' observation format, exactly as rollouts append them.
+  appended in the settings' observation format, exactly as rollouts append them. When the room left for a reply
+  falls below `min(max_new_tokens, max_context // 2)`, the oldest whole turns (a user message and everything up
+  to the next one) are cut from the ids, after the system prompt, as if they had never been sent.
   """
 
   def __init__(
@@ -108,6 +111,8 @@ class ChatSession:
     self.settings = settings or ChatSettings()
     self.ask, self.say = ask, say
     self._loop: asyncio.AbstractEventLoop | None = None
+    self._im_start = SpecialIds.from_tokenizer(tokenizer).im_start
+    self.dropped_turns = 0  # over the whole session, /reset included
     self.reset()
 
   def run(self, coro: Any) -> Any:
@@ -129,6 +134,8 @@ class ChatSession:
     """Forgets the conversation."""
     self.trajectory: Trajectory | None = None
     self.last_finish_reason: str | None = None
+    self._head: int | None = None  # ids before the first user turn (system prompt, tools); None: cannot cut
+    self._turns: list[tuple[int, int]] = []  # (first id, first message) of every user turn kept
     system = self.settings.system
     self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
 
@@ -166,9 +173,32 @@ class ChatSession:
       schemas = self.tools.schemas() if self.tools is not None and self.settings.tools_in_prompt else None
       prompt = render_ids(self.tokenizer, self.messages, tools=schemas, enable_thinking=thinking)
       self.trajectory = Trajectory(self.tokenizer, prompt, enable_thinking=thinking)
+      opened = [i for i, t in enumerate(prompt) if t == self._im_start]  # ..., the user turn, the assistant's
+      start = opened[-2] if len(opened) >= 2 else len(prompt)
+      self._head = start if len(opened) >= 2 else None
     else:
+      before = len(self.trajectory)
       self.trajectory.add_user(text)
+      start = self.trajectory.ids.index(self._im_start, before)
+    self._turns.append((start, len(self.messages) - 1))
     return self.trajectory
+
+  def _drop_oldest_turn(self, traj: Trajectory) -> bool:
+    """Cuts the oldest whole turn (never the current one); False when there is none to cut."""
+    if self._head is None or len(self._turns) < 2:
+      return False
+    (first_id, first_msg), (next_id, next_msg) = self._turns[:2]
+    traj.drop(first_id, next_id)
+    del self.messages[first_msg:next_msg]
+    ids, msgs = next_id - first_id, next_msg - first_msg
+    self._turns = [(i - ids, m - msgs) for i, m in self._turns[1:]]
+    if not self.dropped_turns:
+      self.say(
+        f"(the oldest turns are dropped to keep the conversation within the model's {self.settings.max_context}"
+        "-token context; /reset clears it)"
+      )
+    self.dropped_turns += 1
+    return True
 
   async def send(self, text: str) -> str:
     """Adds a user turn and runs the tool loop until the model answers without calls; returns that answer."""
@@ -176,7 +206,10 @@ class ChatSession:
     config = self.settings.multiturn()
     stops, stop_ids = stop_criteria(config, self.tokenizer)
     content = ""
+    reserve = min(config.max_new_tokens or config.max_context, config.max_context // 2)
     for _ in range(self.settings.max_turns):
+      while config.max_context - len(traj) < reserve and self._drop_oldest_turn(traj):
+        pass
       room = config.max_context - len(traj)
       if room <= 0:
         self.say(f"(the conversation is {len(traj)} tokens; the context holds {config.max_context}: /reset)")

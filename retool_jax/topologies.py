@@ -8,6 +8,7 @@ passed directly where a slice name is expected.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
 import os
 
@@ -61,8 +62,23 @@ def devices(topo: Topology) -> list:
   """The topology's abstract devices (needs libtpu; compiles only, nothing runs)."""
   # Compiling needs no TPU, so several processes (parallel checks, tests) may hold libtpu at once.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  if not has_tpu_chips():
+    compile_only_env(topo)
 
   return list(jax_topologies.get_topology_desc(topology_name=topo.topology, platform="tpu").devices)
+
+
+def has_tpu_chips() -> bool:
+  """Whether this host has TPU chips (their device files, as the TPU runtime finds them)."""
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def compile_only_env(topo: Topology) -> None:
+  """On a host without TPU chips libtpu only compiles, yet it looks up the slice's accelerator type and worker
+  hostnames (a TPU VM's metadata) and warns when they are missing; give it a single-host answer instead.
+  Values already set win."""
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", topo.name)
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 
 def hbm_bytes_per_device(topo: Topology, num_devices: int) -> int:

@@ -1,7 +1,8 @@
 """Imports point down: no import cycle between modules of `retool_jax`, and no module importing a higher layer.
 
 Every `import` counts, at the top of a module and inside its functions. `__main__` modules are entry points
-and may import anything.
+and may import anything. A module-level `__getattr__` (PEP 562) that resolves a published name on first use
+imports after both modules have loaded, so it is no edge of the cycle checks (it must still point down).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ LAYERS = {
   "sharding": 0,
   "topologies": 0,
   "programs": 0,
+  "progress": 0,
+  "quiet": 0,
   "assets": 0,
   "models": 1,
   "checkpoint": 2,
@@ -64,10 +67,22 @@ def _absolute(module: str, is_package: bool, node: ast.ImportFrom) -> str:
   return ".".join(base + ([node.module] if node.module else []))
 
 
-def imported_modules(module: str, path: Path, modules: set[str]) -> dict[str, int]:
-  """The `retool_jax` modules `module` imports, each with the line of its first import."""
+def lazy_alias_nodes(tree: ast.Module) -> set[int]:
+  """The ids of the nodes inside a module-level `def __getattr__`."""
+  return {
+    id(node)
+    for top in tree.body
+    if isinstance(top, ast.FunctionDef) and top.name == "__getattr__"
+    for node in ast.walk(top)
+  }
+
+
+def imported_modules(module: str, path: Path, modules: set[str], lazy_aliases: bool = True) -> dict[str, int]:
+  """The `retool_jax` modules `module` imports, each with the line of its first import (`lazy_aliases=False`:
+  without the imports of a module-level `__getattr__`)."""
   tree = ast.parse(path.read_text(), filename=str(path))
   found: dict[str, int] = {}
+  skipped = set() if lazy_aliases else lazy_alias_nodes(tree)
 
   def add(name: str, line: int) -> None:
     # `import a.b.c` of a name that is not a module (an attribute) counts as its closest enclosing module.
@@ -77,6 +92,8 @@ def imported_modules(module: str, path: Path, modules: set[str]) -> dict[str, in
       found.setdefault(name, line)
 
   for node in ast.walk(tree):
+    if id(node) in skipped:
+      continue
     if isinstance(node, ast.Import):
       for alias in node.names:
         if alias.name.split(".")[0] == "retool_jax":
@@ -91,10 +108,10 @@ def imported_modules(module: str, path: Path, modules: set[str]) -> dict[str, in
   return found
 
 
-def import_graph() -> tuple[dict[str, Path], dict[str, dict[str, int]]]:
+def import_graph(lazy_aliases: bool = False) -> tuple[dict[str, Path], dict[str, dict[str, int]]]:
   files = module_files()
   names = set(files)
-  return files, {m: imported_modules(m, p, names) for m, p in files.items()}
+  return files, {m: imported_modules(m, p, names, lazy_aliases) for m, p in files.items()}
 
 
 def layer_of(module: str) -> int:
@@ -163,6 +180,20 @@ def test_graph_sees_imports_inside_functions(tmp_path):
   assert found == {"retool_jax.fields": 1, "retool_jax.models.qwen3": 3, "retool_jax.chat.x": 4}
 
 
+def test_graph_leaves_out_lazy_aliases_only_for_cycles(tmp_path):
+  source = tmp_path / "mod.py"
+  source.write_text(
+    "def __getattr__(name):\n  from retool_jax.models import qwen3\n  return qwen3\n"
+    "def f():\n  import retool_jax.fields\n"
+  )
+  modules = {"retool_jax.fields", "retool_jax.models", "retool_jax.models.qwen3"}
+  assert imported_modules("retool_jax.chat.mod", source, modules, lazy_aliases=False) == {"retool_jax.fields": 5}
+  assert imported_modules("retool_jax.chat.mod", source, modules) == {
+    "retool_jax.models.qwen3": 2,
+    "retool_jax.fields": 5,
+  }
+
+
 def test_cycle_finder_reports_a_cycle():
   graph = {"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}}
   assert find_cycles(graph) == [["a", "b", "c"]]
@@ -203,7 +234,7 @@ def test_no_import_cycles_between_packages():
 
 
 def test_imports_point_down():
-  files, graph = import_graph()
+  files, graph = import_graph(lazy_aliases=True)
   offenders = []
   for module, imports in sorted(graph.items()):
     if module.rpartition(".")[2] == "__main__":

@@ -100,6 +100,13 @@ class Trajectory:
       user_observation(text, after_im_end=self.ends_turn, enable_thinking=self.enable_thinking)
     )
 
+  def drop(self, start: int, stop: int) -> None:
+    """Removes `ids[start:stop]` with their mask bits and log-probs (a chat's oldest turns, say)."""
+    if not 0 <= start <= stop <= len(self.ids):
+      raise ValueError(f"cannot drop [{start}, {stop}) of a {len(self.ids)}-token trajectory")
+    del self.ids[start:stop], self.loss_mask[start:stop], self.logprobs[start:stop]
+    self.num_prompt_tokens -= max(0, min(stop, self.num_prompt_tokens) - start)
+
   def export(self) -> tuple[np.ndarray, np.ndarray]:
     """`(ids, loss_mask)` as int32 arrays of equal length."""
     return np.asarray(self.ids, np.int32), np.asarray(self.loss_mask, np.int32)

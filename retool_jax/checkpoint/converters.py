@@ -18,7 +18,6 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from retool_jax.chat.prompt_contract import find_contract
 from retool_jax.checkpoint import layout
@@ -28,6 +27,7 @@ from retool_jax.checkpoint.streaming import StreamedArray
 from retool_jax.models.qwen3_config import Qwen3Config
 from retool_jax.models.qwen3_hf import ParamSource, abstract_model, check_tensors, hf_shapes, param_sources
 from retool_jax.models.safetensors_io import SafetensorsDir, SafetensorsError
+from retool_jax.progress import progress_bar
 
 
 class ConversionError(ValueError):
@@ -164,7 +164,7 @@ def tensors_to_orbax(
   expected = check_source(tensors, cfg, config_path)
   target = np.dtype(dtype) if dtype is not None else _source_dtype(tensors)
   cfg = cfg.replace(param_dtype=target.name, dtype=target.name)
-  with tqdm(total=len(expected), desc="convert", unit="tensor", disable=not progress) as bar:
+  with progress_bar(len(expected), desc="convert", unit="tensor", disable=not progress) as bar:
     tree = _streamed_tree(tensors, cfg, target, bar)
     layout.save_streamed(dst, tree, layout.config_record(cfg, hf_config, generation_config))
   n = sum(int(np.prod(s)) for s in _our_shapes(cfg).values())
@@ -258,7 +258,7 @@ def orbax_to_hf(
   layout.check_matches(reader.step, reader.stored, _our_shapes(cfg))
   specs = [(key, shape, out_dtype) for key, shape in hf_shapes(cfg).items()]
   state = nnx.from_flat_state({src_.path: _StoredParam(reader, src_.path) for src_ in param_sources(cfg)})
-  with tqdm(total=len(specs), desc="export", unit="tensor", disable=not progress) as bar:
+  with progress_bar(len(specs), desc="export", unit="tensor", disable=not progress) as bar:
     files = write_hf(
       state,
       cfg,

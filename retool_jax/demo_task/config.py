@@ -17,6 +17,8 @@ from pathlib import Path
 import ml_collections
 
 from retool_jax.demo_task.tokenizer import EOS_TOKEN, PAD_TOKEN, VOCAB_SIZE, token_id
+from retool_jax.evaluate import default_config
+from retool_jax.train import get_trainer
 
 DEFAULT_WORKDIR = "runs/demo_cpu"
 EVAL_SEED_OFFSET = 12345  # held-out sampling seeds differ from training's
@@ -147,8 +149,6 @@ def _finish(c: ml_collections.ConfigDict, demo: ml_collections.ConfigDict, steps
 
 def sft_config(demo: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The SFT trainer's config: the from-scratch model on the teacher's executed trajectories."""
-  from retool_jax.train import get_trainer  # noqa: PLC0415  (the trainer registry imports jax)
-
   files = DemoFiles(Path(demo.workdir))
   c = get_trainer("sft").default_config()
   c.workdir = str(files.phase("sft"))
@@ -171,8 +171,6 @@ def sft_config(demo: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def rl_config(demo: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The RL trainer's config: GRPO from the SFT checkpoint with sandboxed interpreter calls."""
-  from retool_jax.train import get_trainer  # noqa: PLC0415
-
   files = DemoFiles(Path(demo.workdir))
   c = get_trainer("rl").default_config()
   c.workdir = str(files.phase("rl"))
@@ -193,8 +191,6 @@ def rl_config(demo: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def eval_config(demo: ml_collections.ConfigDict, variant: str = "rl") -> ml_collections.ConfigDict:
   """`retool_jax.evaluate`'s config for the `variant` ("sft" or "rl") checkpoint on the held-out problems."""
-  from retool_jax.evaluate import default_config  # noqa: PLC0415
-
   if variant not in ("rl", "sft"):
     raise ValueError(f"unknown variant {variant!r}; expected 'rl' or 'sft'")
   files = DemoFiles(Path(demo.workdir))

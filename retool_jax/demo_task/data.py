@@ -34,6 +34,7 @@ from retool_jax.demo_task.teacher import TeacherConfig, teacher_rollouts
 from retool_jax.demo_task.tokenizer import build_tokenizer, save_tokenizer
 from retool_jax.rewards import get_reward
 from retool_jax.rollout import MultiTurnConfig
+from retool_jax.tools import default_registry
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
@@ -60,8 +61,6 @@ def problem_sets(demo: ml_collections.ConfigDict) -> dict[str, list[Problem]]:
 
 def prepare(demo: ml_collections.ConfigDict) -> dict[str, Any]:
   """Writes the data step's files for the run folder `demo.workdir`; returns `data/summary.json`'s figures."""
-  from retool_jax.tools import default_registry  # noqa: PLC0415  (starts the sandbox)
-
   files = DemoFiles(Path(demo.workdir))
   tokenizer = build_tokenizer()
   save_tokenizer(tokenizer, files.tokenizer)

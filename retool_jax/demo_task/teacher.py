@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from retool_jax.demo_task.task import Problem, answer_turn, code_turn
+from retool_jax.demo_task.task import Problem, answer_turn, code_turn, prompt_ids
+from retool_jax.rollout import generate_multiturn
 from retool_jax.rollout.types import FinishReason, GenerateRequest, GenerateResult
 
 _INTERPRETER = re.compile(r"<interpreter>\n(.*?)\n</interpreter>", re.S)
@@ -91,9 +92,6 @@ async def teacher_rollouts(
   tokenizer: Any, problems: Sequence[Problem], tools: Any, multiturn: Any, config: TeacherConfig, seed: int
 ) -> list:
   """The teacher's trajectories on `problems`, tool calls executed by `tools`."""
-  from retool_jax.demo_task.task import prompt_ids  # noqa: PLC0415
-  from retool_jax.rollout import generate_multiturn  # noqa: PLC0415
-
   engine = TeacherEngine(tokenizer, problems, config, seed)
   prompts = [prompt_ids(tokenizer, p) for p in problems]
   return await generate_multiturn(engine, prompts, tools, multiturn, tokenizer=tokenizer)

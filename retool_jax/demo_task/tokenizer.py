@@ -46,8 +46,8 @@ def token_id(token: str) -> int:
 
 def build_tokenizer():
   """A `PreTrainedTokenizerFast` (character level, Qwen3 chat template, EOS `<|im_end|>`)."""
-  from tokenizers import AddedToken, Tokenizer, decoders, models  # noqa: PLC0415
-  from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+  from tokenizers import AddedToken, Tokenizer, decoders, models  # noqa: PLC0415  only to build one (as below)
+  from transformers import PreTrainedTokenizerFast  # noqa: PLC0415  slow to import; `token_id` needs only TOKENS
 
   vocab = {tok: i for i, tok in enumerate((UNK, *CHARACTERS))}
   backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))

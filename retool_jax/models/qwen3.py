@@ -1,7 +1,7 @@
 """Qwen3 and Qwen3-MoE causal language models in Flax NNX.
 
-    from retool_jax.models import qwen3, qwen3_hf
-    model = qwen3_hf.load_hf("/path/to/Qwen3-1.7B")    # or qwen3.Qwen3(qwen3.preset("1.7B"), rngs=nnx.Rngs(0))
+    from retool_jax.models import qwen3
+    model = qwen3.load_hf("/path/to/Qwen3-1.7B")       # or qwen3.Qwen3(qwen3.preset("1.7B"), rngs=nnx.Rngs(0))
     logits_BTV = model(input_ids_BT)                    # optional positions / segment_ids / attention_mask
 
 Decoder layers of one kind (dense or MoE) are stored stacked, `[layers, ...]`, and run either unrolled or
@@ -256,3 +256,16 @@ def _valid_tokens(segment_ids, attention_mask):
   if segment_ids is not None:
     return segment_ids > 0
   return None
+
+
+def __getattr__(name: str):
+  """`qwen3.load_hf`: the Hugging Face loader, published here and kept in `qwen3_hf` (which imports this module)."""
+  if name == "load_hf":
+    from retool_jax.models.qwen3_hf import load_hf  # noqa: PLC0415  qwen3_hf imports this module: resolved on use
+
+    return load_hf
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted([*globals(), "load_hf"])

@@ -49,7 +49,7 @@ def log_fields() -> ml_collections.ConfigDict:
   g = ml_collections.ConfigDict()
   g.every_steps = 1  # steps between logged records (the last step is always logged)
   g.tensorboard = True  # tensorboard/ event files beside metrics.jsonl
-  g.progress = True  # a tqdm bar
+  g.progress = True  # a progress bar: live on a terminal, plain lines in a log
   g.curves = True  # curves.png (every metric against the step) at the end of the run
   return g
 

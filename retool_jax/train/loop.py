@@ -26,9 +26,9 @@ from typing import Any
 
 import jax
 import ml_collections
-from tqdm.auto import tqdm
 
 from retool_jax.models.qwen3_config import Qwen3Config
+from retool_jax.progress import progress_bar
 from retool_jax.train.checkpointing import Checkpointer
 from retool_jax.train.curves import plot_run
 from retool_jax.train.metrics import MetricsWriter
@@ -64,7 +64,7 @@ class Task:
       (and anything derived from the restored states, e.g. an engine's weights) where the run was.
     evaluate: eval metrics after a step, or None; run every `eval_every` steps (0: only after the last).
     log_every: steps between logged records (the last step is always logged).
-    progress: `{label: (metric, format)}` shown on the progress bar.
+    progress: `{label: (metric, format)}` shown on the progress bar (plain lines when stderr is no terminal).
     close: releases what the task holds (engines, event loops) after the last step.
   """
 
@@ -139,12 +139,8 @@ def run(
   ckpts = checkpointers(config, task)
   start = restore(task, ckpts)
   write_run_files(config, contract)
-  bar = tqdm(
-    total=task.num_steps,
-    initial=start,
-    desc=task.name,
-    disable=not config.log.progress or jax.process_index() != 0,
-    dynamic_ncols=True,
+  bar = progress_bar(
+    task.num_steps, initial=start, desc=task.name, disable=not config.log.progress or jax.process_index() != 0
   )
   last: dict[str, Any] = {}
   with (
@@ -166,10 +162,11 @@ def run(
       position = task.position()
       for saved, ck in zip(task.saved, ckpts):
         ck.save(saved.get(), task.model_config, data_state=position, step=step, force=step == task.num_steps)
-      bar.update(1)
       bar.set_postfix(
-        {label: format(metrics[key], fmt) for label, (key, fmt) in task.progress.items() if key in metrics}
+        {label: format(metrics[key], fmt) for label, (key, fmt) in task.progress.items() if key in metrics},
+        refresh=False,
       )
+      bar.update(1)
   bar.close()
   for ck in ckpts:
     ck.close()

@@ -109,7 +109,7 @@ def retool_grpo(workdir: str, checkpoint: str, preset: str) -> ml_collections.Co
   c.mesh = fsdp_mesh()
   c.data.path = DAPO_FIXTURE  # the full set in a run
   c.data.prompt_style = "retool"
-  c.reward = "retool"  # <answer>\boxed{}</answer>; wrong after k calls: min(-0.6, -1 + 0.1 k)
+  c.reward = "retool(strict=True)"  # strict \boxed{} inside <answer>; wrong after k calls: min(-0.6, -1 + 0.1 k)
   c.rollout = retool_rollout(max_response_tokens=8192)
   c.rl = ml_collections.ConfigDict(
     dict(

@@ -28,7 +28,9 @@ def test_rl_configs_parse(name):
   if name == "retool_qwen3_4b_rl":
     assert (rl.num_prompts, rl.group_size, rl.loss.clip_low, rl.loss.clip_high) == (32, 8, 0.2, 0.28)
     assert c.optim.learning_rate == 1e-6 and c.optim.schedule == "constant" and c.rollout.max_turns == 16
-    assert c.rollout.temperature == 1.0 and c.rollout.max_response_tokens == 8192 and c.reward == "retool"
+    assert (
+      c.rollout.temperature == 1.0 and c.rollout.max_response_tokens == 8192 and c.reward == "retool(strict=True)"
+    )
     assert c.tools == "interpreter" and rl.algorithm == "grpo" and not rl.loss.kl_coef
   c.rl.clip_hi = 0.3
   with pytest.raises(ValueError, match="clip_hi"):

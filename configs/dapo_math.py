@@ -4,23 +4,18 @@ no KL term; `Answer:`-line rewards as in the DAPO paper.
     python -m retool_jax.train --config=configs/dapo_math.py --config.model.checkpoint=PATH
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("configs_base", Path(__file__).with_name("_base.py"))
-base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(base)
+from retool_jax import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = base.rl_default()
+  c = recipes.rl_default()
   c.workdir = "runs/dapo_math"
   c.num_steps = 500
   c.model.checkpoint = "Qwen3-4B-Base"  # a local Hugging Face folder
   c.model.remat = "full"
-  c.data.path = base.DAPO_FIXTURE
+  c.data.path = recipes.DAPO_FIXTURE
   c.data.prompt_style = "raw"  # the dataset's own "Answer:" instruction
   c.reward = "math"
   c.tools = "none"  # plain DAPO: no interpreter, so no tool schema in the prompt

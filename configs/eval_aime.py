@@ -7,16 +7,10 @@
 Other sets: `--config.data.path=../shared/fixtures/math500/test.jsonl` (MATH-500) or `.../gsm8k/test.jsonl`.
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
+from retool_jax import recipes
 from retool_jax.evaluate import default_config
-
-_spec = importlib.util.spec_from_file_location("configs_base", Path(__file__).with_name("_base.py"))
-base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(base)
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -27,13 +21,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.data.path = "../shared/fixtures/aime2024/test.jsonl"
   c.data.prompt_style = "retool"
   c.reward = "retool"
-  c.rollout = base.retool_rollout(max_response_tokens=16384)
+  c.rollout = recipes.retool_rollout(max_response_tokens=16384)
   c.eval.num_samples = 16
   c.eval.pass_k = (1, 4, 16)
   if variant == "tiny":
     c.workdir = "runs/eval_tiny"
     c.model.checkpoint = ""
-    c.model.overrides = base.tiny_qwen3(vocab_size=base.QWEN3_VOCAB, hidden_size=32, num_attention_heads=2)
+    c.model.overrides = recipes.tiny_qwen3(vocab_size=recipes.QWEN3_VOCAB, hidden_size=32, num_attention_heads=2)
     c.model.dtype = "float32"
     c.data.limit = 2
     c.rollout = ml_collections.ConfigDict(

@@ -4,18 +4,13 @@ sandboxed tools, the KL to the reference folded into the rewards.
 python -m retool_jax.train --config=configs/ppo_tiny.py
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("configs_base", Path(__file__).with_name("_base.py"))
-base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(base)
+from retool_jax import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = base.tiny_rl("runs/ppo_tiny")
+  c = recipes.tiny_rl("runs/ppo_tiny")
   c.rl = ml_collections.ConfigDict(
     dict(
       algorithm="ppo",

@@ -10,18 +10,13 @@ the embedded engine decodes 64 rows at a time. Check it with
 `python -m retool_jax.aot --config=configs/retool_qwen3_30b_a3b_rl.py --topology=v5p-64`.
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("configs_base", Path(__file__).with_name("_base.py"))
-base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(base)
+from retool_jax import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = base.retool_grpo(
+  c = recipes.retool_grpo(
     "runs/retool_qwen3_30b_a3b_rl",
     checkpoint="runs/retool_qwen3_30b_a3b_sft/checkpoints",  # a ReTool SFT of Qwen3-30B-A3B
     preset="30B-A3B",

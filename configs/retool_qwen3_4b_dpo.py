@@ -8,23 +8,18 @@ and AdamW state sharded over `fsdp`, bfloat16 compute, full remat, splash attent
 are computed once before training (`reference.precompute`), so no second model stays in memory. Check it with
 `python -m retool_jax.aot --config=configs/retool_qwen3_4b_dpo.py --topology=v5p-8`.
 
-The DPO recipe itself (`tool_dpo` in `_base.py`) is the one `dpo_tools.py` runs at any size.
+The DPO recipe itself (`tool_dpo` in `retool_jax/recipes.py`) is the one `dpo_tools.py` runs at any size.
 """
-
-import importlib.util
-from pathlib import Path
 
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("configs_base", Path(__file__).with_name("_base.py"))
-base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(base)
+from retool_jax import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = base.tool_dpo("runs/retool_qwen3_4b_dpo")
-  base.large_model(c.model, "4B")
-  c.mesh = base.fsdp_mesh()
+  c = recipes.tool_dpo("runs/retool_qwen3_4b_dpo")
+  recipes.large_model(c.model, "4B")
+  c.mesh = recipes.fsdp_mesh()
   c.loss.chunk_size = 1024
   c.checkpoint.every_steps = 100
   return c

@@ -10,19 +10,14 @@ critic (each with float32 AdamW state) and the reference share the chips. Check:
 `python -m retool_jax.aot --config=configs/retool_qwen3_4b_ppo.py --topology=v5p-8`.
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("configs_base", Path(__file__).with_name("_base.py"))
-base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(base)
+from retool_jax import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:
   # The SFT model starts both the policy and the critic.
-  c = base.retool_grpo("runs/retool_qwen3_4b_ppo", checkpoint=base.SFT_4B_CHECKPOINT, preset="4B")
+  c = recipes.retool_grpo("runs/retool_qwen3_4b_ppo", checkpoint=recipes.SFT_4B_CHECKPOINT, preset="4B")
   c.rl.algorithm = "ppo"
   c.rl.num_prompts = 256  # one sample per prompt: the critic, not the group, is the baseline
   c.rl.group_size = 1

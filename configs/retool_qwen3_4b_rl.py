@@ -10,18 +10,13 @@ update accumulated over 2 micro-batches of 32 rows (the same update as one pass)
 87 GiB per chip next to the train state, more than a v5p chip holds; the 256 trajectories of a step run as
 4 engine batches. Check: `python -m retool_jax.aot --config=configs/retool_qwen3_4b_rl.py --topology=v5p-8`.
 
-The recipe itself (`retool_grpo` in `_base.py`) is shared with the PPO and 30B-A3B configs.
+The recipe itself (`retool_grpo` in `retool_jax/recipes.py`) is shared with the PPO and 30B-A3B configs.
 """
-
-import importlib.util
-from pathlib import Path
 
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("configs_base", Path(__file__).with_name("_base.py"))
-base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(base)
+from retool_jax import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:
-  return base.retool_grpo("runs/retool_qwen3_4b_rl", checkpoint=base.SFT_4B_CHECKPOINT, preset="4B")
+  return recipes.retool_grpo("runs/retool_qwen3_4b_rl", checkpoint=recipes.SFT_4B_CHECKPOINT, preset="4B")

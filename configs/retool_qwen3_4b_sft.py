@@ -16,27 +16,22 @@ over `fsdp`), bfloat16 compute, full remat, splash attention. `python -m retool_
 --config=configs/retool_qwen3_4b_sft.py --topology=v5p-8` compiles the train step at 35 GiB of 95.7 per chip.
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("configs_base", Path(__file__).with_name("_base.py"))
-base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(base)
+from retool_jax import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = base.sft_default()
+  c = recipes.sft_default()
   c.workdir = "runs/retool_qwen3_4b_sft"
   c.seed = 0
   c.num_steps = 0  # data.num_epochs passes over the packed data
   c.grad_accum_steps = 4
 
   c.model.checkpoint = ""  # set it: a Qwen3-4B (HF or Orbax) folder (empty: a random 4B, for smoke tests)
-  base.large_model(c.model, "4B")
+  recipes.large_model(c.model, "4B")
   c.model.scan_layers = True  # one decoder layer compiled, scanned over the stack
-  c.mesh = base.fsdp_mesh()
+  c.mesh = recipes.fsdp_mesh()
 
   c.data.format = "retool_sft"
   c.data.style = "inline"  # ReTool's own <code>/<interpreter> format, as the RL rollouts use

@@ -6,18 +6,13 @@ Point it at real data with `--config.data.format=retool_sft --config.data.path=F
 needs `--config.model.overrides.vocab_size=151936`).
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("configs_base", Path(__file__).with_name("_base.py"))
-base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(base)
+from retool_jax import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = base.tiny_sft("runs/sft_tiny")
+  c = recipes.tiny_sft("runs/sft_tiny")
   c.num_steps = 40
   c.data.format = "synthetic"
   c.data.synthetic_vocab = 256

@@ -42,6 +42,7 @@ LAYERS = {
   "convert": 5,
   "model_tour": 5,
   "plot": 5,
+  "recipes": 5,  # the configs' shared builders, over the trainers' defaults
 }
 
 

@@ -1,12 +1,7 @@
-"""What the shipped configs share: the tiny smoke-test models and runs, the ReTool rollout, the large-model
-block, and the ReTool GRPO and DPO recipes the TPU configs refine.
+"""The recipe builders the shipped configs share: the tiny smoke-test models and runs, the ReTool rollout, the
+large-model block, and the ReTool GRPO and DPO recipes the TPU configs refine.
 
-Config files are loaded by path (`--config=configs/NAME.py`) and `configs/` is not on `sys.path`, so each one
-loads this file by its path next to its own:
-
-    _spec = importlib.util.spec_from_file_location("configs_base", Path(__file__).with_name("_base.py"))
-    base = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(base)
+A config file (`--config=configs/NAME.py`) is `from retool_jax import recipes` plus what it changes.
 """
 
 import ml_collections

@@ -36,10 +36,10 @@ demo: sysdeps $(VENV)/.installed
 test: sysdeps $(VENV)/.installed-test
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=15
 
 test-slow: $(VENV)/.installed-test
-	$(PY) -m pytest -q -rs -m slow
+	$(PY) -m pytest -q -rs -m slow --durations=15
 
 test-all: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m ""

@@ -191,13 +191,11 @@ class InputPipeline:
     (epoch, position), n, g = origin, self.num_examples, self.global_batch_size
     if self.remainder == "carry":
       return np.divmod(epoch * n + position + slots, n)
-    first = _round_up(
-      n - position, g
-    )  # the rest of the origin's epoch, padded; later epochs pad to a multiple of G
+    # The rest of the origin's epoch padded to a multiple of G, then whole epochs padded the same way.
+    first = _round_up(n - position, g)
     later_epoch, later_position = np.divmod(np.maximum(slots - first, 0), _round_up(n, g))
-    return np.where(slots < first, epoch, epoch + 1 + later_epoch), np.where(
-      slots < first, position + slots, later_position
-    )
+    in_first = slots < first
+    return np.where(in_first, epoch, epoch + 1 + later_epoch), np.where(in_first, position + slots, later_position)
 
   def _load(self, origin: tuple[int, int], slots: Sequence[int]) -> Batch:
     n = self.num_examples

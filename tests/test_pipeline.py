@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from retool_jax.data import Example, load_gsm8k, pack_sequences, read_rows
-from retool_jax.data.pipeline import InputPipeline, global_batch, permutation
+from retool_jax.data.pipeline import InputPipeline, global_batch, grain_seed, permutation
 
 FIXTURES = Path(
   os.environ.get("RETOOL_FIXTURES", Path(__file__).resolve().parents[1].parent / "shared" / "fixtures")
@@ -142,6 +143,75 @@ def test_state_round_trips_through_an_orbax_checkpoint(tmp_path):
   resumed.restore(checkpointer.restore(tmp_path / "data", args=ocp.args.JsonRestore()))
   for _ in range(10):
     assert next(resumed).indices.tolist() == next(pipe).indices.tolist()
+
+
+def test_built_on_grain_and_ordered_by_grains_shuffle():
+  n, g, count = 23, 6, 3
+  pipes = hosts(list(range(n)), count, global_batch_size=g, seed=4, remainder="carry")
+  assert all(
+    isinstance(p.dataset, grain.MapDataset) and isinstance(p.iterator, grain.DatasetIterator) for p in pipes
+  )
+  # The dataset is random access: its k-th element is the host's k-th batch.
+  assert (
+    pipes[1].dataset[5].indices.tolist() == [b.indices.tolist() for b in [next(pipes[1]) for _ in range(6)]][5]
+  )
+  # The global stream is grain's shuffle of the index range, epochs end to end, reseeded every epoch.
+  shuffled = grain.MapDataset.range(n).shuffle(seed=grain_seed(4))
+  expected = [shuffled[k] for k in range(3 * n)]
+  steps = global_steps(hosts(list(range(n)), count, global_batch_size=g, seed=4, remainder="carry"), 3 * n // g)
+  per_host = g // count
+  # Host h holds global rows h, h + count, ...: put every step's rows back in global order.
+  stream = [rows[(k % count) * per_host + k // count][0] for rows in steps for k in range(g)]
+  assert stream == expected[: len(stream)] and len(stream) == 3 * n - 3 * n % g
+  assert permutation(4, 1, n).tolist() == expected[n : 2 * n] != expected[:n]
+  # Neighbouring seeds share no epoch (grain reseeds an epoch as seed + epoch; the seed is mixed first).
+  assert permutation(7, 1, 50).tolist() != permutation(8, 0, 50).tolist()
+
+
+def test_grain_iterator_state_round_trips_through_grains_orbax_handler(tmp_path):
+  pipe = InputPipeline(list(range(30)), global_batch_size=4, seed=5, process_index=0, process_count=1)
+  for _ in range(9):
+    next(pipe)
+  assert pipe.iterator.get_state() == {"next_index": 9}
+  checkpointer = ocp.Checkpointer(grain.checkpoint.CheckpointHandler())
+  checkpointer.save(tmp_path / "grain", args=grain.checkpoint.CheckpointSave(pipe.iterator))
+  resumed = InputPipeline(list(range(30)), global_batch_size=4, seed=5, process_index=0, process_count=1)
+  checkpointer.restore(tmp_path / "grain", args=grain.checkpoint.CheckpointRestore(resumed.iterator))
+  assert resumed.state() == pipe.state() == {"seed": 5, "epoch": 1, "position": 4, "num_examples": 30}
+  for _ in range(10):
+    assert next(resumed).indices.tolist() == next(pipe).indices.tolist()
+
+
+def test_grain_sources_and_read_ahead_threads():
+  source = grain.MapDataset.source([{"x": i} for i in range(20)]).map(lambda r: {"x": r["x"], "y": 3 * r["x"]})
+  threaded = InputPipeline(
+    source,
+    global_batch_size=4,
+    seed=1,
+    process_index=0,
+    process_count=1,
+    read_options=grain.ReadOptions(num_threads=2, prefetch_buffer_size=3),
+  )
+  plain = InputPipeline(source, global_batch_size=4, seed=1, process_index=0, process_count=1)
+  for _ in range(7):
+    a, b = next(threaded), next(plain)
+    assert a.indices.tolist() == b.indices.tolist() and a.examples["x"].tolist() == a.indices.tolist()
+    np.testing.assert_array_equal(a.examples["y"], 3 * a.examples["x"])
+  records = InputPipeline(
+    grain.sources.RangeDataSource(10, 20, 1), global_batch_size=5, shuffle=False, process_index=0, process_count=1
+  )
+  assert next(records).examples == [10, 11, 12, 13, 14]
+
+
+def test_restoring_a_position_from_another_batch_size_keeps_epochs_apart():
+  # A state saved with a global batch of 2 (position 2) restored with one of 4: the epoch's last batch is
+  # padded, and the next epoch starts on a fresh batch.
+  pipe = InputPipeline(list(range(10)), global_batch_size=4, shuffle=False, process_index=0, process_count=1)
+  pipe.restore({"seed": 0, "epoch": 0, "position": 2, "num_examples": 10})
+  batches = [next(pipe) for _ in range(3)]
+  assert [b.indices.tolist() for b in batches] == [[2, 3, 4, 5], [6, 7, 8, 9], [0, 1, 2, 3]]
+  assert [b.epoch.tolist() for b in batches] == [[0] * 4, [0] * 4, [1] * 4] and all(b.mask.all() for b in batches)
+  assert pipe.state() == {"seed": 0, "epoch": 1, "position": 4, "num_examples": 10}
 
 
 def test_num_epochs_stops_and_pads_the_last_carry_batch():

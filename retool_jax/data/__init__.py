@@ -1,4 +1,5 @@
-"""Data: math problem sets, SFT / DPO / ToolBench / ReTool-SFT conversations, packing, synthetic tool use."""
+"""Data: math problem sets, SFT / DPO / ToolBench / ReTool-SFT conversations, packing, the input pipeline (on grain),
+synthetic tool use."""
 
 from retool_jax.data.chat_sft import dumps_example, load_chat_sft, load_preference_pairs
 from retool_jax.data.io import read_rows

@@ -1,12 +1,15 @@
-"""The input pipeline every trainer reads from: shuffled by seed and epoch, sharded across hosts, resumable.
+"""The input pipeline every trainer reads from, built on grain: shuffled by seed and epoch, sharded across hosts,
+resumable.
 
 The source is any random-access collection: the records a loader returns, a `datasets.Dataset`, a TFDS
-record source (`retool_jax.data.tfds.load_records`), `PackedRows`, or a dict of equal-length arrays.
+record source (`retool_jax.data.tfds.load_records`), a grain data source or `grain.MapDataset`, `PackedRows`,
+or a dict of equal-length arrays.
 
-Order. Epoch `e` visits the source in the permutation drawn from `(seed, e)`; every host computes the same
-permutation, so hosts never need to talk. Global step `s` of an epoch covers permutation positions
-`[s*G, (s+1)*G)` for the global batch size `G`; host `h` of `P` takes every `P`-th of them starting at `h`
-(its `G/P` rows of the global batch). Hosts therefore see disjoint examples, and together all of them.
+Order. Epoch `e` visits the source in the permutation grain's `MapDataset.shuffle` draws for epoch `e` from a
+seed derived from `seed` (`visiting_order`); every host computes the same permutation, so hosts never need to
+talk. Global step `s` of an epoch covers permutation positions `[s*G, (s+1)*G)` for the global batch size `G`;
+host `h` of `P` takes every `P`-th of them starting at `h` (its `G/P` rows of the global batch). Hosts
+therefore see disjoint examples, and together all of them; the global order does not depend on `P`.
 
 Remainder, when the epoch size `N` is not a multiple of `G`:
 
@@ -17,17 +20,26 @@ Remainder, when the epoch size `N` is not a multiple of `G`:
   the next one (in that epoch's order). No padding, and every example is still seen exactly once per epoch;
   only a run limited by `num_epochs` pads its very last batch.
 
+Grain objects. `InputPipeline.dataset` is this host's `grain.MapDataset` of `Batch`es: the range of its global
+slot numbers (`h, h+P, ...`, from the position the pipeline started or was restored at), batched by `G/P`. The
+pipeline iterates it through a grain `DatasetIterator` (`iterator`), whose `get_state()` counts the batches
+handed out.
+
 Position. `state()` is a small JSON-able dict (`seed`, `epoch`, `position` = examples of the epoch already
-handed out across all hosts, and `num_examples` as a guard); save it with the trainer's checkpoint (e.g. as an
-Orbax `JsonSave` item) and `restore()` it to continue exactly where the run stopped, with any number of hosts.
+handed out across all hosts, and `num_examples` as a guard), computed from the grain iterator's state; save it
+with the trainer's checkpoint (e.g. as an Orbax `JsonSave` item) and `restore()` it to continue exactly where
+the run stopped, with any number of hosts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+import functools
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import grain
 import jax
 import numpy as np
 
@@ -35,6 +47,7 @@ from retool_jax.data.packing import PackedRows
 
 REMAINDERS = ("pad", "carry")
 STATE_KEYS = ("seed", "epoch", "position", "num_examples")
+SYNCHRONOUS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +79,22 @@ def default_collate(items: list[Any]) -> Any:
   return list(items)
 
 
+def grain_seed(seed: int) -> int:
+  """The 32-bit seed handed to grain's shuffle, mixed from `seed` so that neighbouring seeds share no epoch."""
+  return int(np.random.SeedSequence(seed).generate_state(1)[0])
+
+
+def visiting_order(seed: int, size: int, shuffle: bool = True) -> grain.MapDataset:
+  """Epochs end to end: element `e * size + j` is the source index at position `j` of epoch `e`, drawn by
+  grain's `shuffle` (which reseeds every epoch); `shuffle=False`: file order every epoch."""
+  order = grain.MapDataset.range(size)
+  return (order.shuffle(seed=grain_seed(seed)) if shuffle else order).repeat()
+
+
 def permutation(seed: int, epoch: int, size: int) -> np.ndarray:
   """The visiting order of epoch `epoch`: the same on every host, for every process count."""
-  return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch]))).permutation(size)
+  order = visiting_order(seed, size)
+  return np.asarray([order[epoch * size + j] for j in range(size)], np.int64)
 
 
 def _as_columns(source: Any) -> dict[str, np.ndarray] | None:
@@ -83,8 +109,16 @@ def _as_columns(source: Any) -> dict[str, np.ndarray] | None:
   return None
 
 
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
 class InputPipeline:
-  """Iterates `Batch`es of this host's slice of each global batch (see the module docstring)."""
+  """Iterates `Batch`es of this host's slice of each global batch (see the module docstring).
+
+  `read_options`: how grain reads the batches (default synchronous, in the calling thread; e.g.
+  `grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)` reads ahead in threads, in the same order).
+  """
 
   def __init__(
     self,
@@ -99,6 +133,7 @@ class InputPipeline:
     process_count: int | None = None,
     transform: Callable[[Any], Any] | None = None,
     collate: Callable[[list[Any]], Any] = default_collate,
+    read_options: grain.ReadOptions = SYNCHRONOUS,
   ):
     if process_index is None or process_count is None:
       process_index = jax.process_index() if process_index is None else process_index
@@ -124,15 +159,79 @@ class InputPipeline:
     self.batch_size = global_batch_size // process_count
     self.process_index, self.process_count = process_index, process_count
     self.shuffle, self.remainder, self.num_epochs = shuffle, remainder, num_epochs
-    self.transform, self.collate = transform, collate
-    self.seed, self.epoch, self.position = int(seed), 0, 0
-    self._orders: dict[int, np.ndarray] = {}
+    self.transform, self.collate, self.read_options = transform, collate, read_options
+    self.seed = int(seed)
+    self._start(0, 0)
+
+  # -- the grain dataset ------------------------------------------------------------------------------------
+
+  def _start(self, epoch: int, position: int) -> None:
+    """Builds this host's dataset from `(epoch, position)` on and a fresh grain iterator over it."""
+    self._origin = (epoch, position)
+    self._order = visiting_order(self.seed, self.num_examples, self.shuffle)
+    steps = self._steps_left()
+    stop = sys.maxsize if steps is None else steps * self.global_batch_size
+    slots = grain.MapDataset.range(self.process_index, stop, self.process_count)  # this host's global slots
+    self.dataset = slots.batch(self.batch_size, batch_fn=functools.partial(self._load, self._origin))
+    self.iterator = iter(self.dataset.to_iter_dataset(self.read_options))
+
+  def _steps_left(self) -> int | None:
+    """Global batches from the origin to the end of the run (None: no end)."""
+    (epoch, position), n, g = self._origin, self.num_examples, self.global_batch_size
+    if self.num_epochs is None:
+      return None
+    if epoch >= self.num_epochs:
+      return 0
+    if self.remainder == "carry":
+      return -(-(self.num_epochs * n - epoch * n - position) // g)
+    return (_round_up(n - position, g) + (self.num_epochs - epoch - 1) * _round_up(n, g)) // g
+
+  def _locate(self, origin: tuple[int, int], slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(epoch, position in the epoch) of global slots counted from `origin`; a position `>= N` is padding."""
+    (epoch, position), n, g = origin, self.num_examples, self.global_batch_size
+    if self.remainder == "carry":
+      return np.divmod(epoch * n + position + slots, n)
+    # The rest of the origin's epoch padded to a multiple of G, then whole epochs padded the same way.
+    first = _round_up(n - position, g)
+    later_epoch, later_position = np.divmod(np.maximum(slots - first, 0), _round_up(n, g))
+    in_first = slots < first
+    return np.where(in_first, epoch, epoch + 1 + later_epoch), np.where(in_first, position + slots, later_position)
+
+  def _load(self, origin: tuple[int, int], slots: Sequence[int]) -> Batch:
+    n = self.num_examples
+    epochs, positions = self._locate(origin, np.asarray(slots, np.int64))
+    valid = positions < n
+    if self.num_epochs is not None:
+      valid &= epochs < self.num_epochs
+    keys = (epochs * n + positions % n).tolist()
+    indices = np.asarray([self._order[k] for k in keys], np.int64)
+    return Batch(self._gather(indices), valid, indices, epochs.astype(np.int64))
+
+  def _gather(self, indices: np.ndarray) -> Any:
+    if self._columns is not None:
+      return {k: v[indices] for k, v in self._columns.items()}
+    keys = indices.tolist()
+    getitems = getattr(self.source, "__getitems__", None)
+    items = list(getitems(keys)) if getitems is not None else [self.source[i] for i in keys]
+    if self.transform is not None:
+      items = [self.transform(item) for item in items]
+    return self.collate(items)
 
   # -- position ---------------------------------------------------------------------------------------------
 
   def state(self) -> dict[str, int]:
     """The position to checkpoint: JSON-able, identical on every host."""
-    return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "num_examples": self.num_examples}
+    slots = self.iterator.get_state()["next_index"] * self.global_batch_size
+    epoch, position = (int(x) for x in self._locate(self._origin, np.asarray(slots)))
+    return {"seed": self.seed, "epoch": epoch, "position": position, "num_examples": self.num_examples}
+
+  @property
+  def epoch(self) -> int:
+    return self.state()["epoch"]
+
+  @property
+  def position(self) -> int:
+    return self.state()["position"]
 
   def restore(self, state: Mapping[str, Any]) -> None:
     """Continues from a `state()` saved by this or another run over the same source."""
@@ -146,8 +245,8 @@ class InputPipeline:
     epoch, position = int(state["epoch"]), int(state["position"])
     if epoch < 0 or not 0 <= position < self.num_examples:
       raise ValueError(f"pipeline state has an invalid position: epoch={epoch}, position={position}")
-    self.seed, self.epoch, self.position = int(state["seed"]), epoch, position
-    self._orders.clear()
+    self.seed = int(state["seed"])
+    self._start(epoch, position)
 
   def steps_per_epoch(self) -> int:
     """Global batches per epoch (``carry``: on average, rounded up)."""
@@ -155,50 +254,11 @@ class InputPipeline:
 
   # -- iteration --------------------------------------------------------------------------------------------
 
-  def _order(self, epoch: int) -> np.ndarray:
-    if epoch not in self._orders:
-      if len(self._orders) >= 2:
-        self._orders.pop(min(self._orders))
-      n = self.num_examples
-      self._orders[epoch] = permutation(self.seed, epoch, n) if self.shuffle else np.arange(n)
-    return self._orders[epoch]
-
-  def _gather(self, indices: np.ndarray) -> Any:
-    if self._columns is not None:
-      return {k: v[indices] for k, v in self._columns.items()}
-    keys = indices.tolist()
-    getitems = getattr(self.source, "__getitems__", None)
-    items = list(getitems(keys)) if getitems is not None else [self.source[i] for i in keys]
-    if self.transform is not None:
-      items = [self.transform(item) for item in items]
-    return self.collate(items)
-
   def __iter__(self) -> Iterator[Batch]:
     return self
 
   def __next__(self) -> Batch:
-    n, g = self.num_examples, self.global_batch_size
-    if self.num_epochs is not None and self.epoch >= self.num_epochs:
-      raise StopIteration
-    slots = np.arange(self.process_index, g, self.process_count)  # this host's rows of the global batch
-    if self.remainder == "pad":
-      positions = self.position + slots
-      epochs = np.full(slots.shape, self.epoch)
-      valid = positions < n
-      positions = positions % n
-      self.position += g
-      if self.position >= n:
-        self.epoch, self.position = self.epoch + 1, 0
-    else:
-      stream = self.epoch * n + self.position + slots
-      epochs, positions = stream // n, stream % n
-      valid = epochs < self.num_epochs if self.num_epochs is not None else np.ones(slots.shape, bool)
-      self.epoch, self.position = divmod(self.epoch * n + self.position + g, n)
-    indices = np.empty(slots.shape, np.int64)
-    for epoch in np.unique(epochs):
-      rows = epochs == epoch
-      indices[rows] = self._order(int(epoch))[positions[rows]]
-    return Batch(self._gather(indices), valid, indices, epochs.astype(np.int64))
+    return next(self.iterator)
 
 
 def global_batch(tree: Any, sharding: jax.sharding.Sharding) -> Any:

@@ -24,13 +24,25 @@ fail() {
   exit 2
 }
 
+# shell_quote WORD...: the words on one line, each one that needs it in single quotes (readable by any POSIX shell).
+shell_quote() {
+  local out=() word q="'\\''"
+  for word in "$@"; do
+    if [[ "$word" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+      out+=("$word")
+    else
+      out+=("'${word//\'/$q}'")
+    fi
+  done
+  printf '%s\n' "${out[*]}"
+}
+
 # run_or_print DRY_RUN CMD...: prints the shell-quoted command when DRY_RUN is 1, else replaces the shell with it.
 run_or_print() {
   local dry_run="$1"
   shift
   if [[ "$dry_run" == 1 ]]; then
-    printf '%q ' "$@"
-    echo
+    shell_quote "$@"
     exit 0
   fi
   exec "$@"
@@ -41,8 +53,7 @@ print_or_run() {
   local dry_run="$1"
   shift
   if [[ "$dry_run" == 1 ]]; then
-    printf '%q ' "$@"
-    echo
+    shell_quote "$@"
     return 0
   fi
   "$@"

@@ -34,6 +34,9 @@ LAYERS = {
   "data": 2,
   "rollout": 3,
   "train": 4,
+  "serve": 4,  # the OpenAI-compatible server over the engines; RL rollouts of OpenAI-client agents use it
+  "serve.cli": 5,
+  "serve.__main__": 5,
   "evaluate": 5,
   "chat_cli": 5,
   "demo": 5,

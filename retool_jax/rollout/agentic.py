@@ -36,9 +36,17 @@ from retool_jax.rollout.multiturn import (
   open_tools,
   trajectory_budget,
 )
-from retool_jax.rollout.types import Engine, GenerateRequest, SamplingParams
+from retool_jax.rollout.types import Engine, GenerateRequest, GenerateResult, SamplingParams
 
-__all__ = ["AgentRollout", "ChatClient", "environment_text", "load_agent", "run_agent"]
+__all__ = [
+  "AgentRollout",
+  "ChatClient",
+  "environment_text",
+  "forced_prefix",
+  "load_agent",
+  "render_key",
+  "run_agent",
+]
 
 Agent = Callable[..., Any]
 
@@ -62,6 +70,39 @@ def environment_text(messages: Sequence[Mapping[str, Any]], *, after_im_end: boo
     else:
       raise ValueError(f"messages after an assistant reply must be tool, user or system messages; got {role!r}")
   return "".join(parts) + assistant_header(enable_thinking)
+
+
+def render_key(message: Mapping[str, Any]) -> tuple:
+  """What of a message reaches the prompt: its role, text and calls (arguments as values, so a JSON string and
+  the dict it encodes are the same call). Extra fields a client sends back (`refusal`, `annotations`, ...) and
+  call ids do not count."""
+  calls = []
+  for call in message.get("tool_calls") or ():
+    fn = call.get("function", call)
+    args = fn.get("arguments")
+    if isinstance(args, str):
+      try:
+        args = json.loads(args)
+      except ValueError:
+        pass
+    calls.append((fn.get("name"), json.dumps(args, sort_keys=True, ensure_ascii=False)))
+  return message.get("role"), message.get("content") or "", tuple(calls)
+
+
+def forced_prefix(tool_choice: str | Mapping[str, Any] | None) -> str:
+  """The text a reply is made to start with for an OpenAI `tool_choice` (hermes `<tool_call>` format)."""
+  if tool_choice in (None, "auto", "none"):
+    return ""
+  if tool_choice == "required":
+    return "<tool_call>\n"
+  if isinstance(tool_choice, Mapping) and isinstance(tool_choice.get("function"), Mapping):
+    name = tool_choice["function"].get("name")
+    if isinstance(name, str) and name:
+      return f'<tool_call>\n{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": '
+  raise ValueError(
+    f"tool_choice {tool_choice!r} must be 'auto', 'none', 'required' or "
+    '{"type": "function", "function": {"name": ...}}'
+  )
 
 
 @dataclasses.dataclass
@@ -91,6 +132,8 @@ class ChatClient:
       dict.fromkeys([tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id, *config.stop_token_ids])
     )
     self._calls = 0
+    self.last_result: GenerateResult | None = None
+    self.last_prompt_tokens = 0
 
   async def chat(
     self,
@@ -102,21 +145,36 @@ class ChatClient:
     top_k: int | None = None,
     max_tokens: int | None = None,
     stop: Sequence[str] = (),
+    seed: int | None = None,
+    tool_choice: str | Mapping[str, Any] | None = None,
+    include_stop_str: bool = True,
   ) -> dict:
     """The assistant's reply: `{"role": "assistant", "content": str, "tool_calls": [...]}`.
 
     `tool_calls` follow the OpenAI shape (`{"id", "type": "function", "function": {"name", "arguments": JSON}}`)
     plus `index`, the call's position in the text; calls that could not be parsed come back in
     `invalid_tool_calls` as `{"index", "error"}` so the agent can answer them. `last_finish_reason` tells why
-    generation ended (`stop` or `length`).
+    generation ended (`stop` or `length`); `last_result` is the engine's result (ids, log-probs).
+
+    `seed` replaces this call's derived seed. `tool_choice` (OpenAI's): `"auto"` / None parses calls; `"none"`
+    returns the text as content, unparsed; `"required"` or `{"type": "function", "function": {"name": N}}`
+    opens the reply with `<tool_call>` (and the call's name), tokens recorded with loss mask 0 as they were not
+    sampled. `include_stop_str=False` drops a matched stop string from the content (the ids keep it).
     """
     check_messages(messages)
     seg = self._segment_for(messages, tool_schemas(tools))
+    self.last_result = None
+    forced = forced_prefix(tool_choice)
+    forced_ids = encode_text(self.tokenizer, forced) if forced else []
     limit, _ = trajectory_budget(self.config, seg.num_prompt_tokens)
-    room = limit - len(seg.ids)
+    room = limit - len(seg.ids) - len(forced_ids)
     if room <= 0 or seg.truncated:
       seg.truncated, self.last_finish_reason = True, "length"
       return self._remember(seg, messages, {"role": "assistant", "content": ""})
+    seg.ids += forced_ids
+    seg.loss_mask += [0] * len(forced_ids)
+    seg.logprobs += [0.0] * len(forced_ids)
+    self.last_prompt_tokens = len(seg.ids)
     cfg = self.config
     cap = max_tokens or cfg.max_new_tokens or room
     sampling = SamplingParams(
@@ -126,12 +184,13 @@ class ChatClient:
       max_new_tokens=min(room, cap),
       stop=tuple(cfg.stop) + tuple(stop),
       stop_token_ids=self._stop_ids,
-      seed=None if self.seed is None else self.seed + self._calls,
+      seed=seed if seed is not None else None if self.seed is None else self.seed + self._calls,
     )
     self._calls += 1
     [result] = await self.engine.generate([GenerateRequest(tuple(seg.ids), sampling)])
     if result.finish_reason.type == "abort":
       raise RuntimeError(f"the engine aborted the request: {result.finish_reason.message}")
+    self.last_result = result
     seg.ids += result.output_ids
     seg.loss_mask += [1] * len(result.output_ids)
     seg.logprobs += list(result.output_logprobs)
@@ -142,7 +201,10 @@ class ChatClient:
       len(seg.ids) >= limit or len(result.output_ids) < sampling.max_new_tokens
     ):
       seg.truncated = True  # the budget, or the engine's own context length, is used up
-    return self._remember(seg, messages, self._reply(result.output_ids, seg.turns[-1]))
+    matched = result.finish_reason.matched if result.finish_reason.type == "stop" else None
+    drop = matched if isinstance(matched, str) and not include_stop_str else None
+    reply = self._reply(forced_ids + result.output_ids, parse=tool_choice != "none", drop_suffix=drop)
+    return self._remember(seg, messages, reply)
 
   def record_tool_stats(self, calls: int, errors: int, seconds: float) -> None:
     """Lets the agent attach tool statistics to the last turn (shown in the rollout's per-turn stats)."""
@@ -161,7 +223,7 @@ class ChatClient:
       seg is not None
       and seg.tools == tools
       and len(messages) > n
-      and [dict(m) for m in messages[:n]] == seg.messages
+      and [render_key(m) for m in messages[:n]] == [render_key(m) for m in seg.messages]
       and all(m.get("role") != "assistant" for m in messages[n:])
     ):
       text = environment_text(
@@ -183,13 +245,19 @@ class ChatClient:
     seg.messages = [copy.deepcopy(dict(m)) for m in messages] + [copy.deepcopy(reply)]
     return reply
 
-  def _reply(self, output_ids: list[int], turn: TurnStats) -> dict:
+  def _reply(self, output_ids: list[int], *, parse: bool = True, drop_suffix: str | None = None) -> dict:
     text = self.tokenizer.decode(output_ids)
     for marker in (IM_END, self.tokenizer.eos_token):
       if marker and text.endswith(marker):
         text = text[: -len(marker)]
+    if not parse:
+      content = text[: -len(drop_suffix)] if drop_suffix and text.endswith(drop_suffix) else text
+      return {"role": "assistant", "content": content}
     parsed = parse_tool_calls(text, None, formats=self.config.call_formats)
-    reply: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+    content = parsed.content
+    if drop_suffix and content.endswith(drop_suffix):
+      content = content[: -len(drop_suffix)]
+    reply: dict[str, Any] = {"role": "assistant", "content": content}
     calls, invalid = [], []
     for i, item in enumerate(parsed.items):
       if isinstance(item, ToolCall):
@@ -250,8 +318,12 @@ async def run_agent(
   config: MultiTurnConfig | Any = None,
   *,
   tokenizer: Any = None,
+  client_for: Callable[[int, ChatClient], Any] | None = None,
 ) -> list[AgentRollout]:
   """Runs `agent(client, prompt, tools)` once per prompt, concurrently; results are in prompt order.
+
+  The agent of prompt `i` gets `client_for(i, chat_client)` when given (e.g. an OpenAI client on a server
+  session recorded by `chat_client`), else the `ChatClient` itself.
 
   `tools` is what `generate_multiturn` takes (a registry, None, or a per-trajectory factory); the agent gets
   the registry. The config supplies sampling defaults, `max_context` and the limits the agent may read from
@@ -266,7 +338,7 @@ async def run_agent(
     error, output = None, None
     async with open_tools(tools) as registry:
       try:
-        output = await fn(client, prompt, registry)
+        output = await fn(client if client_for is None else client_for(i, client), prompt, registry)
       except Exception as e:  # noqa: BLE001  (one failing agent aborts its own rollout only)
         error = f"{type(e).__name__}: {e}"
     segments = [_as_rollout(s, tokenizer, config) for s in client.segments]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import threading
 import time
 from collections.abc import Sequence
@@ -56,6 +57,7 @@ __all__ = ["JaxEngine", "with_attention"]
 BATCHING = ("continuous", "static")
 DEFAULT_POOL_GIB = 0.25  # the kept-prefix pool without a KV budget
 MAX_POOL_PER_SLOT = 4  # pool rows per decode slot, at most (when sized from memory)
+MAX_ADMISSION_WINDOWS = 20  # an idle engine gathers arrivals for at most this many admission windows
 
 
 def pool_rows(bytes_per_row: int, slots: int, kv_cache_gib: float | None) -> int:
@@ -79,6 +81,12 @@ def _mesh_of(params) -> Any:
     if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
       return sharding.mesh
   return None
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "k"))
+def _top_logprobs(graphdef, params, ids_1T: jax.Array, temperature: jax.Array, k: int):
+  logits_TV = nnx.merge(graphdef, params)(ids_1T)[0]
+  return jax.lax.top_k(jax.nn.log_softmax(logits_TV / temperature, axis=-1), k)
 
 
 def with_attention(model: Qwen3, impl: str | None) -> Qwen3:
@@ -115,6 +123,9 @@ class JaxEngine:
     max_prefill_tokens / max_prefill_rows: most tokens / requests packed into one prefill call.
     max_stop_ids: most stop token ids per request (EOS included).
     batch_window_s: static batching only: how long the batcher waits for more requests before a batch.
+    admission_window_s: continuous batching: an idle engine that got a request waits for more while they come
+      less than this apart (a server's clients send theirs a few milliseconds apart), so they share a prefill;
+      0: it starts at once.
     min_batch_bucket / min_prompt_bucket / min_new_bucket: smallest padded batch / prompt (prefill) length /
       new-token budget (larger minimums: fewer programs to compile, more padding).
     min_attend_bucket / min_slot_length: smallest bucket of the cache columns a call attends to / of the slot
@@ -144,6 +155,7 @@ class JaxEngine:
     max_prefill_rows: int = 16,
     max_stop_ids: int = 8,
     batch_window_s: float = 0.005,
+    admission_window_s: float = 0.0,
     min_batch_bucket: int = 1,
     min_prompt_bucket: int = 16,
     min_new_bucket: int = 16,
@@ -182,6 +194,7 @@ class JaxEngine:
     self.max_batch_size = max_batch_size
     self.decode_chunk = decode_chunk
     self.batch_window_s = batch_window_s
+    self.admission_window_s = admission_window_s
     self.min_batch_bucket = min(min_batch_bucket, max_batch_size)
     self.min_prompt_bucket = min_prompt_bucket
     self.min_new_bucket = min_new_bucket
@@ -284,6 +297,31 @@ class JaxEngine:
       self._weights[self._gen] = (new, version)
       self.weight_version = version
 
+  async def top_logprobs(
+    self, ids: Sequence[int], start: int, k: int, temperature: float = 1.0
+  ) -> list[list[tuple[int, float]]]:
+    """The `k` likeliest next tokens and their log-probs (under `log_softmax(logits / temperature)`, as the
+    sampled tokens' log-probs) at each of `ids[start:]`, given what precedes it, by one forward pass on the
+    newest weights. The sequence is padded to a power of two (at least `min_attend_bucket`) to bound the
+    programs compiled."""
+    if not 1 <= start <= len(ids) or k < 1:
+      raise ValueError(f"start={start} must be in [1, {len(ids)}] and k={k} >= 1")
+    length = max(self.min_attend_bucket, 1 << (len(ids) - 1).bit_length())
+    row = np.full((1, length), self.pad_id, np.int32)
+    row[0, : len(ids)] = ids
+    t = 1.0 if temperature <= 0 else float(temperature)
+
+    def run():
+      with self._device_lock:
+        params = self._params
+      values, indices = _top_logprobs(
+        self._graphdef, params, jnp.asarray(row), jnp.float32(t), min(k, self.config.vocab_size)
+      )
+      values, indices = jax.device_get((values, indices))
+      return [[(int(i), float(v)) for i, v in zip(indices[p], values[p])] for p in range(start - 1, len(ids) - 1)]
+
+    return await asyncio.to_thread(run)
+
   async def health(self) -> bool:
     worker = self._worker
     return worker is None or not worker.done() or worker.cancelled()
@@ -326,6 +364,7 @@ class JaxEngine:
     while True:
       if not sched.busy():
         self._take(await queue.get())
+        await self._gather_arrivals(queue)
       while not queue.empty():
         self._take(queue.get_nowait())
       try:
@@ -338,6 +377,20 @@ class JaxEngine:
       for job, result in finished:
         if not job.handle.done():
           job.handle.set_result(result)
+
+  async def _gather_arrivals(self, queue: asyncio.Queue) -> None:
+    """On an idle engine, keeps taking requests while they arrive less than `admission_window_s` apart (for at
+    most `MAX_ADMISSION_WINDOWS` windows), so that requests a server's clients send together start in one
+    prefill."""
+    if self.admission_window_s <= 0:
+      return
+    loop = asyncio.get_running_loop()
+    end = loop.time() + MAX_ADMISSION_WINDOWS * self.admission_window_s
+    while (left := min(self.admission_window_s, end - loop.time())) > 0:
+      try:
+        self._take(await asyncio.wait_for(queue.get(), left))
+      except TimeoutError:
+        return
 
   def _take(self, p: _Pending) -> None:
     if p.future.done():

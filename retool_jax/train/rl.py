@@ -38,7 +38,7 @@ from retool_jax.models.logprobs import token_logprobs
 from retool_jax.rollout import MultiTurnConfig
 from retool_jax.rollout.scoring import metrics_of_stats, rollout_and_score, rollout_stats
 from retool_jax.train import advantages as adv_lib
-from retool_jax.train import dapo, microbatch, multihost, rl_async
+from retool_jax.train import dapo, microbatch, multihost, rl_agent, rl_async
 from retool_jax.train.losses import PolicyLossConfig, policy_loss
 from retool_jax.train.rl_batch import minibatch_indices, pack_rollouts
 from retool_jax.train.rl_config import RLConfig
@@ -170,6 +170,7 @@ class RLTrainer:
       an uninterrupted one would, given `prompts` restored to the position it had saved.
     gather: how hosts exchange their trajectories (see `multihost`); default `process_allgather` on a
       multi-process run and nothing on one process.
+    agent: a user's agent drives the rollouts instead of the framework's multi-turn loop (`rl_agent`).
   """
 
   def __init__(
@@ -188,6 +189,7 @@ class RLTrainer:
     pad_id: int | None = None,
     step_count: int | None = None,
     gather: multihost.Gather | None = None,
+    agent: rl_agent.AgentSpec | None = None,
   ):
     if config.needs_reference and reference is None:
       raise ValueError(
@@ -198,6 +200,7 @@ class RLTrainer:
     self.config, self.state, self.engine = config, state, engine
     self.tokenizer, self.tools, self.reward_fn = tokenizer, tools, reward_fn
     self.multiturn = multiturn
+    self.agent = agent
     self.reference, self.critic = reference, critic
     self.pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
     self.pipeline = prompts if isinstance(prompts, InputPipeline) else None
@@ -275,12 +278,14 @@ class RLTrainer:
     else:
       calls = [([it["prompt"]] * g, answers[j * g : (j + 1) * g], group(j)) for j, it in enumerate(items)]
 
-    done = await asyncio.gather(
-      *(
-        rollout_and_score(self.engine, prompts, ans, self.tools, mt, self.reward_fn, self.tokenizer)
-        for prompts, ans, mt in calls
-      )
-    )
+    def score(prompts, ans, mt):
+      if self.agent is not None:
+        return rl_agent.agent_rollout_and_score(
+          self.agent, self.engine, prompts, ans, self.tools, mt, self.reward_fn, self.tokenizer
+        )
+      return rollout_and_score(self.engine, prompts, ans, self.tools, mt, self.reward_fn, self.tokenizer)
+
+    done = await asyncio.gather(*(score(prompts, ans, mt) for prompts, ans, mt in calls))
     rollouts = [r for ro, _ in done for r in ro]
     results = [r for _, res in done for r in res]
     return rollouts, results, answers

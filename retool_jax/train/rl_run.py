@@ -44,6 +44,7 @@ from retool_jax.train import abstract, build, loop, multihost, value_head
 from retool_jax.train import rl as rl_lib
 from retool_jax.train import state as state_lib
 from retool_jax.train.rl import RLTrainer
+from retool_jax.train.rl_agent import split_agent
 from retool_jax.train.rl_batch import bucket_length
 from retool_jax.train.rl_config import RLConfig
 from retool_jax.train.value_head import Critic, CriticConfig, ValueModel, create_critic_state
@@ -160,7 +161,8 @@ def programs(config: ml_collections.ConfigDict, mesh: Any) -> list[Any]:
   the longest a run sees."""
   c = config
   rl = RLConfig.from_config(c.rl)
-  multiturn = MultiTurnConfig.from_config(c.rollout)
+  rollout, agent = split_agent(c.rollout)
+  multiturn = MultiTurnConfig.from_config(rollout)
   cfg = abstract.model_config(c.model)
   updates = max(c.num_steps * rl.num_minibatches * rl.num_epochs, c.optim.warmup_steps + 1)
   tx, _ = state_lib.make_optimizer(c.optim.to_dict(), updates)
@@ -277,7 +279,8 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Runs `config.num_steps` RL steps; returns the last step's metrics."""
   c = config
   rl = RLConfig.from_config(c.rl)
-  multiturn = MultiTurnConfig.from_config(c.rollout)
+  rollout, agent = split_agent(c.rollout)
+  multiturn = MultiTurnConfig.from_config(rollout)
   if not c.data.path:
     raise ValueError("config.data.path is empty: RL needs prompts with answers")
   if c.tools not in TOOLS:
@@ -337,6 +340,7 @@ def train(config: ml_collections.ConfigDict) -> dict[str, Any]:
     reference=reference,
     critic=critic,
     step_count=0,
+    agent=agent,
   )
 
   def restore(record: dict[str, Any], start: int) -> None:

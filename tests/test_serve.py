@@ -27,10 +27,21 @@ from retool_jax.chat.tokenizer import encode_text
 from retool_jax.checkpoint.hf_export import copy_tokenizer
 from retool_jax.models import qwen3
 from retool_jax.models.logprobs import token_logprobs
-from retool_jax.rollout import JaxEngine, MultiTurnConfig, run_agent
+from retool_jax.rollout import (
+  GenerateRequest,
+  GenerateResult,
+  JaxEngine,
+  MultiTurnConfig,
+  SamplingParams,
+  run_agent,
+)
 from retool_jax.rollout.agentic import ChatClient, forced_prefix
+from retool_jax.rollout.sglang_engine import SGLangEngine, SGLangOptions
 from retool_jax.serve import ServeBackend, ServeSettings, create_app
+from retool_jax.serve.backend import ContentStream
+from retool_jax.serve.protocol import ChatCompletionRequest
 from scripted_engine import ScriptedEngine
+from sglang_double import FakeModel, SGLangDouble
 from test_multiturn import CALL_TURN, IM_END, TOK, make_tools
 
 MODEL = "tiny"
@@ -435,3 +446,75 @@ def test_the_serve_command_loads_an_hf_folder_and_answers(tmp_path):
     text=True,
   )
   assert bad.returncode != 0 and "missing" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_streamed_reply_arrives_in_pieces_that_add_up_to_the_reply(jax_server):
+  url, _ = jax_server
+  client = client_of(url)
+  kw = dict(model=MODEL, messages=HI, max_tokens=40, temperature=0.8, seed=3)
+  whole = client.chat.completions.create(**kw).choices[0]
+  stream = client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+  arrivals, pieces, finish = [], [], None
+  for chunk in stream:
+    if chunk.choices and chunk.choices[0].delta.content:
+      arrivals.append(time.monotonic())
+      pieces.append(chunk.choices[0].delta.content)
+    if chunk.choices and chunk.choices[0].finish_reason:
+      finish = chunk.choices[0].finish_reason
+    usage = chunk.usage
+  assert "".join(pieces) == whole.message.content and finish == whole.finish_reason
+  assert len(pieces) >= 2  # the engine decodes 16 tokens a chunk: the first ones come before the reply ends
+  assert usage.completion_tokens == 40 or finish == "stop"
+
+
+def test_content_deltas_hold_back_calls_stop_strings_and_partial_characters():
+  def deltas(text, final, **req):
+    stream = ContentStream(TOK, ChatCompletionRequest(model=MODEL, messages=HI, **req), ("tool_call", "code"))
+    out = [stream.feed([t]) for t in TOK.encode(text)]
+    return [d for d in out if d], stream.finish(final)
+
+  sent, rest = deltas(
+    "Let me add.\n<tool_call>\n" + '{"name": "add", "arguments": {}}\n</tool_call>', "Let me add."
+  )
+  assert "".join(sent) == "Let me add." and not any("<" in d for d in sent) and rest == ""
+  sent, rest = deltas("The answer is 42 STOP", "The answer is 42", stop=["STOP"])
+  assert "".join(sent) + rest == "The answer is 42" and "ST" not in "".join(sent)
+  sent, rest = deltas("Café ☕ ok", "Café ☕ ok")
+  assert "".join(sent) + rest == "Café ☕ ok" and all("\ufffd" not in d for d in sent)
+  sent, rest = deltas('{"a": 1}}\n</tool_call>', "", tool_choice="required", tools=[ADD])
+  assert sent == [] and rest == ""
+
+
+def test_the_engine_streams_final_tokens_chunk_by_chunk_then_the_result():
+  engine = JaxEngine(tiny_model(seed=9), tokenizer=TOK, max_length=128, max_batch_size=4, decode_chunk=4)
+  request = GenerateRequest(tuple(ids(HI)), SamplingParams(temperature=0.8, max_new_tokens=20, seed=1))
+
+  async def go():
+    items = [item async for item in engine.generate_stream(request)]
+    [whole] = await engine.generate([request])
+    return items, whole
+
+  items, whole = asyncio.run(go())
+  *deltas, result = items
+  assert isinstance(result, GenerateResult) and len(deltas) >= 3
+  assert [t for d, _ in deltas for t in d] == result.output_ids == whole.output_ids
+  np.testing.assert_allclose([x for _, lp in deltas for x in lp], result.output_logprobs)
+
+
+def test_the_server_fronts_sglang_and_records_its_tokens():
+  with SGLangDouble(model=FakeModel(vocab_size=len(TOK)), eos_token_id=-1) as sglang:
+    engine = SGLangEngine(sglang.url, options=SGLangOptions(backoff_s=0.01, max_backoff_s=0.02, poll_s=0.02))
+    with served(create_app(backend(engine))) as url:
+      r = client_of(url, session="g1").chat.completions.create(
+        model=MODEL, messages=HI, max_tokens=7, temperature=0
+      )
+      [seg] = httpx.get(f"{url}/sessions/g1/trajectory").json()["segments"]
+      with pytest.raises(openai.BadRequestError) as e:
+        client_of(url).chat.completions.create(model=MODEL, messages=HI, logprobs=True, top_logprobs=2)
+    [body] = [b for path, b in sglang.log if path == "/generate"]
+  prompt = list(ids(HI))
+  assert body["input_ids"] == prompt and r.usage.completion_tokens == 7 and r.choices[0].finish_reason == "length"
+  assert seg["ids"][: len(prompt)] == prompt and len(seg["ids"]) == len(prompt) + 7
+  assert seg["loss_mask"] == [0] * len(prompt) + [1] * 7
+  assert r.choices[0].message.content == TOK.decode(seg["ids"][len(prompt) :])
+  assert e.value.body["param"] == "top_logprobs"

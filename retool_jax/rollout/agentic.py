@@ -148,6 +148,7 @@ class ChatClient:
     seed: int | None = None,
     tool_choice: str | Mapping[str, Any] | None = None,
     include_stop_str: bool = True,
+    on_tokens: Callable[[list[int], list[float]], Any] | None = None,
   ) -> dict:
     """The assistant's reply: `{"role": "assistant", "content": str, "tool_calls": [...]}`.
 
@@ -160,6 +161,8 @@ class ChatClient:
     returns the text as content, unparsed; `"required"` or `{"type": "function", "function": {"name": N}}`
     opens the reply with `<tool_call>` (and the call's name), tokens recorded with loss mask 0 as they were not
     sampled. `include_stop_str=False` drops a matched stop string from the content (the ids keep it).
+    `on_tokens(ids, logprobs)` is told the reply's tokens as they come (the engine's `generate_stream` where it
+    has one, else all at once).
     """
     check_messages(messages)
     seg = self._segment_for(messages, tool_schemas(tools))
@@ -187,7 +190,7 @@ class ChatClient:
       seed=seed if seed is not None else None if self.seed is None else self.seed + self._calls,
     )
     self._calls += 1
-    [result] = await self.engine.generate([GenerateRequest(tuple(seg.ids), sampling)])
+    result = await self._generate(GenerateRequest(tuple(seg.ids), sampling), on_tokens)
     if result.finish_reason.type == "abort":
       raise RuntimeError(f"the engine aborted the request: {result.finish_reason.message}")
     self.last_result = result
@@ -215,6 +218,20 @@ class ChatClient:
       turn.tool_time_s += seconds
 
   # ---- internals ---------------------------------------------------------------------------------
+
+  async def _generate(self, request: GenerateRequest, on_tokens) -> GenerateResult:
+    if on_tokens is None:
+      [result] = await self.engine.generate([request])
+      return result
+    if not hasattr(self.engine, "generate_stream"):
+      [result] = await self.engine.generate([request])
+      on_tokens(list(result.output_ids), list(result.output_logprobs))
+      return result
+    async for item in self.engine.generate_stream(request):
+      if isinstance(item, GenerateResult):
+        return item
+      on_tokens(*item)
+    raise RuntimeError("the engine's stream ended without a result")
 
   def _segment_for(self, messages: Sequence[Mapping[str, Any]], tools: Any) -> _Segment:
     seg = self.segments[-1] if self.segments else None

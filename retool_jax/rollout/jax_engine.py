@@ -37,7 +37,7 @@ import dataclasses
 import functools
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import jax
@@ -73,6 +73,7 @@ class _Pending:
   future: asyncio.Future
   seed: int
   submitted: float
+  listener: Any = None  # called with (ids, logprobs) as a running request's tokens come (continuous batching)
 
 
 def _mesh_of(params) -> Any:
@@ -273,6 +274,28 @@ class JaxEngine:
       queue.put_nowait(p)
     return list(await asyncio.gather(*(p.future for p in pending)))
 
+  async def generate_stream(
+    self, request: GenerateRequest
+  ) -> AsyncIterator[tuple[list[int], list[float]] | GenerateResult]:
+    """Generates for one request, yielding `(ids, logprobs)` of its new tokens after every decode chunk (the
+    tokens are final: a chunk's tokens past a stop are never yielded), then its `GenerateResult`. With static
+    batching the tokens come all at once at the end."""
+    self._check(0, request)
+    queue = self._ensure_worker()
+    loop = asyncio.get_running_loop()
+    deltas: asyncio.Queue = asyncio.Queue()
+    p = _Pending(request, loop.create_future(), self._seed_of(request), time.monotonic(), deltas.put_nowait)
+    p.future.add_done_callback(lambda _: deltas.put_nowait(None))
+    queue.put_nowait(p)
+    sent = 0
+    while (delta := await deltas.get()) is not None:
+      sent += len(delta[0])
+      yield delta
+    result = p.future.result()
+    if len(result.output_ids) > sent:
+      yield result.output_ids[sent:], result.output_logprobs[sent:]
+    yield result
+
   def abort(self, request_id: str) -> None:
     """Ends the request with this id: it returns what it generated so far, finish reason `abort`.
 
@@ -377,6 +400,11 @@ class JaxEngine:
       for job, result in finished:
         if not job.handle.done():
           job.handle.set_result(result)
+      for slot in sched.slots:
+        job = slot.job
+        if job is not None and job.listener is not None and len(job.out) > job.streamed:
+          job.listener((job.out[job.streamed :], job.lps[job.streamed :]))
+          job.streamed = len(job.out)
 
   async def _gather_arrivals(self, queue: asyncio.Queue) -> None:
     """On an idle engine, keeps taking requests while they arrive less than `admission_window_s` apart (for at
@@ -413,7 +441,7 @@ class JaxEngine:
     deadline = None if r.deadline_s is None else p.submitted + r.deadline_s
     budget = min(r.sampling.max_new_tokens, room)
     job = Job(r, p.future, p.seed, budget, deadline)
-    job.gen = gen
+    job.gen, job.listener = gen, p.listener
     self._scheduler.submit(job)
 
   def _slot_step(self) -> list:

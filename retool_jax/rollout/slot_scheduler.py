@@ -77,6 +77,8 @@ class Job:
   admitted_at: float = 0.0
   gen: int | None = None  # the weights it runs on (None: the newest at admission)
   versions: list[Any] = dataclasses.field(default_factory=list)  # the version label of every output token
+  listener: Any = None  # told (ids, logprobs) of new output tokens after each step (the engine's streams)
+  streamed: int = 0  # output tokens already told
 
   def __post_init__(self):
     self.prompt = np.asarray(self.request.prompt_ids, np.int32)

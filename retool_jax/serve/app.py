@@ -22,7 +22,7 @@ import fastapi
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from retool_jax.serve.backend import ServeBackend, stream_chunks, stream_completion_chunks
+from retool_jax.serve.backend import ServeBackend, stream_completion_chunks
 from retool_jax.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
 
 __all__ = ["create_app"]
@@ -96,10 +96,9 @@ def create_app(
     return state.ready().models()
 
   async def chat(req: ChatCompletionRequest, session: str | None = None) -> Any:
-    response = await state.ready().chat(req, session)
     if req.stream:
-      return StreamingResponse(stream_chunks(response, req.include_usage()), media_type="text/event-stream")
-    return response
+      return StreamingResponse(await state.ready().chat_stream(req, session), media_type="text/event-stream")
+    return await state.ready().chat(req, session)
 
   async def completions(req: CompletionRequest) -> Any:
     response = await state.ready().complete(req)

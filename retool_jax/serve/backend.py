@@ -13,11 +13,11 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from retool_jax.chat.tokenizer import encode_text
-from retool_jax.rollout.agentic import ChatClient
+from retool_jax.chat.tokenizer import IM_END, encode_text
+from retool_jax.rollout.agentic import ChatClient, forced_prefix
 from retool_jax.rollout.multiturn import MultiTurnConfig
 from retool_jax.rollout.types import GenerateRequest, SamplingParams
 from retool_jax.serve.protocol import (
@@ -30,7 +30,9 @@ from retool_jax.serve.protocol import (
 )
 from retool_jax.serve.sessions import Sessions
 
-__all__ = ["ServeBackend", "ServeSettings"]
+__all__ = ["ContentStream", "ServeBackend", "ServeSettings"]
+
+OPENERS = {"tool_call": "<tool_call>", "code": "<code>"}
 
 
 @dataclasses.dataclass
@@ -75,6 +77,16 @@ class ServeBackend:
   @contextlib.contextmanager
   def admit(self, n: int) -> Iterator[None]:
     """Holds `n` places of the bounded queue for the duration of a request; 429 when they are not free."""
+    self._reserve(n)
+    try:
+      yield
+    finally:
+      self._release(n)
+
+  def _release(self, n: int) -> None:
+    self.pending -= n
+
+  def _reserve(self, n: int) -> None:
     bound = self.settings.max_pending
     if bound is not None and self.pending + n > bound:
       raise APIError(
@@ -83,15 +95,11 @@ class ServeBackend:
         code="rate_limit_exceeded",
       )
     self.pending += n
-    try:
-      yield
-    finally:
-      self.pending -= n
 
   # ---- chat --------------------------------------------------------------------------------------
 
-  async def chat(self, req: ChatCompletionRequest, session: str | None = None) -> dict[str, Any]:
-    """A `chat.completion` object for the request (on the session's recorder when `session` is given)."""
+  def _prepare(self, req: ChatCompletionRequest, session: str | None) -> tuple[list[dict], list[dict] | None]:
+    """Checks the request; the messages (contract's system prompt first) and the tools the prompt renders."""
     req.check()
     self.check_model(req.model)
     if session is not None and req.n != 1:
@@ -106,44 +114,49 @@ class ServeBackend:
         "top_logprobs needs the embedded engine (SGLang's top log-probs are not relayed)",
         param="top_logprobs",
       )
+    return messages, tools
 
-    async def one(i: int) -> tuple[dict[str, Any], int, int]:
-      if session is not None:
-        client = self.sessions.get(session)
-      else:
-        client = ChatClient(self.engine, self.tokenizer, self.settings.config)
-      seed = None if req.seed is None else req.seed + i
-      try:
-        reply = await client.chat(
-          messages,
-          tools,
-          temperature=req.temperature,
-          top_p=req.top_p,
-          top_k=req.top_k,
-          max_tokens=req.max_new_tokens(),
-          stop=req.stops(),
-          seed=seed,
-          tool_choice=req.tool_choice,
-          include_stop_str=False,
-        )
-      except (TypeError, ValueError) as e:
-        raise APIError(400, str(e), param="messages") from None
-      result = client.last_result
-      if result is None and session is None:
-        raise APIError(
-          400,
-          f"the messages leave no room for a reply in the model's {self.settings.config.max_context}-token context",
-          param="messages",
-          code="context_length_exceeded",
-        )
-      return (
-        await self._chat_choice(i, reply, client, req),
-        client.last_prompt_tokens,
-        len(result.output_ids) if result else 0,
+  async def _run_choice(
+    self, i: int, req: ChatCompletionRequest, messages, tools, session: str | None, on_tokens=None
+  ) -> tuple[dict[str, Any], int, int]:
+    """Choice `i`: `(choice, prompt tokens, completion tokens)`."""
+    if session is not None:
+      client = self.sessions.get(session)
+    else:
+      client = ChatClient(self.engine, self.tokenizer, self.settings.config)
+    seed = None if req.seed is None else req.seed + i
+    try:
+      reply = await client.chat(
+        messages,
+        tools,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        max_tokens=req.max_new_tokens(),
+        stop=req.stops(),
+        seed=seed,
+        tool_choice=req.tool_choice,
+        include_stop_str=False,
+        on_tokens=on_tokens,
       )
+    except (TypeError, ValueError) as e:
+      raise APIError(400, str(e), param="messages") from None
+    result = client.last_result
+    if result is None and session is None:
+      raise APIError(
+        400,
+        f"the messages leave no room for a reply in the model's {self.settings.config.max_context}-token context",
+        param="messages",
+        code="context_length_exceeded",
+      )
+    choice = await self._chat_choice(i, reply, client, req)
+    return choice, client.last_prompt_tokens, len(result.output_ids) if result else 0
 
+  async def chat(self, req: ChatCompletionRequest, session: str | None = None) -> dict[str, Any]:
+    """A `chat.completion` object for the request (on the session's recorder when `session` is given)."""
+    messages, tools = self._prepare(req, session)
     with self.admit(req.n):
-      done = await asyncio.gather(*(one(i) for i in range(req.n)))
+      done = await asyncio.gather(*(self._run_choice(i, req, messages, tools, session) for i in range(req.n)))
     return {
       "id": new_id("chatcmpl"),
       "object": "chat.completion",
@@ -152,6 +165,99 @@ class ServeBackend:
       "choices": [choice for choice, _, _ in done],
       "usage": _usage(done[0][1], sum(c for _, _, c in done)),
     }
+
+  async def chat_stream(self, req: ChatCompletionRequest, session: str | None = None) -> AsyncIterator[str]:
+    """The request's reply as server-sent events, content sent as the engine makes it (see `ContentStream`).
+
+    It returns once every choice is generating (or one failed: then its error is raised here, before the
+    response starts, so it gets its status code); a failure later is an `error` event ending the stream.
+    """
+    messages, tools = self._prepare(req, session)
+    self._reserve(req.n)
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def run(i: int) -> None:
+      try:
+        out = await self._run_choice(
+          i, req, messages, tools, session, lambda ids, lps: events.put_nowait(("tokens", i, ids))
+        )
+        events.put_nowait(("done", i, out))
+      except Exception as e:  # noqa: BLE001  (reported to the client)
+        events.put_nowait(("error", i, e))
+
+    tasks = [asyncio.create_task(run(i)) for i in range(req.n)]
+    try:
+      first = await events.get()
+      if first[0] == "error":
+        raise first[2]
+    except BaseException:
+      for t in tasks:
+        t.cancel()
+      self._release(req.n)
+      raise
+    return self._events(req, first, events, tasks)
+
+  async def _events(self, req, first, events: asyncio.Queue, tasks: list[asyncio.Task]) -> AsyncIterator[str]:
+    base = {
+      "id": new_id("chatcmpl"),
+      "object": "chat.completion.chunk",
+      "created": now(),
+      "model": self.model_name,
+    }
+
+    def event(choices: list[dict], **extra: Any) -> str:
+      return f"data: {json.dumps(base | {'choices': choices} | extra, ensure_ascii=False)}\n\n"
+
+    def delta(i: int, d: dict, finish: str | None = None, logprobs: Any = None) -> str:
+      return event([{"index": i, "delta": d, "logprobs": logprobs, "finish_reason": finish}])
+
+    streams = [ContentStream(self.tokenizer, req, self.settings.config.call_formats) for _ in range(req.n)]
+    usage = [(0, 0)] * req.n
+    try:
+      for i in range(req.n):
+        yield delta(i, {"role": "assistant", "content": ""})
+      left, ev = req.n, first
+      while True:
+        kind, i, payload = ev
+        if kind == "tokens":
+          text = streams[i].feed(payload)
+          if text:
+            yield delta(i, {"content": text})
+        elif kind == "error":
+          e = payload if isinstance(payload, APIError) else APIError(500, f"{type(payload).__name__}: {payload}")
+          yield f"data: {json.dumps(e.body())}\n\n"
+          return
+        else:
+          choice, prompt_tokens, completion_tokens = payload
+          usage[i] = (prompt_tokens, completion_tokens)
+          m = choice["message"]
+          rest = streams[i].finish(m.get("content") or "")
+          if rest:
+            yield delta(i, {"content": rest})
+          for k, call in enumerate(m.get("tool_calls", ())):
+            fn = call["function"]
+            head = {
+              "index": k,
+              "id": call["id"],
+              "type": "function",
+              "function": {"name": fn["name"], "arguments": ""},
+            }
+            yield delta(i, {"tool_calls": [head]})
+            yield delta(i, {"tool_calls": [{"index": k, "function": {"arguments": fn["arguments"]}}]})
+          if m.get("invalid_tool_calls"):
+            yield delta(i, {"invalid_tool_calls": m["invalid_tool_calls"]})
+          yield delta(i, {}, choice["finish_reason"], choice["logprobs"])
+          left -= 1
+          if not left:
+            break
+        ev = await events.get()
+      if req.include_usage():
+        yield event([], usage=_usage(usage[0][0], sum(c for _, c in usage)))
+      yield "data: [DONE]\n\n"
+    finally:
+      for t in tasks:
+        t.cancel()
+      self._release(req.n)
 
   async def _chat_choice(self, index: int, reply: dict, client: ChatClient, req: ChatCompletionRequest) -> dict:
     calls = [
@@ -285,45 +391,6 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
   return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def stream_chunks(response: dict[str, Any], include_usage: bool) -> Iterator[str]:
-  """A finished `chat.completion` as the server-sent events of a streamed one: per choice the role, the content
-  (with its log-probs), each tool call's id and name then its arguments, the finish reason; then the usage
-  when asked for, then `[DONE]`."""
-  base = {
-    "id": response["id"],
-    "object": "chat.completion.chunk",
-    "created": response["created"],
-    "model": response["model"],
-  }
-
-  def event(choices: list[dict], **extra: Any) -> str:
-    return f"data: {json.dumps(base | {'choices': choices} | extra, ensure_ascii=False)}\n\n"
-
-  for c in response["choices"]:
-    i, m = c["index"], c["message"]
-    yield event(
-      [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
-    )
-    if m.get("content"):
-      yield event(
-        [{"index": i, "delta": {"content": m["content"]}, "logprobs": c["logprobs"], "finish_reason": None}]
-      )
-    for k, call in enumerate(m.get("tool_calls", ())):
-      head = {
-        "index": k,
-        "id": call["id"],
-        "type": "function",
-        "function": {"name": call["function"]["name"], "arguments": ""},
-      }
-      yield event([{"index": i, "delta": {"tool_calls": [head]}, "logprobs": None, "finish_reason": None}])
-      args = {"index": k, "function": {"arguments": call["function"]["arguments"]}}
-      yield event([{"index": i, "delta": {"tool_calls": [args]}, "logprobs": None, "finish_reason": None}])
-    yield event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": c["finish_reason"]}])
-  if include_usage:
-    yield event([], usage=response["usage"])
-  yield "data: [DONE]\n\n"
-
-
 def stream_completion_chunks(response: dict[str, Any], include_usage: bool) -> Iterator[str]:
   """A finished `text_completion` as server-sent events (one text chunk and one finish chunk per choice)."""
   base = {
@@ -339,3 +406,43 @@ def stream_completion_chunks(response: dict[str, Any], include_usage: bool) -> I
   if include_usage:
     yield f"data: {json.dumps(base | {'choices': [], 'usage': response['usage']})}\n\n"
   yield "data: [DONE]\n\n"
+
+
+class ContentStream:
+  """Turns a reply's tokens, as they come, into content deltas whose concatenation is the final content.
+
+  Text from a tool-call opener (`<tool_call>`, `<code>`) on is held back (the calls go out parsed, at the end),
+  and so are trailing whitespace, a tail that may be the start of an opener or of a stop string, and an
+  unfinished UTF-8 character; the last delta (`finish`) is whatever the final content adds. A reply forced to
+  open with a call streams no content.
+  """
+
+  def __init__(self, tokenizer: Any, req: ChatCompletionRequest, call_formats: Sequence[str]):
+    self.tokenizer = tokenizer
+    self.ids: list[int] = []
+    self.sent = ""
+    self.off = forced_prefix(req.tool_choice) != ""
+    parse = req.tool_choice != "none"
+    self.openers = tuple(OPENERS[f] for f in call_formats if f in OPENERS) if parse else ()
+    self.held = self.openers + req.stops() + tuple(t for t in (IM_END, tokenizer.eos_token) if t)
+
+  def feed(self, ids: Sequence[int]) -> str:
+    self.ids += ids
+    if self.off:
+      return ""
+    text = self.tokenizer.decode(self.ids)
+    cuts = [j for j in (text.find(m) for m in self.held) if j >= 0]
+    safe = text[: min(cuts)] if cuts else text
+    for marker in self.held:
+      for k in range(min(len(marker) - 1, len(safe)), 0, -1):
+        if safe.endswith(marker[:k]):
+          safe = safe[:-k]
+          break
+    safe = safe.rstrip().rstrip("\ufffd")
+    if len(safe) <= len(self.sent) or not safe.startswith(self.sent):
+      return ""
+    new, self.sent = safe[len(self.sent) :], safe
+    return new
+
+  def finish(self, content: str) -> str:
+    return content[len(self.sent) :] if content.startswith(self.sent) else ""

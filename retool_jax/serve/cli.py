@@ -13,6 +13,7 @@ api_key="none")`; the served model's name is `--model-name` (default: the checkp
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -88,6 +89,7 @@ def build_backend(args: argparse.Namespace) -> Callable[[], ServeBackend]:
   def load() -> ServeBackend:
     if args.sglang_url:
       engine = SGLangEngine(args.sglang_url)
+      asyncio.run(engine.start())  # waits for the server (meanwhile /health says loading)
     else:
       model = load_model(args.checkpoint, args.dtype)
       engine = JaxEngine(

@@ -2,7 +2,7 @@
 HTTP (uvicorn, the server in a thread of this process) and through `ChatClient` on the engine directly, in one
 run, on a tiny Qwen3 (real Qwen3 tokenizer) on the CPU.
 
-`--sessions` conversations run at once, each `--turns` requests long (every request extends its conversation
+The clients run in a second Python process, as agents beside a server do. `--sessions` conversations run at once, each `--turns` requests long (every request extends its conversation
 with a user turn), greedy with `--max-tokens` per reply, so both paths generate the same tokens (checked).
 Each path has its own engine (same weights, same slots) and a warm-up pass that compiles its programs first.
 Reported per path: wall time, requests/s, generated tokens/s; then the server's overhead against the direct
@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -89,6 +91,22 @@ async def over_http(url, qs, turns, max_tokens) -> tuple[float, int, list[str]]:
   return time.perf_counter() - start, sum(t for t, _ in done), [x for _, texts in done for x in texts]
 
 
+def busy_timed(engine: JaxEngine) -> JaxEngine:
+  """Adds `stats["busy_s"]`: seconds the engine spent in its device steps (prefill and decode)."""
+  step = engine._slot_step
+  engine.stats["busy_s"] = 0.0
+
+  def timed():
+    start = time.perf_counter()
+    try:
+      return step()
+    finally:
+      engine.stats["busy_s"] += time.perf_counter() - start
+
+  engine._slot_step = timed
+  return engine
+
+
 def serve_in_thread(app) -> tuple[str, uvicorn.Server, threading.Thread]:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -101,8 +119,17 @@ def serve_in_thread(app) -> tuple[str, uvicorn.Server, threading.Thread]:
   return f"http://127.0.0.1:{port}", server, thread
 
 
+def clients_in_subprocess(url: str, qs: list[str], turns: int, max_tokens: int) -> tuple[float, int, list[str]]:
+  """`over_http` run by another Python process (as agents run beside a server), timed there."""
+  cmd = [sys.executable, __file__, "--clients-of", url, "--turns", str(turns), "--max-tokens", str(max_tokens)]
+  out = subprocess.run(cmd, input=json.dumps(qs), capture_output=True, text=True, check=True)
+  wall, tokens, texts = json.loads(out.stdout.strip().splitlines()[-1])
+  return wall, tokens, texts
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--clients-of", default=None, help=argparse.SUPPRESS)  # the client process of the server run
   p.add_argument("--sessions", type=int, default=16)
   p.add_argument("--turns", type=int, default=4)
   p.add_argument("--max-tokens", type=int, default=32)
@@ -112,6 +139,10 @@ def main() -> None:
     "--window-ms", type=float, default=10.0, help="the engines' admission window (the server's default)"
   )
   args = p.parse_args()
+  if args.clients_of:
+    qs = json.loads(sys.stdin.read())
+    print(json.dumps(asyncio.run(over_http(args.clients_of, qs, args.turns, args.max_tokens))))
+    return
   cfg = qwen3.Qwen3Config(
     vocab_size=len(TOK),
     hidden_size=args.hidden,
@@ -127,12 +158,14 @@ def main() -> None:
   config = MultiTurnConfig(max_context=context, enable_thinking=False)
 
   def engine():
-    return JaxEngine(
-      model,
-      tokenizer=TOK,
-      max_length=context,
-      max_batch_size=args.sessions,
-      admission_window_s=args.window_ms / 1e3,
+    return busy_timed(
+      JaxEngine(
+        model,
+        tokenizer=TOK,
+        max_length=context,
+        max_batch_size=args.sessions,
+        admission_window_s=args.window_ms / 1e3,
+      )
     )
 
   n, turns, k = args.sessions, args.turns, args.max_tokens
@@ -144,7 +177,7 @@ def main() -> None:
   backend = ServeBackend(engine(), TOK, ServeSettings(config, max_pending=None), model_name="bench")
   url, server, thread = serve_in_thread(create_app(backend))
   try:
-    asyncio.run(over_http(url, questions(n, 1000), turns, k))
+    clients_in_subprocess(url, questions(n, 1000), turns, k)
     rows, steps = {}, {}
     for name, eng, run in (
       (
@@ -152,20 +185,24 @@ def main() -> None:
         direct_engine,
         lambda: direct(direct_engine, config, questions(n), turns, k),
       ),
-      ("server (openai client, HTTP)", backend.engine, lambda: over_http(url, questions(n), turns, k)),
+      ("server (openai client, HTTP)", backend.engine, None),
     ):
       before = dict(eng.stats)
-      rows[name] = asyncio.run(run())
-      steps[name] = {key: eng.stats[key] - before[key] for key in ("decode_chunks", "prefill_calls")}
+      rows[name] = asyncio.run(run()) if run else clients_in_subprocess(url, questions(n), turns, k)
+      steps[name] = {key: eng.stats[key] - before[key] for key in ("decode_chunks", "prefill_calls", "busy_s")}
   finally:
     server.should_exit = True
     thread.join(10)
   (d_wall, d_tok, d_txt), (s_wall, s_tok, s_txt) = rows.values()
-  print(f"{'path':34s} {'wall s':>8s} {'req/s':>8s} {'tok/s':>8s} {'decode calls':>13s} {'prefill calls':>14s}")
+  print(
+    f"{'path':34s} {'wall s':>8s} {'req/s':>8s} {'tok/s':>8s} {'engine busy s':>14s} {'decode calls':>13s} "
+    f"{'prefill calls':>14s}"
+  )
   for name, (wall, tokens, _) in rows.items():
     st = steps[name]
     print(
-      f"{name:34s} {wall:8.2f} {n * turns / wall:8.2f} {tokens / wall:8.1f} {st['decode_chunks']:13d} "
+      f"{name:34s} {wall:8.2f} {n * turns / wall:8.2f} {tokens / wall:8.1f} {st['busy_s']:14.2f} "
+      f"{st['decode_chunks']:13d} "
       f"{st['prefill_calls']:14d}"
     )
   same = d_txt == s_txt and d_tok == s_tok

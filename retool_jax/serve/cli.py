@@ -70,6 +70,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return args
 
 
+def served_name(checkpoint: str | os.PathLike) -> str:
+  """The folder's name, or its run's for a step or `checkpoints` folder (`runs/demo/rl/checkpoints/40` -> `rl`)."""
+  path = Path(checkpoint).resolve()
+  while path.parent != path and (path.name.isdigit() or path.name == "checkpoints"):
+    path = path.parent
+  return path.name or "policy"
+
+
 def build_backend(args: argparse.Namespace) -> Callable[[], ServeBackend]:
   """Reads the prompt contract and the tokenizer now (a bad one is an error before the server starts) and
   returns what loads the model and the engine (run in the background while `/health` says loading)."""
@@ -84,7 +92,7 @@ def build_backend(args: argparse.Namespace) -> Callable[[], ServeBackend]:
   settings = ServeSettings(
     chat.multiturn(), system=chat.system, tools_in_prompt=chat.tools_in_prompt, max_pending=args.max_pending
   )
-  name = args.model_name or (Path(args.checkpoint).resolve().name if args.checkpoint else "policy")
+  name = args.model_name or (served_name(args.checkpoint) if args.checkpoint else "policy")
 
   def load() -> ServeBackend:
     if args.sglang_url:
